@@ -1,0 +1,79 @@
+# tdabench: select or project? Gradient representations for training-data attribution.
+#
+#   snakemake --cores all            run the whole study (see README.md)
+#   snakemake -n                     what would run, and why
+#
+# All logic lives in src/tdabench; the rules only wire it. Each rule passes every config value it
+# uses through `params:` and lists the library files it runs as the named input `code`, so a
+# config change or a code edit reruns exactly the jobs whose results depend on it.
+
+import os
+import sys
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+# The Snakefile imports tdabench from this checkout (jobs do the same: workflow/scripts/*.py).
+SRC = Path(workflow.basedir) / "src"
+sys.path.insert(0, str(SRC))
+
+from tdabench.config import ConfigError, config_hash, validate_config
+
+# Schema validation (defaults filled, unknown keys and wrong types refused) plus cross-key
+# checks, before any job is scheduled.
+try:
+    _validated = validate_config(
+        config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+    )
+except ConfigError as e:
+    raise WorkflowError(str(e)) from None
+config.clear()
+config.update(_validated)
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/dataset.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/gradients.smk"
+include: "workflow/rules/reduce.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    input:
+        "results/evaluation/metrics.parquet",
+        "results/summary.md",
+    default_target: True
+
+
+# MLflow: one parent run per invocation that executes jobs. Snakemake calls onstart only then
+# (never for dry runs or when nothing is to be done), so those create no runs.
+onstart:
+    if config["mlflow"]["enabled"]:
+        from tdabench import tracking
+
+        run_id = tracking.start_study(
+            config, workdir=os.getcwd(), repo=workflow.basedir, cfg_hash=config_hash(config)
+        )
+        print(f"[tdabench] MLflow parent run {run_id} in {os.environ[tracking.ENV_URI]}")
+
+
+onsuccess:
+    if config["mlflow"]["enabled"]:
+        from tdabench import tracking
+
+        tracking.end_study("FINISHED")
+
+
+onerror:
+    if config["mlflow"]["enabled"]:
+        from tdabench import tracking
+
+        tracking.end_study("FAILED")

@@ -1,0 +1,131 @@
+"""Study configuration: JSON-schema validation with defaults, plus checks across keys.
+
+Light on purpose (no torch): the Snakefile imports it at parse time, so a bad config fails before
+any job runs, with a message that names the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SCHEMA = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+
+# Keys that never change a result: excluded from the config hash.
+NON_RESULT_KEYS = ("mlflow",)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+def load_schema(path: str | Path = DEFAULT_SCHEMA) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def fill_defaults(instance: Any, schema: dict) -> Any:
+    """Return a copy of `instance` with every missing key that has a schema default filled in."""
+    if schema.get("type") != "object" or not isinstance(instance, dict):
+        return instance
+    out = dict(instance)
+    for key, sub in schema.get("properties", {}).items():
+        if key not in out and "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+        if key in out:
+            out[key] = fill_defaults(out[key], sub)
+    return out
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    parts = []
+    for p in error.absolute_path:
+        parts.append(f"[{p}]" if isinstance(p, int) else ("." if parts else "") + str(p))
+    return "".join(parts) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        where = _key_path(error)
+        keys = ", ".join(f"{where}.{k}" if where != "<top level>" else k for k in extra)
+        return f"unknown config key(s) {keys}; allowed here: {', '.join(allowed)}"
+    return f"config key {_key_path(error)}: {error.message}"
+
+
+def validate_config(config: dict, schema_path: str | Path = DEFAULT_SCHEMA) -> dict:
+    """Validate `config`, fill defaults and check cross-key constraints. Returns a new dict."""
+    schema = load_schema(schema_path)
+    filled = fill_defaults(copy.deepcopy(config or {}), schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
+    check_consistency(filled)
+    return filled
+
+
+def check_consistency(config: dict) -> None:
+    """Constraints JSON schema cannot express (they depend on several keys)."""
+    from tdabench.components import match_components, tiny_llama_shapes
+
+    tiny = config["model"]["tiny"]
+    if config["model"]["kind"] == "tiny":
+        if tiny["hidden_size"] % tiny["num_heads"]:
+            raise ConfigError(
+                f"config key model.tiny.num_heads: {tiny['num_heads']} does not divide "
+                f"model.tiny.hidden_size={tiny['hidden_size']}"
+            )
+        shapes = tiny_llama_shapes(**tiny)
+        try:
+            chosen = match_components(list(shapes), config["gradients"]["components"])
+        except ValueError as e:
+            raise ConfigError(f"config key gradients.components: {e}") from None
+        dim = sum(_numel(shapes[name]) for name in chosen)
+        for i, k in enumerate(config["projection"]["dims"]):
+            if k > dim:
+                raise ConfigError(
+                    f"config key projection.dims[{i}]: k={k} is larger than the full gradient "
+                    f"dimension {dim} (sum over gradients.components); choose k <= {dim}"
+                )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read a YAML config file, apply `overrides` (deep merge) and validate."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return validate_config(raw)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def config_hash(config: dict) -> str:
+    """Short stable hash of every result-relevant config value."""
+    relevant = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
+    blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -1,0 +1,149 @@
+"""Models and text formatting: the tiny default model, its locally trained tokenizer, loading
+saved checkpoints, and turning (prompt, response) pairs into token ids with loss labels.
+
+Chat format: the tokenizer's chat template when it has one; otherwise the documented default
+    "<|user|>\n{prompt}\n<|assistant|>\n" + "{response}<|eos|>"
+Loss labels: -100 (ignored) on the prompt part, token ids on the response part and its EOS
+(`loss_on="response"`, default) or on every token (`loss_on="all"`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+USER, ASSISTANT, EOS, PAD = "<|user|>", "<|assistant|>", "<|eos|>", "<|pad|>"
+DEFAULT_PREFIX = USER + "\n{prompt}\n" + ASSISTANT + "\n"
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    vocab_size: int = 640
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """Byte-level BPE trained on `texts` (deterministic for the same texts), as a HF fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, EOS, USER, ASSISTANT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
+
+
+def build_tiny_model(cfg: TinyModelConfig, tokenizer, seed: int, max_positions: int = 256):
+    """A freshly initialised Llama-architecture causal LM (untied head, eager attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens > model.tiny.vocab_size={cfg.vocab_size}")
+    config = LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(torch.float32).eval()
+
+
+def load_model(path: str | Path):
+    """Load a saved causal LM and its tokenizer (local directory, no hub access)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return model.eval(), tokenizer
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """sha256 over the checkpoint's weight files: identifies the exact model a cache came from."""
+    digest = hashlib.sha256()
+    files = sorted(Path(path).glob("*.safetensors")) or sorted(Path(path).glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {path}")
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def render(tokenizer, prompt: str, response: str) -> tuple[str, str]:
+    """Split a formatted example into (prefix the model is given, response part it must produce)."""
+    if getattr(tokenizer, "chat_template", None):
+        user = [{"role": "user", "content": prompt}]
+        prefix = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": response}], tokenize=False
+        )
+        if not full.startswith(prefix):
+            raise ValueError("chat template: the rendered conversation does not start with the prompt part")
+        return prefix, full[len(prefix):]
+    return DEFAULT_PREFIX.format(prompt=prompt), response + tokenizer.eos_token
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    n_prefix: int  # tokens of the prompt part (after truncation)
+    truncated: bool
+
+
+def encode(tokenizer, prompt: str, response: str, max_length: int, loss_on: str = "response") -> Encoded:
+    prefix, suffix = render(tokenizer, prompt, response)
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    ids = prefix_ids + suffix_ids
+    if loss_on == "response":
+        labels = [IGNORE_INDEX] * len(prefix_ids) + suffix_ids
+    elif loss_on == "all":
+        labels = list(ids)
+    else:
+        raise ValueError(f"loss_on must be 'response' or 'all', got {loss_on!r}")
+    truncated = len(ids) > max_length
+    return Encoded(ids[:max_length], labels[:max_length], min(len(prefix_ids), max_length), truncated)
+
+
+def encode_prompt(tokenizer, prompt: str, max_length: int) -> list[int]:
+    prefix, _ = render(tokenizer, prompt, "")
+    return tokenizer(prefix, add_special_tokens=False)["input_ids"][:max_length]
+
+
+def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels, each [batch, max_len]."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,44 @@
+"""Stage `summary`: summary.md and plots; headline metrics, table and plots into the parent run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import polars as pl
+
+from tdabench import tracking
+from tdabench.evaluate import headline, summary_markdown
+from tdabench.io import write_text
+from tdabench.pipeline.common import JobContext
+from tdabench.plots import plot_metric_vs_dim
+
+log = logging.getLogger(__name__)
+
+
+def headline_metrics(table: pl.DataFrame) -> dict[str, float]:
+    """Flat MLflow metric names such as `paraphrased.greedy.top1`, `paraphrased.projection_k256.mrr`."""
+    out = {}
+    for r in headline(table).iter_rows(named=True):
+        name = r["method"] + (f"_k{r['k']}" if r["k"] is not None else "")
+        for m in ("top1", "mrr", *[c for c in r if c.startswith("recall_at_")]):
+            out[re.sub(r"[^\w.\-/ ]", "_", f"{r['setting']}.{name}.{m}")] = r[m]
+        out[f"{r['setting']}.{name}.dim"] = r["dim"]
+    return out
+
+
+def main(job: JobContext, mlrun) -> None:
+    table = pl.read_parquet(job.input["metrics"])
+    plot_metric_vs_dim(table, job.output["plot_top1"], "top1")
+    plot_metric_vs_dim(table, job.output["plot_mrr"], "mrr")
+    plot = os.path.relpath(job.output["plot_top1"], Path(job.output["summary"]).parent)
+    write_text(summary_markdown(table, plot), job.output["summary"])
+    metrics = headline_metrics(table)
+    parent = tracking.parent()
+    for run in (mlrun, parent):
+        run.log_metrics(metrics)
+        for path in (job.output["summary"], job.output["plot_top1"], job.output["plot_mrr"], job.input["metrics"]):
+            run.log_artifact(path, "results")
+    log.info("%d headline metrics logged%s", len(metrics), " to the parent run" if parent.active else "")

@@ -1,0 +1,61 @@
+import pytest
+import yaml
+
+from tdabench.config import ConfigError, config_hash, load_config, validate_config
+from tdabench.config import DEFAULT_SCHEMA, REPO_ROOT
+
+
+def test_defaults_fill_an_empty_config_and_match_the_shipped_file():
+    filled = validate_config({})
+    assert filled["projection"]["dims"] == [256, 1024, 4096]
+    assert filled["mlflow"]["enabled"] is True
+    shipped = load_config(REPO_ROOT / "config" / "config.yaml")
+    assert shipped == filled  # config.yaml spells out exactly the schema defaults
+
+
+def test_every_schema_property_has_a_description_or_is_an_object_of_them():
+    schema = yaml.safe_load(DEFAULT_SCHEMA.read_text())
+
+    def walk(node, path):
+        for key, sub in node.get("properties", {}).items():
+            assert "default" in sub, f"{path}{key} has no default"
+            if sub.get("type") == "object":
+                walk(sub, f"{path}{key}.")
+            else:
+                assert sub.get("description"), f"{path}{key} has no description"
+
+    walk(schema, "")
+
+
+@pytest.mark.parametrize("bad,key", [
+    ({"projection": {"dimz": [3]}}, "projection.dimz"),
+    ({"foo": 1}, "foo"),
+    ({"seed": "abc"}, "seed"),
+    ({"finetune": {"epochs": 0}}, "finetune.epochs"),
+    ({"selection": {"objective": "auc"}}, "selection.objective"),
+    ({"projection": {"dims": [10_000_000]}}, "projection.dims[0]"),
+    ({"gradients": {"components": ["nothing_matches_this"]}}, "gradients.components"),
+    ({"model": {"tiny": {"hidden_size": 30, "num_heads": 4}}}, "model.tiny.num_heads"),
+])
+def test_bad_config_names_the_key(bad, key):
+    with pytest.raises(ConfigError) as err:
+        validate_config(bad)
+    assert key in str(err.value)
+
+
+def test_k_limit_is_the_selected_gradient_dimension():
+    # Only the two lm_head/embed blocks: 2 * vocab * hidden.
+    cfg = {"gradients": {"components": ["lm_head"]}, "model": {"tiny": {"vocab_size": 300, "hidden_size": 8,
+                                                                          "num_heads": 2}},
+           "projection": {"dims": [2400]}}
+    validate_config(cfg)
+    cfg["projection"]["dims"] = [2401]
+    with pytest.raises(ConfigError, match="2400"):
+        validate_config(cfg)
+
+
+def test_config_hash_ignores_mlflow_settings_only():
+    a = validate_config({})
+    b = validate_config({"mlflow": {"experiment": "other"}})
+    c = validate_config({"seed": 1})
+    assert config_hash(a) == config_hash(b) != config_hash(c)

@@ -1,0 +1,97 @@
+"""Greedy forward selection against a brute-force reimplementation on tiny cases."""
+
+import numpy as np
+import pytest
+
+from tdabench.selection import best_prefix, best_single, greedy_forward, split_queries
+from tdabench.similarity import Similarity
+
+
+def make_case(seed, n_c=5, n_q=6, n_t=7, dims=(3, 1, 4, 2, 3)):
+    """Raw gradients per component plus the similarity store built from them by hand."""
+    rng = np.random.default_rng(seed)
+    qg = [rng.standard_normal((n_q, d)) for d in dims[:n_c]]
+    tg = [rng.standard_normal((n_t, d)) for d in dims[:n_c]]
+    gt = rng.integers(0, n_t, n_q)
+    for c in range(n_c):  # make the source a bit similar so objectives are not all zero
+        qg[c] += 0.7 * tg[c][gt]
+    sim = Similarity(
+        components=[f"c{c}" for c in range(n_c)],
+        component_params=np.array(dims[:n_c]),
+        component_family=["other"] * n_c, component_layer=np.full(n_c, -1),
+        query_ids=[f"q{i}" for i in range(n_q)], train_ids=[f"t{i}" for i in range(n_t)],
+        ground_truth=gt,
+        query_sqnorm=np.stack([(g * g).sum(1) for g in qg]),
+        train_sqnorm=np.stack([(g * g).sum(1) for g in tg]),
+        dot=np.stack([q @ t.T for q, t in zip(qg, tg)]), attrs={},
+    )
+    return sim, qg, tg
+
+
+def brute_objective(subset, queries, qg, tg, gt, objective):
+    """Concatenate the raw vectors and rank by an explicit loop."""
+    values = []
+    for q in queries:
+        qv = np.concatenate([qg[c][q] for c in subset])
+        scores = []
+        for t in range(len(tg[0])):
+            tv = np.concatenate([tg[c][t] for c in subset])
+            scores.append(qv @ tv / (np.linalg.norm(qv) * np.linalg.norm(tv)))
+        rank = 1 + sum(1 for t, s in enumerate(scores) if t != gt[q] and s >= scores[gt[q]])
+        values.append(1.0 if rank == 1 else 0.0) if objective == "top1" else values.append(1.0 / rank)
+    return float(np.mean(values))
+
+
+def brute_greedy(sim, qg, tg, queries, objective):
+    chosen, remaining, trace = [], list(range(len(qg))), []
+    while remaining:
+        scored = [(brute_objective(chosen + [c], queries, qg, tg, sim.ground_truth, objective), c)
+                  for c in remaining]
+        best_value = max(round(v, 12) for v, _ in scored)
+        ties = [c for v, c in scored if round(v, 12) == best_value]
+        pick = min(ties, key=lambda c: (sim.component_params[c], c))  # fewer params, then model order
+        chosen.append(pick)
+        remaining.remove(pick)
+        trace.append((pick, best_value))
+    return trace
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("objective", ["top1", "mrr"])
+def test_greedy_equals_brute_force(seed, objective):
+    sim, qg, tg = make_case(seed)
+    queries = np.array([0, 2, 3, 5])
+    steps = greedy_forward(sim, queries, objective)
+    want = brute_greedy(sim, qg, tg, queries, objective)
+    assert [s.component for s in steps] == [c for c, _ in want]
+    assert np.allclose([s.objective for s in steps], [v for _, v in want])
+    assert best_single(sim, queries, objective) == steps[0].component
+
+
+def test_tie_break_prefers_fewer_parameters_then_model_order():
+    sim, _, _ = make_case(0, dims=(3, 1, 4, 1, 3))
+    sim.dot[:] = 0.0  # every subset scores the same: only the tie-break decides
+    steps = greedy_forward(sim, np.arange(6), "top1")
+    assert [s.component for s in steps] == [1, 3, 0, 4, 2]
+    assert best_prefix(steps, sim) == 1
+
+
+def test_split_is_seeded_disjoint_and_order_independent():
+    ids = [f"q{i:03d}" for i in range(40)]
+    sel, held = split_queries(ids, 0.25, seed=3)
+    assert len(sel) == 10 and len(held) == 30
+    assert set(sel).isdisjoint(held) and set(sel) | set(held) == set(range(40))
+    shuffled = list(reversed(ids))
+    sel2, _ = split_queries(shuffled, 0.25, seed=3)
+    assert sorted(shuffled[i] for i in sel2) == sorted(ids[i] for i in sel)
+    other, _ = split_queries(ids, 0.25, seed=4)
+    assert set(other) != set(sel)
+
+
+def test_best_prefix_picks_highest_objective_then_smallest():
+    sim, _, _ = make_case(1)
+    steps = greedy_forward(sim, np.arange(6), "mrr")
+    n = best_prefix(steps, sim)
+    best = max(round(s.objective, 12) for s in steps)
+    assert round(steps[n - 1].objective, 12) == best
+    assert all(round(s.objective, 12) < best for s in steps[: n - 1])

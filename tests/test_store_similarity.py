@@ -1,0 +1,74 @@
+"""Gradient store round trip, atomic writes, shards; similarity store vs direct cosine."""
+
+import h5py
+import numpy as np
+import pytest
+
+from helpers import random_store
+from tdabench.components import describe
+from tdabench.similarity import build_similarity, load_similarity
+from tdabench.store import GradientStore, GradientStoreWriter
+
+DIMS = [6, 3, 10]
+
+
+def test_store_round_trip_and_shards_read_as_one(tmp_path):
+    ids = [f"t{i}" for i in range(11)]
+    a = random_store(tmp_path / "s0.h5", ids[:5], DIMS, seed=1)
+    b = random_store(tmp_path / "s1.h5", ids[5:], DIMS, seed=2)
+    with GradientStore([tmp_path / "s0.h5", tmp_path / "s1.h5"]) as store:
+        assert store.sample_ids == ids
+        for name in store.components:
+            want = np.concatenate([a[name], b[name]])
+            np.testing.assert_array_equal(store.read(name), want)
+            blocks = np.concatenate([blk for _, blk in store.iter_blocks(name, 2)])
+            np.testing.assert_array_equal(blocks, want)
+            np.testing.assert_array_equal(store.read(name, np.array([7, 1])), want[[7, 1]])
+
+
+def test_interrupted_write_leaves_no_file(tmp_path):
+    path = tmp_path / "g.h5"
+    comps = [describe("lm_head.weight", (4,))]
+    writer = GradientStoreWriter(path, ["a", "b"], comps)
+    writer.write(slice(0, 1), {"lm_head.weight": np.ones((1, 4))})
+    with pytest.raises(RuntimeError, match="never written"):
+        writer.close()  # row "b" missing
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_incomplete_or_foreign_files_are_refused(tmp_path):
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f.attrs["format"] = "something else"
+    with pytest.raises(ValueError, match="not a tdabench gradient store"):
+        GradientStore(tmp_path / "x.h5")
+
+
+def direct_cosine(q, t):
+    return q @ t / (np.linalg.norm(q) * np.linalg.norm(t))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_subset_cosine_from_similarity_store_equals_direct(tmp_path, dtype):
+    train_ids = [f"t{i}" for i in range(9)]
+    query_ids = [f"q{i}" for i in range(5)]
+    train = random_store(tmp_path / "train.h5", train_ids, DIMS, seed=3)
+    queries = random_store(tmp_path / "queries.h5", query_ids, DIMS, seed=4)
+    sources = ["t4", "t0", "t8", "t4", "t2"]
+    chosen_queries = ["q3", "q0", "q4"]
+    chosen_sources = [sources[int(q[1])] for q in chosen_queries]
+    with GradientStore(tmp_path / "train.h5") as ts, GradientStore(tmp_path / "queries.h5") as qs:
+        build_similarity(ts, qs, chosen_queries, chosen_sources, tmp_path / "sim.h5", "paraphrased",
+                         block_rows=4, dtype=dtype)
+    sim = load_similarity(tmp_path / "sim.h5")
+    names = list(train)
+    assert sim.query_ids == chosen_queries and sim.train_ids == train_ids
+    assert sim.ground_truth.tolist() == [train_ids.index(s) for s in chosen_sources]
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    for subset in ([0], [2], [0, 2], [1, 2], [0, 1, 2]):
+        got = sim.scores(subset)
+        for qi, q in enumerate(chosen_queries):
+            qv = np.concatenate([queries[names[c]][int(q[1])] for c in subset]).astype(np.float64)
+            for ti in range(len(train_ids)):
+                tv = np.concatenate([train[names[c]][ti] for c in subset]).astype(np.float64)
+                assert abs(got[qi, ti] - direct_cosine(qv, tv)) < tol

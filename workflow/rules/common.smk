@@ -1,0 +1,23 @@
+# Shared helpers: code dependencies of each stage, and the file lists rules expand.
+
+from tdabench.codedeps import stage_sources
+
+
+def stage_code(stage):
+    """Library files the stage's job runs (module + transitive tdabench imports)."""
+    return stage_sources(f"tdabench.pipeline.{stage}", SRC / "tdabench")
+
+
+def n_shards(split):
+    return config["gradients"]["shards"] if split == "train" else 1
+
+
+def gradient_shards(split):
+    return expand("results/gradients/{split}/shard-{shard}.h5", split=split, shard=range(n_shards(split)))
+
+
+wildcard_constraints:
+    split="train|queries",
+    shard=r"\d+",
+    setting=r"[a-z_]+",
+    k=r"\d+",

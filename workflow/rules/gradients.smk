@@ -1,0 +1,26 @@
+rule gradients:
+    """Per-sample loss gradients of one shard of a split, one HDF5 dataset per component."""
+    input:
+        code=stage_code("gradients"),
+        model="results/models/finetuned",
+        data="results/data/{split}.parquet",
+    output:
+        store="results/gradients/{split}/shard-{shard}.h5",
+    params:
+        shards=lambda wc: n_shards(wc.split),
+        components=config["gradients"]["components"],
+        batch_size=config["gradients"]["batch_size"],
+        dtype=config["gradients"]["dtype"],
+        tokenize=config["tokenize"],
+    log:
+        "logs/gradients/{split}-{shard}.log",
+    benchmark:
+        "benchmarks/gradients/{split}-{shard}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    conda:
+        "../../envs/tdabench.yaml"
+    script:
+        "../scripts/gradients.py"

@@ -19,7 +19,7 @@ from tdabench.models import Encoded, collate, encode_prompt
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 60
+    epochs: int = 30
     batch_size: int = 16
     learning_rate: float = 3e-3
     weight_decay: float = 0.0

@@ -36,6 +36,8 @@ rule summary:
         summary="results/summary.md",
         plot_top1="results/evaluation/top1_vs_dim.png",
         plot_mrr="results/evaluation/mrr_vs_dim.png",
+    params:
+        settings=config["dataset"]["settings"],
     log:
         "logs/summary.log",
     threads: 1

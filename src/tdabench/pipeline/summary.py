@@ -30,7 +30,8 @@ def headline_metrics(table: pl.DataFrame) -> dict[str, float]:
 
 
 def main(job: JobContext, mlrun) -> None:
-    table = pl.read_parquet(job.input["metrics"])
+    order = {s: i for i, s in enumerate(job.params["settings"])}
+    table = pl.read_parquet(job.input["metrics"]).sort(pl.col("setting").replace_strict(order), maintain_order=True)
     plot_metric_vs_dim(table, job.output["plot_top1"], "top1")
     plot_metric_vs_dim(table, job.output["plot_mrr"], "mrr")
     plot = os.path.relpath(job.output["plot_top1"], Path(job.output["summary"]).parent)

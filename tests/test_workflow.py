@@ -1,0 +1,197 @@
+"""The workflow end to end on a micro config in a temporary copy of the repository.
+
+One run builds everything; later tests ask Snakemake what a change would rerun (dry runs), check
+the MLflow store, and check that bad configs fail before any job. The code-edit test comes last:
+it touches the copy's sources.
+"""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+COPIED = ["Snakefile", "workflow", "config", "src", "envs"]
+MICRO = {
+    "dataset": {"synthetic": {"n_entities": 12, "facts_per_entity": 3, "planted_fraction": 0.5}},
+    "model": {"tiny": {"vocab_size": 300, "hidden_size": 16, "intermediate_size": 32,
+                       "num_layers": 2, "num_heads": 2}},
+    "tokenize": {"max_length": 48},
+    "finetune": {"epochs": 2, "batch_size": 8},
+    "gradients": {"batch_size": 16, "shards": 2},
+    "projection": {"dims": [8, 16], "seeds": [0]},
+}
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(cwd, *args, check=True):
+    result = subprocess.run([SNAKEMAKE, "--cores", "2", *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=1200)
+    if check and result.returncode:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def job_stats(output: str) -> dict[str, int]:
+    """The 'Job stats' table Snakemake prints: {rule: count}; {} when nothing is to be done."""
+    if "Job stats:" not in output:
+        return {}
+    block = output.split("Job stats:", 1)[1].splitlines()
+    stats = {}
+    for line in block[3:]:
+        parts = line.split()
+        if len(parts) != 2 or parts[0] == "total":
+            break
+        stats[parts[0]] = int(parts[1])
+    return stats
+
+
+def planned(cwd, *args) -> dict[str, int]:
+    r = snakemake(cwd, "-n", *args)
+    return job_stats(r.stdout + r.stderr)
+
+
+def runs(root):
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tdabench")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def write_config(root, cfg):
+    (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    for name in COPIED:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        else:
+            shutil.copy2(src, root / name)
+    write_config(root, MICRO)
+    first = snakemake(root)
+    return root, job_stats(first.stdout + first.stderr)
+
+
+def test_first_run_builds_every_output(study):
+    root, stats = study
+    assert stats["gradients"] == 3  # 2 train shards + 1 query shard
+    assert stats["projection"] == 2
+    table = pl.read_parquet(root / "results/evaluation/metrics.parquet")
+    assert {"setting", "method", "dim", "top1", "mrr", "recall_at_10", "components", "k", "seed"} <= set(table.columns)
+    assert {"full", "single", "best_single", "greedy", "greedy_step", "projection", "chance"} <= set(table["method"])
+    proj = table.filter(pl.col("method") == "projection")
+    assert sorted(proj["k"]) == [8, 16] and proj["seed"].to_list() == [0, 0]
+    assert (table["n_queries"] == 9).all()  # 18 paraphrased queries, half held out
+    assert table.filter(pl.col("method") == "single").height == 2 * 7 + 2
+    assert "## paraphrased" in (root / "results/summary.md").read_text()
+    assert (root / "results/evaluation/top1_vs_dim.png").stat().st_size > 1000
+    for log in ("dataset", "finetune", "gradients/train-1", "evaluate"):
+        assert (root / f"logs/{log}.log").read_text().strip()
+
+
+def test_mlflow_has_one_parent_and_one_child_per_job(study):
+    root, stats = study
+    client, all_runs = runs(root)
+    parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    n_jobs = sum(n for rule, n in stats.items() if rule != "all")
+    assert len(children) == n_jobs
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+    by_rule = {}
+    for r in children:
+        by_rule[r.data.tags["tdabench.rule"]] = by_rule.get(r.data.tags["tdabench.rule"], 0) + 1
+        assert r.info.run_name.split()[0] == r.data.tags["tdabench.rule"]
+        assert r.data.params, r.info.run_name
+        assert r.data.metrics, r.info.run_name
+        assert r.info.status == "FINISHED"
+    assert by_rule == {rule: n for rule, n in stats.items() if rule != "all"}
+    assert parent.info.status == "FINISHED"
+    assert len(parent.data.metrics) >= 10 and "paraphrased.greedy.top1" in parent.data.metrics
+    assert {"tdabench.config_hash", "tdabench.git_commit"} <= set(parent.data.tags)
+    manifest = client.download_artifacts([r for r in children if r.info.run_name.startswith("gradients")][0].info.run_id,
+                                         "manifest.json")
+    assert "grads/lm_head.weight" in Path(manifest).read_text()  # a manifest, not the cache
+
+
+def test_complete_run_has_nothing_to_do_and_creates_no_run(study):
+    root, _ = study
+    assert planned(root) == {}
+    _, before = runs(root)
+    again = snakemake(root)
+    assert "Nothing to be done" in again.stdout + again.stderr
+    _, after = runs(root)
+    assert len(after) == len(before)
+
+
+def test_evaluation_setting_reruns_only_evaluation_side(study):
+    root, _ = study
+    write_config(root, {**MICRO, "evaluation": {"recall_at": [1, 3]}})
+    try:
+        assert planned(root) == {"evaluate": 1, "summary": 1, "all": 1}
+    finally:
+        write_config(root, MICRO)
+
+
+def test_projection_dims_rerun_only_projection_and_evaluation(study):
+    root, _ = study
+    write_config(root, {**MICRO, "projection": {"dims": [8, 12], "seeds": [0]}})
+    try:
+        assert planned(root) == {"projection": 1, "evaluate": 1, "summary": 1, "all": 1}
+    finally:
+        write_config(root, MICRO)
+
+
+def test_selection_setting_reruns_selection_and_evaluation(study):
+    root, _ = study
+    write_config(root, {**MICRO, "selection": {"objective": "top1"}})
+    try:
+        assert planned(root) == {"selection": 1, "evaluate": 1, "summary": 1, "all": 1}
+    finally:
+        write_config(root, MICRO)
+
+
+@pytest.mark.parametrize("override,key", [
+    (["foo=1"], "foo"),
+    (["seed=abc"], "seed"),
+    (['projection={"dims": [100000000]}'], "projection.dims[0]"),
+])
+def test_bad_config_fails_before_any_job(study, override, key):
+    root, _ = study
+    _, before = runs(root)
+    r = snakemake(root, "--config", *override, check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert key in out
+    assert "rule " not in out and "localrule" not in out
+    _, after = runs(root)
+    assert len(after) == len(before)
+
+
+def test_lint_reports_nothing(study):
+    root, _ = study
+    r = subprocess.run([SNAKEMAKE, "--lint"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert "Lints for" not in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_editing_gradient_code_reruns_gradients_and_downstream_only(study):
+    root, _ = study
+    path = root / "src/tdabench/gradients.py"
+    text = path.read_text()
+    edited = re.sub(r"(def per_sample_loss\(.*?\n    \"\"\".*?\"\"\"\n)", r"\1    # edited\n", text, count=1, flags=re.S)
+    assert edited != text
+    path.write_text(edited)
+    stats = planned(root)
+    assert set(stats) == {"gradients", "similarity", "selection", "projection", "evaluate", "summary", "all"}
+    assert stats["gradients"] == 3

@@ -83,10 +83,10 @@ def test_selection_matches_and_leaves_model_untouched():
     names = ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight",
              "model.norm.weight", "lm_head.weight"]
     got = per_sample_gradients(model, ids, mask, labels, components=names)
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+    assert all(p.grad is None for p in model.parameters())  # nothing accumulated into .grad
     assert list(got) == names
     assert max_rel_error(got, reference(model, ids, mask, labels, names)) < 1e-5
-    assert all(p.requires_grad for p in model.parameters())
-    assert all(p.grad is None for p in model.parameters())  # nothing accumulated into .grad
 
 
 def test_gradients_are_not_all_zero_and_differ_between_samples():

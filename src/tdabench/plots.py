@@ -42,7 +42,7 @@ def plot_metric_vs_dim(table: pl.DataFrame, path: str | Path, metric: str = "top
         ax.set_title(f"{setting}: {metric} on held-out queries")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", framealpha=0.85)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)

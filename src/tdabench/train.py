@@ -20,8 +20,8 @@ from tdabench.models import Encoded, collate, encode_prompt
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 30
-    batch_size: int = 16
-    learning_rate: float = 3e-3
+    batch_size: int = 32
+    learning_rate: float = 5e-3
     weight_decay: float = 0.0
     warmup_fraction: float = 0.05
     seed: int = 0

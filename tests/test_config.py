@@ -36,6 +36,7 @@ def test_every_schema_property_has_a_description_or_is_an_object_of_them():
     ({"projection": {"dims": [10_000_000]}}, "projection.dims[0]"),
     ({"gradients": {"components": ["nothing_matches_this"]}}, "gradients.components"),
     ({"model": {"tiny": {"hidden_size": 30, "num_heads": 4}}}, "model.tiny.num_heads"),
+    ({"gradients": {"shards": 1000}}, "gradients.shards"),
 ])
 def test_bad_config_names_the_key(bad, key):
     with pytest.raises(ConfigError) as err:

@@ -29,11 +29,14 @@ def test_store_round_trip_and_shards_read_as_one(tmp_path):
 def test_interrupted_write_leaves_no_file(tmp_path):
     path = tmp_path / "g.h5"
     comps = [describe("lm_head.weight", (4,))]
-    writer = GradientStoreWriter(path, ["a", "b"], comps)
-    writer.write(slice(0, 1), {"lm_head.weight": np.ones((1, 4))})
     with pytest.raises(RuntimeError, match="never written"):
-        writer.close()  # row "b" missing
-    assert not path.exists()
+        with GradientStoreWriter(path, ["a", "b"], comps) as w:
+            w.write(slice(0, 1), {"lm_head.weight": np.ones((1, 4))})  # row "b" missing
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(KeyboardInterrupt):
+        with GradientStoreWriter(path, ["a", "b"], comps) as w:
+            w.write(slice(0, 1), {"lm_head.weight": np.ones((1, 4))})
+            raise KeyboardInterrupt  # a job killed mid-way
     assert list(tmp_path.iterdir()) == []
 
 

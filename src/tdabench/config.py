@@ -84,6 +84,13 @@ def check_consistency(config: dict) -> None:
                 f"config key model.tiny.num_heads: {tiny['num_heads']} does not divide "
                 f"model.tiny.hidden_size={tiny['hidden_size']}"
             )
+        syn = config["dataset"]["synthetic"]
+        n_train = syn["n_entities"] * syn["facts_per_entity"]
+        if config["gradients"]["shards"] > n_train:
+            raise ConfigError(
+                f"config key gradients.shards: {config['gradients']['shards']} shards for only "
+                f"{n_train} training examples; use at most {n_train}"
+            )
         shapes = tiny_llama_shapes(**tiny)
         try:
             chosen = match_components(list(shapes), config["gradients"]["components"])

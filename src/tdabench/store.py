@@ -31,17 +31,19 @@ def _chunk_rows(n: int, dim: int, itemsize: int, target_bytes: int = 1 << 20) ->
 
 
 class GradientStoreWriter:
-    """Create a store at a temporary path; rows arrive in batches; `close()` renames it into place."""
+    """Create a store at a temporary path; rows arrive in batches. Used as a context manager:
+    on a clean exit with every row written the file is renamed into place, otherwise removed."""
 
     def __init__(self, path: str | Path, sample_ids: Sequence[str], components: Sequence[Component],
                  dtype: str = "float32", attrs: dict | None = None):
-        self._ctx = atomic_path(path)
-        tmp = self._ctx.__enter__()
-        self.file = h5py.File(tmp, "w")
-        self.components = list(components)
-        self.dtype = np.dtype(dtype)
-        n = len(sample_ids)
-        self.file.create_dataset("sample_ids", data=np.array(sample_ids, dtype=object), dtype=STR)
+        self.path, self.sample_ids, self.components = Path(path), list(sample_ids), list(components)
+        self.dtype, self.attrs = np.dtype(dtype), dict(attrs or {})
+
+    def __enter__(self) -> "GradientStoreWriter":
+        self._ctx = atomic_path(self.path)
+        self.file = h5py.File(self._ctx.__enter__(), "w")
+        n = len(self.sample_ids)
+        self.file.create_dataset("sample_ids", data=np.array(self.sample_ids, dtype=object), dtype=STR)
         self.file.create_dataset("done", data=np.zeros(n, dtype=bool))
         grp = self.file.create_group("grads")
         for c in self.components:
@@ -56,28 +58,25 @@ class GradientStoreWriter:
                 {"name": c.name, "family": c.family, "layer": c.layer, "shape": list(c.shape)}
                 for c in self.components
             ]),
-            **(attrs or {}),
+            **self.attrs,
         }
         for key, value in meta.items():
             self.file.attrs[key] = value
+        return self
 
     def write(self, rows: slice, grads: dict[str, np.ndarray]) -> None:
         for c in self.components:
             self.file["grads"][c.name][rows] = np.asarray(grads[c.name], dtype=self.dtype)
         self.file["done"][rows] = True
 
-    def close(self) -> None:
-        done = self.file["done"][:]
+    def __exit__(self, exc_type, exc, tb) -> None:
+        missing = int((~self.file["done"][:]).sum())
         self.file.close()
-        if not done.all():
-            err = RuntimeError(f"{int((~done).sum())} rows were never written")
-            self._ctx.__exit__(type(err), err, None)
-            raise err
-        self._ctx.__exit__(None, None, None)
-
-    def abort(self, exc: BaseException) -> None:
-        self.file.close()
-        self._ctx.__exit__(type(exc), exc, None)
+        if exc is None and missing:
+            exc = RuntimeError(f"{self.path}: {missing} rows were never written")
+            self._ctx.__exit__(type(exc), exc, None)
+            raise exc
+        self._ctx.__exit__(exc_type, exc, tb)
 
 
 class GradientStore:

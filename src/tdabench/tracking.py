@@ -38,6 +38,8 @@ def ensure_experiment(uri: str, name: str, artifact_root: str | Path) -> str:
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if exp.lifecycle_stage == "deleted":  # deleted in the UI: bring it back rather than fail
+            client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     return client.create_experiment(name, artifact_location=Path(artifact_root).resolve().as_uri())
 

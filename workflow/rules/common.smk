@@ -4,8 +4,9 @@ from tdabench.codedeps import stage_sources
 
 
 def stage_code(stage):
-    """Library files the stage's job runs (module + transitive tdabench imports)."""
-    return stage_sources(f"tdabench.pipeline.{stage}", SRC / "tdabench")
+    """Library files the stage's job runs (module + transitive tdabench imports), relative to the
+    working directory so that moving the checkout together with its results reruns nothing."""
+    return [os.path.relpath(p) for p in stage_sources(f"tdabench.pipeline.{stage}", SRC / "tdabench")]
 
 
 def n_shards(split):

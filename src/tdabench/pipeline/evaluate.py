@@ -20,8 +20,8 @@ def load_projections(paths: list[str], seeds: list[int], query_ids: list[str]) -
     out = []
     for path in paths:
         with h5py.File(path, "r") as f:
-            stored = [s.decode() for s in f["query_ids"][:]]
-            rows = [stored.index(q) for q in query_ids]
+            row_of = {s.decode(): i for i, s in enumerate(f["query_ids"][:])}
+            rows = [row_of[q] for q in query_ids]
             for seed in seeds:
                 g = f[f"seed_{seed}"]
                 out.append(Projected(str(f.attrs["kind"]), int(f.attrs["k"]), seed, g["train"][:],

@@ -52,16 +52,11 @@ def main(job: JobContext, mlrun) -> None:
     log.info("%d samples x %d components (dim %d) -> %s", len(examples), len(components), dim, job.output["store"])
 
     start = time.perf_counter()
-    writer = GradientStoreWriter(job.output["store"], df["id"].to_list(), components, p["dtype"], attrs)
-    try:
+    with GradientStoreWriter(job.output["store"], df["id"].to_list(), components, p["dtype"], attrs) as store:
         for rows in tqdm(list(iter_batches(len(examples), p["batch_size"])), desc="gradients", mininterval=2.0):
             batch = collate(examples[rows], tokenizer.pad_token_id)
             grads = per_sample_gradients(model, batch["input_ids"], batch["attention_mask"], batch["labels"], names)
-            writer.write(rows, {n: g.numpy() for n, g in grads.items()})
-    except BaseException as e:
-        writer.abort(e)
-        raise
-    writer.close()
+            store.write(rows, {n: g.numpy() for n, g in grads.items()})
     seconds = time.perf_counter() - start
     manifest = file_manifest([job.output["store"]])
     mlrun.log_metrics({"n_samples": len(examples), "n_components": len(components), "gradient_dim": dim,

@@ -12,12 +12,16 @@ STAMP := $(VENV)/.installed
 
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# Packages are installed without byte-compiling every file (--no-compile halves the install);
+# Python then caches just the modules it imports, which needs bytecode writing switched on.
+export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: install run test test-fast lint dry-run ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH) -e ".[dev]"
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --no-compile $(TORCH) -e ".[dev]"
 	touch $@
 
 install: $(STAMP)

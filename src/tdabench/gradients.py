@@ -25,11 +25,9 @@ from torch import nn
 
 from tdabench.components import component_registry
 
-try:  # GPT-2 style layers store W as [in, out]
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover
-    Conv1D = ()
+from transformers.pytorch_utils import Conv1D  # GPT-2 style layer: W stored as [d_in, d_out]
 
+# Module types whose per-sample parameter gradients come from hooks, and which parameters.
 _HOOKABLE = {nn.Linear: ("weight", "bias"), nn.Embedding: ("weight",), Conv1D: ("weight", "bias")}
 
 
@@ -44,11 +42,8 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return token_loss.sum(1) / counted.clamp(min=1)
 
 
-def _hook_kind(module: nn.Module, attr: str) -> type | None:
-    for cls, attrs in _HOOKABLE.items():
-        if cls and isinstance(module, cls) and attr in attrs:
-            return cls
-    return None
+def _hookable(module: nn.Module, attr: str) -> bool:
+    return any(isinstance(module, cls) and attr in attrs for cls, attrs in _HOOKABLE.items())
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -101,7 +96,7 @@ def per_sample_gradients(
     if missing:
         raise KeyError(f"unknown component(s) {missing[:5]}; see tdabench.components.component_registry")
     owners = _owners(model)
-    hooked = [n for n in names if all(_hook_kind(m, a) for m, a in owners[id(params[n])])]
+    hooked = [n for n in names if all(_hookable(m, a) for m, a in owners[id(params[n])])]
     fallback = [n for n in names if n not in hooked]
 
     saved = {n: p.requires_grad for n, p in params.items()}

@@ -89,12 +89,13 @@ def greedy_forward(sim: Similarity, queries: np.ndarray, objective: str) -> list
             for j, s in enumerate(scores):
                 values[lo + j] = objective_value(source_ranks(s, gt), objective)
         cand = np.array(remaining)
-        best = int(cand[_pick(values, sim.component_params[cand], cand)])
+        pos = _pick(values, sim.component_params[cand], cand)
+        best = int(cand[pos])
         run_dot += dot[best]
         run_q += qsq[best]
         run_t += tsq[best]
         remaining.remove(best)
-        steps.append(GreedyStep(len(steps) + 1, best, float(values[list(cand).index(best)])))
+        steps.append(GreedyStep(len(steps) + 1, best, float(values[pos])))
     return steps
 
 

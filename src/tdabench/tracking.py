@@ -179,15 +179,19 @@ def file_manifest(paths) -> list[dict]:
     """Path, size and (for HDF5) dataset shapes/dtypes of output files: logged instead of the files."""
     out = []
     for p in map(Path, paths):
-        entry = {"path": str(p), "bytes": p.stat().st_size if p.is_file() else
-                 sum(f.stat().st_size for f in p.rglob("*") if f.is_file())}
+        files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
+        entry = {"path": str(p), "bytes": sum(f.stat().st_size for f in files)}
         if p.suffix == ".h5":
             import h5py
 
+            datasets = {}
+
+            def visit(name, obj):
+                if isinstance(obj, h5py.Dataset):
+                    datasets[name] = {"shape": list(obj.shape), "dtype": str(obj.dtype)}
+
             with h5py.File(p, "r") as f:
-                datasets = {}
-                f.visititems(lambda name, obj: datasets.__setitem__(
-                    name, {"shape": list(obj.shape), "dtype": str(obj.dtype)}) if isinstance(obj, h5py.Dataset) else None)
-                entry["datasets"] = datasets
+                f.visititems(visit)
+            entry["datasets"] = datasets
         out.append(entry)
     return out

@@ -37,6 +37,8 @@ def test_every_schema_property_has_a_description_or_is_an_object_of_them():
     ({"gradients": {"components": ["nothing_matches_this"]}}, "gradients.components"),
     ({"model": {"tiny": {"hidden_size": 30, "num_heads": 4}}}, "model.tiny.num_heads"),
     ({"gradients": {"shards": 1000}}, "gradients.shards"),
+    ({"gradients": {"max_cache_gb": 0.01}}, "gradients.max_cache_gb"),
+    ({"gradients": {"autocast": "float64"}}, "gradients.autocast"),
 ])
 def test_bad_config_names_the_key(bad, key):
     with pytest.raises(ConfigError) as err:
@@ -60,3 +62,12 @@ def test_config_hash_ignores_mlflow_settings_only():
     b = validate_config({"mlflow": {"experiment": "other"}})
     c = validate_config({"seed": 1})
     assert config_hash(a) == config_hash(b) != config_hash(c)
+
+
+def test_dimension_cap_bounds_k_and_cache_size():
+    base = {"model": {"tiny": {"vocab_size": 300, "hidden_size": 8, "num_heads": 2, "intermediate_size": 16,
+                               "num_layers": 1}},
+            "gradients": {"components": ["lm_head", "embed"], "max_component_dim": 100}}
+    validate_config({**base, "projection": {"dims": [200]}})  # two components capped at 100 each
+    with pytest.raises(ConfigError, match="projection.dims"):
+        validate_config({**base, "projection": {"dims": [201]}})

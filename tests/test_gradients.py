@@ -101,3 +101,69 @@ def test_gradients_are_not_all_zero_and_differ_between_samples():
 def test_unknown_component_is_a_clear_error():
     with pytest.raises(KeyError, match="unknown component"):
         per_sample_gradients(tiny_llama(), *padded_batch([4], [1]), components=["nope.weight"])
+
+
+def tiny_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    torch.manual_seed(0)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
+                                            num_attention_heads=4, intermediate_size=32,
+                                            max_position_embeddings=64)).eval()
+
+
+def tiny_olmo(version=1):
+    from transformers import Olmo2Config, Olmo2ForCausalLM, OlmoConfig, OlmoForCausalLM
+    torch.manual_seed(0)
+    config_cls, model_cls = (OlmoConfig, OlmoForCausalLM) if version == 1 else (Olmo2Config, Olmo2ForCausalLM)
+    cfg = config_cls(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=32, max_position_embeddings=64, pad_token_id=0)
+    return model_cls(cfg).eval()
+
+
+def tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
+                                        max_position_embeddings=64)).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_neox, tiny_olmo, lambda: tiny_olmo(2), tiny_qwen2],
+                         ids=["gpt-neox", "olmo", "olmo2", "qwen2"])
+def test_more_architectures_match_bs1_loop(build):
+    model = build()
+    ids, mask, labels = padded_batch([9, 5, 12, 7], [3, 2, 6, 1])
+    names = [c.name for c in component_registry(model)]
+    got = per_sample_gradients(model, ids, mask, labels)
+    assert max_rel_error(got, reference(model, ids, mask, labels, names)) < 1e-5
+    last = [n for n in names if ".1." in n and ("mlp" in n or "dense_" in n)]  # a selection: last layer's MLP
+    got = per_sample_gradients(model, ids, mask, labels, components=last)
+    assert max_rel_error(got, reference(model, ids, mask, labels, last)) < 1e-5
+
+
+def test_blockwise_and_sketched_components_match_dense(monkeypatch):
+    import tdabench.gradients as G
+    from tdabench.projection import CountSketch, name_key
+
+    model = tiny_llama(tie=True)  # tied embed/head: two contributions to one sketched tensor
+    ids, mask, labels = padded_batch([9, 5, 12, 7], [3, 2, 6, 1])
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"]
+    dense = per_sample_gradients(model, ids, mask, labels, components=names)
+    sketches = {n: CountSketch(dense[n].shape[1], 7, seed=3, key=name_key(n)) for n in names}
+    monkeypatch.setattr(G, "BLOCK_ELEMENTS", 4 * 16 * 3)  # force several row blocks per tensor
+    sketched = per_sample_gradients(model, ids, mask, labels, components=names, sketches=sketches)
+    for n in names:
+        assert sketched[n].shape == (4, 7)
+        torch.testing.assert_close(sketched[n], sketches[n](dense[n]), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_is_close_to_fp32():
+    model = tiny_llama()
+    ids, mask, labels = padded_batch([9, 5, 12, 7], [3, 2, 6, 1])
+    names = ["model.layers.1.mlp.down_proj.weight", "lm_head.weight"]
+    exact = per_sample_gradients(model, ids, mask, labels, components=names)
+    approx = per_sample_gradients(model, ids, mask, labels, components=names, autocast_dtype=torch.bfloat16)
+    for n in names:
+        assert approx[n].dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(approx[n], exact[n], dim=1)
+        assert (cos > 0.98).all()

@@ -70,3 +70,21 @@ def test_same_seed_same_initial_weights():
     cfg = TinyModelConfig(vocab_size=320, hidden_size=16, intermediate_size=24, num_layers=1, num_heads=2)
     a, b = build_tiny_model(cfg, tok, 3), build_tiny_model(cfg, tok, 3)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_layer_ranges_groups_and_clear_errors():
+    import pytest
+
+    shapes = tiny_llama_shapes(vocab_size=300, hidden_size=8, intermediate_size=16, num_layers=4, num_heads=2)
+    names = list(shapes)
+    last_mlp = match_components(names, ["mlp@-1"])
+    assert last_mlp == [f"model.layers.3.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    assert match_components(names, ["o@1-2"]) == ["model.layers.1.self_attn.o_proj.weight",
+                                                  "model.layers.2.self_attn.o_proj.weight"]
+    assert len(match_components(names, ["attn"])) == 16
+    assert match_components(names, ["all"]) == names
+    assert len(match_components(names, ["*@0"])) == 9  # 7 matrices + 2 norms of layer 0
+    with pytest.raises(ValueError, match="matches no component"):
+        match_components(names, ["down@7"])
+    with pytest.raises(ValueError, match="bad layer range"):
+        match_components(names, ["down@x"])

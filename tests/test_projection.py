@@ -66,3 +66,27 @@ def test_inner_products_are_unbiased_within_jl_bound(kind, nonzeros):
     # Var[<Px,Py>] <= (|x|^2 |y|^2 + <x,y>^2) * 2 / k for these sketches: 5 standard errors.
     bound = np.sqrt((x @ x * (y @ y) + true**2) * 2 / k / n_seeds)
     assert abs(np.mean(est) - true) < 5 * bound
+
+
+def test_count_sketch_is_unbiased_within_jl_bound_and_exact_blockwise():
+    from tdabench.projection import CountSketch
+
+    rng = np.random.default_rng(1)
+    x, y = rng.standard_normal(200), rng.standard_normal(200)
+    y += 0.3 * x
+    k, n_seeds = 32, 800
+    est = []
+    for seed in range(n_seeds):
+        s = CountSketch(200, k, seed, key=5)
+        sx, sy = s(torch.tensor(x[None], dtype=torch.float32)), s(torch.tensor(y[None], dtype=torch.float32))
+        est.append(float(sx[0] @ sy[0]))
+    true = x @ y
+    bound = np.sqrt((x @ x * (y @ y) + true**2) / k / n_seeds)
+    assert abs(np.mean(est) - true) < 5 * bound
+    # Adding the input in pieces gives the same sketch as adding it whole.
+    s = CountSketch(200, k, 0, key=5)
+    whole = s(torch.tensor(x[None], dtype=torch.float32))
+    parts = torch.zeros(1, k)
+    for start in range(0, 200, 37):
+        s.add(parts, start, torch.tensor(x[None, start:start + 37], dtype=torch.float32))
+    torch.testing.assert_close(parts, whole)

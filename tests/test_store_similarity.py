@@ -1,5 +1,7 @@
 """Gradient store round trip, atomic writes, shards; similarity store vs direct cosine."""
 
+from pathlib import Path
+
 import h5py
 import numpy as np
 import pytest
@@ -26,18 +28,54 @@ def test_store_round_trip_and_shards_read_as_one(tmp_path):
             np.testing.assert_array_equal(store.read(name, np.array([7, 1])), want[[7, 1]])
 
 
-def test_interrupted_write_leaves_no_file(tmp_path):
+def test_interrupted_write_leaves_only_a_partial_file(tmp_path):
     path = tmp_path / "g.h5"
     comps = [describe("lm_head.weight", (4,))]
     with pytest.raises(RuntimeError, match="never written"):
         with GradientStoreWriter(path, ["a", "b"], comps) as w:
             w.write(slice(0, 1), {"lm_head.weight": np.ones((1, 4))})  # row "b" missing
-    assert list(tmp_path.iterdir()) == []
+    assert not path.exists()
     with pytest.raises(KeyboardInterrupt):
         with GradientStoreWriter(path, ["a", "b"], comps) as w:
-            w.write(slice(0, 1), {"lm_head.weight": np.ones((1, 4))})
             raise KeyboardInterrupt  # a job killed mid-way
-    assert list(tmp_path.iterdir()) == []
+    assert not path.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [".g.h5.partial"]
+
+
+CRASH = """
+import os, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from helpers import crash_writer
+crash_writer({path!r}, crash_after={n})
+"""
+
+
+def test_resume_after_crash_gives_a_byte_identical_file(tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import crash_writer
+
+    crash_writer(tmp_path / "ref" / "g.h5", crash_after=None)  # uninterrupted
+    target = tmp_path / "run" / "g.h5"
+    code = CRASH.format(tests=str(Path(__file__).parent), path=str(target), n=2)
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 17  # killed after 2 batches
+    partial = target.with_name(".g.h5.partial")
+    assert partial.exists() and not target.exists()
+    with h5py.File(partial, "r") as f:
+        assert f["done"][:].sum() == 6  # two batches of 3 rows made it
+    written = crash_writer(target, crash_after=None)  # the rerun resumes
+    assert written == 4  # only the 4 batches still missing were computed
+    assert target.read_bytes() == (tmp_path / "ref" / "g.h5").read_bytes()
+
+
+def test_resume_ignores_partial_files_of_other_settings(tmp_path):
+    from helpers import crash_writer
+
+    target = tmp_path / "g.h5"
+    crash_writer(target, crash_after=None, attrs={"config_hash": "old"}, keep_partial=True)
+    assert crash_writer(target, crash_after=None, attrs={"config_hash": "new"}) == 6  # recomputed all
 
 
 def test_incomplete_or_foreign_files_are_refused(tmp_path):

@@ -5,12 +5,14 @@ the MLflow store, and check that bad configs fail before any job. The code-edit 
 it touches the copy's sources.
 """
 
+import json
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import polars as pl
 import pytest
 import yaml
@@ -25,7 +27,7 @@ MICRO = {
                        "num_layers": 2, "num_heads": 2}},
     "tokenize": {"max_length": 48},
     "finetune": {"epochs": 2, "batch_size": 8},
-    "gradients": {"batch_size": 16, "shards": 2},
+    "gradients": {"batch_size": 16, "shards": 2, "max_component_dim": 256},  # embed, lm_head sketched
     "projection": {"dims": [8, 16], "seeds": [0]},
 }
 pytestmark = pytest.mark.workflow
@@ -94,6 +96,11 @@ def test_first_run_builds_every_output(study):
     assert (table["n_queries"] == 9).all()  # 18 paraphrased queries, half held out
     assert table.filter(pl.col("method") == "single").height == 2 * 7 + 2
     assert "## paraphrased" in (root / "results/summary.md").read_text()
+    with h5py.File(root / "results/gradients/train/shard-1.h5") as f:  # embed and lm_head are sketched
+        info = {c["name"]: c for c in json.loads(f.attrs["components"])}
+        assert info["lm_head.weight"]["stored_dim"] == 256 and info["lm_head.weight"]["sketch"]["k"] == 256
+        assert f["grads/lm_head.weight"].shape == (18, 256)
+        assert f["grads/model.layers.0.mlp.up_proj.weight"].shape == (18, 32 * 16)  # exact
     assert (root / "results/evaluation/top1_vs_dim.png").stat().st_size > 1000
     for log in ("dataset", "finetune", "gradients/train-1", "evaluate"):
         assert (root / f"logs/{log}.log").read_text().strip()

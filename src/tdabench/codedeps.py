@@ -8,6 +8,7 @@ results can depend on it. `tdabench.tracking` is left out: it only logs, never c
 from __future__ import annotations
 
 import ast
+import hashlib
 from functools import cache
 from pathlib import Path
 
@@ -56,3 +57,12 @@ def stage_sources(module: str, src: str | Path = SRC) -> list[str]:
     """Source files `module` depends on (absolute paths, sorted), without logging-only modules."""
     src = Path(src).resolve()
     return [str(module_file(m, src)) for m in _closure(module, src) if m not in NOT_RESULTS]
+
+
+def sources_digest(module: str) -> str:
+    """Short hash of the sources `module` runs: stamps caches so a code change is never resumed into."""
+    digest = hashlib.sha256()
+    for path in stage_sources(module):
+        digest.update(Path(path).name.encode())
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:12]

@@ -90,26 +90,55 @@ def component_registry(model) -> list[Component]:
     return comps
 
 
+GROUPS = {
+    "attn": {"q", "k", "v", "o", "qkv"},
+    "mlp": {"gate", "up", "down", "gate_up", "fc_in", "fc_out"},
+}
+
+
+def _layer_range(spec: str, layers: list[int]) -> set[int]:
+    """"3" -> {3}; "1-3" -> {1, 2, 3}; "-1" -> {last layer}."""
+    top = max(layers, default=-1)
+    if re.fullmatch(r"-?\d+", spec):
+        i = int(spec)
+        return {top + 1 + i if i < 0 else i}
+    match = re.fullmatch(r"(\d+)-(\d+)", spec)
+    if not match:
+        raise ValueError(f"bad layer range {spec!r} (use e.g. 3, 0-3 or -1 for the last layer)")
+    return set(range(int(match.group(1)), int(match.group(2)) + 1))
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern in ("all", "*"):
+        return True
+    if pattern in GROUPS:
+        return family_of(name) in GROUPS[pattern]
+    if pattern in KNOWN_FAMILIES:
+        return family_of(name) == pattern
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(short_name(name), pattern)
+
+
 def match_components(names: list[str], patterns: list[str]) -> list[str]:
     """Names selected by `patterns`, in the order of `names`.
 
-    A pattern is a family name ("q", "down", "embed", ...), or a glob matched against the full
-    parameter name and against its short form ("layers.*.mlp.down_proj").
+    A pattern is a family ("q", "down", "embed", ...), a group ("attn", "mlp"), "all", or a glob
+    matched against the full parameter name and its short form ("layers.*.mlp.down_proj"),
+    optionally restricted to layers with "@": "mlp@-1" (last layer's MLP), "o@0-3", "*@2".
     Raises ValueError naming a pattern that selects nothing.
     """
+    layers = [layer for n in names if (layer := layer_of(n)) is not None]
     chosen: set[str] = set()
     for pattern in patterns:
-        if pattern in KNOWN_FAMILIES:
-            hits = {n for n in names if family_of(n) == pattern}
-        else:
-            hits = {
-                n for n in names
-                if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(short_name(n), pattern)
-            }
+        base, _, spec = pattern.partition("@")
+        hits = {n for n in names if _matches(n, base)}
+        if spec:
+            keep = _layer_range(spec, layers)
+            hits = {n for n in hits if layer_of(n) in keep}
         if not hits:
             raise ValueError(
                 f"pattern {pattern!r} matches no component; use a family "
-                f"({', '.join(KNOWN_FAMILIES)}) or a glob over names such as {short_name(names[0])!r}"
+                f"({', '.join(KNOWN_FAMILIES)}), a group ({', '.join(GROUPS)}), 'all', or a glob over "
+                f"names such as {short_name(names[0])!r}, optionally with @<layer>|@<a>-<b>"
             )
         chosen |= hits
     return [n for n in names if n in chosen]

@@ -96,7 +96,17 @@ def check_consistency(config: dict) -> None:
             chosen = match_components(list(shapes), config["gradients"]["components"])
         except ValueError as e:
             raise ConfigError(f"config key gradients.components: {e}") from None
-        dim = sum(_numel(shapes[name]) for name in chosen)
+        cap = config["gradients"]["max_component_dim"]
+        dim = sum(min(_numel(shapes[name]), cap or _numel(shapes[name])) for name in chosen)
+        n_queries = round(syn["planted_fraction"] * n_train) * len(config["dataset"]["settings"])
+        itemsize = {"float32": 4, "float16": 2}[config["gradients"]["dtype"]]
+        gb = (n_train + n_queries) * dim * itemsize / 1e9
+        if gb > config["gradients"]["max_cache_gb"]:
+            raise ConfigError(
+                f"config key gradients.max_cache_gb: the gradient cache would take about {gb:.1f} GB "
+                f"({n_train + n_queries} samples x {dim} stored dims); raise the limit, set "
+                "gradients.max_component_dim, select fewer gradients.components or use float16"
+            )
         for i, k in enumerate(config["projection"]["dims"]):
             if k > dim:
                 raise ConfigError(

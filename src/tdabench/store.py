@@ -1,17 +1,26 @@
 """HDF5 gradient store: one dataset per component, rows = samples.
 
 Layout of one file (one shard of one split):
-    grads/<component name>   float32|float16 [n_samples, d_c]   row-chunked, uncompressed
+    grads/<component name>   float32|float16 [n_samples, d_stored]   row-chunked, uncompressed
     sample_ids               utf-8 string    [n_samples]
-    done                     bool            [n_samples]        rows already written
+    done                     bool            [n_samples]             rows already written
     attrs: format, split, shard, n_shards, model_fingerprint, components (JSON: name, family,
-           layer, shape), dtype, loss, config_hash, code_version
+           layer, shape, stored_dim, sketch), dtype, loss, config_hash, code_version
+`stored_dim` is the parameter count, or the count-sketch size for a component larger than the
+`max_component_dim` cap (then `sketch` holds {kind, k, seed, key}; inner products stay unbiased).
 A split sharded into several files reads as one logical store (`GradientStore`).
+
+Writing is resumable: rows land in a `.<name>.partial` file whose chunks are all allocated when it
+is created, each batch is flushed with its `done` flags, and the file is renamed into place only
+when every row is done. An interrupted job leaves the partial file; the next run with the same
+attributes continues from its `done` mask and ends with a file identical to an uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -19,64 +28,115 @@ import h5py
 import numpy as np
 
 from tdabench.components import Component
-from tdabench.io import atomic_path
 
 FORMAT = "tdabench-gradients/1"
 LOSS = "mean token cross-entropy over the sample's labelled tokens (labels != -100)"
 STR = h5py.string_dtype("utf-8")
+ID_BYTES = 64  # rough per-row allowance for ids and the done flag in size estimates
+log = logging.getLogger(__name__)
 
 
 def _chunk_rows(n: int, dim: int, itemsize: int, target_bytes: int = 1 << 20) -> int:
-    return max(1, min(n, target_bytes // max(1, dim * itemsize)))
+    return max(1, min(max(n, 1), target_bytes // max(1, dim * itemsize)))
+
+
+def estimate_bytes(n_samples: int, stored_dims: Sequence[int], dtype: str = "float32") -> int:
+    """Size of a store before it is written (all chunks are allocated up front)."""
+    return n_samples * (sum(stored_dims) * np.dtype(dtype).itemsize + ID_BYTES)
+
+
+def components_json(components: Sequence[Component], sketches: dict[str, dict] | None = None) -> str:
+    sketches = sketches or {}
+    return json.dumps([
+        {"name": c.name, "family": c.family, "layer": c.layer, "shape": list(c.shape),
+         "stored_dim": sketches[c.name]["k"] if c.name in sketches else c.numel,
+         "sketch": sketches.get(c.name)}
+        for c in components
+    ])
+
+
+def _create_rows(group: h5py.Group, name: str, n: int, dim: int, dtype: np.dtype) -> None:
+    """[n, dim] dataset, row-chunked, every chunk allocated now (fixed layout, crash-safe writes)."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_chunk((_chunk_rows(n, dim, dtype.itemsize), dim))
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    dcpl.set_obj_track_times(False)
+    space = h5py.h5s.create_simple((n, dim))
+    h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(dtype), space, dcpl=dcpl).close()
 
 
 class GradientStoreWriter:
-    """Create a store at a temporary path; rows arrive in batches. Used as a context manager:
-    on a clean exit with every row written the file is renamed into place, otherwise removed."""
+    """Write a store batch by batch (context manager). On a clean exit with every row done the
+    file is renamed into place; after an error the partial file stays behind for `resume`."""
 
     def __init__(self, path: str | Path, sample_ids: Sequence[str], components: Sequence[Component],
-                 dtype: str = "float32", attrs: dict | None = None):
+                 dtype: str = "float32", attrs: dict | None = None,
+                 sketches: dict[str, dict] | None = None, resume: bool = True):
         self.path, self.sample_ids, self.components = Path(path), list(sample_ids), list(components)
-        self.dtype, self.attrs = np.dtype(dtype), dict(attrs or {})
+        self.partial = self.path.with_name(f".{self.path.name}.partial")
+        self.dtype = np.dtype(dtype)
+        self.sketches = dict(sketches or {})
+        self.meta = {"format": FORMAT, "dtype": self.dtype.name, "loss": LOSS,
+                     "components": components_json(self.components, self.sketches), **(attrs or {})}
+        self.resume = resume
+        self.done = np.zeros(len(self.sample_ids), dtype=bool)
+
+    def stored_dim(self, c: Component) -> int:
+        return self.sketches[c.name]["k"] if c.name in self.sketches else c.numel
+
+    def _matches(self, f: h5py.File) -> bool:
+        same_attrs = all(_plain(f.attrs.get(k)) == _plain(v) for k, v in self.meta.items())
+        ids = [s.decode() if isinstance(s, bytes) else s for s in f["sample_ids"][:]] if "sample_ids" in f else None
+        return same_attrs and ids == self.sample_ids and "done" in f
 
     def __enter__(self) -> "GradientStoreWriter":
-        self._ctx = atomic_path(self.path)
-        self.file = h5py.File(self._ctx.__enter__(), "w")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.resume and self.partial.exists():
+            try:
+                f = h5py.File(self.partial, "r+")
+                if self._matches(f):
+                    self.file, self.done = f, f["done"][:]
+                    log.info("resuming %s: %d of %d rows already done", self.partial, self.done.sum(), len(self.done))
+                    return self
+                f.close()
+                log.info("ignoring %s: written with other settings", self.partial)
+            except OSError as e:  # unreadable (killed before its first flush): start over
+                log.info("ignoring unreadable %s (%s)", self.partial, e)
+        self.partial.unlink(missing_ok=True)
+        self.file = h5py.File(self.partial, "w")
         n = len(self.sample_ids)
-        self.file.create_dataset("sample_ids", data=np.array(self.sample_ids, dtype=object), dtype=STR)
-        self.file.create_dataset("done", data=np.zeros(n, dtype=bool))
+        self.file.create_dataset("sample_ids", data=np.array(self.sample_ids, dtype=object), dtype=STR,
+                                 track_times=False)
+        self.file.create_dataset("done", data=self.done, track_times=False)
         grp = self.file.create_group("grads")
         for c in self.components:
-            rows = _chunk_rows(n, c.numel, self.dtype.itemsize)
-            grp.create_dataset(c.name, shape=(n, c.numel), dtype=self.dtype,
-                               chunks=(rows, c.numel) if n else None)
-        meta = {
-            "format": FORMAT,
-            "dtype": self.dtype.name,
-            "loss": LOSS,
-            "components": json.dumps([
-                {"name": c.name, "family": c.family, "layer": c.layer, "shape": list(c.shape)}
-                for c in self.components
-            ]),
-            **self.attrs,
-        }
-        for key, value in meta.items():
+            _create_rows(grp, c.name, n, self.stored_dim(c), self.dtype)
+        for key, value in self.meta.items():
             self.file.attrs[key] = value
+        self.file.flush()
         return self
 
     def write(self, rows: slice, grads: dict[str, np.ndarray]) -> None:
+        """Rows first, then their done flags, then flush: a crash never marks unwritten rows done."""
         for c in self.components:
             self.file["grads"][c.name][rows] = np.asarray(grads[c.name], dtype=self.dtype)
+        self.file.flush()
+        self.done[rows] = True
         self.file["done"][rows] = True
+        self.file.flush()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        missing = int((~self.file["done"][:]).sum())
         self.file.close()
-        if exc is None and missing:
-            exc = RuntimeError(f"{self.path}: {missing} rows were never written")
-            self._ctx.__exit__(type(exc), exc, None)
-            raise exc
-        self._ctx.__exit__(exc_type, exc, tb)
+        if exc is not None:
+            return  # keep the partial file: a rerun resumes from its done mask
+        if not self.done.all():
+            raise RuntimeError(f"{self.path}: {int((~self.done).sum())} rows were never written")
+        os.replace(self.partial, self.path)
+
+
+def _plain(value):
+    return value.item() if isinstance(value, np.generic) else value
 
 
 class GradientStore:

@@ -3,7 +3,8 @@ rule gradients:
     input:
         code=stage_code("gradients"),
         model="results/models/finetuned",
-        data="results/data/{split}.parquet",
+        train="results/data/train.parquet",
+        queries="results/data/queries.parquet",
     output:
         store="results/gradients/{split}/shard-{shard}.h5",
     params:
@@ -11,6 +12,10 @@ rule gradients:
         components=config["gradients"]["components"],
         batch_size=config["gradients"]["batch_size"],
         dtype=config["gradients"]["dtype"],
+        max_component_dim=config["gradients"]["max_component_dim"],
+        sketch_seed=config["gradients"]["sketch_seed"],
+        max_cache_gb=config["gradients"]["max_cache_gb"],
+        autocast=config["gradients"]["autocast"],
         tokenize=config["tokenize"],
     log:
         "logs/gradients/{split}-{shard}.log",

@@ -8,14 +8,17 @@ import logging
 import time
 
 import polars as pl
+import torch
 from tqdm.auto import tqdm
 
 import tdabench
+from tdabench.codedeps import sources_digest
 from tdabench.components import component_registry, match_components
 from tdabench.gradients import iter_batches, per_sample_gradients
 from tdabench.models import collate, encode, load_model, model_fingerprint
 from tdabench.pipeline.common import JobContext, set_threads
-from tdabench.store import GradientStoreWriter
+from tdabench.projection import CountSketch, name_key
+from tdabench.store import GradientStoreWriter, estimate_bytes
 from tdabench.tracking import file_manifest
 
 log = logging.getLogger(__name__)
@@ -29,13 +32,28 @@ def shard_rows(n: int, shard: int, n_shards: int) -> slice:
 def main(job: JobContext, mlrun) -> None:
     set_threads(job.threads)
     p = job.params
-    shard, n_shards = int(job.wildcards["shard"]), p["shards"]
-    data = pl.read_parquet(job.input["data"])
-    df = data[shard_rows(data.height, shard, n_shards)]
+    split, shard, n_shards = job.wildcards["split"], int(job.wildcards["shard"]), p["shards"]
+    tables = {s: pl.read_parquet(job.input[s]) for s in ("train", "queries")}
+    df = tables[split][shard_rows(tables[split].height, shard, n_shards)]
     model, tokenizer = load_model(job.input["model"])
     registry = {c.name: c for c in component_registry(model)}
     names = match_components(list(registry), p["components"])
     components = [registry[n] for n in names]
+
+    cap = p["max_component_dim"]
+    sketch_info = {c.name: {"kind": "countsketch", "k": cap, "seed": p["sketch_seed"], "key": name_key(c.name)}
+                   for c in components if cap is not None and c.numel > cap}
+    sketches = {n: CountSketch(registry[n].numel, s["k"], s["seed"], s["key"]) for n, s in sketch_info.items()}
+    stored = [sketch_info[c.name]["k"] if c.name in sketch_info else c.numel for c in components]
+    total = estimate_bytes(sum(t.height for t in tables.values()), stored, p["dtype"])
+    if total > p["max_cache_gb"] * 1e9:
+        raise ValueError(
+            f"config key gradients.max_cache_gb: the gradient cache would take about {total / 1e9:.1f} GB "
+            f"(> {p['max_cache_gb']} GB); set gradients.max_component_dim, select fewer "
+            "gradients.components, use gradients.dtype float16 or raise the limit"
+        )
+    estimate = estimate_bytes(df.height, stored, p["dtype"])
+
     tok = p["tokenize"]
     examples = [encode(tokenizer, a, b, tok["max_length"], tok["loss_on"])
                 for a, b in zip(df["prompt"], df["response"])]
@@ -43,24 +61,33 @@ def main(job: JobContext, mlrun) -> None:
     if n_trunc:
         log.warning("%d of %d examples truncated to %d tokens", n_trunc, len(examples), tok["max_length"])
     attrs = {
-        "split": job.wildcards["split"], "shard": shard, "n_shards": n_shards,
+        "split": split, "shard": shard, "n_shards": n_shards,
         "model_fingerprint": model_fingerprint(job.input["model"]),
         "config_hash": hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:12],
-        "code_version": tdabench.__version__, "n_truncated": n_trunc,
+        "code_version": f"{tdabench.__version__}+{sources_digest('tdabench.pipeline.gradients')}",
+        "n_truncated": n_trunc,
     }
-    dim = sum(c.numel for c in components)
-    log.info("%d samples x %d components (dim %d) -> %s", len(examples), len(components), dim, job.output["store"])
+    log.info("%d samples x %d components (%d sketched), %d stored dims, about %.1f MB -> %s",
+             len(examples), len(components), len(sketches), sum(stored), estimate / 1e6, job.output["store"])
+    autocast = getattr(torch, p["autocast"]) if p["autocast"] else None
 
-    start = time.perf_counter()
-    with GradientStoreWriter(job.output["store"], df["id"].to_list(), components, p["dtype"], attrs) as store:
+    start, computed = time.perf_counter(), 0
+    with GradientStoreWriter(job.output["store"], df["id"].to_list(), components, p["dtype"], attrs,
+                             sketch_info) as store:
         for rows in tqdm(list(iter_batches(len(examples), p["batch_size"])), desc="gradients", mininterval=2.0):
+            if store.done[rows].all():  # resumed from an interrupted run
+                continue
             batch = collate(examples[rows], tokenizer.pad_token_id)
-            grads = per_sample_gradients(model, batch["input_ids"], batch["attention_mask"], batch["labels"], names)
+            grads = per_sample_gradients(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                         names, sketches=sketches, autocast_dtype=autocast)
             store.write(rows, {n: g.numpy() for n, g in grads.items()})
+            computed += rows.stop - rows.start
     seconds = time.perf_counter() - start
     manifest = file_manifest([job.output["store"]])
-    mlrun.log_metrics({"n_samples": len(examples), "n_components": len(components), "gradient_dim": dim,
-                       "seconds": seconds, "samples_per_second": len(examples) / max(seconds, 1e-9),
-                       "store_bytes": manifest[0]["bytes"], "n_truncated": n_trunc})
+    mlrun.log_metrics({"n_samples": len(examples), "n_computed": computed, "n_components": len(components),
+                       "n_sketched": len(sketches), "stored_dim": sum(stored), "seconds": seconds,
+                       "samples_per_second": computed / max(seconds, 1e-9), "store_bytes": manifest[0]["bytes"],
+                       "estimated_bytes": estimate, "n_truncated": n_trunc})
     mlrun.log_dict(manifest, "manifest.json")
-    log.info("%.1f samples/s, %.1f MB", len(examples) / max(seconds, 1e-9), manifest[0]["bytes"] / 1e6)
+    log.info("%.1f samples/s, %.1f MB (estimate %.1f MB)", computed / max(seconds, 1e-9),
+             manifest[0]["bytes"] / 1e6, estimate / 1e6)

@@ -88,3 +88,19 @@ def test_layer_ranges_groups_and_clear_errors():
         match_components(names, ["down@7"])
     with pytest.raises(ValueError, match="bad layer range"):
         match_components(names, ["down@x"])
+
+
+def test_unknown_architecture_falls_back_to_every_tensor_with_a_warning():
+    import pytest
+    from torch import nn
+
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.alpha = nn.Linear(3, 4)
+            self.beta = nn.Parameter(torch.zeros(5))
+
+    with pytest.warns(UserWarning, match="unknown architecture"):
+        reg = component_registry(Odd())
+    assert [(c.name, c.family, c.numel) for c in reg] == [
+        ("beta", "other", 5), ("alpha.weight", "other", 12), ("alpha.bias", "other", 4)]

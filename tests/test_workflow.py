@@ -27,7 +27,7 @@ MICRO = {
                        "num_layers": 2, "num_heads": 2}},
     "tokenize": {"max_length": 48},
     "finetune": {"epochs": 2, "batch_size": 8},
-    "gradients": {"batch_size": 16, "shards": 2, "max_component_dim": 256},  # embed, lm_head sketched
+    "gradients": {"batch_size": 16, "shards": 2, "max_component_dim": 600},  # embed, lm_head sketched
     "projection": {"dims": [8, 16], "seeds": [0]},
 }
 pytestmark = pytest.mark.workflow
@@ -98,8 +98,8 @@ def test_first_run_builds_every_output(study):
     assert "## paraphrased" in (root / "results/summary.md").read_text()
     with h5py.File(root / "results/gradients/train/shard-1.h5") as f:  # embed and lm_head are sketched
         info = {c["name"]: c for c in json.loads(f.attrs["components"])}
-        assert info["lm_head.weight"]["stored_dim"] == 256 and info["lm_head.weight"]["sketch"]["k"] == 256
-        assert f["grads/lm_head.weight"].shape == (18, 256)
+        assert info["lm_head.weight"]["stored_dim"] == 600 and info["lm_head.weight"]["sketch"]["k"] == 600
+        assert f["grads/lm_head.weight"].shape == (18, 600)
         assert f["grads/model.layers.0.mlp.up_proj.weight"].shape == (18, 32 * 16)  # exact
     assert (root / "results/evaluation/top1_vs_dim.png").stat().st_size > 1000
     for log in ("dataset", "finetune", "gradients/train-1", "evaluate"):

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from helpers import random_store
-from tdabench.projection import CHUNK, ProjectionConfig, project_component, project_store
+from tdabench.projection import (CHUNK, Projector, ProjectionConfig, block_dims, method_config,
+                                 project_component, project_store)
 from tdabench.store import GradientStore
 
 DIMS = [7, 5, 12]
@@ -17,17 +18,53 @@ def explicit_matrix(cfg, dims):
     return np.concatenate(blocks)
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "sjlt"])
-def test_streamed_projection_equals_explicit_matrix(tmp_path, kind):
+def explicit_any(cfg, dims):
+    """P^T [D, out_dim] of any projection (full or block-wise), by projecting identity rows."""
+    proj = Projector(cfg, dims)
+    rows = []
+    for c, d in enumerate(dims):
+        out = np.zeros((d, proj.out_dim), dtype=np.float32)
+        proj.add(out, c, torch.eye(d))
+        rows.append(out)
+    return np.concatenate(rows)
+
+
+@pytest.mark.parametrize("method", ["sjlt", "gaussian", "rademacher", "blockwise", "blockwise_equal",
+                                    "blockwise_unnormalized"])
+def test_streamed_projection_equals_explicit_matrix(tmp_path, method):
     data = random_store(tmp_path / "g.h5", [f"s{i}" for i in range(6)], DIMS, seed=0)
-    cfg = ProjectionConfig(kind, k=4, seed=7, nonzeros=2)
+    cfg = method_config(method, k=6, seed=7, nonzeros=2)
     full = np.concatenate(list(data.values()), axis=1)  # [n, D] the concatenated gradients
     with GradientStore(tmp_path / "g.h5") as store:
         got = project_store(store, cfg, block_rows=4)
         sub = project_store(store, cfg, rows=np.array([4, 1]))
-    want = full @ explicit_matrix(cfg, DIMS)
+    matrix = explicit_any(cfg, DIMS)
+    want = full @ matrix
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(sub, want[[4, 1]], rtol=1e-5, atol=1e-5)
+    if cfg.blockwise:  # block-diagonal: component c only reaches its own k_c output dims
+        offsets = np.cumsum([0] + block_dims(DIMS, 6, cfg.blockwise))
+        starts = np.cumsum([0] + DIMS)
+        for c in range(len(DIMS)):
+            block = matrix[starts[c]:starts[c + 1]]
+            assert not block[:, :offsets[c]].any() and not block[:, offsets[c + 1]:].any()
+
+
+def test_select_then_project_uses_the_full_projections_blocks(tmp_path):
+    data = random_store(tmp_path / "g.h5", [f"s{i}" for i in range(5)], DIMS, seed=2)
+    names = list(data)
+    cfg = ProjectionConfig("gaussian", k=4, seed=1)
+    with GradientStore(tmp_path / "g.h5") as store:
+        got = project_store(store, cfg, components=[names[2], names[0]])
+    want = data[names[0]] @ explicit_matrix(cfg, DIMS)[:DIMS[0]] + \
+        data[names[2]] @ explicit_matrix(cfg, DIMS)[DIMS[0] + DIMS[1]:]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_block_dims_split_k():
+    assert block_dims([100, 300, 600], 10, "proportional") == [1, 3, 6]
+    assert block_dims([100, 300, 600], 10, "equal") == [4, 3, 3]
+    assert block_dims([1, 1000], 10, "proportional") == [1, 10]  # every block keeps a dimension
 
 
 def test_same_seed_same_matrix_other_seed_other_matrix():
@@ -51,21 +88,52 @@ def test_gaussian_blocks_longer_than_a_chunk_are_consistent():
     torch.testing.assert_close(whole, x @ p, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind,nonzeros", [("gaussian", 1), ("sjlt", 1), ("sjlt", 4)])
-def test_inner_products_are_unbiased_within_jl_bound(kind, nonzeros):
+def mean_inner_product(cfg_of_seed, dims, x, y, n_seeds):
+    """Average over seeds of <Px, Py> for vectors split into components of `dims`."""
+    est = []
+    for seed in range(n_seeds):
+        cfg = cfg_of_seed(seed)
+        proj = Projector(cfg, dims)
+        px, py = np.zeros((1, proj.out_dim), np.float32), np.zeros((1, proj.out_dim), np.float32)
+        start = 0
+        for c, d in enumerate(dims):
+            proj.add(px, c, torch.tensor(x[None, start:start + d], dtype=torch.float32))
+            proj.add(py, c, torch.tensor(y[None, start:start + d], dtype=torch.float32))
+            start += d
+        est.append(float(px[0] @ py[0]))
+    return np.mean(est), proj.out_dim
+
+
+@pytest.mark.parametrize("method,nonzeros", [("gaussian", 1), ("rademacher", 1), ("sjlt", 1), ("sjlt", 4),
+                                             ("blockwise", 1), ("blockwise_equal", 1)])
+def test_inner_products_are_unbiased_within_jl_bound(method, nonzeros):
     rng = np.random.default_rng(0)
+    dims = [10, 30]
     x, y = rng.standard_normal(40), rng.standard_normal(40)
     y += 0.5 * x
     k, n_seeds = 16, 600
-    xy = torch.tensor(np.stack([x, y]), dtype=torch.float32)
-    est = []
-    for seed in range(n_seeds):
-        p = project_component(xy, 0, ProjectionConfig(kind, k, seed, nonzeros)).numpy()
-        est.append(p[0] @ p[1])
+    mean, _ = mean_inner_product(lambda s: method_config(method, k, s, nonzeros), dims, x, y, n_seeds)
     true = x @ y
-    # Var[<Px,Py>] <= (|x|^2 |y|^2 + <x,y>^2) * 2 / k for these sketches: 5 standard errors.
-    bound = np.sqrt((x @ x * (y @ y) + true**2) * 2 / k / n_seeds)
-    assert abs(np.mean(est) - true) < 5 * bound
+    # Var[<Px,Py>] <= (|x|^2 |y|^2 + <x,y>^2) * 2 / k_min for these sketches: 5 standard errors.
+    k_min = min(block_dims(dims, k, "proportional") + block_dims(dims, k, "equal")) if "block" in method else k
+    bound = np.sqrt((x @ x * (y @ y) + true**2) * 2 / k_min / n_seeds)
+    assert abs(mean - true) < 5 * bound
+
+
+def test_unnormalised_blockwise_weights_components_by_their_dimensions():
+    rng = np.random.default_rng(3)
+    dims = [8, 32]  # k_c = 4 and 16 for k = 20: block 2 should count 16x, block 1 4x
+    x, y = rng.standard_normal(40), rng.standard_normal(40)
+    y += 0.5 * x
+    k, n_seeds = 20, 1500
+    mean, _ = mean_inner_product(lambda s: method_config("blockwise_unnormalized", k, s), dims, x, y, n_seeds)
+    k_c = block_dims(dims, k, "proportional")
+    assert k_c == [4, 16]
+    weighted = k_c[0] * (x[:8] @ y[:8]) + k_c[1] * (x[8:] @ y[8:])  # what the published variant estimates
+    var = sum(kc * (np.sum(x[a:b] ** 2) * np.sum(y[a:b] ** 2) + (x[a:b] @ y[a:b]) ** 2)
+              for kc, (a, b) in zip(k_c, [(0, 8), (8, 40)]))
+    assert abs(mean - weighted) < 5 * np.sqrt(var / n_seeds)
+    assert abs(mean - x @ y) > 10 * np.sqrt(var / n_seeds)  # and clearly not the plain inner product
 
 
 def test_count_sketch_is_unbiased_within_jl_bound_and_exact_blockwise():

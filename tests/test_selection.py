@@ -95,3 +95,59 @@ def test_best_prefix_picks_highest_objective_then_smallest():
     best = max(round(s.objective, 12) for s in steps)
     assert round(steps[n - 1].objective, 12) == best
     assert all(round(s.objective, 12) < best for s in steps[: n - 1])
+
+
+def brute_budget_greedy(sim, qg, tg, queries, objective, max_params):
+    chosen, trace = [], []
+    while True:
+        used = sum(sim.component_params[c] for c in chosen)
+        fits = [c for c in range(len(qg)) if c not in chosen and used + sim.component_params[c] <= max_params]
+        if not fits:
+            return trace
+        scored = [(round(brute_objective(chosen + [c], queries, qg, tg, sim.ground_truth, objective), 12), c)
+                  for c in fits]
+        best = max(v for v, _ in scored)
+        pick = min((c for v, c in scored if v == best), key=lambda c: (sim.component_params[c], c))
+        chosen.append(pick)
+        trace.append(pick)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_budgeted_greedy_equals_brute_force(seed):
+    sim, qg, tg = make_case(seed)  # params 3, 1, 4, 2, 3
+    queries = np.arange(6)
+    for budget in (1, 4, 6, 9):
+        steps = greedy_forward(sim, queries, "mrr", max_params=budget)
+        assert [s.component for s in steps] == brute_budget_greedy(sim, qg, tg, queries, "mrr", budget)
+        assert sum(sim.component_params[s.component] for s in steps) <= budget
+
+
+def test_rho_objective_is_agreement_with_the_full_scores():
+    from tdabench.metrics import score_agreement
+
+    sim, _, _ = make_case(5)
+    q = np.arange(6)
+    steps = greedy_forward(sim, q, "rho")
+    assert np.isclose(steps[-1].objective, 1.0)  # all components: the full gradient itself
+    full = sim.scores(None, q)
+    first = sim.scores([steps[0].component], q)
+    assert np.isclose(steps[0].objective, score_agreement(first, full))
+    for c in range(5):  # the first pick has the highest agreement of any single component
+        assert score_agreement(sim.scores([c], q), full) <= steps[0].objective + 1e-12
+
+
+def test_candidate_layout_scores_match_dense_columns():
+    sim, _, _ = make_case(6)
+    rng = np.random.default_rng(0)
+    rows = []
+    for q, gt in enumerate(sim.ground_truth):  # the source is the last candidate of queries 0-2 only
+        others = rng.permutation([t for t in range(7) if t != gt])
+        rows.append(list(others[:3]) + [gt] if q < 3 else list(others[:4]))
+    cands = np.array(rows)  # [Q, b]
+    dense_scores = sim.scores([0, 2])
+    cand_sim = Similarity(**{**sim.__dict__, "dot": np.take_along_axis(sim.dot, cands[None], axis=2),
+                             "candidates": cands})
+    np.testing.assert_allclose(cand_sim.scores([0, 2]), np.take_along_axis(dense_scores, cands, axis=1))
+    assert cand_sim.targets().tolist()[:3] == [3, 3, 3] and (cand_sim.targets()[3:] == -1).all()
+    steps = greedy_forward(cand_sim, np.arange(6), "mrr")  # runs on the candidate layout
+    assert len(steps) == 5

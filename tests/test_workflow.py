@@ -28,7 +28,9 @@ MICRO = {
     "tokenize": {"max_length": 48},
     "finetune": {"epochs": 2, "batch_size": 8},
     "gradients": {"batch_size": 16, "shards": 2, "max_component_dim": 600},  # embed, lm_head sketched
+    "selection": {"n_splits": 2},
     "projection": {"dims": [8, 16], "seeds": [0]},
+    "evaluation": {"cost_samples": 8},
 }
 pytestmark = pytest.mark.workflow
 
@@ -87,14 +89,19 @@ def study(tmp_path_factory):
 def test_first_run_builds_every_output(study):
     root, stats = study
     assert stats["gradients"] == 3  # 2 train shards + 1 query shard
-    assert stats["projection"] == 2
+    assert stats["projection"] == 3  # sjlt, blockwise, blockwise_unnormalized
     table = pl.read_parquet(root / "results/evaluation/metrics.parquet")
-    assert {"setting", "method", "dim", "top1", "mrr", "recall_at_10", "components", "k", "seed"} <= set(table.columns)
-    assert {"full", "single", "best_single", "greedy", "greedy_step", "projection", "chance"} <= set(table["method"])
-    proj = table.filter(pl.col("method") == "projection")
-    assert sorted(proj["k"]) == [8, 16] and proj["seed"].to_list() == [0, 0]
+    assert {"setting", "split", "method", "variant", "dim", "bytes_per_sample", "seconds_per_sample", "top1",
+            "mrr", "recall_at_10", "components", "k", "seed"} <= set(table.columns)
+    assert {"full", "single", "family", "best_single", "greedy", "greedy_step", "greedy_budget", "projection",
+            "select_then_project", "bm25", "chance"} <= set(table["method"])
+    proj = table.filter((pl.col("method") == "projection") & (pl.col("split") == 0))
+    assert proj.group_by("variant").agg(pl.col("k").sort()).sort("variant")["k"].to_list() == [[8, 16]] * 3
     assert (table["n_queries"] == 9).all()  # 18 paraphrased queries, half held out
-    assert table.filter(pl.col("method") == "single").height == 2 * 7 + 2
+    assert table["split"].unique().sort().to_list() == [0, 1]
+    assert table.filter((pl.col("method") == "single") & (pl.col("split") == 0)).height == 2 * 7 + 2
+    headline = table.filter(pl.col("method").is_in(["full", "best_single", "greedy", "projection"]))
+    assert headline["seconds_per_sample"].is_not_null().all() and (headline["dim"] > 0).all()
     assert "## paraphrased" in (root / "results/summary.md").read_text()
     with h5py.File(root / "results/gradients/train/shard-1.h5") as f:  # embed and lm_head are sketched
         info = {c["name"]: c for c in json.loads(f.attrs["components"])}
@@ -144,7 +151,7 @@ def test_complete_run_has_nothing_to_do_and_creates_no_run(study):
 
 def test_evaluation_setting_reruns_only_evaluation_side(study):
     root, _ = study
-    write_config(root, {**MICRO, "evaluation": {"recall_at": [1, 3]}})
+    write_config(root, {**MICRO, "evaluation": {**MICRO["evaluation"], "recall_at": [1, 3]}})
     try:
         assert planned(root) == {"evaluate": 1, "summary": 1, "all": 1}
     finally:
@@ -153,18 +160,20 @@ def test_evaluation_setting_reruns_only_evaluation_side(study):
 
 def test_projection_dims_rerun_only_projection_and_evaluation(study):
     root, _ = study
-    write_config(root, {**MICRO, "projection": {"dims": [8, 12], "seeds": [0]}})
+    write_config(root, {**MICRO, "projection": {**MICRO["projection"], "dims": [8, 12]}})
     try:
-        assert planned(root) == {"projection": 1, "evaluate": 1, "summary": 1, "all": 1}
+        assert planned(root) == {"projection": 3, "project_selected": 1, "costs": 1, "evaluate": 1,
+                                 "summary": 1, "all": 1}
     finally:
         write_config(root, MICRO)
 
 
 def test_selection_setting_reruns_selection_and_evaluation(study):
     root, _ = study
-    write_config(root, {**MICRO, "selection": {"objective": "top1"}})
+    write_config(root, {**MICRO, "selection": {**MICRO["selection"], "objective": "top1"}})
     try:
-        assert planned(root) == {"selection": 1, "evaluate": 1, "summary": 1, "all": 1}
+        assert planned(root) == {"selection": 1, "project_selected": 1, "costs": 1, "evaluate": 1,
+                                 "summary": 1, "all": 1}
     finally:
         write_config(root, MICRO)
 
@@ -200,5 +209,7 @@ def test_editing_gradient_code_reruns_gradients_and_downstream_only(study):
     assert edited != text
     path.write_text(edited)
     stats = planned(root)
-    assert set(stats) == {"gradients", "similarity", "selection", "projection", "evaluate", "summary", "all"}
+    # costs times gradient extraction, so it depends on this module too
+    assert set(stats) == {"gradients", "similarity", "selection", "projection", "project_selected", "costs",
+                          "evaluate", "summary", "all"}
     assert stats["gradients"] == 3

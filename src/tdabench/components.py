@@ -108,32 +108,36 @@ def _layer_range(spec: str, layers: list[int]) -> set[int]:
     return set(range(int(match.group(1)), int(match.group(2)) + 1))
 
 
-def _matches(name: str, pattern: str) -> bool:
+def _matches(name: str, family: str, pattern: str) -> bool:
     if pattern in ("all", "*"):
         return True
     if pattern in GROUPS:
-        return family_of(name) in GROUPS[pattern]
+        return family in GROUPS[pattern]
     if pattern in KNOWN_FAMILIES:
-        return family_of(name) == pattern
+        return family == pattern
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(short_name(name), pattern)
 
 
-def match_components(names: list[str], patterns: list[str]) -> list[str]:
+def match_components(names: list[str], patterns: list[str], families: list[str] | None = None,
+                     layers: list[int | None] | None = None) -> list[str]:
     """Names selected by `patterns`, in the order of `names`.
 
     A pattern is a family ("q", "down", "embed", ...), a group ("attn", "mlp"), "all", or a glob
     matched against the full parameter name and its short form ("layers.*.mlp.down_proj"),
     optionally restricted to layers with "@": "mlp@-1" (last layer's MLP), "o@0-3", "*@2".
+    `families` / `layers` override what the names imply (e.g. as stored in a similarity file).
     Raises ValueError naming a pattern that selects nothing.
     """
-    layers = [layer for n in names if (layer := layer_of(n)) is not None]
+    families = [family_of(n) for n in names] if families is None else list(families)
+    layer = dict(zip(names, [layer_of(n) for n in names] if layers is None else layers))
+    present = [v for v in layer.values() if v is not None and v >= 0]
     chosen: set[str] = set()
     for pattern in patterns:
         base, _, spec = pattern.partition("@")
-        hits = {n for n in names if _matches(n, base)}
+        hits = {n for n, f in zip(names, families) if _matches(n, f, base)}
         if spec:
-            keep = _layer_range(spec, layers)
-            hits = {n for n in hits if layer_of(n) in keep}
+            keep = _layer_range(spec, present)
+            hits = {n for n in hits if layer[n] in keep}
         if not hits:
             raise ValueError(
                 f"pattern {pattern!r} matches no component; use a family "

@@ -1,14 +1,20 @@
-"""The results table: every method scored on the same held-out queries.
+"""The results table: every method scored on the same held-out queries of each split.
 
-Methods (column `method`):
-  full          all extracted components (the full gradient), exact cosine
-  single        each component alone (column `components` names it)
-  best_single   the single component with the best objective on the selection queries
-  greedy_step   the greedy subset after each step (column `step`)
-  greedy        the greedy prefix with the best objective on the selection queries
-  projection    random projection of the full gradient to `k` dims (columns `k`, `seed`)
-  chance        expected metrics of a uniformly random ranking
-Every row carries its representation dimension `dim` and `bytes_per_sample` (float32).
+Methods (column `method`; `variant` refines it):
+  full                 all extracted components (the full gradient), exact cosine
+  single               each component alone (`components` names it)
+  family               fixed subsets: a family, the attention / MLP group, a layer (`variant`)
+  best_single          the single component with the best objective on the selection queries
+  greedy_step          the greedy subset after each step (`step`)
+  greedy               the greedy prefix with the best objective on the selection queries
+  greedy_budget        the best greedy prefix within a parameter budget (`budget`, a share)
+  projection           random projection (`variant`: sjlt, gaussian, blockwise, ...) to `k` dims
+  select_then_project  the split's greedy set, projected to `k` dims
+  bm25                 text baseline (`variant`: prompt, prompt_response)
+  chance               expected metrics of a uniformly random ranking
+Every row carries `split`, its representation dimension `dim`, `bytes_per_sample` (float32), and
+where measured `seconds_per_sample`: the time to represent one new sample (gradient extraction of
+what the method needs + reduction).
 """
 
 from __future__ import annotations
@@ -20,132 +26,161 @@ import polars as pl
 
 from tdabench.components import short_name
 from tdabench.metrics import cosine_scores, retrieval_metrics, source_ranks
+from tdabench.selection import family_subsets
 from tdabench.similarity import Similarity
 
 FLOAT_BYTES = 4
+HEADLINE = ["full", "greedy", "greedy_budget", "best_single", "select_then_project", "projection", "bm25", "chance"]
 
 
 @dataclass(frozen=True)
 class Projected:
-    """Projected full gradients of one (k, seed): train [T, k] and the setting's queries [Q, k]."""
-    kind: str
+    """Projected gradients of one (method, k, seed[, split]): train [T, dim] and the setting's
+    queries [Q, dim], rows aligned with the similarity store's ids."""
+    method: str
     k: int
     seed: int
     train: np.ndarray
     queries: np.ndarray
-    seconds_per_sample: float
+    split: int | None = None  # select_then_project: the split whose greedy set was projected
+    components: tuple[str, ...] = ()  # select_then_project: the projected components (full names)
 
 
-def chance_metrics(n_train: int, ks) -> dict[str, float]:
-    ranks = np.arange(1, n_train + 1)
-    return {"top1": 1.0 / n_train, "mrr": float(np.mean(1.0 / ranks)),
-            **{f"recall_at_{k}": min(1.0, k / n_train) for k in ks}}
+def chance_metrics(n_columns: int, ks) -> dict[str, float]:
+    ranks = np.arange(1, n_columns + 1)
+    return {"top1": 1.0 / n_columns, "mrr": float(np.mean(1.0 / ranks)),
+            **{f"recall_at_{k}": min(1.0, k / n_columns) for k in ks}}
 
 
-def evaluate_setting(sim: Similarity, setting: str, selection: pl.DataFrame, projections: list[Projected],
-                     heldout: np.ndarray, ks: list[int]) -> pl.DataFrame:
-    """One row per method (and component / step / k and seed) on the held-out queries."""
-    gt = sim.ground_truth[heldout]
-    params = sim.component_params
+def _columns(sim: Similarity, dense: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Scores over all training examples [Q', T] -> the scored columns (all, or the candidates)."""
+    return dense if sim.candidates is None else np.take_along_axis(dense, sim.candidates[queries], axis=1)
+
+
+def evaluate_split(sim: Similarity, setting: str, split: int, heldout: np.ndarray, selection: pl.DataFrame,
+                   projections: list[Projected], baselines: dict[str, np.ndarray], ks: list[int]) -> list[dict]:
+    """Rows of every method on the held-out queries of one split. `selection`: this split's rows of
+    the selection table; `baselines`: {variant: dense scores [Q, T]} of text baselines."""
+    targets = sim.targets(heldout)
+    params, dims = sim.component_params, sim.component_dim
+    base = {"setting": setting, "split": split, "n_queries": len(heldout), "n_train": len(sim.train_ids)}
     rows = []
 
-    def add(method: str, comps: list[int] | None, scores: np.ndarray, **extra):
-        names = sim.components if comps is None else [sim.components[c] for c in comps]
-        dim = int(params.sum() if comps is None else params[comps].sum())
-        rows.append({
-            "setting": setting, "method": method,
-            "components": "all" if comps is None else "+".join(short_name(n) for n in names),
-            "n_components": len(names), "dim": dim, "bytes_per_sample": dim * FLOAT_BYTES,
-            "n_queries": len(heldout), "n_train": len(sim.train_ids), **extra,
-            **retrieval_metrics(source_ranks(scores, gt), ks),
-        })
+    def add(method: str, comps, scores: np.ndarray, **extra):
+        comps = np.arange(len(sim.components)) if comps is None else np.asarray(comps)
+        dim = extra.pop("dim", int(dims[comps].sum()))
+        label = extra.pop("components", None)
+        if label is None:
+            label = "all" if len(comps) == len(sim.components) else "+".join(short_name(sim.components[c]) for c in comps)
+        rows.append({**base, "method": method, "components": label, "n_components": len(comps),
+                     "params": int(params[comps].sum()), "dim": dim, "bytes_per_sample": dim * FLOAT_BYTES,
+                     **extra, **retrieval_metrics(source_ranks(scores, targets), ks)})
 
     add("full", None, sim.scores(None, heldout))
     for c in range(len(sim.components)):
         add("single", [c], sim.scores([c], heldout))
-    singles = selection.filter(pl.col("kind") == "single")
-    best = singles.filter(pl.col("chosen"))["component"].to_list()
-    best_idx = list(sim.component_index(best))
-    add("best_single", best_idx, sim.scores(best_idx, heldout))
+    for name, idx in family_subsets(sim):
+        add("family", idx, sim.scores(idx, heldout), variant=name)
 
+    singles = selection.filter(pl.col("kind") == "single")
+    best = sim.component_index(singles.filter(pl.col("chosen"))["component"].to_list())
+    add("best_single", best, sim.scores(best, heldout))
     greedy = selection.filter(pl.col("kind") == "greedy").sort("step")
-    order = list(sim.component_index(greedy["component"].to_list()))
-    for step, chosen in zip(greedy["step"].to_list(), greedy["chosen"].to_list()):
-        subset = order[:step]
-        scores = sim.scores(subset, heldout)
-        add("greedy_step", subset, scores, step=step)
-        if chosen:
-            add("greedy", subset, scores, step=step)
+    order = sim.component_index(greedy["component"].to_list())
+    chosen_steps = greedy.filter(pl.col("chosen"))["step"].to_list()
+    for step in greedy["step"].to_list():
+        scores = sim.scores(order[:step], heldout)
+        add("greedy_step", order[:step], scores, step=step)
+        if step in chosen_steps:
+            add("greedy", order[:step], scores, step=step)
+    budgeted = selection.filter(pl.col("kind") == "budget").sort("budget", "step")
+    for (budget,), run in budgeted.group_by("budget", maintain_order=True):
+        steps = run.filter(pl.col("chosen"))["step"][0]
+        subset = sim.component_index(run["component"].to_list()[:steps])
+        add("greedy_budget", subset, sim.scores(subset, heldout), step=steps, budget=budget,
+            variant=f"budget {budget:g}")
 
     for p in projections:
-        ranks = source_ranks(cosine_scores(p.queries[heldout], p.train), gt)
-        rows.append({
-            "setting": setting, "method": "projection", "components": f"all->{p.kind}",
-            "n_components": len(sim.components), "k": p.k, "seed": p.seed, "dim": p.k,
-            "bytes_per_sample": p.k * FLOAT_BYTES, "n_queries": len(heldout), "n_train": len(sim.train_ids),
-            "seconds_per_sample": p.seconds_per_sample, **retrieval_metrics(ranks, ks),
-        })
-    rows.append({"setting": setting, "method": "chance", "components": "", "n_components": 0,
-                 "dim": 0, "bytes_per_sample": 0, "n_queries": len(heldout), "n_train": len(sim.train_ids),
-                 **chance_metrics(len(sim.train_ids), ks)})
-    return tidy(rows, ks)
+        if p.split is not None and p.split != split:
+            continue
+        scores = _columns(sim, cosine_scores(p.queries[heldout], p.train), heldout)
+        method = "projection" if p.split is None else "select_then_project"
+        comps = None if p.split is None else sim.component_index(p.components)
+        add(method, comps, scores, variant=p.method, k=p.k, seed=p.seed, dim=p.train.shape[1])
+    for variant, dense in baselines.items():
+        rows.append({**base, "method": "bm25", "variant": variant, "components": "", "n_components": 0,
+                     "params": 0, "dim": 0, "bytes_per_sample": 0,
+                     **retrieval_metrics(source_ranks(_columns(sim, dense[heldout], heldout), targets), ks)})
+    rows.append({**base, "method": "chance", "components": "", "n_components": 0, "params": 0, "dim": 0,
+                 "bytes_per_sample": 0, **chance_metrics(sim.n_columns, ks)})
+    return rows
 
 
-def tidy(rows: list[dict], ks: list[int]) -> pl.DataFrame:
+def tidy(rows: list[dict], ks: list[int], costs: pl.DataFrame | None = None) -> pl.DataFrame:
     schema = {
-        "setting": pl.Utf8, "method": pl.Utf8, "components": pl.Utf8, "n_components": pl.Int64,
-        "step": pl.Int64, "k": pl.Int64, "seed": pl.Int64, "dim": pl.Int64,
-        "bytes_per_sample": pl.Int64, "n_queries": pl.Int64, "n_train": pl.Int64, "seconds_per_sample": pl.Float64,
-        "top1": pl.Float64, "mrr": pl.Float64, **{f"recall_at_{k}": pl.Float64 for k in ks},
+        "setting": pl.Utf8, "split": pl.Int64, "method": pl.Utf8, "variant": pl.Utf8, "components": pl.Utf8,
+        "n_components": pl.Int64, "params": pl.Int64, "step": pl.Int64, "budget": pl.Float64, "k": pl.Int64,
+        "seed": pl.Int64, "dim": pl.Int64, "bytes_per_sample": pl.Int64, "n_queries": pl.Int64,
+        "n_train": pl.Int64, "top1": pl.Float64, "mrr": pl.Float64, **{f"recall_at_{k}": pl.Float64 for k in ks},
     }
-    return pl.DataFrame([{key: r.get(key) for key in schema} for r in rows], schema=schema)
+    table = pl.DataFrame([{key: r.get(key) for key in schema} for r in rows], schema=schema)
+    if costs is None or costs.is_empty():
+        return table.with_columns(pl.lit(None, dtype=pl.Float64).alias("seconds_per_sample"))
+    keys = ["setting", "method", "variant", "k", "budget"]
+    per_method = costs.select(*keys, "seconds_per_sample")
+    return table.join(per_method, on=keys, how="left", nulls_equal=True)
 
 
 def headline(table: pl.DataFrame) -> pl.DataFrame:
-    """One row per (setting, method) for summaries: projections averaged over seeds per k."""
+    """One row per (setting, method, variant, k, budget) of the headline methods: mean over splits
+    (and projection seeds), with the standard deviation of top-1 and MRR."""
     metrics = [c for c in table.columns if c in ("top1", "mrr") or c.startswith("recall_at_")]
-    fixed = table.filter(pl.col("method").is_in(["full", "best_single", "greedy", "chance"]))
-    fixed = fixed.with_columns(pl.lit(None, dtype=pl.Float64).alias("top1_sd"),
-                               pl.lit(1, dtype=pl.Int64).alias("n_seeds"))
-    proj = (
-        table.filter(pl.col("method") == "projection")
-        .group_by("setting", "method", "k", "dim", maintain_order=True)
-        .agg(*[pl.col(m).mean() for m in metrics], pl.col("top1").std().alias("top1_sd"),
-             pl.len().cast(pl.Int64).alias("n_seeds"), pl.col("components").first(),
-             pl.col("n_components").first())
+    keys = ["setting", "method", "variant", "k", "budget"]
+    agg = (
+        table.filter(pl.col("method").is_in(HEADLINE))
+        .group_by(keys, maintain_order=True)
+        .agg(*[pl.col(m).mean() for m in metrics],
+             pl.col("top1").std().alias("top1_sd"), pl.col("mrr").std().alias("mrr_sd"),
+             pl.len().cast(pl.Int64).alias("n_runs"), pl.col("dim").mean().round().cast(pl.Int64),
+             pl.col("n_components").mean().alias("n_components"), pl.col("components").first(),
+             pl.col("seconds_per_sample").first(), pl.col("n_queries").first(), pl.col("n_train").first())
     )
-    cols = ["setting", "method", "components", "n_components", "k", "dim", *metrics, "top1_sd", "n_seeds"]
-    order = {"full": 0, "greedy": 1, "best_single": 2, "projection": 3, "chance": 4}
-    both = pl.concat([fixed.select(cols), proj.select(cols)], how="vertical_relaxed")
-    return both.with_columns(pl.col("method").replace_strict(order, default=9).alias("_o")) \
-               .sort("setting", "_o", "dim").drop("_o")
+    order = {m: i for i, m in enumerate(HEADLINE)}
+    return (agg.with_columns(pl.col("method").replace_strict(order, default=99).alias("_o"))
+            .sort("setting", "_o", "variant", "dim", nulls_last=True).drop("_o"))
 
 
-def summary_markdown(table: pl.DataFrame, plot_path: str | None = None) -> str:
+def _fmt(value, sd=None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.3f}" + (f" ± {sd:.3f}" if sd is not None and sd == sd else "")
+
+
+def summary_markdown(table: pl.DataFrame, plot_paths: list[str] | None = None) -> str:
     head = headline(table)
     lines = ["# tdabench summary", "",
-             "Retrieval of each held-out query's source training example by cosine similarity of "
-             "per-sample loss gradients (higher is better). `greedy` and `best_single` were chosen on "
-             "the separate selection queries. Projections: mean over seeds (sd of top-1 in brackets).", ""]
-    metrics = [c for c in head.columns if c in ("top1", "mrr") or c.startswith("recall_at_")]
+             "Retrieval of each held-out query's source training example (higher is better), mean ± sd over "
+             "the selection/held-out splits (and projection seeds). `greedy`, `greedy_budget` and `best_single` "
+             "were chosen on each split's selection queries only. `time/sample`: time to represent one new sample "
+             "(gradient extraction of what the method needs + reduction, measured on the same queries).", ""]
+    recall = [c for c in head.columns if c.startswith("recall_at_")]
     for setting in head["setting"].unique(maintain_order=True).to_list():
         part = head.filter(pl.col("setting") == setting)
-        first = table.filter(pl.col("setting") == setting).row(0, named=True)
+        first = part.row(0, named=True)
         lines += [f"## {setting}", "",
-                  f"{first['n_queries']} held-out queries, {first['n_train']} training examples.", "",
-                  "| method | components | dim | " + " | ".join(metrics) + " |",
-                  "|---|---|---:|" + "---:|" * len(metrics)]
+                  f"{first['n_queries']} held-out queries per split, {first['n_train']} training examples.", "",
+                  "| method | variant | components | dim | top-1 | MRR | " + " | ".join(recall) + " | time/sample | runs |",
+                  "|---|---|---|---:|---:|---:|" + "---:|" * len(recall) + "---:|---:|"]
         for r in part.iter_rows(named=True):
             label = r["method"] + (f" k={r['k']}" if r["k"] is not None else "")
-            comps = r["components"] if len(r["components"] or "") <= 60 else f"{r['n_components']} components"
-            vals = []
-            for m in metrics:
-                v = f"{r[m]:.3f}"
-                if m == "top1" and r["top1_sd"] is not None:
-                    v += f" ({r['top1_sd']:.3f})"
-                vals.append(v)
-            lines.append(f"| {label} | {comps} | {r['dim']} | " + " | ".join(vals) + " |")
+            comps = r["components"] or ""
+            if len(comps) > 48:
+                comps = f"{r['n_components']:.3g} components"
+            cost = f"{r['seconds_per_sample'] * 1e3:.2f} ms" if r["seconds_per_sample"] is not None else ""
+            lines.append(f"| {label} | {r['variant'] or ''} | {comps} | {r['dim']} | {_fmt(r['top1'], r['top1_sd'])} | "
+                         f"{_fmt(r['mrr'], r['mrr_sd'])} | " + " | ".join(_fmt(r[m]) for m in recall) +
+                         f" | {cost} | {r['n_runs']} |")
         lines.append("")
-    if plot_path:
-        lines += [f"![top-1 against representation dimension]({plot_path})", ""]
+    for path in plot_paths or []:
+        lines += [f"![{path}]({path})", ""]
     return "\n".join(lines)

@@ -6,14 +6,18 @@ import numpy as np
 
 
 def source_ranks(scores: np.ndarray, ground_truth: np.ndarray) -> np.ndarray:
-    """1-based rank of each query's source among all candidates -> [Q].
+    """1-based rank of each query's source among the scored columns -> [Q] (float).
 
-    scores: [Q, T] similarity of each query to each training example; ground_truth: [Q] column
-    index of the source. Ties count against the source (pessimistic), so a constant score
-    ranks the source last rather than first.
+    scores: [..., Q, N] similarity of each query to each scored training example (all of them, or
+    a query's candidates); ground_truth: [Q] column of the source, -1 if it is not among them (rank
+    inf: never retrieved). Ties count against the source (pessimistic), so a constant score ranks
+    the source last rather than first.
     """
-    source = np.take_along_axis(scores, ground_truth[:, None], axis=1)  # [Q, 1]
-    return (scores >= source).sum(axis=1)
+    present = ground_truth >= 0
+    index = np.broadcast_to(np.where(present, ground_truth, 0)[:, None], scores.shape[:-1] + (1,))
+    source = np.take_along_axis(scores, index, axis=-1)  # [..., Q, 1]
+    ranks = (scores >= source).sum(axis=-1).astype(np.float64)
+    return np.where(present, ranks, np.inf)
 
 
 def retrieval_metrics(ranks: np.ndarray, ks: list[int] | tuple[int, ...] = (10,)) -> dict[str, float]:
@@ -25,12 +29,30 @@ def retrieval_metrics(ranks: np.ndarray, ks: list[int] | tuple[int, ...] = (10,)
     return out
 
 
-def objective_value(ranks: np.ndarray, objective: str) -> float:
+def score_agreement(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """rho: cosine between score vectors over all scored pairs (last two axes) -> [...]."""
+    a = scores.reshape(*scores.shape[:-2], -1)
+    b = reference.reshape(-1)
+    denom = np.linalg.norm(a, axis=-1) * np.linalg.norm(b)
+    return np.divide(a @ b, denom, out=np.zeros(a.shape[:-1]), where=denom > 0)
+
+
+OBJECTIVES = ("top1", "mrr", "rho")
+
+
+def objective_values(scores: np.ndarray, targets: np.ndarray, objective: str,
+                     reference: np.ndarray | None = None) -> np.ndarray:
+    """Objective of each leading slice of scores [..., Q, N]: top1, mrr, or rho against `reference`."""
+    if objective == "rho":
+        if reference is None:
+            raise ValueError("objective rho needs the full gradient's scores as reference")
+        return score_agreement(scores, reference)
+    ranks = source_ranks(scores, targets)
     if objective == "top1":
-        return float(np.mean(ranks == 1))
+        return np.mean(ranks == 1, axis=-1)
     if objective == "mrr":
-        return float(np.mean(1.0 / ranks))
-    raise ValueError(f"unknown objective {objective!r} (allowed: top1, mrr)")
+        return np.mean(1.0 / ranks, axis=-1)
+    raise ValueError(f"unknown objective {objective!r} (allowed: {', '.join(OBJECTIVES)})")
 
 
 def cosine_scores(queries: np.ndarray, train: np.ndarray) -> np.ndarray:

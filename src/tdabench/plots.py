@@ -1,4 +1,5 @@
-"""Figures of the results table (matplotlib, no display needed)."""
+"""Figures of the results table (matplotlib, no display needed). Points are means over the
+selection/held-out splits (and projection seeds); bars are one standard deviation."""
 
 from __future__ import annotations
 
@@ -9,41 +10,96 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from tdabench.io import atomic_path  # noqa: E402
 
+COLORS = {"sjlt": "tab:orange", "gaussian": "tab:red", "rademacher": "tab:brown", "blockwise": "tab:purple",
+          "blockwise_equal": "tab:pink", "blockwise_unnormalized": "tab:olive", "select_then_project": "tab:cyan"}
+SELECT_MARKERS = {"best_single": ("s", "best single (chosen)"), "greedy": ("*", "greedy (chosen prefix)"),
+                  "greedy_budget": ("D", "greedy within a budget")}
 
-def plot_metric_vs_dim(table: pl.DataFrame, path: str | Path, metric: str = "top1") -> None:
-    """Per setting: `metric` against representation dimension (log x) for select, project and full."""
-    settings = table["setting"].unique(maintain_order=True).to_list()
-    fig, axes = plt.subplots(1, len(settings), figsize=(6.4 * len(settings), 4.4), squeeze=False)
-    for ax, setting in zip(axes[0], settings):
-        t = table.filter(pl.col("setting") == setting)
-        single = t.filter(pl.col("method") == "single")
-        ax.scatter(single["dim"], single[metric], s=14, color="0.6", label="single component")
-        greedy = t.filter(pl.col("method") == "greedy_step").sort("step")
-        ax.plot(greedy["dim"], greedy[metric], "-o", ms=3, color="tab:blue", label="greedy selection (steps)")
-        chosen = t.filter(pl.col("method") == "greedy")
-        ax.scatter(chosen["dim"], chosen[metric], s=90, marker="*", color="tab:blue", zorder=5,
-                   label="greedy (chosen prefix)")
-        proj = (t.filter(pl.col("method") == "projection").group_by("k").agg(
-            pl.col(metric).mean().alias("m"), pl.col(metric).min().alias("lo"),
-            pl.col(metric).max().alias("hi")).sort("k"))
-        if proj.height:
-            ax.errorbar(proj["k"], proj["m"], yerr=[proj["m"] - proj["lo"], proj["hi"] - proj["m"]],
-                        fmt="-s", ms=4, capsize=3, color="tab:orange", label="random projection (min-max over seeds)")
-        full = t.filter(pl.col("method") == "full")
-        ax.axhline(full[metric][0], ls="--", color="k", lw=1, label=f"full gradient (dim {full['dim'][0]:,})")
-        chance = t.filter(pl.col("method") == "chance")
-        ax.axhline(chance[metric][0], ls=":", color="tab:red", lw=1, label="chance")
-        ax.set_xscale("log")
-        ax.set_xlabel("representation dimension (log)")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{setting}: {metric} on held-out queries")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", framealpha=0.85)
+
+def _save(fig, path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
+
+
+def _mean_sd(t: pl.DataFrame, by: list[str], x: str, metric: str) -> pl.DataFrame:
+    """Mean x, mean and sd of `metric` per group, sorted by x."""
+    return (t.group_by(by or pl.lit(0), maintain_order=True)
+            .agg(pl.col(x).mean().alias("x"), pl.col(metric).mean().alias("m"),
+                 pl.col(metric).std().fill_null(0).alias("sd")).sort("x"))
+
+
+def _settings(table: pl.DataFrame, width: float):
+    settings = table["setting"].unique(maintain_order=True).to_list()
+    fig, axes = plt.subplots(1, len(settings), figsize=(width * len(settings), 4.8), squeeze=False)
+    return fig, zip(axes[0], settings)
+
+
+def _log_x(ax, label: str) -> None:
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel(label)
+
+
+def plot_metric_vs_dim(table: pl.DataFrame, path: str | Path, metric: str = "top1") -> None:
+    """Per setting: `metric` against representation dimension (log x) for select, project and full."""
+    fig, panels = _settings(table, 7.2)
+    for ax, setting in panels:
+        t = table.filter(pl.col("setting") == setting)
+        single = _mean_sd(t.filter(pl.col("method") == "single"), ["components"], "dim", metric)
+        ax.scatter(single["x"], single["m"], s=12, color="0.65", label="single component")
+        steps = _mean_sd(t.filter(pl.col("method") == "greedy_step"), ["step"], "dim", metric)
+        ax.plot(steps["x"], steps["m"], "-", lw=1, color="tab:blue", alpha=0.6, label="greedy steps")
+        for method, (marker, label) in SELECT_MARKERS.items():
+            pts = _mean_sd(t.filter(pl.col("method") == method), ["variant"] if method == "greedy_budget" else [],
+                           "dim", metric)
+            if pts.height:
+                ax.errorbar(pts["x"], pts["m"], yerr=pts["sd"], fmt=marker, ms=9 if marker == "*" else 6,
+                            color="tab:blue", capsize=3, label=label, zorder=5)
+        projected = t.filter(pl.col("method").is_in(["projection", "select_then_project"]))
+        for variant in projected["variant"].unique(maintain_order=True).to_list():
+            pts = _mean_sd(projected.filter(pl.col("variant") == variant), ["k"], "dim", metric)
+            ax.errorbar(pts["x"], pts["m"], yerr=pts["sd"], fmt="-o", ms=3, capsize=3,
+                        color=COLORS.get(variant), label=f"projection: {variant}")
+        full = t.filter(pl.col("method") == "full")
+        ax.axhline(full[metric].mean(), ls="--", color="k", lw=1, label=f"full gradient (dim {full['dim'][0]:,})")
+        for variant, ls in (("prompt", "-."), ("prompt_response", ":")):
+            bm25 = t.filter((pl.col("method") == "bm25") & (pl.col("variant") == variant))
+            if bm25.height:
+                ax.axhline(bm25[metric].mean(), ls=ls, color="tab:green", lw=1, label=f"BM25 ({variant})")
+        ax.axhline(t.filter(pl.col("method") == "chance")[metric].mean(), ls=":", color="tab:red", lw=1,
+                   label="chance")
+        _log_x(ax, "representation dimension (log)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{setting}: {metric} on held-out queries")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6.5, loc="upper left", framealpha=0.85, ncol=2)
+    _save(fig, path)
+
+
+def plot_metric_vs_cost(table: pl.DataFrame, path: str | Path, metric: str = "top1") -> None:
+    """Per setting: `metric` against the measured time to represent one new sample (log x)."""
+    fig, panels = _settings(table, 7.2)
+    for ax, setting in panels:
+        t = table.filter((pl.col("setting") == setting) & pl.col("seconds_per_sample").is_not_null())
+        pts = _mean_sd(t, ["method", "variant", "k"], "seconds_per_sample", metric)
+        for r in pts.iter_rows(named=True):
+            ms = r["x"] * 1e3
+            color = "k" if r["method"] == "full" else COLORS.get(r["variant"], "tab:blue")
+            ax.errorbar([ms], [r["m"]], yerr=[r["sd"]], fmt="o", ms=4, color=color, capsize=3)
+            label = (r["variant"] or r["method"]) + (f" k={r['k']}" if r["k"] is not None else "")
+            ax.annotate(label, (ms, r["m"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        _log_x(ax, "ms to represent one new sample: gradient extraction + reduction (log)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{setting}: {metric} against cost")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    _save(fig, path)

@@ -1,13 +1,18 @@
-"""Seeded random projections of the full gradient, streamed one component at a time.
+"""Seeded random projections of gradients, streamed one component at a time.
 
 The full gradient is the concatenation of the components [g_1 | g_2 | ...]. A projection P (k x D)
 splits into column blocks P = [P_1 | P_2 | ...], so P g = sum_c P_c g_c: each block is generated
 from (seed, component index, chunk) alone, never as a whole k x D matrix, and the result equals
-one fixed matrix applied to the concatenated vector. Both kinds preserve inner products in
-expectation (E[<Px, Py>] = <x, y>):
-  gaussian  P_ij ~ N(0, 1/k), generated in chunks of `CHUNK` columns;
-  sjlt      sparse JL / count sketch: each input coordinate goes to `nonzeros` random output
-            coordinates with random signs, scaled by 1/sqrt(nonzeros).
+one fixed matrix applied to the concatenated vector. Kinds (all with E[<Px, Py>] = <x, y>):
+  gaussian    P_ij ~ N(0, 1/k), generated in chunks of `CHUNK` input coordinates;
+  rademacher  P_ij = +-1/sqrt(k);
+  sjlt        sparse JL / count sketch: each input coordinate goes to `nonzeros` random output
+              coordinates with random signs, scaled by 1/sqrt(nonzeros).
+Block-wise projection (`blockwise`) instead projects each component on its own to k_c dims
+(k_c proportional to its size, or equal) and concatenates the results. Normalised, each block is
+scaled by 1/sqrt(k_c), so inner products stay unbiased; unnormalised (`normalized=False`, entries
+N(0, 1) as in the published comparison) block c's inner product is inflated by k_c, which
+re-weights components by their share of the dimensions: by parameter count when proportional.
 """
 
 from __future__ import annotations
@@ -23,10 +28,39 @@ CHUNK = 8192  # columns of a Gaussian block generated at once (fixed: results ne
 
 @dataclass(frozen=True)
 class ProjectionConfig:
-    kind: str = "sjlt"
+    kind: str = "sjlt"  # gaussian | rademacher | sjlt
     k: int = 1024
     seed: int = 0
-    nonzeros: int = 1
+    nonzeros: int = 1  # sjlt only
+    blockwise: str | None = None  # None: one projection of the concatenation; "proportional" | "equal"
+    normalized: bool = True  # False: the published unnormalised variant
+
+
+# Projection methods of the study (config `projection.methods`), at every k and seed.
+METHODS: dict[str, dict] = {
+    "sjlt": {"kind": "sjlt"},
+    "gaussian": {"kind": "gaussian"},
+    "rademacher": {"kind": "rademacher"},
+    "blockwise": {"kind": "gaussian", "blockwise": "proportional"},
+    "blockwise_equal": {"kind": "gaussian", "blockwise": "equal"},
+    "blockwise_unnormalized": {"kind": "gaussian", "blockwise": "proportional", "normalized": False},
+}
+
+
+def method_config(method: str, k: int, seed: int, nonzeros: int = 1) -> ProjectionConfig:
+    if method not in METHODS:
+        raise ValueError(f"unknown projection method {method!r} (allowed: {', '.join(METHODS)})")
+    return ProjectionConfig(k=k, seed=seed, nonzeros=nonzeros, **METHODS[method])
+
+
+def block_dims(dims: list[int], k: int, split: str) -> list[int]:
+    """Output dims per component for block-wise projection (each at least 1)."""
+    if split == "proportional":
+        total = sum(dims)
+        return [max(1, round(k * d / total)) for d in dims]
+    if split == "equal":
+        return [max(1, k // len(dims) + (1 if i < k % len(dims) else 0)) for i in range(len(dims))]
+    raise ValueError(f"unknown block split {split!r} (allowed: proportional, equal)")
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -65,33 +99,72 @@ class CountSketch:
         return out
 
 
-def project_component(x: torch.Tensor, component_index: int, cfg: ProjectionConfig) -> torch.Tensor:
-    """P_c x for a block of rows x [n, d_c] of component `component_index` -> [n, k] float32."""
+def project_component(x: torch.Tensor, component_index: int, cfg: ProjectionConfig,
+                      k: int | None = None) -> torch.Tensor:
+    """P_c x for rows x [n, d_c] of component `component_index` -> [n, k] float32 (k = cfg.k unless given)."""
+    k = cfg.k if k is None else k
     x = x.to(torch.float32)
     n, d = x.shape
-    out = torch.zeros(n, cfg.k, dtype=torch.float32)
-    if cfg.kind == "gaussian":
+    out = torch.zeros(n, k, dtype=torch.float32)
+    scale = k**-0.5 if cfg.normalized else 1.0
+    if cfg.kind in ("gaussian", "rademacher"):
         for j, start in enumerate(range(0, d, CHUNK)):
             stop = min(start + CHUNK, d)
             gen = _generator(cfg.seed, component_index, j)
-            block = torch.randn(stop - start, cfg.k, generator=gen) / cfg.k**0.5  # [chunk, k]
-            out += x[:, start:stop] @ block
-    elif cfg.kind == "sjlt":  # sum of `nonzeros` independent count sketches, scaled to stay unbiased
+            if cfg.kind == "gaussian":
+                block = torch.randn(stop - start, k, generator=gen)  # [chunk, k]
+            else:
+                block = torch.randint(0, 2, (stop - start, k), generator=gen, dtype=torch.float32) * 2 - 1
+            out += x[:, start:stop] @ (block * scale)
+    elif cfg.kind == "sjlt":  # sum of `nonzeros` independent count sketches
+        scale = cfg.nonzeros**-0.5 if cfg.normalized else 1.0
         for rep in range(cfg.nonzeros):
-            CountSketch(d, cfg.k, cfg.seed, (component_index, rep)).add(out, 0, x, cfg.nonzeros**-0.5)
+            CountSketch(d, k, cfg.seed, (component_index, rep)).add(out, 0, x, scale)
     else:
-        raise ValueError(f"unknown projection kind {cfg.kind!r} (allowed: gaussian, sjlt)")
+        raise ValueError(f"unknown projection kind {cfg.kind!r} (allowed: gaussian, rademacher, sjlt)")
     return out
 
 
-def project_store(store, cfg: ProjectionConfig, rows: np.ndarray | None = None, block_rows: int = 4096) -> np.ndarray:
-    """Project every sample (or `rows`) of a GradientStore's full gradient -> [n, k] float32."""
+class Projector:
+    """Accumulates the projection of gradients that arrive one component (and row block) at a time."""
+
+    def __init__(self, cfg: ProjectionConfig, component_dims: list[int]):
+        self.cfg = cfg
+        if cfg.blockwise is None:
+            self.dims = None
+            self.out_dim = cfg.k
+        else:
+            self.dims = block_dims(component_dims, cfg.k, cfg.blockwise)
+            self.offsets = np.concatenate([[0], np.cumsum(self.dims)]).tolist()
+            self.out_dim = int(self.offsets[-1])
+
+    def add(self, out: np.ndarray, component_index: int, x: torch.Tensor) -> None:
+        """out [n, out_dim] += the contribution of component `component_index`'s rows x [n, d_c]."""
+        if self.dims is None:
+            out += project_component(x, component_index, self.cfg).numpy()
+        else:
+            lo, hi = self.offsets[component_index], self.offsets[component_index + 1]
+            out[:, lo:hi] += project_component(x, component_index, self.cfg, k=hi - lo).numpy()
+
+
+def project_store(store, cfg: ProjectionConfig, rows: np.ndarray | None = None, block_rows: int = 4096,
+                  components: list[str] | None = None) -> np.ndarray:
+    """Project every sample (or `rows`) of a GradientStore -> [n, out_dim] float32.
+
+    components: project only these (select-then-project); default: the full gradient. Component
+    indices (which seed each block) are positions in the store, so a subset's blocks are the same
+    as in the full projection.
+    """
+    names = store.components if components is None else components
+    index = {n: i for i, n in enumerate(store.components)}
+    proj = Projector(cfg, [store.dim(n) for n in names])
     n = len(store) if rows is None else len(rows)
-    out = np.zeros((n, cfg.k), dtype=np.float32)
-    for ci, name in enumerate(store.components):
+    out = np.zeros((n, proj.out_dim), dtype=np.float32)
+    for pos, name in enumerate(names):
+        ci = index[name] if proj.dims is None else pos
         if rows is None:
             for start, block in store.iter_blocks(name, block_rows):
-                out[start:start + len(block)] += project_component(torch.from_numpy(block), ci, cfg).numpy()
+                proj.add(out[start:start + len(block)], ci, torch.from_numpy(block))
         else:
-            out += project_component(torch.from_numpy(store.read(name, rows)), ci, cfg).numpy()
+            proj.add(out, ci, torch.from_numpy(store.read(name, rows)))
     return out

@@ -1,8 +1,11 @@
-"""Choosing components from the similarity store: query splits, best single, greedy forward selection.
+"""Choosing components from the similarity store: query splits, best single, families, greedy
+forward selection, and greedy selection within a parameter budget.
 
 Choices are made on the *selection* queries only; every method is then scored on the held-out
 rest (see tdabench.evaluate), so a selected subset is never graded on the queries that chose it.
 Ties are broken deterministically: higher objective, then fewer parameters, then model order.
+Objectives: top1, mrr (of the source's rank), or rho (agreement of the subset's scores with the
+full gradient's scores over all scored pairs).
 """
 
 from __future__ import annotations
@@ -11,20 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tdabench.metrics import objective_value, source_ranks
+from tdabench.metrics import objective_values
 from tdabench.similarity import Similarity, cosine_from_sums
 
 # Objectives are compared after rounding, so that the same ranks summed in another order count as a tie.
 _DECIMALS = 12
-# Upper bound on candidates x queries x train scores held at once during greedy selection.
+# Upper bound on candidates x queries x columns scores held at once during greedy selection.
 _MAX_SCORES = 2**25
-
-
-@dataclass(frozen=True)
-class SelectionConfig:
-    selection_fraction: float = 0.5
-    split_seed: int = 0
-    objective: str = "mrr"
 
 
 def split_queries(query_ids: list[str], fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,19 +40,33 @@ def _pick(values: np.ndarray, params: np.ndarray, index: np.ndarray) -> int:
     return int(order[0])
 
 
+def _reference(sim: Similarity, queries: np.ndarray, objective: str) -> np.ndarray | None:
+    return sim.scores(None, queries) if objective == "rho" else None
+
+
 def single_component_objectives(sim: Similarity, queries: np.ndarray, objective: str) -> np.ndarray:
     """Objective of each component alone on `queries` -> [C]."""
-    gt = sim.ground_truth[queries]
-    return np.array([
-        objective_value(source_ranks(sim.scores([c], queries), gt), objective)
-        for c in range(len(sim.components))
-    ])
+    targets, ref = sim.targets(queries), _reference(sim, queries, objective)
+    return np.array([objective_values(sim.scores([c], queries), targets, objective, ref)
+                     for c in range(len(sim.components))])
 
 
 def best_single(sim: Similarity, queries: np.ndarray, objective: str) -> int:
     values = single_component_objectives(sim, queries, objective)
     idx = np.arange(len(values))
     return int(idx[_pick(values, sim.component_params, idx)])
+
+
+def family_subsets(sim: Similarity) -> list[tuple[str, np.ndarray]]:
+    """Named subsets that need no choosing: each family, the attention / MLP groups, each layer."""
+    from tdabench.components import GROUPS
+
+    fam = np.array(sim.component_family)
+    out = [(f"family {f}", np.flatnonzero(fam == f)) for f in dict.fromkeys(sim.component_family)]
+    out += [(f"group {g}", np.flatnonzero(np.isin(fam, sorted(members)))) for g, members in GROUPS.items()]
+    out += [(f"layer {layer}", np.flatnonzero(sim.component_layer == layer))
+            for layer in sorted(set(sim.component_layer.tolist()) - {-1})]
+    return [(name, idx) for name, idx in out if len(idx)]
 
 
 @dataclass(frozen=True)
@@ -66,28 +76,34 @@ class GreedyStep:
     objective: float  # on the selection queries, of the subset after this step
 
 
-def greedy_forward(sim: Similarity, queries: np.ndarray, objective: str) -> list[GreedyStep]:
+def greedy_forward(sim: Similarity, queries: np.ndarray, objective: str,
+                   max_params: float | None = None) -> list[GreedyStep]:
     """Forward selection run to the end: at each step add the component that maximises `objective`
-    of the subset's cosine on `queries`. Vectorised over candidates from running sums."""
-    gt = sim.ground_truth[queries]
-    dot = sim.dot[:, queries].astype(np.float64)  # [C, Qs, T]
+    of the subset's cosine on `queries`. Vectorised over candidates from running sums:
+    O(C^2 x queries x columns) in total. With `max_params`, only components that still fit the
+    parameter budget are candidates, and selection stops when none does."""
+    targets, ref = sim.targets(queries), _reference(sim, queries, objective)
+    dot = sim.dot[:, queries].astype(np.float64)  # [C, Qs, N]
     qsq = sim.query_sqnorm[:, queries].astype(np.float64)  # [C, Qs]
-    tsq = sim.train_sqnorm.astype(np.float64)  # [C, T]
-    n_c, n_q, n_t = dot.shape
-    chunk = max(1, _MAX_SCORES // max(1, n_q * n_t))
+    n_c, n_q, n_cols = dot.shape
+    # Training squared norms per scored column: [C, N] (dense) or [C, Qs, b] (candidates).
+    tsq = np.stack([sim.train_sqnorm_columns(np.array([c]), queries) for c in range(n_c)])
+    chunk = max(1, _MAX_SCORES // max(1, n_q * n_cols))
 
-    run_dot = np.zeros((n_q, n_t))
-    run_q = np.zeros(n_q)
-    run_t = np.zeros(n_t)
+    run_dot, run_q, run_t = np.zeros((n_q, n_cols)), np.zeros(n_q), np.zeros(tsq.shape[1:])
     remaining = list(range(n_c))
     steps: list[GreedyStep] = []
-    while remaining:
+    used = 0
+    while True:
+        if max_params is not None:
+            remaining = [c for c in remaining if used + sim.component_params[c] <= max_params]
+        if not remaining:
+            break
         values = np.empty(len(remaining))
         for lo in range(0, len(remaining), chunk):
             cand = np.array(remaining[lo:lo + chunk])
-            scores = cosine_from_sums(run_dot + dot[cand], run_q + qsq[cand], run_t + tsq[cand])  # [R, Qs, T]
-            for j, s in enumerate(scores):
-                values[lo + j] = objective_value(source_ranks(s, gt), objective)
+            scores = cosine_from_sums(run_dot + dot[cand], run_q + qsq[cand], run_t + tsq[cand])  # [R, Qs, N]
+            values[lo:lo + len(cand)] = objective_values(scores, targets, objective, ref)
         cand = np.array(remaining)
         pos = _pick(values, sim.component_params[cand], cand)
         best = int(cand[pos])
@@ -95,12 +111,16 @@ def greedy_forward(sim: Similarity, queries: np.ndarray, objective: str) -> list
         run_q += qsq[best]
         run_t += tsq[best]
         remaining.remove(best)
+        used += int(sim.component_params[best])
         steps.append(GreedyStep(len(steps) + 1, best, float(values[pos])))
     return steps
 
 
 def best_prefix(steps: list[GreedyStep], sim: Similarity) -> int:
-    """Number of greedy steps whose subset scored best on the selection queries (ties: smaller)."""
+    """Number of greedy steps whose subset scored best on the selection queries (ties: smaller);
+    0 for an empty run."""
+    if not steps:
+        return 0
     values = np.array([s.objective for s in steps])
     params = np.cumsum([sim.component_params[s.component] for s in steps])
     return _pick(values, params, np.arange(len(steps))) + 1

@@ -17,8 +17,19 @@ def gradient_shards(split):
     return expand("results/gradients/{split}/shard-{shard}.h5", split=split, shard=range(n_shards(split)))
 
 
+def projection_methods():
+    """Projection methods of the full gradient (select_then_project has its own rule)."""
+    return [m for m in config["projection"]["methods"] if m != "select_then_project"]
+
+
+def selected_projections():
+    if "select_then_project" not in config["projection"]["methods"]:
+        return []
+    return expand("results/projection/select_then_project/{setting}.h5", setting=config["dataset"]["settings"])
+
+
 wildcard_constraints:
     split="train|queries",
     shard=r"\d+",
     setting=r"[a-z_]+",
-    k=r"\d+",
+    method=r"[a-z_]+",

@@ -29,7 +29,7 @@ rule similarity:
 
 
 rule selection:
-    """Best single component and greedy forward selection, chosen on the selection queries."""
+    """Per split: best single component, greedy forward selection, budgeted prefixes (selection queries)."""
     input:
         code=stage_code("selection"),
         similarity="results/similarity/{setting}.h5",
@@ -37,8 +37,10 @@ rule selection:
         selection="results/selection/{setting}.parquet",
     params:
         selection_fraction=config["selection"]["selection_fraction"],
+        n_splits=config["selection"]["n_splits"],
         split_seed=config["selection"]["split_seed"],
         objective=config["selection"]["objective"],
+        budgets=config["selection"]["budgets"],
     log:
         "logs/selection/{setting}.log",
     benchmark:
@@ -54,21 +56,21 @@ rule selection:
 
 
 rule projection:
-    """Seeded random projections of every sample's full gradient to k dimensions."""
+    """One projection method of the full gradient, at every k and seed."""
     input:
         code=stage_code("projection"),
         train=gradient_shards("train"),
         query_grads=gradient_shards("queries"),
     output:
-        projection="results/projection/k{k}.h5",
+        projection="results/projection/{method}.h5",
     params:
-        kind=config["projection"]["kind"],
+        dims=config["projection"]["dims"],
         seeds=config["projection"]["seeds"],
         nonzeros=config["projection"]["nonzeros"],
     log:
-        "logs/projection/k{k}.log",
+        "logs/projection/{method}.log",
     benchmark:
-        "benchmarks/projection/k{k}.tsv"
+        "benchmarks/projection/{method}.tsv"
     threads: 1
     resources:
         mem_mb=4000,
@@ -77,3 +79,31 @@ rule projection:
         "../../envs/tdabench.yaml"
     script:
         "../scripts/projection.py"
+
+
+rule project_selected:
+    """Select-then-project: each split's greedy set, projected to every k with every seed."""
+    input:
+        code=stage_code("projection"),
+        train=gradient_shards("train"),
+        query_grads=gradient_shards("queries"),
+        selection="results/selection/{setting}.parquet",
+    output:
+        projection="results/projection/select_then_project/{setting}.h5",
+    params:
+        dims=config["projection"]["dims"],
+        seeds=config["projection"]["seeds"],
+        nonzeros=config["projection"]["nonzeros"],
+        select_kind=config["projection"]["select_kind"],
+    log:
+        "logs/projection/select_then_project-{setting}.log",
+    benchmark:
+        "benchmarks/projection/select_then_project-{setting}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    conda:
+        "../../envs/tdabench.yaml"
+    script:
+        "../scripts/project_selected.py"

@@ -9,6 +9,8 @@
         each variant in its own process, so each peak RSS is its own.
     python -m tdabench.bench store --model llama-135m --samples 64 --max-component-dim 65536
         write a gradient store with the dimension cap: peak RSS, file size against the estimate.
+    python -m tdabench.bench greedy [--components 113 --queries 988 --candidates 5]
+        greedy forward selection run to the end on a random similarity store of the published size.
 """
 
 from __future__ import annotations
@@ -183,10 +185,38 @@ def store_main(args) -> None:
           f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024:.2f} GiB")
 
 
+def greedy_main(args) -> None:
+    """Greedy selection on a random candidate-layout similarity store of the published size."""
+    import numpy as np
+
+    from tdabench.selection import greedy_forward
+    from tdabench.similarity import Similarity
+
+    rng = np.random.default_rng(0)
+    c, q, b, t = args.components, args.queries, args.candidates, args.queries * 2
+    cands = np.stack([rng.choice(t, b, replace=False) for _ in range(q)])
+    sim = Similarity(components=[f"c{i}" for i in range(c)], component_params=rng.integers(1000, 10**6, c),
+                     component_family=["other"] * c, component_layer=np.full(c, -1),
+                     query_ids=[f"q{i}" for i in range(q)], train_ids=[f"t{i}" for i in range(t)],
+                     ground_truth=cands[:, -1], query_sqnorm=rng.random((c, q)) + 0.5,
+                     train_sqnorm=rng.random((c, t)) + 0.5, dot=rng.standard_normal((c, q, b)), attrs={},
+                     candidates=cands)
+    for objective in ("top1", "mrr", "rho"):
+        start = time.perf_counter()
+        steps = greedy_forward(sim, np.arange(q), objective)
+        print(f"greedy {objective:<4}: {len(steps)} steps over {c} components x {q} queries x {b} candidates "
+              f"in {time.perf_counter() - start:.2f} s")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tdabench.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("greedy")
+    g.add_argument("--components", type=int, default=113)
+    g.add_argument("--queries", type=int, default=988)
+    g.add_argument("--candidates", type=int, default=5)
+    g.add_argument("--threads", type=int, default=torch.get_num_threads())
     for name in ("gradients", "store", "_variant"):
         p = sub.add_parser(name)
         if name == "_variant":
@@ -205,6 +235,8 @@ def main(argv=None) -> None:
         print(json.dumps(run_variant(args.variant, args.model, args.samples, args.length, args.batch_size)))
     elif args.command == "gradients":
         gradients_main(args)
+    elif args.command == "greedy":
+        greedy_main(args)
     else:
         store_main(args)
 

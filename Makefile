@@ -16,7 +16,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Python then caches just the modules it imports, which needs bytecode writing switched on.
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install run test test-fast lint dry-run ui clean
+.PHONY: install run test test-fast lint dry-run report ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,13 +38,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not workflow"
+	$(BIN)/python -m pytest -q -m "not workflow and not browser"
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint
 
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n $(SNAKEMAKE_ARGS)
+
+report: $(STAMP)
+	$(BIN)/snakemake --report results/report.html
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000

@@ -117,9 +117,9 @@ def test_mlflow_has_one_parent_and_one_child_per_job(study):
     root, stats = study
     client, all_runs = runs(root)
     parents = [r for r in all_runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in all_runs if "mlflow.parentRunId" in r.data.tags]
     assert len(parents) == 1
     parent = parents[0]
+    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     n_jobs = sum(n for rule, n in stats.items() if rule != "all")
     assert len(children) == n_jobs
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
@@ -134,6 +134,12 @@ def test_mlflow_has_one_parent_and_one_child_per_job(study):
     assert parent.info.status == "FINISHED"
     assert len(parent.data.metrics) >= 10 and "paraphrased.greedy.top1" in parent.data.metrics
     assert {"tdabench.config_hash", "tdabench.git_commit"} <= set(parent.data.tags)
+    assert {d.dataset.name for d in client.get_run(parent.info.run_id).inputs.dataset_inputs} == {"train", "queries"}
+    summary = next(r for r in children if r.info.run_name == "summary")
+    methods = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == summary.info.run_id]
+    assert {r.data.params["method"] for r in methods} >= {"full", "greedy", "best_single", "projection", "bm25"}
+    assert all({"dim", "components", "k"} <= set(r.data.params) and "top1" in r.data.metrics for r in methods)
+    assert len(methods) + len(children) + 1 == len(all_runs)  # nothing else was logged
     manifest = client.download_artifacts([r for r in children if r.info.run_name.startswith("gradients")][0].info.run_id,
                                          "manifest.json")
     assert "grads/lm_head.weight" in Path(manifest).read_text()  # a manifest, not the cache
@@ -213,3 +219,98 @@ def test_editing_gradient_code_reruns_gradients_and_downstream_only(study):
     assert set(stats) == {"gradients", "similarity", "selection", "projection", "project_selected", "costs",
                           "evaluate", "summary", "all"}
     assert stats["gradients"] == 3
+
+
+def test_report_is_self_contained_with_plots_and_config(study):
+    root, _ = study
+    snakemake(root, "--report", "report.html")
+    html = (root / "report.html").read_text()
+    assert len(html) > 100_000  # images and data are embedded
+    for text in ("Select vs project", "Where the signal lives", "Configuration", "top1_vs_dim.png",
+                 "single_component_heatmap.png", "greedy_curve.png", "top1_vs_cost.png"):
+        assert text in html, text
+    for plot in ("top1_vs_dim", "mrr_vs_dim", "single_component_heatmap", "greedy_curve", "top1_vs_cost"):
+        for ext in ("png", "svg"):
+            assert (root / f"results/evaluation/{plot}.{ext}").stat().st_size > 1000
+    table = pl.read_parquet(root / "results/evaluation/metrics.parquet")
+    assert {"top1_lo", "top1_hi", "mrr_lo", "mrr_hi", "recall_at_10_lo", "recall_at_10_hi"} <= set(table.columns)
+    full = table.filter(pl.col("method") == "full")
+    assert ((full["top1_lo"] <= full["top1"]) & (full["top1"] <= full["top1_hi"])).all()
+    per_query = pl.read_parquet(root / "results/evaluation/per_query.parquet")
+    assert {"query_id", "method", "rank", "margin"} <= set(per_query.columns)
+    assert per_query.filter((pl.col("method") == "full") & (pl.col("split") == 0)).height == 9
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.browser
+def test_mlflow_ui_and_report_in_a_real_browser(study, tmp_path):
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        message = "Debian chromium is not installed (apt-get install chromium); .ci/run installs it"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    root, _ = study
+    client, all_runs = runs(root)
+    parent = next(r for r in all_runs if r.data.tags.get("tdabench.kind") == "study")
+    exp_id = parent.info.experiment_id
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+         f"sqlite:///{root / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # own process group: killed whole below
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(1)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch_persistent_context(
+                user_data_dir=str(tmp_path / "profile"), executable_path=chromium, headless=True,
+                args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--no-first-run"], viewport={"width": 1400, "height": 900})
+            page = browser.new_page()
+            page.goto(f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
+            page.get_by_text(parent.info.run_name).first.wait_for(timeout=90_000)  # the parent run
+            page.screenshot(path=str(root / "results" / "mlflow_ui_runs.png"))
+            page.goto(f"{base}/#/experiments/{exp_id}/runs/{parent.info.run_id}?workflowType=machine_learning")
+            page.get_by_text("evaluate", exact=True).first.wait_for(timeout=90_000)  # a child run
+            page.get_by_text("paraphrased.greedy.top1").first.wait_for(timeout=90_000)  # a metric
+            page.screenshot(path=str(root / "results" / "mlflow_ui_parent.png"))
+            snakemake(root, "--report", "report.html")
+            page.goto((root / "report.html").as_uri())
+            page.get_by_text("Select vs project").first.wait_for(timeout=30_000)
+            browser.close()
+        assert (root / "results" / "mlflow_ui_parent.png").stat().st_size > 10_000
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        time.sleep(2)
+        try:  # the server's workers (uvicorn, huey consumers) must be gone too
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(server.pid, 0)

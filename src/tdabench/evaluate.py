@@ -14,7 +14,9 @@ Methods (column `method`; `variant` refines it):
   chance               expected metrics of a uniformly random ranking
 Every row carries `split`, its representation dimension `dim`, `bytes_per_sample` (float32), and
 where measured `seconds_per_sample`: the time to represent one new sample (gradient extraction of
-what the method needs + reduction).
+what the method needs + reduction). Each metric comes with a seeded percentile-bootstrap 95%
+interval over the held-out queries (`<metric>_lo`, `<metric>_hi`); a second table holds every
+query's rank and score margin per row, for drill-down.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import polars as pl
 
 from tdabench.components import short_name
-from tdabench.metrics import cosine_scores, retrieval_metrics, source_ranks
+from tdabench.metrics import bootstrap_intervals, cosine_scores, retrieval_metrics, source_margins, source_ranks
 from tdabench.selection import family_subsets
 from tdabench.similarity import Similarity
 
@@ -57,24 +59,40 @@ def _columns(sim: Similarity, dense: np.ndarray, queries: np.ndarray) -> np.ndar
     return dense if sim.candidates is None else np.take_along_axis(dense, sim.candidates[queries], axis=1)
 
 
+@dataclass(frozen=True)
+class Scoring:
+    ks: tuple[int, ...] = (1, 5, 10)
+    n_boot: int = 1000
+    boot_seed: int = 0
+
+
 def evaluate_split(sim: Similarity, setting: str, split: int, heldout: np.ndarray, selection: pl.DataFrame,
-                   projections: list[Projected], baselines: dict[str, np.ndarray], ks: list[int]) -> list[dict]:
-    """Rows of every method on the held-out queries of one split. `selection`: this split's rows of
-    the selection table; `baselines`: {variant: dense scores [Q, T]} of text baselines."""
+                   projections: list[Projected], baselines: dict[str, np.ndarray],
+                   scoring: Scoring) -> tuple[list[dict], list[dict]]:
+    """(rows, per-query rows) of every method on the held-out queries of one split.
+    `selection`: this split's rows of the selection table; `baselines`: {variant: dense scores
+    [Q, T]} of text baselines."""
     targets = sim.targets(heldout)
+    query_ids = [sim.query_ids[q] for q in heldout]
     params, dims = sim.component_params, sim.component_dim
     base = {"setting": setting, "split": split, "n_queries": len(heldout), "n_train": len(sim.train_ids)}
-    rows = []
+    rows, per_query = [], []
+
+    def score(row: dict, scores: np.ndarray) -> None:
+        ranks = source_ranks(scores, targets)
+        rows.append({**row, **retrieval_metrics(ranks, scoring.ks),
+                     **bootstrap_intervals(ranks, scoring.ks, scoring.n_boot, scoring.boot_seed)})
+        keys = {k: row.get(k) for k in ("setting", "split", "method", "variant", "components", "k", "seed", "step")}
+        per_query.extend({**keys, "query_id": q, "rank": r, "margin": m}
+                         for q, r, m in zip(query_ids, ranks, source_margins(scores, targets)))
 
     def add(method: str, comps, scores: np.ndarray, **extra):
         comps = np.arange(len(sim.components)) if comps is None else np.asarray(comps)
         dim = extra.pop("dim", int(dims[comps].sum()))
-        label = extra.pop("components", None)
-        if label is None:
-            label = "all" if len(comps) == len(sim.components) else "+".join(short_name(sim.components[c]) for c in comps)
-        rows.append({**base, "method": method, "components": label, "n_components": len(comps),
-                     "params": int(params[comps].sum()), "dim": dim, "bytes_per_sample": dim * FLOAT_BYTES,
-                     **extra, **retrieval_metrics(source_ranks(scores, targets), ks)})
+        label = "all" if len(comps) == len(sim.components) else "+".join(short_name(sim.components[c]) for c in comps)
+        score({**base, "method": method, "components": label, "n_components": len(comps),
+               "params": int(params[comps].sum()), "dim": dim, "bytes_per_sample": dim * FLOAT_BYTES, **extra},
+              scores)
 
     add("full", None, sim.scores(None, heldout))
     for c in range(len(sim.components)):
@@ -107,21 +125,28 @@ def evaluate_split(sim: Similarity, setting: str, split: int, heldout: np.ndarra
         method = "projection" if p.split is None else "select_then_project"
         comps = None if p.split is None else sim.component_index(p.components)
         add(method, comps, scores, variant=p.method, k=p.k, seed=p.seed, dim=p.train.shape[1])
+    empty = {"components": "", "n_components": 0, "params": 0, "dim": 0, "bytes_per_sample": 0}
     for variant, dense in baselines.items():
-        rows.append({**base, "method": "bm25", "variant": variant, "components": "", "n_components": 0,
-                     "params": 0, "dim": 0, "bytes_per_sample": 0,
-                     **retrieval_metrics(source_ranks(_columns(sim, dense[heldout], heldout), targets), ks)})
-    rows.append({**base, "method": "chance", "components": "", "n_components": 0, "params": 0, "dim": 0,
-                 "bytes_per_sample": 0, **chance_metrics(sim.n_columns, ks)})
-    return rows
+        score({**base, **empty, "method": "bm25", "variant": variant}, _columns(sim, dense[heldout], heldout))
+    chance = chance_metrics(sim.n_columns, scoring.ks)
+    rows.append({**base, **empty, "method": "chance", **chance, **{f"{m}_{b}": v for m, v in chance.items()
+                                                                    for b in ("lo", "hi")}})
+    return rows, per_query
+
+
+PER_QUERY_SCHEMA = {"setting": pl.Utf8, "split": pl.Int64, "method": pl.Utf8, "variant": pl.Utf8,
+                    "components": pl.Utf8, "k": pl.Int64, "seed": pl.Int64, "step": pl.Int64,
+                    "query_id": pl.Utf8, "rank": pl.Float64, "margin": pl.Float64}
 
 
 def tidy(rows: list[dict], ks: list[int], costs: pl.DataFrame | None = None) -> pl.DataFrame:
+    metrics = ["top1", "mrr", *[f"recall_at_{k}" for k in ks]]
     schema = {
         "setting": pl.Utf8, "split": pl.Int64, "method": pl.Utf8, "variant": pl.Utf8, "components": pl.Utf8,
         "n_components": pl.Int64, "params": pl.Int64, "step": pl.Int64, "budget": pl.Float64, "k": pl.Int64,
         "seed": pl.Int64, "dim": pl.Int64, "bytes_per_sample": pl.Int64, "n_queries": pl.Int64,
-        "n_train": pl.Int64, "top1": pl.Float64, "mrr": pl.Float64, **{f"recall_at_{k}": pl.Float64 for k in ks},
+        "n_train": pl.Int64, **{m: pl.Float64 for m in metrics},
+        **{f"{m}_{b}": pl.Float64 for m in metrics for b in ("lo", "hi")},
     }
     table = pl.DataFrame([{key: r.get(key) for key in schema} for r in rows], schema=schema)
     if costs is None or costs.is_empty():
@@ -141,6 +166,7 @@ def headline(table: pl.DataFrame) -> pl.DataFrame:
         .group_by(keys, maintain_order=True)
         .agg(*[pl.col(m).mean() for m in metrics],
              pl.col("top1").std().alias("top1_sd"), pl.col("mrr").std().alias("mrr_sd"),
+             *[pl.col(f"{m}_{b}").mean() for m in ("top1", "mrr") for b in ("lo", "hi")],
              pl.len().cast(pl.Int64).alias("n_runs"), pl.col("dim").mean().round().cast(pl.Int64),
              pl.col("n_components").mean().alias("n_components"), pl.col("components").first(),
              pl.col("seconds_per_sample").first(), pl.col("n_queries").first(), pl.col("n_train").first())

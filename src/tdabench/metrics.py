@@ -20,13 +20,45 @@ def source_ranks(scores: np.ndarray, ground_truth: np.ndarray) -> np.ndarray:
     return np.where(present, ranks, np.inf)
 
 
+def per_query_metrics(ranks: np.ndarray, ks: list[int] | tuple[int, ...] = (10,)) -> dict[str, np.ndarray]:
+    """Each metric's value per query (their means are the metrics): top1, mrr, recall_at_<k>."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out = {"top1": (ranks == 1).astype(np.float64), "mrr": 1.0 / ranks}
+    for k in ks:
+        out[f"recall_at_{k}"] = (ranks <= k).astype(np.float64)
+    return out
+
+
 def retrieval_metrics(ranks: np.ndarray, ks: list[int] | tuple[int, ...] = (10,)) -> dict[str, float]:
     """top1, mrr and recall_at_<k> of 1-based ranks."""
-    ranks = np.asarray(ranks)
-    out = {"top1": float(np.mean(ranks == 1)), "mrr": float(np.mean(1.0 / ranks))}
-    for k in ks:
-        out[f"recall_at_{k}"] = float(np.mean(ranks <= k))
+    return {name: float(v.mean()) for name, v in per_query_metrics(ranks, ks).items()}
+
+
+def bootstrap_intervals(ranks: np.ndarray, ks, n_boot: int = 1000, seed: int = 0,
+                        level: float = 0.95) -> dict[str, float]:
+    """Percentile bootstrap intervals over queries of every metric: {<metric>_lo, <metric>_hi}.
+
+    Seeded by (seed, number of queries) only, so rows scored on the same queries share resamples.
+    """
+    per_query = per_query_metrics(ranks, ks)
+    n = len(ranks)
+    idx = np.random.default_rng([seed, n]).integers(0, n, size=(n_boot, n))  # [B, n]
+    tail = (1 - level) / 2 * 100
+    out = {}
+    for name, values in per_query.items():
+        means = values[idx].mean(axis=1)
+        out[f"{name}_lo"], out[f"{name}_hi"] = (float(x) for x in np.percentile(means, [tail, 100 - tail]))
     return out
+
+
+def source_margins(scores: np.ndarray, ground_truth: np.ndarray) -> np.ndarray:
+    """Score of the source minus the best other score, per query (> 0: ranked first; nan: not scored)."""
+    present = ground_truth >= 0
+    gt = np.where(present, ground_truth, 0)
+    source = scores[np.arange(len(gt)), gt]
+    others = scores.copy()
+    others[np.arange(len(gt)), gt] = -np.inf
+    return np.where(present, source - others.max(axis=1), np.nan)
 
 
 def score_agreement(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:

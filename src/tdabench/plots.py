@@ -21,9 +21,11 @@ SELECT_MARKERS = {"best_single": ("s", "best single (chosen)"), "greedy": ("*", 
 
 
 def _save(fig, path) -> None:
+    """Write the figure as PNG at `path` and as SVG next to it."""
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+    for target in (Path(path), Path(path).with_suffix(".svg")):
+        with atomic_path(target) as tmp:
+            fig.savefig(tmp, format=target.suffix.lstrip("."), dpi=120)
     plt.close(fig)
 
 
@@ -102,4 +104,71 @@ def plot_metric_vs_cost(table: pl.DataFrame, path: str | Path, metric: str = "to
         ax.set_title(f"{setting}: {metric} against cost")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def plot_single_heatmap(table: pl.DataFrame, path: str | Path, metric: str = "top1") -> None:
+    """Per setting: `metric` of every single component, layers (rows) x families (columns)."""
+    import numpy as np
+
+    fig, panels = _settings(table, 6.4)
+    for ax, setting in panels:
+        t = (table.filter((pl.col("setting") == setting) & (pl.col("method") == "single"))
+             .group_by("components", maintain_order=True).agg(pl.col(metric).mean()))
+        cells = {}
+        for name, value in zip(t["components"], t[metric]):
+            layer, family = _layer_family(name)
+            cells[(layer, family)] = value
+        layers = sorted({k[0] for k in cells}, key=lambda x: (x == "other", x if x != "other" else 0))
+        families = list(dict.fromkeys(k[1] for k in cells))
+        grid = np.full((len(layers), len(families)), np.nan)
+        for (layer, family), value in cells.items():
+            grid[layers.index(layer), families.index(family)] = value
+        image = ax.imshow(grid, cmap="viridis", vmin=0, vmax=max(1e-9, np.nanmax(grid)), aspect="auto")
+        for i in range(len(layers)):
+            for j in range(len(families)):
+                if not np.isnan(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="w" if grid[i, j] < 0.6 * np.nanmax(grid) else "k")
+        ax.set_xticks(range(len(families)), families)
+        ax.set_yticks(range(len(layers)), [f"layer {x}" if x != "other" else "outside layers" for x in layers])
+        ax.set_title(f"{setting}: {metric} of single components (held-out)")
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    _save(fig, path)
+
+
+def _layer_family(short: str) -> tuple:
+    """("3", "down") for "layers.3.mlp.down_proj"; ("other", "lm_head") for "lm_head"."""
+    from tdabench.components import family_of, layer_of
+
+    full = f"model.{short}.weight"
+    layer = layer_of(full)
+    family = family_of(full)
+    return (layer if layer is not None else "other", family if family != "other" else short)
+
+
+def plot_greedy_curve(table: pl.DataFrame, path: str | Path, metric: str = "top1") -> None:
+    """Per setting: `metric` of each greedy step against the share of parameters it uses, with the
+    full gradient and the chosen prefix (mean over splits, bars: one sd)."""
+    fig, panels = _settings(table, 6.4)
+    for ax, setting in panels:
+        t = table.filter(pl.col("setting") == setting)
+        total = t.filter(pl.col("method") == "full")["params"][0]
+        steps = (t.filter(pl.col("method") == "greedy_step").group_by("step", maintain_order=True)
+                 .agg((pl.col("params").mean() / total).alias("share"), pl.col(metric).mean().alias("m"),
+                      pl.col(metric).std().fill_null(0).alias("sd")).sort("step"))
+        ax.errorbar(steps["share"], steps["m"], yerr=steps["sd"], fmt="-o", ms=3, capsize=2, color="tab:blue",
+                    label="greedy selection (held-out)")
+        chosen = t.filter(pl.col("method") == "greedy")
+        ax.errorbar([chosen["params"].mean() / total], [chosen[metric].mean()], yerr=[chosen[metric].std() or 0],
+                    fmt="*", ms=12, color="tab:blue", capsize=3, label="chosen prefix", zorder=5)
+        ax.axhline(t.filter(pl.col("method") == "full")[metric].mean(), ls="--", color="k", lw=1,
+                   label="full gradient")
+        ax.set_xscale("log")
+        ax.set_xlabel("share of parameters (log)")
+        ax.set_ylabel(metric)
+        ax.set_title(f"{setting}: greedy selection")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     _save(fig, path)

@@ -37,11 +37,15 @@ def ensure_experiment(uri: str, name: str, artifact_root: str | Path) -> str:
     """Create the store (sqlite schema) and experiment once, before jobs run in parallel."""
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
+    if exp is None:
+        exp_id = client.create_experiment(name, artifact_location=Path(artifact_root).resolve().as_uri())
+    else:
+        exp_id = exp.experiment_id
         if exp.lifecycle_stage == "deleted":  # deleted in the UI: bring it back rather than fail
-            client.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    return client.create_experiment(name, artifact_location=Path(artifact_root).resolve().as_uri())
+            client.restore_experiment(exp_id)
+    # Open it in the UI's model-training view (runs table), not the GenAI overview.
+    client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
+    return exp_id
 
 
 def git_commit(repo: str | Path) -> tuple[str, bool]:
@@ -145,6 +149,29 @@ class Run:
         if self.active:
             for k, v in tags.items():
                 self.client.set_tag(self.run_id, k, v)
+
+    def log_input(self, table, name: str, source: str | Path, context: str) -> None:
+        """Log a polars table as an MLflow dataset input (name, digest, schema, source path)."""
+        if not self.active:
+            return
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = mlflow.data.from_polars(table, source=str(Path(source).resolve()), name=name)
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                          [InputTag("mlflow.data.context", context)])])
+
+    def child(self, name: str, params: dict, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
+        """A finished run nested under this one (e.g. one per evaluated method), for the UI's
+        compare view and parallel coordinates."""
+        if not self.active:
+            return
+        exp_id = self.client.get_run(self.run_id).info.experiment_id
+        run = self.client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, **(tags or {})})
+        child = Run(self.client, run.info.run_id)
+        child.log_params(params)
+        child.log_metrics(metrics)
+        self.client.set_terminated(child.run_id, status="FINISHED")
 
 
 def parent() -> Run:

@@ -20,8 +20,9 @@ rule costs:
         "logs/costs.log",
     benchmark:
         "benchmarks/costs.tsv"
-    # Every core: timings are only comparable when no other job shares the machine.
-    threads: workflow.cores
+    # All cores (Snakemake scales this down to --cores): timings are only comparable when no other
+    # job shares the machine.
+    threads: 256
     resources:
         mem_mb=4000,
         runtime=60,
@@ -44,9 +45,12 @@ rule evaluate:
         costs="results/evaluation/costs.parquet",
     output:
         metrics="results/evaluation/metrics.parquet",
+        per_query="results/evaluation/per_query.parquet",
     params:
         settings=config["dataset"]["settings"],
         recall_at=config["evaluation"]["recall_at"],
+        bootstrap=config["evaluation"]["bootstrap"],
+        bootstrap_seed=config["evaluation"]["bootstrap_seed"],
         selection_fraction=config["selection"]["selection_fraction"],
         n_splits=config["selection"]["n_splits"],
         split_seed=config["selection"]["split_seed"],
@@ -65,17 +69,29 @@ rule evaluate:
 
 
 rule summary:
-    """summary.md and plots; headline metrics, table and plots into the MLflow parent run."""
+    """summary.md, plots (PNG + SVG) and the resolved config; headline metrics, per-method runs,
+    table and plots into MLflow."""
     input:
         code=stage_code("summary"),
         metrics="results/evaluation/metrics.parquet",
     output:
-        summary="results/summary.md",
-        plot_top1="results/evaluation/top1_vs_dim.png",
-        plot_mrr="results/evaluation/mrr_vs_dim.png",
-        plot_cost="results/evaluation/top1_vs_cost.png",
+        summary=report("results/summary.md", caption="../report/summary.rst", category="Summary"),
+        config=report("results/config.yaml", caption="../report/config.rst", category="Configuration"),
+        plot_top1=report("results/evaluation/top1_vs_dim.png", caption="../report/top1_vs_dim.rst",
+                         category="Select vs project"),
+        plot_mrr=report("results/evaluation/mrr_vs_dim.png", caption="../report/mrr_vs_dim.rst",
+                        category="Select vs project"),
+        plot_heatmap=report("results/evaluation/single_component_heatmap.png",
+                            caption="../report/single_heatmap.rst", category="Where the signal lives"),
+        plot_greedy=report("results/evaluation/greedy_curve.png", caption="../report/greedy_curve.rst",
+                           category="Where the signal lives"),
+        plot_cost=report("results/evaluation/top1_vs_cost.png", caption="../report/top1_vs_cost.rst",
+                         category="Select vs project"),
+        svg=expand("results/evaluation/{plot}.svg",
+                   plot=["top1_vs_dim", "mrr_vs_dim", "single_component_heatmap", "greedy_curve", "top1_vs_cost"]),
     params:
         settings=config["dataset"]["settings"],
+        study_config={key: value for key, value in config.items() if key != "mlflow"},
     log:
         "logs/summary.log",
     threads: 1

@@ -6,6 +6,7 @@ import logging
 
 import polars as pl
 
+from tdabench import tracking
 from tdabench.data.synthetic import SyntheticConfig, generate
 from tdabench.io import write_parquet
 from tdabench.pipeline.common import JobContext
@@ -30,5 +31,9 @@ def main(job: JobContext, mlrun) -> None:
     }
     log.info("benchmark: %s", counts)
     mlrun.log_metrics(counts)
+    parent = tracking.parent()
+    for run in (mlrun, parent):
+        run.log_input(train, "train", job.output["train"], "training")
+        run.log_input(queries, "queries", job.output["queries"], "evaluation")
     for path in (job.output["train"], job.output["queries"]):
         mlrun.log_artifact(path, "data")

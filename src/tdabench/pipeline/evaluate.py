@@ -9,7 +9,7 @@ import h5py
 import polars as pl
 
 from tdabench.data.bm25 import bm25_scores
-from tdabench.evaluate import Projected, evaluate_split, tidy
+from tdabench.evaluate import PER_QUERY_SCHEMA, Projected, Scoring, evaluate_split, tidy
 from tdabench.io import write_parquet
 from tdabench.pipeline.common import JobContext
 from tdabench.selection import split_queries
@@ -58,7 +58,8 @@ def main(job: JobContext, mlrun) -> None:
     queries = pl.read_parquet(job.input["queries"])
     costs = pl.read_parquet(job.input["costs"])
     selected = dict(zip(p["settings"], job.input["selected"])) if job.input.get("selected") else {}
-    rows = []
+    rows, per_query = [], []
+    scoring = Scoring(tuple(p["recall_at"]), p["bootstrap"], p["bootstrap_seed"])
     for setting, sim_path, sel_path in zip(p["settings"], job.input["similarity"], job.input["selection"]):
         sim = load_similarity(sim_path)
         selection = pl.read_parquet(sel_path)
@@ -76,10 +77,13 @@ def main(job: JobContext, mlrun) -> None:
             raise ValueError(f"{sim_path}: training ids differ from {job.input['train']}")
         for split in range(p["n_splits"]):
             _, held = split_queries(sim.query_ids, p["selection_fraction"], p["split_seed"] + split)
-            rows += evaluate_split(sim, setting, split, held, selection.filter(pl.col("split") == split),
-                                   projections, baselines, p["recall_at"])
+            r, pq = evaluate_split(sim, setting, split, held, selection.filter(pl.col("split") == split),
+                                   projections, baselines, scoring)
+            rows += r
+            per_query += pq
     table = tidy(rows, p["recall_at"], costs)
     write_parquet(table, job.output["metrics"])
+    write_parquet(pl.DataFrame(per_query, schema=PER_QUERY_SCHEMA), job.output["per_query"])
     for r in (table.filter(pl.col("method").is_in(["full", "greedy", "best_single"]))
               .group_by("setting", "method", maintain_order=True).agg(pl.col("top1", "mrr").mean())
               .iter_rows(named=True)):

@@ -8,12 +8,13 @@ import re
 from pathlib import Path
 
 import polars as pl
+import yaml
 
 from tdabench import tracking
 from tdabench.evaluate import headline, summary_markdown
 from tdabench.io import write_text
 from tdabench.pipeline.common import JobContext
-from tdabench.plots import plot_metric_vs_cost, plot_metric_vs_dim
+from tdabench.plots import plot_greedy_curve, plot_metric_vs_cost, plot_metric_vs_dim, plot_single_heatmap
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +37,40 @@ def headline_metrics(table: pl.DataFrame) -> dict[str, float]:
     return out
 
 
+def log_method_runs(mlrun, table: pl.DataFrame) -> None:
+    """One nested run per evaluated headline method (setting, method, variant, k, budget), so the
+    MLflow UI compares methods within and across invocations."""
+    for r in headline(table).iter_rows(named=True):
+        name = " ".join(str(x) for x in (r["setting"], r["method"], r["variant"], r["k"] and f"k={r['k']}") if x)
+        params = {"setting": r["setting"], "method": r["method"], "variant": r["variant"] or "",
+                  "components": r["components"] or "", "k": r["k"] if r["k"] is not None else "",
+                  "budget": r["budget"] if r["budget"] is not None else "", "dim": r["dim"],
+                  "n_components": r["n_components"], "n_runs": r["n_runs"]}
+        metrics = {m: r[m] for m in r if m in ("top1", "mrr") or m.startswith(("recall_at_", "top1_", "mrr_"))}
+        if r["seconds_per_sample"] is not None:
+            metrics["ms_per_sample"] = r["seconds_per_sample"] * 1e3
+        metrics["dim"] = r["dim"]
+        mlrun.child(name, params, {k: v for k, v in metrics.items() if v is not None and v == v},
+                    tags={"tdabench.kind": "method"})
+
+
 def main(job: JobContext, mlrun) -> None:
     order = {s: i for i, s in enumerate(job.params["settings"])}
     table = pl.read_parquet(job.input["metrics"]).sort(pl.col("setting").replace_strict(order), maintain_order=True)
-    plots = [job.output["plot_top1"], job.output["plot_mrr"], job.output["plot_cost"]]
-    plot_metric_vs_dim(table, plots[0], "top1")
-    plot_metric_vs_dim(table, plots[1], "mrr")
-    plot_metric_vs_cost(table, plots[2], "top1")
+    plots = [job.output[k] for k in ("plot_top1", "plot_mrr", "plot_heatmap", "plot_greedy", "plot_cost")]
+    plot_metric_vs_dim(table, job.output["plot_top1"], "top1")
+    plot_metric_vs_dim(table, job.output["plot_mrr"], "mrr")
+    plot_single_heatmap(table, job.output["plot_heatmap"], "top1")
+    plot_greedy_curve(table, job.output["plot_greedy"], "top1")
+    plot_metric_vs_cost(table, job.output["plot_cost"], "top1")
+    write_text(yaml.safe_dump(job.params["study_config"], sort_keys=False), job.output["config"])
     here = Path(job.output["summary"]).parent
     write_text(summary_markdown(table, [os.path.relpath(p, here) for p in plots]), job.output["summary"])
     metrics = headline_metrics(table)
+    log_method_runs(mlrun, table)
     parent = tracking.parent()
     for run in (mlrun, parent):
         run.log_metrics(metrics)
-        for path in (job.output["summary"], *plots, job.input["metrics"]):
+        for path in (job.output["summary"], job.output["config"], *plots, job.input["metrics"]):
             run.log_artifact(path, "results")
     log.info("%d headline metrics logged%s", len(metrics), " to the parent run" if parent.active else "")

@@ -130,7 +130,7 @@ def plot_single_heatmap(table: pl.DataFrame, path: str | Path, metric: str = "to
                 if not np.isnan(grid[i, j]):
                     ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
                             color="w" if grid[i, j] < 0.6 * np.nanmax(grid) else "k")
-        ax.set_xticks(range(len(families)), families)
+        ax.set_xticks(range(len(families)), families, rotation=45, ha="right")
         ax.set_yticks(range(len(layers)), [f"layer {x}" if x != "other" else "outside layers" for x in layers])
         ax.set_title(f"{setting}: {metric} of single components (held-out)")
         fig.colorbar(image, ax=ax, shrink=0.8)
@@ -164,8 +164,7 @@ def plot_greedy_curve(table: pl.DataFrame, path: str | Path, metric: str = "top1
                     fmt="*", ms=12, color="tab:blue", capsize=3, label="chosen prefix", zorder=5)
         ax.axhline(t.filter(pl.col("method") == "full")[metric].mean(), ls="--", color="k", lw=1,
                    label="full gradient")
-        ax.set_xscale("log")
-        ax.set_xlabel("share of parameters (log)")
+        _log_x(ax, "share of parameters (log)")
         ax.set_ylabel(metric)
         ax.set_title(f"{setting}: greedy selection")
         ax.set_ylim(-0.02, 1.02)

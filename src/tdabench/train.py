@@ -1,8 +1,10 @@
-"""Fine-tuning loop and the check that planted facts were learned.
+"""Training loop (pre-training and fine-tuning) and the check that planted facts were learned.
 
-Training loss: transformers' causal-LM loss, i.e. the mean over the batch's labelled tokens
-(response tokens and EOS by default; see tdabench.models). AdamW, linear warm-up, cosine decay,
-seeded shuffling: the same config and seed give the same weights on the same machine.
+Training loss: causal-LM cross-entropy averaged over the batch's labelled tokens (response tokens
+and EOS by default; see tdabench.models), optionally with label smoothing, which keeps a small
+model from becoming infinitely sure of memorised text (attribution always uses the plain loss).
+AdamW, linear warm-up, cosine decay, seeded shuffling: the same config and seed give the same
+weights on the same machine.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tdabench.models import Encoded, collate, encode_prompt
@@ -24,6 +27,7 @@ class TrainConfig:
     learning_rate: float = 5e-3
     weight_decay: float = 0.0
     warmup_fraction: float = 0.05
+    label_smoothing: float = 0.0
     seed: int = 0
 
 
@@ -36,7 +40,17 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-def train(model, examples: list[Encoded], pad_id: int, cfg: TrainConfig, progress: bool = True) -> list[dict]:
+def lm_loss(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy over the batch's labelled tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift = logits[:, :-1].float()  # [batch, tokens-1, vocab]
+    targets = batch["labels"][:, 1:]  # [batch, tokens-1]
+    return F.cross_entropy(shift.reshape(-1, shift.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           label_smoothing=label_smoothing)
+
+
+def train(model, examples: list[Encoded], pad_id: int, cfg: TrainConfig, progress: bool = True,
+          desc: str = "train") -> list[dict]:
     """Train in place. Returns the loss curve: one {"epoch", "step", "loss"} per epoch."""
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -45,13 +59,13 @@ def train(model, examples: list[Encoded], pad_id: int, cfg: TrainConfig, progres
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, round(cfg.warmup_fraction * total))))
     model.train()
     curve, step = [], 0
-    bar = tqdm(total=total, desc="finetune", disable=not progress, mininterval=2.0)
+    bar = tqdm(total=total, desc=desc, disable=not progress, mininterval=2.0)
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(examples), generator=gen).tolist()
         losses = []
         for start in range(0, len(order), cfg.batch_size):
             batch = collate([examples[i] for i in order[start:start + cfg.batch_size]], pad_id)
-            loss = model(**batch).loss
+            loss = lm_loss(model, batch, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -68,11 +82,11 @@ def train(model, examples: list[Encoded], pad_id: int, cfg: TrainConfig, progres
 
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: list[str], max_length: int, max_new_tokens: int = 24,
-                   batch_size: int = 64) -> list[str]:
+                   batch_size: int = 64, progress: bool = False) -> list[str]:
     """The model's greedy-decoded response to each prompt (left-padded batches)."""
     pad = tokenizer.pad_token_id
     out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, mininterval=2.0):
         ids = [encode_prompt(tokenizer, p, max_length) for p in prompts[start:start + batch_size]]
         width = max(map(len, ids))
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)

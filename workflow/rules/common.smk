@@ -9,6 +9,34 @@ def stage_code(stage):
     return [os.path.relpath(p) for p in stage_sources(f"tdabench.pipeline.{stage}", SRC / "tdabench")]
 
 
+def base_model():
+    """The model fine-tuning starts from: a produced directory, a local directory or a hub name."""
+    kind = config["model"]["kind"]
+    return {"tiny": "results/models/base", "gguf": "results/models/converted"}.get(kind, config["model"]["name_or_path"])
+
+
+def attributed_model():
+    """The model whose gradients are attributed (fine-tuned, or the base model as it is)."""
+    return "results/models/finetuned" if config["finetune"]["enabled"] else base_model()
+
+
+def local(ref):
+    """`ref` as a Snakemake input when it is a file or folder (a hub name is not)."""
+    return [ref] if ref.startswith("results/") or os.path.exists(ref) else []
+
+
+def model_param(ref):
+    """Params value of a model: the rule's `model` input when local, else the hub name."""
+    return lambda wildcards, input: input.model[0] if local(ref) else ref
+
+
+def query_table():
+    """All queries: the data's, plus model-generated ones when that setting is requested."""
+    if "model_generated" in config["dataset"]["settings"]:
+        return "results/data/queries_all.parquet"
+    return "results/data/queries.parquet"
+
+
 def n_shards(split):
     return config["gradients"]["shards"] if split == "train" else 1
 

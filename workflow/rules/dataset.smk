@@ -1,14 +1,45 @@
-rule dataset:
-    """Build the benchmark: training examples (planted + background) and queries with ground truth."""
+rule background:
+    """What the base model is pre-trained on (background settings only: planted settings never rerun it)."""
     input:
         code=stage_code("dataset"),
+    output:
+        background="results/data/background.parquet",
+    params:
+        kind=config["dataset"]["kind"],
+        synthetic={
+            key: config["dataset"]["synthetic"][key]
+            for key in ("n_entities", "background_facts_per_entity", "train_templates")
+        },
+        files=config["dataset"]["files"],
+        huggingface=config["dataset"]["huggingface"],
+        seed=config["seed"],
+    log:
+        "logs/background.log",
+    benchmark:
+        "benchmarks/background.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    conda:
+        "../../envs/tdabench.yaml"
+    script:
+        "../scripts/background.py"
+
+
+rule dataset:
+    """The benchmark: training examples (background + planted) and queries with ground truth."""
+    input:
+        code=stage_code("dataset"),
+        background="results/data/background.parquet",
     output:
         train="results/data/train.parquet",
         queries="results/data/queries.parquet",
     params:
         kind=config["dataset"]["kind"],
-        settings=config["dataset"]["settings"],
         synthetic=config["dataset"]["synthetic"],
+        files=config["dataset"]["files"],
+        huggingface=config["dataset"]["huggingface"],
         seed=config["seed"],
     log:
         "logs/dataset.log",

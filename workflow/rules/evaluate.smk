@@ -1,13 +1,14 @@
 rule costs:
     """Time to represent new samples with each method, all measured in one run on the same queries."""
     input:
+        model=local(attributed_model()),
         code=stage_code("costs"),
-        model="results/models/finetuned",
-        queries="results/data/queries.parquet",
+        queries=query_table(),
         selection=expand("results/selection/{setting}.parquet", setting=config["dataset"]["settings"]),
     output:
         costs="results/evaluation/costs.parquet",
     params:
+        model=model_param(attributed_model()),
         settings=config["dataset"]["settings"],
         cost_samples=config["evaluation"]["cost_samples"],
         methods=config["projection"]["methods"],
@@ -37,7 +38,7 @@ rule evaluate:
     input:
         code=stage_code("evaluate"),
         train="results/data/train.parquet",
-        queries="results/data/queries.parquet",
+        queries=query_table(),
         similarity=expand("results/similarity/{setting}.h5", setting=config["dataset"]["settings"]),
         selection=expand("results/selection/{setting}.parquet", setting=config["dataset"]["settings"]),
         projection=expand("results/projection/{method}.h5", method=projection_methods()),

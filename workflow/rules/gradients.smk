@@ -1,13 +1,14 @@
 rule gradients:
     """Per-sample loss gradients of one shard of a split, one HDF5 dataset per component."""
     input:
+        model=local(attributed_model()),
         code=stage_code("gradients"),
-        model="results/models/finetuned",
         train="results/data/train.parquet",
-        queries="results/data/queries.parquet",
+        queries=query_table(),
     output:
         store="results/gradients/{split}/shard-{shard}.h5",
     params:
+        model=model_param(attributed_model()),
         shards=lambda wc: n_shards(wc.split),
         components=config["gradients"]["components"],
         batch_size=config["gradients"]["batch_size"],

@@ -8,7 +8,7 @@ rule similarity:
         code=stage_code("similarity"),
         train=gradient_shards("train"),
         query_grads=gradient_shards("queries"),
-        queries="results/data/queries.parquet",
+        queries=query_table(),
     output:
         similarity="results/similarity/{setting}.h5",
     params:

@@ -61,7 +61,7 @@ def reduce_seconds(grads: dict[str, torch.Tensor], names: list[str], cfg: Projec
 def main(job: JobContext, mlrun) -> None:
     set_threads(job.threads)
     p = job.params
-    model, tokenizer = load_model(job.input["model"])
+    model, tokenizer = load_model(p["model"])
     queries = pl.read_parquet(job.input["queries"])
     rows = []
     for setting, sel_path in zip(p["settings"], job.input["selection"]):

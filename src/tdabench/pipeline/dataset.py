@@ -1,4 +1,8 @@
-"""Stage `dataset`: build the benchmark tables."""
+"""Stages `background` and `dataset`: the benchmark tables.
+
+`background` holds what the tiny base model is pre-trained on; it depends on the background
+settings only, so changing the planted settings reruns `dataset` but never pre-training.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +11,49 @@ import logging
 import polars as pl
 
 from tdabench import tracking
-from tdabench.data.synthetic import SyntheticConfig, generate
+from tdabench.data.sources import check_columns, load_files, load_huggingface, read_table, with_role
+from tdabench.data.synthetic import SyntheticConfig, generate, generate_background
 from tdabench.io import write_parquet
 from tdabench.pipeline.common import JobContext
 
 log = logging.getLogger(__name__)
 
 
+def _user_train(p: dict) -> pl.DataFrame:
+    if p["kind"] == "files":
+        path = p["files"]["train"]
+        return with_role(check_columns(read_table(path, "dataset.files.train"), ("id", "prompt", "response"), path))
+    return load_huggingface(p["huggingface"]["train"], p["huggingface"]["queries"])[0]
+
+
+def main_background(job: JobContext, mlrun) -> None:
+    p = job.params
+    if p["kind"] == "synthetic":
+        table = generate_background(SyntheticConfig(**p["synthetic"], seed=p["seed"]))
+    else:  # user data: rows marked background, or every training row
+        train = _user_train(p)
+        table = train.filter(pl.col("role") == "background") if (train["role"] == "background").any() else train
+    write_parquet(table, job.output["background"])
+    log.info("background: %d examples", table.height)
+    mlrun.log_metrics({"n_background": table.height})
+
+
 def main(job: JobContext, mlrun) -> None:
     p = job.params
-    if p["kind"] != "synthetic":
-        raise ValueError(f"config key dataset.kind: unsupported value {p['kind']!r} (allowed: synthetic)")
-    train, queries = generate(SyntheticConfig(**p["synthetic"], seed=p["seed"]))
-    queries = queries.filter(pl.col("setting").is_in(p["settings"]))
+    if p["kind"] == "synthetic":
+        background = pl.read_parquet(job.input["background"])
+        train, queries = generate(SyntheticConfig(**p["synthetic"], seed=p["seed"]), background)
+    elif p["kind"] == "files":
+        train, queries = load_files(p["files"]["train"], p["files"]["queries"])
+    else:
+        train, queries = load_huggingface(p["huggingface"]["train"], p["huggingface"]["queries"])
     write_parquet(train, job.output["train"])
     write_parquet(queries, job.output["queries"])
-    counts = {
-        "n_train": train.height,
-        "n_planted": train.filter(pl.col("role") == "planted").height,
-        "n_background": train.filter(pl.col("role") == "background").height,
-        "n_entities": train["entity"].n_unique(),
-        **{f"n_queries.{s}": queries.filter(pl.col("setting") == s).height for s in p["settings"]},
-    }
+    counts = {"n_train": train.height, **{f"n_role.{r}": n for r, n in train["role"].value_counts().iter_rows()},
+              **{f"n_queries.{s}": n for s, n in queries["setting"].value_counts().iter_rows()}}
     log.info("benchmark: %s", counts)
     mlrun.log_metrics(counts)
     parent = tracking.parent()
     for run in (mlrun, parent):
         run.log_input(train, "train", job.output["train"], "training")
         run.log_input(queries, "queries", job.output["queries"], "evaluation")
-    for path in (job.output["train"], job.output["queries"]):
-        mlrun.log_artifact(path, "data")

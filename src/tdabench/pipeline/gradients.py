@@ -35,7 +35,7 @@ def main(job: JobContext, mlrun) -> None:
     split, shard, n_shards = job.wildcards["split"], int(job.wildcards["shard"]), p["shards"]
     tables = {s: pl.read_parquet(job.input[s]) for s in ("train", "queries")}
     df = tables[split][shard_rows(tables[split].height, shard, n_shards)]
-    model, tokenizer = load_model(job.input["model"])
+    model, tokenizer = load_model(p["model"])
     registry = {c.name: c for c in component_registry(model)}
     names = match_components(list(registry), p["components"])
     components = [registry[n] for n in names]
@@ -62,7 +62,7 @@ def main(job: JobContext, mlrun) -> None:
         log.warning("%d of %d examples truncated to %d tokens", n_trunc, len(examples), tok["max_length"])
     attrs = {
         "split": split, "shard": shard, "n_shards": n_shards,
-        "model_fingerprint": model_fingerprint(job.input["model"]),
+        "model_fingerprint": model_fingerprint(p["model"]),
         "config_hash": hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:12],
         "code_version": f"{tdabench.__version__}+{sources_digest('tdabench.pipeline.gradients')}",
         "n_truncated": n_trunc,

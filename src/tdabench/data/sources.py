@@ -1,0 +1,117 @@
+"""User data: JSONL / parquet files and Hugging Face datasets (hub name or local folder).
+
+Schemas (after column mapping):
+    train    id, prompt, response                      (optional: role = planted | background)
+    queries  id, source_id, setting, prompt, response  (source_id: an id of the train table)
+A Hugging Face dataset is read with `datasets.load_dataset` (a hub name, a folder of data files,
+or a folder written by `Dataset.save_to_disk`), then its columns are renamed by the mapping
+{our column: dataset column}; query sets aligned row by row with the training set can take
+`source: index` instead of a source_id column.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+
+TRAIN_COLUMNS = ("id", "prompt", "response")
+QUERY_COLUMNS = ("id", "source_id", "setting", "prompt", "response")
+
+
+class DataError(ValueError):
+    """User data that cannot be used: names the file or config key and what is allowed."""
+
+
+def read_table(path: str | Path, key: str) -> pl.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"config key {key}: file {path} does not exist")
+    if path.suffix in (".jsonl", ".json", ".ndjson"):
+        try:
+            return pl.read_ndjson(path)
+        except Exception as e:  # noqa: BLE001 - report any parse error with the file name
+            raise DataError(f"{path}: not valid JSON Lines ({e})") from None
+    if path.suffix == ".parquet":
+        return pl.read_parquet(path)
+    raise DataError(f"config key {key}: {path} must be .jsonl (JSON Lines) or .parquet")
+
+
+def check_columns(df: pl.DataFrame, required: tuple[str, ...], where: str) -> pl.DataFrame:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing}; required: {list(required)}, found: {df.columns}")
+    out = df.with_columns(pl.col(c).cast(pl.Utf8) for c in required)
+    empty = out.filter(pl.any_horizontal(pl.col(c).is_null() for c in required)).height
+    if empty:
+        raise DataError(f"{where}: {empty} row(s) with an empty {'/'.join(required)} value")
+    if not out["id"].is_unique().all():
+        raise DataError(f"{where}: column id has duplicate values")
+    return out
+
+
+def validate_pair(train: pl.DataFrame, queries: pl.DataFrame, where: str) -> None:
+    unknown = sorted(set(queries["source_id"]) - set(train["id"]))
+    if unknown:
+        raise DataError(f"{where}: {len(unknown)} query source_id(s) are not training ids, e.g. {unknown[:3]}")
+
+
+def load_files(train_path: str, queries_path: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    train = check_columns(read_table(train_path, "dataset.files.train"), TRAIN_COLUMNS, train_path)
+    queries = check_columns(read_table(queries_path, "dataset.files.queries"), QUERY_COLUMNS, queries_path)
+    validate_pair(train, queries, queries_path)
+    return with_role(train), queries
+
+
+def with_role(train: pl.DataFrame) -> pl.DataFrame:
+    return train if "role" in train.columns else train.with_columns(pl.lit("train").alias("role"))
+
+
+def load_hf(spec: dict, key: str) -> pl.DataFrame:
+    """One split of a Hugging Face dataset as a polars table, columns mapped to ours."""
+    from datasets import load_dataset, load_from_disk
+
+    path = spec["path"]
+    local = Path(path)
+    try:
+        if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
+            data = load_from_disk(str(local))  # written by save_to_disk
+            data = data[spec.get("split", "train")] if hasattr(data, "keys") else data
+        else:
+            data = load_dataset(path, spec.get("name"), split=spec.get("split", "train"))
+    except Exception as e:  # noqa: BLE001 - the datasets library raises many kinds; name the key
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = (" The Hugging Face hub is offline (HF_HUB_OFFLINE=1): download the dataset or point to a "
+                "local folder, or set HF_HUB_OFFLINE=0." if offline and not local.exists() else "")
+        raise DataError(f"config key {key}.path: cannot load {path!r} ({type(e).__name__}: {e}).{hint}") from None
+    table = pl.from_arrow(data.data.table) if hasattr(data, "data") else pl.DataFrame(data.to_dict())
+    mapping = spec.get("columns") or {}
+    missing = [col for col in mapping.values() if col not in table.columns]
+    if missing:
+        raise DataError(f"config key {key}.columns: {path} has no column(s) {missing}; it has {table.columns}")
+    return table.select(pl.col(src).alias(ours) for ours, src in mapping.items()) if mapping else table
+
+
+def load_huggingface(train_spec: dict, query_specs: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    key = "dataset.huggingface"
+    train = load_hf(train_spec, f"{key}.train")
+    if "id" not in train.columns:
+        train = train.with_columns(pl.format("t{}", pl.int_range(pl.len()).cast(pl.Utf8).str.zfill(5)).alias("id"))
+    train = check_columns(train, TRAIN_COLUMNS, f"{key}.train ({train_spec['path']})")
+    parts = []
+    for i, spec in enumerate(query_specs):
+        where = f"{key}.queries[{i}]"
+        q = load_hf(spec, where)
+        if spec.get("source") == "index":
+            if q.height != train.height:
+                raise DataError(f"config key {where}.source: 'index' needs as many queries as training rows "
+                                f"({q.height} vs {train.height})")
+            q = q.with_columns(train["id"].alias("source_id"))
+        if "id" not in q.columns:
+            q = q.with_columns(pl.format(f"q{i}_{{}}", pl.int_range(pl.len()).cast(pl.Utf8).str.zfill(5)).alias("id"))
+        q = q.with_columns(pl.lit(spec["setting"]).alias("setting"))
+        parts.append(check_columns(q, QUERY_COLUMNS, f"{where} ({spec['path']})"))
+    queries = pl.concat([p.select(QUERY_COLUMNS) for p in parts])
+    validate_pair(train, queries, f"{key}.queries")
+    return with_role(train), queries

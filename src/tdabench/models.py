@@ -83,10 +83,27 @@ def load_model(path: str | Path, gguf_file: str | None = None):
         local = Path(path).exists()
         hint = "" if local else (" It is not a local directory, and the Hugging Face hub is not reachable or "
                                  "HF_HUB_OFFLINE=1: download it first or set HF_HUB_OFFLINE=0.")
-        raise OSError(f"cannot load the model {str(path)!r}{' (' + gguf_file + ')' if gguf_file else ''}: {e}.{hint}") from None
+        raise OSError(f"cannot load the model {str(path)!r}{' (' + gguf_file + ')' if gguf_file else ''}: "
+                      f"{str(e).rstrip('.')}.{hint}") from None
+    if gguf_file:
+        model = _without_quantizer(model)
     if tokenizer.pad_token_id is None:  # batching needs one; never a labelled position (labels are -100 there)
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+def _without_quantizer(model):
+    """A GGUF model is loaded dequantised, but keeps a GGUF quantizer that refuses to save and
+    train; rebuild it as a plain float32 model with the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    plain.load_state_dict(model.state_dict())
+    plain.tie_weights()
+    return plain.eval()
 
 
 def gguf_location(path: str | None, package: str | None, file: str) -> tuple[Path, str]:

@@ -31,7 +31,7 @@ rule dataset:
     """The benchmark: training examples (background + planted) and queries with ground truth."""
     input:
         code=stage_code("dataset"),
-        background="results/data/background.parquet",
+        background=["results/data/background.parquet"] if config["dataset"]["kind"] == "synthetic" else [],
     output:
         train="results/data/train.parquet",
         queries="results/data/queries.parquet",

@@ -46,10 +46,12 @@ rule evaluate:
         costs="results/evaluation/costs.parquet",
     output:
         metrics="results/evaluation/metrics.parquet",
+        candidates="results/evaluation/candidates.parquet",
         per_query="results/evaluation/per_query.parquet",
     params:
         settings=config["dataset"]["settings"],
         recall_at=config["evaluation"]["recall_at"],
+        candidates=config["evaluation"]["candidates"],
         bootstrap=config["evaluation"]["bootstrap"],
         bootstrap_seed=config["evaluation"]["bootstrap_seed"],
         selection_fraction=config["selection"]["selection_fraction"],
@@ -75,6 +77,7 @@ rule summary:
     input:
         code=stage_code("summary"),
         metrics="results/evaluation/metrics.parquet",
+        candidates="results/evaluation/candidates.parquet",
     output:
         summary=report("results/summary.md", caption="../report/summary.rst", category="Summary"),
         config=report("results/config.yaml", caption="../report/config.rst", category="Configuration"),

@@ -2,7 +2,7 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))  # noqa: F821  (this checkout's tdabench)
+sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))  # noqa: F821  (this checkout's tdabench)
 from tdabench.pipeline import common, dataset  # noqa: E402
 
 common.run(dataset.main, common.JobContext.from_snakemake(snakemake))  # noqa: F821

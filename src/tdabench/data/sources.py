@@ -5,8 +5,9 @@ Schemas (after column mapping):
     queries  id, source_id, setting, prompt, response  (source_id: an id of the train table)
 A Hugging Face dataset is read with `datasets.load_dataset` (a hub name, a folder of data files,
 or a folder written by `Dataset.save_to_disk`), then its columns are renamed by the mapping
-{our column: dataset column}; query sets aligned row by row with the training set can take
-`source: index` instead of a source_id column.
+{our column: dataset column}. `messages: <column>` reads a chat-format column (a list of
+{role, content}) instead: prompt and response are its first user and assistant turns. Query sets
+aligned row by row with the training set can take `source: index` instead of a source_id column.
 """
 
 from __future__ import annotations
@@ -90,7 +91,28 @@ def load_hf(spec: dict, key: str) -> pl.DataFrame:
     missing = [col for col in mapping.values() if col not in table.columns]
     if missing:
         raise DataError(f"config key {key}.columns: {path} has no column(s) {missing}; it has {table.columns}")
-    return table.select(pl.col(src).alias(ours) for ours, src in mapping.items()) if mapping else table
+    if not mapping:
+        return table
+    out = table.select(pl.col(src).alias(ours) for ours, src in mapping.items() if ours != "messages")
+    if "messages" in mapping:  # a chat column: prompt and response from its first user / assistant turns
+        pairs = [first_turns(m, f"config key {key}.columns.messages ({path}, row {i})")
+                 for i, m in enumerate(table[mapping["messages"]].to_list())]
+        out = out.with_columns(pl.Series("prompt", [p for p, _ in pairs], pl.Utf8),
+                               pl.Series("response", [r for _, r in pairs], pl.Utf8))
+    return out
+
+
+def first_turns(messages: list[dict] | None, where: str) -> tuple[str, str]:
+    """(first user content, first assistant content) of a chat-format example
+    ([{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...])."""
+    turns = {}
+    for message in messages or []:
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            raise DataError(f"{where}: expected a list of {{role, content}} messages, got {message!r:.80}")
+        turns.setdefault(message["role"], message["content"])
+    if "user" not in turns or "assistant" not in turns:
+        raise DataError(f"{where}: needs a user and an assistant message, has roles {sorted(turns)}")
+    return turns["user"], turns["assistant"]
 
 
 def load_huggingface(train_spec: dict, query_specs: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:

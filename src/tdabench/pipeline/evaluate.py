@@ -6,9 +6,10 @@ import json
 import logging
 
 import h5py
+import numpy as np
 import polars as pl
 
-from tdabench.data.bm25 import bm25_scores
+from tdabench.data.bm25 import bm25_scores, top_candidates
 from tdabench.evaluate import PER_QUERY_SCHEMA, Projected, Scoring, evaluate_split, tidy
 from tdabench.io import write_parquet
 from tdabench.pipeline.common import JobContext
@@ -75,14 +76,20 @@ def main(job: JobContext, mlrun) -> None:
         }
         if sim.train_ids != train["id"].to_list():
             raise ValueError(f"{sim_path}: training ids differ from {job.input['train']}")
+        candidates = None
+        if p["candidates"] and sim.candidates is None:  # the published protocol: BM25 over training prompts
+            b = min(p["candidates"], len(sim.train_ids))
+            candidates = top_candidates(baselines["prompt"], sim.targets(np.arange(len(sim.query_ids))), b)
         for split in range(p["n_splits"]):
             _, held = split_queries(sim.query_ids, p["selection_fraction"], p["split_seed"] + split)
             r, pq = evaluate_split(sim, setting, split, held, selection.filter(pl.col("split") == split),
-                                   projections, baselines, scoring)
+                                   projections, baselines, scoring, candidates)
             rows += r
             per_query += pq
-    table = tidy(rows, p["recall_at"], costs)
+    everything = tidy(rows, p["recall_at"], costs)
+    table = everything.filter(pl.col("protocol") == "corpus")
     write_parquet(table, job.output["metrics"])
+    write_parquet(everything.filter(pl.col("protocol") == "candidates"), job.output["candidates"])
     write_parquet(pl.DataFrame(per_query, schema=PER_QUERY_SCHEMA), job.output["per_query"])
     for r in (table.filter(pl.col("method").is_in(["full", "greedy", "best_single"]))
               .group_by("setting", "method", maintain_order=True).agg(pl.col("top1", "mrr").mean())

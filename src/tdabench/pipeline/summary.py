@@ -65,12 +65,16 @@ def main(job: JobContext, mlrun) -> None:
     plot_metric_vs_cost(table, job.output["plot_cost"], "top1")
     write_text(yaml.safe_dump(job.params["study_config"], sort_keys=False), job.output["config"])
     here = Path(job.output["summary"]).parent
-    write_text(summary_markdown(table, [os.path.relpath(p, here) for p in plots]), job.output["summary"])
+    candidates = pl.read_parquet(job.input["candidates"])
+    write_text(summary_markdown(table, [os.path.relpath(p, here) for p in plots], candidates), job.output["summary"])
     metrics = headline_metrics(table)
+    if not candidates.is_empty():  # e.g. paraphrased.candidates.greedy.top1
+        metrics |= {re.sub(r"^([^.]+)\.", r"\1.candidates.", name): v
+                    for name, v in headline_metrics(candidates).items() if name.endswith((".top1", ".mrr"))}
     log_method_runs(mlrun, table)
     parent = tracking.parent()
     for run in (mlrun, parent):
         run.log_metrics(metrics)
-        for path in (job.output["summary"], job.output["config"], *plots, job.input["metrics"]):
+        for path in (job.output["summary"], job.output["config"], *plots, job.input["metrics"], job.input["candidates"]):
             run.log_artifact(path, "results")
     log.info("%d headline metrics logged%s", len(metrics), " to the parent run" if parent.active else "")

@@ -21,6 +21,7 @@ FAST = {  # the smallest study that still runs every stage
     "selection": {"n_splits": 1, "budgets": [0.5]},
     "projection": {"methods": ["sjlt"], "dims": [8], "seeds": [0]},
     "evaluation": {"bootstrap": 100, "cost_samples": 4, "candidates": 5},
+    "mlflow": {"enabled": False},  # MLflow is checked in test_workflow; here it would only add time
 }
 
 

@@ -30,7 +30,7 @@ MICRO = {
                   "batch_size": 16, "shards": 2, "max_component_dim": 600},  # embed, lm_head sketched
     "selection": {"n_splits": 2},
     "projection": {"dims": [8, 16], "seeds": [0]},
-    "evaluation": {"cost_samples": 8},
+    "evaluation": {"cost_samples": 4},
 }
 pytestmark = pytest.mark.workflow
 
@@ -58,7 +58,7 @@ def test_first_run_builds_every_output(study):
             "mrr", "recall_at_10", "components", "k", "seed"} <= set(table.columns)
     assert {"full", "single", "family", "best_single", "greedy", "greedy_step", "greedy_budget", "projection",
             "select_then_project", "bm25", "chance"} <= set(table["method"])
-    proj = table.filter((pl.col("method") == "projection") & (pl.col("split") == 0))
+    proj = table.filter((pl.col("method") == "projection") & (pl.col("split") == 0) & (pl.col("setting") == "paraphrased"))
     assert proj.group_by("variant").agg(pl.col("k").sort()).sort("variant")["k"].to_list() == [[8, 16]] * 3
     assert (table["n_queries"] == 9).all()  # 18 queries per setting, half held out
     assert set(table["setting"]) == {"paraphrased", "model_generated"}

@@ -63,7 +63,7 @@ def test_first_run_builds_every_output(study):
     assert (table["n_queries"] == 9).all()  # 18 queries per setting, half held out
     assert set(table["setting"]) == {"paraphrased", "model_generated"}
     assert table["split"].unique().sort().to_list() == [0, 1]
-    assert table.filter((pl.col("method") == "single") & (pl.col("split") == 0)).height == 2 * 7 + 2
+    assert table.filter((pl.col("method") == "single") & (pl.col("split") == 0)).height == 2 * (2 * 7 + 2)  # 2 settings
     headline = table.filter(pl.col("method").is_in(["full", "best_single", "greedy", "projection"]))
     assert headline["seconds_per_sample"].is_not_null().all() and (headline["dim"] > 0).all()
     assert "## paraphrased" in (root / "results/summary.md").read_text()
@@ -226,7 +226,7 @@ def test_report_is_self_contained_with_plots_and_config(study):
     assert ((full["top1_lo"] <= full["top1"]) & (full["top1"] <= full["top1_hi"])).all()
     per_query = pl.read_parquet(root / "results/evaluation/per_query.parquet")
     assert {"query_id", "method", "rank", "margin"} <= set(per_query.columns)
-    assert per_query.filter((pl.col("method") == "full") & (pl.col("split") == 0)).height == 9
+    assert per_query.filter((pl.col("method") == "full") & (pl.col("split") == 0)).height == 9 * 2  # 2 settings
 
 
 def free_port() -> int:

@@ -79,3 +79,14 @@ def test_dimension_cap_bounds_k_and_cache_size():
     validate_config({**base, "projection": {"dims": [200]}})  # two components capped at 100 each
     with pytest.raises(ConfigError, match="projection.dims"):
         validate_config({**base, "projection": {"dims": [201]}})
+
+
+@pytest.mark.parametrize("profile", sorted(p.name for p in (REPO_ROOT / "config" / "profiles").glob("*.yaml")))
+def test_shipped_profiles_validate_over_the_defaults(profile):
+    def merge(base, over):  # as snakemake --configfile merges: nested keys update, others replace
+        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                           for k, v in over.items()}}
+
+    base = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    config = validate_config(merge(base, yaml.safe_load((REPO_ROOT / "config" / "profiles" / profile).read_text())))
+    assert config["model"]["kind"] in ("gguf", "huggingface")

@@ -83,10 +83,9 @@ def test_dimension_cap_bounds_k_and_cache_size():
 
 @pytest.mark.parametrize("profile", sorted(p.name for p in (REPO_ROOT / "config" / "profiles").glob("*.yaml")))
 def test_shipped_profiles_validate_over_the_defaults(profile):
-    def merge(base, over):  # as snakemake --configfile merges: nested keys update, others replace
-        return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                           for k, v in over.items()}}
+    from snakemake.utils import update_config  # how `snakemake --configfile` merges a profile
 
-    base = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
-    config = validate_config(merge(base, yaml.safe_load((REPO_ROOT / "config" / "profiles" / profile).read_text())))
+    config = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((REPO_ROOT / "config" / "profiles" / profile).read_text()))
+    config = validate_config(config)
     assert config["model"]["kind"] in ("gguf", "huggingface")

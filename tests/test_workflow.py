@@ -41,6 +41,15 @@ def runs(root):
     return client, client.search_runs([exp.experiment_id], max_results=1000)
 
 
+def planned_with(root, cfg) -> dict[str, int]:
+    """What Snakemake would run under `cfg` (a dry run); the micro config is restored afterwards."""
+    write_config(root, cfg)
+    try:
+        return planned(root)
+    finally:
+        write_config(root, MICRO)
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = copy_repo(tmp_path_factory.mktemp("study"))
@@ -127,49 +136,36 @@ def test_complete_run_has_nothing_to_do_and_creates_no_run(study):
 
 def test_evaluation_setting_reruns_only_evaluation_side(study):
     root, _ = study
-    write_config(root, {**MICRO, "evaluation": {**MICRO["evaluation"], "recall_at": [1, 3]}})
-    try:
-        assert planned(root) == {"evaluate": 1, "summary": 1, "all": 1}
-    finally:
-        write_config(root, MICRO)
+    cfg = {**MICRO, "evaluation": {**MICRO["evaluation"], "recall_at": [1, 3]}}
+    assert planned_with(root, cfg) == {"evaluate": 1, "summary": 1, "all": 1}
 
 
 def test_projection_dims_rerun_only_projection_and_evaluation(study):
     root, _ = study
-    write_config(root, {**MICRO, "projection": {**MICRO["projection"], "dims": [8, 12]}})
-    try:
-        assert planned(root) == {"projection": 3, "project_selected": 2, "costs": 1, "evaluate": 1,
-                                 "summary": 1, "all": 1}
-    finally:
-        write_config(root, MICRO)
+    cfg = {**MICRO, "projection": {**MICRO["projection"], "dims": [8, 12]}}
+    assert planned_with(root, cfg) == {"projection": 3, "project_selected": 2, "costs": 1, "evaluate": 1,
+                                       "summary": 1, "all": 1}
 
 
 def test_selection_setting_reruns_selection_and_evaluation(study):
     root, _ = study
-    write_config(root, {**MICRO, "selection": {**MICRO["selection"], "objective": "top1"}})
-    try:
-        assert planned(root) == {"selection": 2, "project_selected": 2, "costs": 1, "evaluate": 1,
-                                 "summary": 1, "all": 1}
-    finally:
-        write_config(root, MICRO)
+    cfg = {**MICRO, "selection": {**MICRO["selection"], "objective": "top1"}}
+    assert planned_with(root, cfg) == {"selection": 2, "project_selected": 2, "costs": 1, "evaluate": 1,
+                                       "summary": 1, "all": 1}
+
+
+def with_synthetic(**changes) -> dict:
+    return {**MICRO, "dataset": {**MICRO["dataset"], "synthetic": {**MICRO["dataset"]["synthetic"], **changes}}}
 
 
 def test_planted_settings_do_not_rerun_pretraining(study):
     root, _ = study
-    synthetic = {**MICRO["dataset"]["synthetic"], "planted_facts": 16, "query_templates": 2}
-    write_config(root, {**MICRO, "dataset": {**MICRO["dataset"], "synthetic": synthetic}})
-    try:
-        stats = planned(root)
-        assert "pretrain" not in stats and "background" not in stats
-        assert {"dataset", "finetune", "generate", "gradients", "evaluate"} <= set(stats)
-    finally:
-        write_config(root, MICRO)
-    synthetic = {**MICRO["dataset"]["synthetic"], "background_facts_per_entity": 3}
-    write_config(root, {**MICRO, "dataset": {**MICRO["dataset"], "synthetic": synthetic}})
-    try:  # the background itself did change: the base model must be trained again
-        assert {"background", "pretrain", "dataset", "finetune"} <= set(planned(root))
-    finally:
-        write_config(root, MICRO)
+    stats = planned_with(root, with_synthetic(planted_facts=16, query_templates=2))
+    assert "pretrain" not in stats and "background" not in stats
+    assert {"dataset", "finetune", "generate", "gradients", "evaluate"} <= set(stats)
+    # The background itself did change: the base model must be trained again.
+    assert {"background", "pretrain", "dataset", "finetune"} <= set(planned_with(root, with_synthetic(
+        background_facts_per_entity=3)))
 
 
 @pytest.mark.parametrize("override,key", [

@@ -112,7 +112,9 @@ def check_consistency(config: dict) -> None:
     if data["kind"] != "synthetic":
         return
     syn = data["synthetic"]
-    free = syn["n_entities"] * (8 - syn["background_facts_per_entity"])
+    from tdabench.data.synthetic import RELATIONS
+
+    free = syn["n_entities"] * (len(RELATIONS) - syn["background_facts_per_entity"])
     if syn["planted_facts"] > free:
         raise ConfigError(f"config key dataset.synthetic.planted_facts: {syn['planted_facts']} > the {free} free "
                           "(entity, relation) pairs; add entities or lower background_facts_per_entity")

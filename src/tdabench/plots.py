@@ -42,12 +42,17 @@ def _settings(table: pl.DataFrame, width: float):
     return fig, zip(axes[0], settings)
 
 
-def _log_x(ax, label: str) -> None:
+def _metric_panel(ax, xlabel: str, metric: str, title: str) -> None:
+    """A panel of `metric` (0..1) against a log-scaled x with plain tick labels."""
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel(label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
 
 
 def plot_metric_vs_dim(table: pl.DataFrame, path: str | Path, metric: str = "top1") -> None:
@@ -78,11 +83,7 @@ def plot_metric_vs_dim(table: pl.DataFrame, path: str | Path, metric: str = "top
                 ax.axhline(bm25[metric].mean(), ls=ls, color="tab:green", lw=1, label=f"BM25 ({variant})")
         ax.axhline(t.filter(pl.col("method") == "chance")[metric].mean(), ls=":", color="tab:red", lw=1,
                    label="chance")
-        _log_x(ax, "representation dimension (log)")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{setting}: {metric} on held-out queries")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
+        _metric_panel(ax, "representation dimension (log)", metric, f"{setting}: {metric} on held-out queries")
         ax.legend(fontsize=6.5, loc="upper left", framealpha=0.85, ncol=2)
     _save(fig, path)
 
@@ -99,11 +100,8 @@ def plot_metric_vs_cost(table: pl.DataFrame, path: str | Path, metric: str = "to
             ax.errorbar([ms], [r["m"]], yerr=[r["sd"]], fmt="o", ms=4, color=color, capsize=3)
             label = (r["variant"] or r["method"]) + (f" k={r['k']}" if r["k"] is not None else "")
             ax.annotate(label, (ms, r["m"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        _log_x(ax, "ms to represent one new sample: gradient extraction + reduction (log)")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{setting}: {metric} against cost")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
+        _metric_panel(ax, "ms to represent one new sample: gradient extraction + reduction (log)", metric,
+                      f"{setting}: {metric} against cost")
     _save(fig, path)
 
 
@@ -164,10 +162,6 @@ def plot_greedy_curve(table: pl.DataFrame, path: str | Path, metric: str = "top1
                     fmt="*", ms=12, color="tab:blue", capsize=3, label="chosen prefix", zorder=5)
         ax.axhline(t.filter(pl.col("method") == "full")[metric].mean(), ls="--", color="k", lw=1,
                    label="full gradient")
-        _log_x(ax, "share of parameters (log)")
-        ax.set_ylabel(metric)
-        ax.set_title(f"{setting}: greedy selection")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
+        _metric_panel(ax, "share of parameters (log)", metric, f"{setting}: greedy selection")
         ax.legend(fontsize=7)
     _save(fig, path)

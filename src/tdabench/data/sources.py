@@ -58,11 +58,15 @@ def validate_pair(train: pl.DataFrame, queries: pl.DataFrame, where: str) -> Non
         raise DataError(f"{where}: {len(unknown)} query source_id(s) are not training ids, e.g. {unknown[:3]}")
 
 
+def load_files_train(path: str) -> pl.DataFrame:
+    return with_role(check_columns(read_table(path, "dataset.files.train"), TRAIN_COLUMNS, path))
+
+
 def load_files(train_path: str, queries_path: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    train = check_columns(read_table(train_path, "dataset.files.train"), TRAIN_COLUMNS, train_path)
+    train = load_files_train(train_path)
     queries = check_columns(read_table(queries_path, "dataset.files.queries"), QUERY_COLUMNS, queries_path)
     validate_pair(train, queries, queries_path)
-    return with_role(train), queries
+    return train, queries
 
 
 def with_role(train: pl.DataFrame) -> pl.DataFrame:
@@ -115,12 +119,18 @@ def first_turns(messages: list[dict] | None, where: str) -> tuple[str, str]:
     return turns["user"], turns["assistant"]
 
 
-def load_huggingface(train_spec: dict, query_specs: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    key = "dataset.huggingface"
-    train = load_hf(train_spec, f"{key}.train")
+def load_huggingface_train(spec: dict) -> pl.DataFrame:
+    """The training set of `dataset.huggingface.train` (ids: row numbers when it has none)."""
+    key = "dataset.huggingface.train"
+    train = load_hf(spec, key)
     if "id" not in train.columns:
         train = train.with_columns(pl.format("t{}", pl.int_range(pl.len()).cast(pl.Utf8).str.zfill(5)).alias("id"))
-    train = check_columns(train, TRAIN_COLUMNS, f"{key}.train ({train_spec['path']})")
+    return with_role(check_columns(train, TRAIN_COLUMNS, f"{key} ({spec['path']})"))
+
+
+def load_huggingface(train_spec: dict, query_specs: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    key = "dataset.huggingface"
+    train = load_huggingface_train(train_spec)
     parts = []
     for i, spec in enumerate(query_specs):
         where = f"{key}.queries[{i}]"
@@ -136,4 +146,4 @@ def load_huggingface(train_spec: dict, query_specs: list[dict]) -> tuple[pl.Data
         parts.append(check_columns(q, QUERY_COLUMNS, f"{where} ({spec['path']})"))
     queries = pl.concat([p.select(QUERY_COLUMNS) for p in parts])
     validate_pair(train, queries, f"{key}.queries")
-    return with_role(train), queries
+    return train, queries

@@ -11,7 +11,7 @@ import logging
 import polars as pl
 
 from tdabench import tracking
-from tdabench.data.sources import check_columns, load_files, load_huggingface, read_table, with_role
+from tdabench.data.sources import load_files, load_files_train, load_huggingface, load_huggingface_train
 from tdabench.data.synthetic import SyntheticConfig, generate, generate_background
 from tdabench.io import write_parquet
 from tdabench.pipeline.common import JobContext
@@ -21,9 +21,8 @@ log = logging.getLogger(__name__)
 
 def _user_train(p: dict) -> pl.DataFrame:
     if p["kind"] == "files":
-        path = p["files"]["train"]
-        return with_role(check_columns(read_table(path, "dataset.files.train"), ("id", "prompt", "response"), path))
-    return load_huggingface(p["huggingface"]["train"], p["huggingface"]["queries"])[0]
+        return load_files_train(p["files"]["train"])
+    return load_huggingface_train(p["huggingface"]["train"])
 
 
 def main_background(job: JobContext, mlrun) -> None:

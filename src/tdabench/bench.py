@@ -11,6 +11,9 @@
         write a gradient store with the dimension cap: peak RSS, file size against the estimate.
     python -m tdabench.bench greedy [--components 113 --queries 988 --candidates 5]
         greedy forward selection run to the end on a random similarity store of the published size.
+    python -m tdabench.bench architectures [--jobs 2] [--output docs/architectures.md] [TYPE ...]
+        every causal-LM architecture of transformers, built tiny: per-sample gradients vs the bs=1
+        loop (tdabench.architectures); writes the markdown table.
 """
 
 from __future__ import annotations
@@ -208,6 +211,47 @@ def greedy_main(args) -> None:
               f"in {time.perf_counter() - start:.2f} s")
 
 
+def _check_one(model_type: str):
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from tdabench.architectures import check_architecture
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    hf_logging.set_verbosity_error()
+    return check_architecture(model_type)
+
+
+def architectures_main(args) -> None:
+    """Check every architecture (one process per worker, fresh every few models) and write the table."""
+    import multiprocessing
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    types = args.types or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    start = time.perf_counter()
+    results = []
+    with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=8) as pool:
+        for r in pool.imap(_check_one, types):
+            results.append(r)
+            print(f"{r.model_type:<28} {r.status:<9} {r.seconds:5.1f} s  {r.reason[:100]}", flush=True)
+    from tdabench.architectures import render_markdown
+
+    header = (f"transformers {transformers.__version__}, torch {torch.__version__}; "
+              f"{len(types)} architectures checked in {time.perf_counter() - start:.0f} s with {args.jobs} workers.")
+    text = render_markdown(results, header)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    if any(r.status in ("wrong", "error") for r in results):
+        raise SystemExit("some architectures are wrong or crash the extractor (see the table)")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tdabench.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -217,6 +261,11 @@ def main(argv=None) -> None:
     g.add_argument("--queries", type=int, default=988)
     g.add_argument("--candidates", type=int, default=5)
     g.add_argument("--threads", type=int, default=torch.get_num_threads())
+    a = sub.add_parser("architectures")
+    a.add_argument("types", nargs="*", help="model types (keys of the causal-LM mapping); default: all")
+    a.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
+    a.add_argument("--output", default=None, help="write the markdown table here (e.g. docs/architectures.md)")
+    a.add_argument("--threads", type=int, default=1)
     for name in ("gradients", "store", "_variant"):
         p = sub.add_parser(name)
         if name == "_variant":
@@ -237,6 +286,8 @@ def main(argv=None) -> None:
         gradients_main(args)
     elif args.command == "greedy":
         greedy_main(args)
+    elif args.command == "architectures":
+        architectures_main(args)
     else:
         store_main(args)
 

@@ -21,6 +21,7 @@ from tdabench.gradients import GradientExtractor, _no_cache, per_sample_loss
 FLOOR = 1e-2
 DEFAULT_TOLERANCE = 1e-4  # fp32
 DEFAULT_TOLERANCE_AUTOCAST = 5e-2  # forward under bf16/fp16 autocast: batched and bs=1 round differently
+LOSS_GAP = 1e-6  # relative gap between batched and bs=1 loss beyond fp32 rounding
 
 
 class GradientCheckError(RuntimeError):
@@ -52,14 +53,16 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def reference_gradients(model, input_ids, attention_mask, labels, names: Sequence[str],
-                        rows: Sequence[int], autocast_dtype=None) -> dict[str, torch.Tensor]:
-    """{component: [len(rows), numel]} by one loss.backward() per sample, on its unpadded tokens."""
+def reference_gradients(model, input_ids, attention_mask, labels, names: Sequence[str], rows: Sequence[int],
+                        autocast_dtype=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({component: [len(rows), numel]}, losses [len(rows)]) by one loss.backward() per sample, on its
+    unpadded tokens."""
     params = dict(model.named_parameters())
     saved = {n: p.requires_grad for n, p in params.items()}
     was_training = model.training
     model.eval()
     out = {n: [] for n in names}
+    losses = []
     try:
         for p in params.values():
             p.requires_grad_(False)
@@ -74,6 +77,7 @@ def reference_gradients(model, input_ids, attention_mask, labels, names: Sequenc
                 with ctx:
                     logits = model(input_ids=input_ids[b, keep][None], **_no_cache(model)).logits
                 loss = per_sample_loss(logits, labels[b, keep][None]).sum()
+                losses.append(float(loss))
                 if loss.requires_grad:
                     loss.backward()
             for n in names:
@@ -84,7 +88,7 @@ def reference_gradients(model, input_ids, attention_mask, labels, names: Sequenc
         for n, p in params.items():
             p.requires_grad_(saved[n])
         model.train(was_training)
-    return {n: torch.stack(v) for n, v in out.items()}
+    return {n: torch.stack(v) for n, v in out.items()}, torch.tensor(losses, dtype=torch.float64)
 
 
 def relative_errors(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -110,6 +114,20 @@ def pick_samples(attention_mask: torch.Tensor, n: int) -> list[int]:
     return picked[:max(0, n)]
 
 
+def _diagnosis(extractor: GradientExtractor, rows: list[int], ref_losses: torch.Tensor) -> str:
+    """Why a check failed: the model's own batched loss differs from its bs=1 loss (it depends on
+    padding or on the other samples), or a layer that the extractor computes wrongly."""
+    if extractor.batch_losses is not None:
+        batched = extractor.batch_losses[rows].double()
+        gap = float(((batched - ref_losses).abs() / ref_losses.abs().clamp(min=1e-12)).max())
+        if gap > LOSS_GAP:
+            return (f"The model's own loss already differs between the batch and the sample alone (relative "
+                    f"{gap:.1e}): its forward depends on padding or on the other samples of the batch. "
+                    "Extract with gradients.batch_size: 1 (no padding), which is exact for any model.")
+    return ("The batched loss matches the bs=1 loss, so a layer is computed wrongly by the extractor: leave "
+            "the components above out of gradients.components, or report the model's architecture.")
+
+
 def check_extractor(extractor: GradientExtractor, input_ids, attention_mask, labels, samples: int = 2,
                     tolerance: float | None = None, grads: dict[str, torch.Tensor] | None = None
                     ) -> tuple[dict[str, torch.Tensor], CheckReport]:
@@ -123,8 +141,8 @@ def check_extractor(extractor: GradientExtractor, input_ids, attention_mask, lab
         tolerance = DEFAULT_TOLERANCE if extractor.autocast_dtype is None else DEFAULT_TOLERANCE_AUTOCAST
     rows = pick_samples(attention_mask, samples)
     start = time.perf_counter()
-    ref = reference_gradients(extractor.model, input_ids, attention_mask, labels, extractor.names, rows,
-                              extractor.autocast_dtype)
+    ref, ref_losses = reference_gradients(extractor.model, input_ids, attention_mask, labels, extractor.names,
+                                          rows, extractor.autocast_dtype)
     seconds = time.perf_counter() - start
     for n, sketch in extractor.sketches.items():
         ref[n] = sketch(ref[n])
@@ -134,7 +152,5 @@ def check_extractor(extractor: GradientExtractor, input_ids, attention_mask, lab
         raise GradientCheckError(
             f"per-sample gradients disagree with the bs=1 loss.backward() loop on {len(report.failing)} of "
             f"{len(errors)} components (tolerance {tolerance:g}, samples {rows} of the batch):\n"
-            f"{report.table(only_failing=True)}\n"
-            "This model has a layer the extractor computes wrongly; please report it with the model's "
-            "architecture. Components that took the loop path are exact by construction.")
+            f"{report.table(only_failing=True)}\n{_diagnosis(extractor, rows, ref_losses)}")
     return grads, report

@@ -244,6 +244,7 @@ class GradientExtractor:
         self.owners = _owners(model)
         self.plan = {n: self._plan(n) for n in self.names}
         self.paths = dict(self.plan)  # as run: the plan, plus every fall-back to the loop seen so far
+        self.batch_losses: torch.Tensor | None = None  # [batch] per-sample losses of the last batched pass
 
     def _plan(self, name: str) -> ComponentPath:
         planned = [module_path(m, a) for m, a in self.owners[id(self.params[name])]]
@@ -282,6 +283,7 @@ class GradientExtractor:
         saved = {n: p.requires_grad for n, p in params.items()}
         was_training = model.training
         model.eval()
+        self.batch_losses = None
         try:
             batched = [n for n in self.names if self.plan[n].path != LOOP]
             fallback = self._batched_pass(batched, sinks, input_ids, attention_mask, labels) if batched else {}
@@ -334,7 +336,9 @@ class GradientExtractor:
                 with tracer, self._forward_context(input_ids.device.type):
                     logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
                                         **_no_cache(self.model)).logits
-                total = per_sample_loss(logits, labels).sum()
+                losses = per_sample_loss(logits, labels)  # [batch]
+                self.batch_losses = losses.detach()
+                total = losses.sum()
                 outputs = [y for _, _, y, _ in records]
                 grads = torch.autograd.grad(total, outputs, allow_unused=True) if outputs and total.requires_grad \
                     else [None] * len(outputs)

@@ -1,3 +1,7 @@
+# The gradients keys the costs stage reads (only these rerun it).
+COSTS_GRADIENT_KEYS = ("components", "batch_size", "max_component_dim", "sketch_seed", "autocast")
+
+
 rule costs:
     """Time to represent new samples with each method, all measured in one run on the same queries."""
     input:
@@ -15,7 +19,7 @@ rule costs:
         dims=config["projection"]["dims"],
         nonzeros=config["projection"]["nonzeros"],
         select_kind=config["projection"]["select_kind"],
-        gradients=config["gradients"],
+        gradients={k: config["gradients"][k] for k in COSTS_GRADIENT_KEYS},
         tokenize=config["tokenize"],
     log:
         "logs/costs.log",

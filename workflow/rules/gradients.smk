@@ -17,6 +17,8 @@ rule gradients:
         sketch_seed=config["gradients"]["sketch_seed"],
         max_cache_gb=config["gradients"]["max_cache_gb"],
         autocast=config["gradients"]["autocast"],
+        verify=config["gradients"]["verify"],
+        verify_tolerance=config["gradients"]["verify_tolerance"],
         tokenize=config["tokenize"],
     log:
         "logs/gradients/{split}-{shard}.log",

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 import tdabench
 from tdabench.codedeps import sources_digest
 from tdabench.components import component_registry, match_components
-from tdabench.gradients import iter_batches, per_sample_gradients
+from tdabench.gradcheck import check_extractor
+from tdabench.gradients import GradientExtractor, iter_batches
 from tdabench.models import collate, encode, load_model, model_fingerprint
 from tdabench.pipeline.common import JobContext, set_threads
 from tdabench.projection import CountSketch, name_key
@@ -70,24 +71,48 @@ def main(job: JobContext, mlrun) -> None:
     log.info("%d samples x %d components (%d sketched), %d stored dims, about %.1f MB -> %s",
              len(examples), len(components), len(sketches), sum(stored), estimate / 1e6, job.output["store"])
     autocast = getattr(torch, p["autocast"]) if p["autocast"] else None
+    extract = GradientExtractor(model, names, sketches=sketches, autocast_dtype=autocast)
+    batches = list(iter_batches(len(examples), p["batch_size"]))
 
     start, computed = time.perf_counter(), 0
+    first = None  # the first batch's gradients, computed by the self-check, written below
+    check_metrics = {}
+    if p["verify"] and batches:
+        batch = collate(examples[batches[0]], tokenizer.pad_token_id)
+        # Raises (before any store file exists) with a table of the failing components.
+        grads, report = check_extractor(extract, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                        samples=p["verify"], tolerance=p["verify_tolerance"])
+        first = {n: g.numpy() for n, g in grads.items()}
+        attrs |= {"verify_samples": len(report.samples), "verify_tolerance": report.tolerance,
+                  "verify_max_error": report.worst}
+        check_metrics = {"verify_max_error": report.worst, "verify_seconds": report.seconds}
+        log.info("self-check: %d samples of the first batch vs a bs=1 loss.backward() loop: worst relative "
+                 "error %.2e (tolerance %.0e), %.2f s", len(report.samples), report.worst, report.tolerance,
+                 report.seconds)
+    log.info("%s", extract.describe_paths())
     with GradientStoreWriter(job.output["store"], df["id"].to_list(), components, p["dtype"], attrs,
                              sketch_info) as store:
-        for rows in tqdm(list(iter_batches(len(examples), p["batch_size"])), desc="gradients", mininterval=2.0):
+        for i, rows in enumerate(tqdm(batches, desc="gradients", mininterval=2.0)):
             if store.done[rows].all():  # resumed from an interrupted run
                 continue
-            batch = collate(examples[rows], tokenizer.pad_token_id)
-            grads = per_sample_gradients(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                         names, sketches=sketches, autocast_dtype=autocast)
-            store.write(rows, {n: g.numpy() for n, g in grads.items()})
+            if i == 0 and first is not None:
+                grads = first
+            else:
+                batch = collate(examples[rows], tokenizer.pad_token_id)
+                grads = {n: g.numpy() for n, g in extract(batch["input_ids"], batch["attention_mask"],
+                                                          batch["labels"]).items()}
+            store.write(rows, grads)
             computed += rows.stop - rows.start
     seconds = time.perf_counter() - start
+    if extract.paths != extract.plan:  # a later batch sent a component to the loop
+        log.info("%s", extract.describe_paths())
     manifest = file_manifest([job.output["store"]])
     mlrun.log_metrics({"n_samples": len(examples), "n_computed": computed, "n_components": len(components),
                        "n_sketched": len(sketches), "stored_dim": sum(stored), "seconds": seconds,
                        "samples_per_second": computed / max(seconds, 1e-9), "store_bytes": manifest[0]["bytes"],
-                       "estimated_bytes": estimate, "n_truncated": n_trunc})
+                       "estimated_bytes": estimate, "n_truncated": n_trunc, **check_metrics,
+                       **{f"n_path_{k}": v for k, v in extract.path_counts().items()}})
+    mlrun.log_dict({n: vars(p) for n, p in extract.paths.items()}, "gradient_paths.json")
     mlrun.log_dict(manifest, "manifest.json")
     log.info("%.1f samples/s, %.1f MB (estimate %.1f MB)", computed / max(seconds, 1e-9),
              manifest[0]["bytes"] / 1e6, estimate / 1e6)

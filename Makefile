@@ -52,7 +52,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not workflow and not browser"
+	$(BIN)/python -m pytest -q -m "not workflow and not browser and not architectures"
 
 lint: $(STAMP)
 	$(BIN)/snakemake --lint

@@ -167,3 +167,109 @@ def test_bf16_autocast_is_close_to_fp32():
         assert approx[n].dtype == torch.float32
         cos = torch.nn.functional.cosine_similarity(approx[n], exact[n], dim=1)
         assert (cos > 0.98).all()
+
+
+# --- Paths: only provably stock layers are hooked; everything else is exact another way ----------
+
+from types import SimpleNamespace
+
+from torch import nn
+
+from tdabench.gradcheck import GradientCheckError, check_extractor, relative_errors
+from tdabench.gradients import HOOK, LOOP, VMAP, GradientExtractor
+
+
+class ScaledEmbedding(nn.Embedding):
+    """Word embedding whose forward multiplies its output (Gemma-style): not the stock forward."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 3.0
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def with_module(model, path, new):
+    parent, _, attr = path.rpartition(".")
+    old = model.get_submodule(path)
+    new.load_state_dict(old.state_dict())
+    setattr(model.get_submodule(parent), attr, new)
+    return model
+
+
+def test_scaled_embedding_subclass_is_exact_through_its_own_forward():
+    model = tiny_llama(tie=True)  # the head shares the scaled embedding's weight
+    model = with_module(model, "model.embed_tokens", ScaledEmbedding(VOCAB, 16, padding_idx=0))
+    model.lm_head.weight = model.model.embed_tokens.weight
+    ids, mask, labels = padded_batch([9, 5, 12, 7], [3, 2, 6, 1])
+    extract = GradientExtractor(model)
+    got = extract(ids, mask, labels)
+    assert extract.paths["model.embed_tokens.weight"].path == VMAP  # hooking it as stock would be 3x off
+    assert extract.paths["model.layers.0.mlp.up_proj.weight"].path == HOOK
+    assert max_rel_error(got, reference(model, ids, mask, labels, extract.names)) < 1e-5
+
+
+class TinyLM(nn.Module):
+    """A causal-LM-shaped toy with one use of the embedding that hooks cannot see: logits from the
+    embedding matrix outside any layer's forward ("stray"), or its output scaled in place, as CTRL
+    does ("in-place")."""
+
+    def __init__(self, mode):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mode, self.embed, self.mix, self.head = mode, nn.Embedding(VOCAB, 8), nn.Linear(8, 8), nn.Linear(8, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        h = self.embed(input_ids)
+        if self.mode == "in-place":
+            h *= 2.0
+        h = torch.tanh(self.mix(h)).cumsum(1)  # causal: position t sees tokens <= t
+        return SimpleNamespace(logits=h @ self.embed.weight.T if self.mode == "stray" else self.head(h))
+
+
+@pytest.mark.filterwarnings("ignore:unknown architecture")
+@pytest.mark.parametrize("mode, reason", [("stray", "outside its module's forward"),
+                                          ("in-place", "output is modified in place")])
+def test_parameter_uses_hooks_cannot_see_fall_back_to_the_loop(mode, reason):
+    model = TinyLM(mode)
+    ids, mask, labels = padded_batch([9, 5, 12, 7], [3, 2, 6, 1])
+    extract = GradientExtractor(model)
+    got = extract(ids, mask, labels)
+    assert extract.plan["embed.weight"].path == HOOK
+    assert extract.paths["embed.weight"].path == LOOP and reason in extract.paths["embed.weight"].reason
+    assert extract.paths["mix.weight"].path == HOOK  # it reads the scaled value: hooking it is exact
+    assert max_rel_error(got, reference(model, ids, mask, labels, extract.names)) < 1e-5
+
+
+def test_self_check_passes_on_a_stock_model_and_returns_the_batch():
+    model = tiny_llama()
+    ids, mask, labels = padded_batch([9, 5, 12, 7], [3, 2, 6, 1])
+    extract = GradientExtractor(model)
+    grads, report = check_extractor(extract, ids, mask, labels, samples=2)
+    assert report.samples == [1, 2]  # the shortest and the longest sample
+    assert 0 <= report.worst < 1e-5 and set(report.errors) == set(extract.names)
+    torch.testing.assert_close(grads["lm_head.weight"], extract(ids, mask, labels)["lm_head.weight"])
+
+
+def test_a_wrongly_verified_class_is_caught_by_the_self_check(monkeypatch):
+    import tdabench.gradients as G
+
+    model = with_module(tiny_llama(), "model.layers.1.mlp.down_proj", ScaledLinear(24, 16, bias=False))
+    monkeypatch.setitem(G.VERIFIED, ScaledLinear, nn.Linear)  # someone claims it is a stock Linear
+    ids, mask, labels = padded_batch([9, 5, 12, 7], [3, 2, 6, 1])
+    with pytest.raises(GradientCheckError, match=r"model\.layers\.1\.mlp\.down_proj\.weight\s+hook") as err:
+        check_extractor(GradientExtractor(model), ids, mask, labels)
+    assert "model.layers.0" not in str(err.value)  # only the broken component is listed
+    monkeypatch.delitem(G.VERIFIED, ScaledLinear)  # unlisted again: exact via its own forward
+    check_extractor(GradientExtractor(model), ids, mask, labels)
+
+
+def test_relative_error_floors_analytically_zero_components():
+    ref = {"big": torch.tensor([[3.0, 4.0]]), "zero": torch.tensor([[0.0, 0.0]])}
+    noise = {"big": ref["big"], "zero": torch.tensor([[1e-9, 0.0]])}
+    assert relative_errors(noise, ref)["zero"] < 1e-6  # rounding noise on a zero gradient passes
+    wrong = {"big": ref["big"] * 1.01, "zero": torch.tensor([[0.1, 0.0]])}
+    errors = relative_errors(wrong, ref)
+    assert errors["big"] == pytest.approx(0.01) and errors["zero"] == pytest.approx(0.1 / 0.05)

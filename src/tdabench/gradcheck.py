@@ -77,7 +77,7 @@ def reference_gradients(model, input_ids, attention_mask, labels, names: Sequenc
                 with ctx:
                     logits = model(input_ids=input_ids[b, keep][None], **_no_cache(model)).logits
                 loss = per_sample_loss(logits, labels[b, keep][None]).sum()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 if loss.requires_grad:
                     loss.backward()
             for n in names:

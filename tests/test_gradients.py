@@ -273,3 +273,14 @@ def test_relative_error_floors_analytically_zero_components():
     wrong = {"big": ref["big"] * 1.01, "zero": torch.tensor([[0.1, 0.0]])}
     errors = relative_errors(wrong, ref)
     assert errors["big"] == pytest.approx(0.01) and errors["zero"] == pytest.approx(0.1 / 0.05)
+
+
+def test_self_check_refuses_non_finite_gradients_and_a_nan_tolerance():
+    model = tiny_llama()
+    ids, mask, labels = padded_batch([9, 5, 12, 7], [3, 2, 6, 1])
+    with pytest.raises(ValueError, match="gradients.verify_tolerance"):
+        check_extractor(GradientExtractor(model), ids, mask, labels, tolerance=float("nan"))
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")  # a diverged model
+    with pytest.raises(GradientCheckError, match="non-finite"):
+        check_extractor(GradientExtractor(model), ids, mask, labels)

@@ -179,7 +179,7 @@ def build_tiny(model_type: str, seed: int = 0):
     raise first_error
 
 
-def test_batch(config, lengths=(9, 5, 12, 7), prompt_lengths=(3, 2, 6, 1), seed: int = 1):
+def probe_batch(config, lengths=(9, 5, 12, 7), prompt_lengths=(3, 2, 6, 1), seed: int = 1):
     """Right-padded batch with response-only labels (prompt tokens and padding are -100), padded
     with the model's pad token; tokens are drawn from ids that are no special token of the config."""
     import torch
@@ -238,7 +238,7 @@ def check_architecture(model_type: str) -> ArchitectureResult:
         result.n_params = sum(p.numel() for p in model.parameters())
         if result.n_params > MAX_PARAMS:
             raise ValueError(f"still {result.n_params / 1e6:.0f}M parameters after shrinking")
-        ids, mask, labels = test_batch(model.config)
+        ids, mask, labels = probe_batch(model.config)
         names = [c.name for c in component_registry(model)]
         ref, _ = reference_gradients(model, ids, mask, labels, names, range(ids.shape[0]))
     except BaseException as e:  # noqa: BLE001 - any failure to build or run is "not built", with its reason

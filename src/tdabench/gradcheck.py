@@ -10,13 +10,14 @@ rounding noise; a wrong gradient there still shows, as an error of the sample's 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from tdabench.gradients import GradientExtractor, _no_cache, per_sample_loss
+from tdabench.gradients import GradientExtractor, no_cache_kwargs, per_sample_loss
 
 FLOOR = 1e-2
 DEFAULT_TOLERANCE = 1e-4  # fp32
@@ -63,6 +64,7 @@ def reference_gradients(model, input_ids, attention_mask, labels, names: Sequenc
     model.eval()
     out = {n: [] for n in names}
     losses = []
+    forward_kwargs = no_cache_kwargs(model)
     try:
         for p in params.values():
             p.requires_grad_(False)
@@ -75,7 +77,7 @@ def reference_gradients(model, input_ids, attention_mask, labels, names: Sequenc
                 ctx = torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype \
                     else torch.autocast(input_ids.device.type, enabled=False)
                 with ctx:
-                    logits = model(input_ids=input_ids[b, keep][None], **_no_cache(model)).logits
+                    logits = model(input_ids=input_ids[b, keep][None], **forward_kwargs).logits
                 loss = per_sample_loss(logits, labels[b, keep][None]).sum()
                 losses.append(float(loss.detach()))
                 if loss.requires_grad:
@@ -139,6 +141,9 @@ def check_extractor(extractor: GradientExtractor, input_ids, attention_mask, lab
         grads = extractor(input_ids, attention_mask, labels)
     if tolerance is None:
         tolerance = DEFAULT_TOLERANCE if extractor.autocast_dtype is None else DEFAULT_TOLERANCE_AUTOCAST
+    if not (0 < tolerance < math.inf):  # also refuses NaN, which a schema minimum lets through
+        raise ValueError(f"config key gradients.verify_tolerance: {tolerance!r}; use a positive finite number "
+                         "(e.g. 1e-4) or null for the default")
     rows = pick_samples(attention_mask, samples)
     start = time.perf_counter()
     ref, ref_losses = reference_gradients(extractor.model, input_ids, attention_mask, labels, extractor.names,
@@ -146,6 +151,13 @@ def check_extractor(extractor: GradientExtractor, input_ids, attention_mask, lab
     seconds = time.perf_counter() - start
     for n, sketch in extractor.sketches.items():
         ref[n] = sketch(ref[n])
+    bad = [n for n in extractor.names if not (torch.isfinite(ref[n]).all() and torch.isfinite(grads[n][rows]).all())]
+    if bad or not torch.isfinite(ref_losses).all():
+        raise GradientCheckError(
+            f"non-finite (NaN/inf) loss or per-sample gradients on samples {rows} of the batch (losses "
+            f"{[round(float(v), 4) for v in ref_losses]}; components {bad[:5]}{' ...' if len(bad) > 5 else ''}): the "
+            "model's loss is not finite, so no gradient can be trusted; check the model (a diverged fine-tune, "
+            "e.g. too high a learning rate) and its inputs")
     errors = relative_errors({n: grads[n][rows] for n in extractor.names}, ref)
     report = CheckReport(rows, errors, tolerance, {n: p.path for n, p in extractor.paths.items()}, seconds)
     if report.failing:

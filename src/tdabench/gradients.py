@@ -209,7 +209,7 @@ class _ParamUseTracer(TorchFunctionMode):
         return out
 
 
-def _no_cache(model: nn.Module) -> dict:
+def no_cache_kwargs(model: nn.Module) -> dict:
     """use_cache=False where the model's forward takes it (no KV cache is needed for one pass)."""
     import inspect
 
@@ -242,6 +242,7 @@ class GradientExtractor:
         self.sketches = dict(sketches or {})
         self.autocast_dtype = autocast_dtype
         self.owners = _owners(model)
+        self._forward_kwargs = no_cache_kwargs(model)  # inspected once, not on every forward
         self.plan = {n: self._plan(n) for n in self.names}
         self.paths = dict(self.plan)  # as run: the plan, plus every fall-back to the loop seen so far
         self.batch_losses: torch.Tensor | None = None  # [batch] per-sample losses of the last batched pass
@@ -335,7 +336,7 @@ class GradientExtractor:
             with torch.enable_grad():
                 with tracer, self._forward_context(input_ids.device.type):
                     logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                        **_no_cache(self.model)).logits
+                                        **self._forward_kwargs).logits
                 losses = per_sample_loss(logits, labels)  # [batch]
                 self.batch_losses = losses.detach()
                 total = losses.sum()
@@ -441,7 +442,7 @@ class GradientExtractor:
             keep = attention_mask[b].bool()  # drop padding: a bs=1 pass needs none
             with torch.enable_grad():
                 with self._forward_context(input_ids.device.type):
-                    logits = self.model(input_ids=input_ids[b, keep][None], **_no_cache(self.model)).logits
+                    logits = self.model(input_ids=input_ids[b, keep][None], **self._forward_kwargs).logits
                 loss = per_sample_loss(logits, labels[b, keep][None]).sum()
                 grads = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad \
                     else [None] * len(params)

@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Python then caches just the modules it imports, which needs bytecode writing switched on.
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install run smollm2 test test-fast lint dry-run report ui clean
+.PHONY: install run smollm2 test test-fast lint format dry-run report ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,11 +41,11 @@ run:
 	echo "[tdabench] results: results/summary.md   MLflow UI: make ui"; \
 	exit $$rc
 
-# The study on a real pretrained model (config/profiles/smollm2.yaml), in its own folder.
+# The study on a real pretrained model (config/studies/smollm2.yaml), in its own folder.
 smollm2: $(VENV)/.smollm2
 	@start=$$(date +%s); \
 	$(BIN)/snakemake --cores $(CORES) --directory runs/smollm2 --snakefile Snakefile \
-	  --configfile config/profiles/smollm2.yaml $(SNAKEMAKE_ARGS); rc=$$?; \
+	  --configfile config/studies/smollm2.yaml $(SNAKEMAKE_ARGS); rc=$$?; \
 	echo "[tdabench] make smollm2: $$(( $$(date +%s) - start )) s wall time, exit $$rc"; exit $$rc
 
 test: $(STAMP)
@@ -54,8 +54,17 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not workflow and not browser and not architectures"
 
+# Lint and format checks (what CI runs); `make format` rewrites the tree in place.
 lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check .
 	$(BIN)/snakemake --lint
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+	$(BIN)/snakefmt .
 
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n $(SNAKEMAKE_ARGS)

@@ -29,9 +29,7 @@ from tdabench.config import ConfigError, config_hash, validate_config
 # Schema validation (defaults filled, unknown keys and wrong types refused) plus cross-key
 # checks, before any job is scheduled.
 try:
-    _validated = validate_config(
-        config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
-    )
+    _validated = validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
 config.clear()
@@ -50,10 +48,10 @@ include: "workflow/rules/evaluate.smk"
 
 
 rule all:
+    default_target: True
     input:
         "results/evaluation/metrics.parquet",
         "results/summary.md",
-    default_target: True
 
 
 # MLflow: one parent run per invocation that executes jobs. Snakemake calls onstart only then

@@ -1,9 +1,13 @@
-"""Small builders shared by tests."""
+"""Small builders and slow references shared by tests."""
+
+from pathlib import Path
 
 import numpy as np
 
 from tdabench.components import describe
 from tdabench.store import GradientStoreWriter
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_store(path, ids, dims, seed=0, n_per_batch=3, attrs=None):
@@ -47,3 +51,46 @@ def crash_writer(path, crash_after=None, attrs=None, keep_partial=False):
     except InterruptedError:
         pass
     return computed
+
+
+def similarity_from_gradients(qg, tg, gt, names=None, params=None, families=None, layers=None, candidates=None):
+    """The similarity store of raw per-component gradients, built by hand: qg / tg are lists of
+    [Q, d_c] / [T, d_c] arrays (one per component), gt the source index of each query; dense
+    layout, or the candidate layout when `candidates` [Q, b] is given."""
+    from tdabench.similarity import Similarity
+
+    n_c = len(qg)
+    dense = np.stack([q @ t.T for q, t in zip(qg, tg)])  # [C, Q, T]
+    return Similarity(
+        components=names or [f"c{c}" for c in range(n_c)],
+        component_params=np.array(params if params is not None else [g.shape[1] for g in qg]),
+        component_family=families or ["other"] * n_c,
+        component_layer=np.array(layers if layers is not None else [-1] * n_c),
+        query_ids=[f"q{i}" for i in range(len(qg[0]))],
+        train_ids=[f"t{i}" for i in range(len(tg[0]))],
+        ground_truth=np.asarray(gt),
+        query_sqnorm=np.stack([(g * g).sum(1) for g in qg]),
+        train_sqnorm=np.stack([(g * g).sum(1) for g in tg]),
+        dot=dense if candidates is None else np.take_along_axis(dense, np.asarray(candidates)[None], axis=2),
+        attrs={},
+        candidates=None if candidates is None else np.asarray(candidates),
+    )
+
+
+def brute_force_ranks(qg, tg, gt, comps, queries, candidates=None):
+    """The source's rank per query by an explicit loop: concatenate the chosen components' raw
+    vectors, cosine against every training example (or the query's candidates), count the others
+    scoring at least as high (ties against the source); inf when the source is not a candidate."""
+    ranks = []
+    for q in queries:
+        qv = np.concatenate([qg[c][q] for c in comps])
+        cols = range(len(tg[0])) if candidates is None else candidates[q]
+        scores = {}
+        for t in cols:
+            tv = np.concatenate([tg[c][t] for c in comps])
+            scores[int(t)] = qv @ tv / (np.linalg.norm(qv) * np.linalg.norm(tv))
+        if int(gt[q]) not in scores:
+            ranks.append(np.inf)
+        else:
+            ranks.append(1 + sum(1 for t, s in scores.items() if t != gt[q] and s >= scores[int(gt[q])]))
+    return np.array(ranks, dtype=float)

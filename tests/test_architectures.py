@@ -24,7 +24,9 @@ def results():
 
 
 def test_every_built_architecture_is_exact_or_refused(results):
-    bad = {t: f"{r.status}: {r.reason}" for t, r in results.items() if r.status not in ("exact", "refused", "not built")}
+    bad = {
+        t: f"{r.status}: {r.reason}" for t, r in results.items() if r.status not in ("exact", "refused", "not built")
+    }
     assert not bad, bad
     for r in results.values():
         if r.status == "exact":
@@ -42,7 +44,9 @@ def test_docs_table_is_what_the_command_produces(results):
     text = DOC.read_text()
     version = re.search(r"transformers (\S+),", text).group(1)
     if version != transformers.__version__:
-        pytest.skip(f"{DOC.name} is for transformers {version}, this is {transformers.__version__}: "
-                    "regenerate with python -m tdabench.bench architectures --output docs/architectures.md")
+        pytest.skip(
+            f"{DOC.name} is for transformers {version}, this is {transformers.__version__}: "
+            "regenerate with python -m tdabench.bench architectures --output docs/architectures.md"
+        )
     rows = dict(re.findall(r"^\| (\S+) \| \S+ \| (exact|refused|wrong|error|not built) \|", text, re.M))
     assert rows == {t: r.status for t, r in results.items()}

@@ -14,6 +14,8 @@ import pytest
 
 from tdabench.cli import main
 
+from helpers import brute_force_ranks
+
 N_C, N_Q, N_T, DIMS = 4, 8, 10, (3, 5, 2, 4)
 CLI = str(Path(sys.executable).with_name("tdabench"))
 
@@ -50,22 +52,12 @@ def candidates_for(gt, seed=1, b=4):
     rows = []
     for q, g in enumerate(gt):
         others = [t for t in rng.permutation(N_T) if t != g]
-        rows.append(others[:b] if q % 3 == 2 else others[:b - 1] + [g])  # every third query: source missing
+        rows.append(others[:b] if q % 3 == 2 else others[: b - 1] + [g])  # every third query: source missing
     return np.array(rows)
 
 
 def direct_ranks(qg, tg, gt, comps, queries, candidates=None):
-    ranks = []
-    for q in queries:
-        qv = np.concatenate([qg[c][q] for c in comps])
-        cols = range(N_T) if candidates is None else candidates[q]
-        scores = {t: qv @ np.concatenate([tg[c][t] for c in comps]) /
-                  (np.linalg.norm(qv) * np.linalg.norm(np.concatenate([tg[c][t] for c in comps]))) for t in cols}
-        if gt[q] not in scores:
-            ranks.append(np.inf)
-        else:
-            ranks.append(1 + sum(1 for t, s in scores.items() if t != gt[q] and s >= scores[gt[q]]))
-    return np.array(ranks)
+    return brute_force_ranks(qg, tg, gt, comps, queries, candidates)
 
 
 @pytest.fixture(params=["dense", "candidates"])
@@ -79,8 +71,21 @@ def case(request, tmp_path):
 
 def test_evaluate_matches_direct_computation(case, tmp_path, capsys):
     path, qg, tg, gt, cands = case
-    main(["evaluate", "--similarity", str(path), "--components", "block0.*", "block2.*",
-          "--queries", "q1,q3,q4,q6,q7", "--k", "1", "3"])
+    main(
+        [
+            "evaluate",
+            "--similarity",
+            str(path),
+            "--components",
+            "block0.*",
+            "block2.*",
+            "--queries",
+            "q1,q3,q4,q6,q7",
+            "--k",
+            "1",
+            "3",
+        ]
+    )
     got = json.loads(capsys.readouterr().out)
     ranks = direct_ranks(qg, tg, gt, [0, 2], [1, 3, 4, 6, 7], cands)
     assert got["n_queries"] == 5 and got["components"] == ["block0.weight", "block2.weight"]
@@ -109,7 +114,7 @@ def direct_scores_flat(qg, tg, comps, cands):
     out = []
     for q in range(N_Q):
         qv = np.concatenate([qg[c][q] for c in comps])
-        for t in (range(N_T) if cands is None else cands[q]):
+        for t in range(N_T) if cands is None else cands[q]:
             tv = np.concatenate([tg[c][t] for c in comps])
             out.append(qv @ tv / (np.linalg.norm(qv) * np.linalg.norm(tv)))
     return np.array(out)
@@ -118,13 +123,27 @@ def direct_scores_flat(qg, tg, comps, cands):
 def test_greedy_table_scores_each_step_on_held_out_queries(case, tmp_path):
     path, qg, tg, gt, cands = case
     out = tmp_path / "greedy.parquet"
-    main(["greedy", "--similarity", str(path), "--objective", "mrr", "--selection-fraction", "0.5",
-          "--seed", "3", "--out", str(out)])
+    main(
+        [
+            "greedy",
+            "--similarity",
+            str(path),
+            "--objective",
+            "mrr",
+            "--selection-fraction",
+            "0.5",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     table = pl.read_parquet(out)
     assert table["step"].to_list() == [1, 2, 3, 4]
     assert {"component", "params_cum", "param_share", "objective", "top1", "mrr"} <= set(table.columns)
     assert table["param_share"][-1] == 1.0 and (table["scored_on"] == "held-out").all()
     from tdabench.selection import split_queries
+
     _, held = split_queries([f"q{i}" for i in range(N_Q)], 0.5, 3)
     order = [int(c[5]) for c in table["component"]]
     for step, row in enumerate(table.iter_rows(named=True), start=1):
@@ -147,8 +166,23 @@ def test_greedy_is_identical_across_runs_and_hash_seeds(tmp_path):
     for hash_seed in ("0", "1", "12345"):
         out = tmp_path / f"g{hash_seed}.csv"
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        subprocess.run([CLI, "greedy", "--similarity", str(tmp_path / "s.h5"), "--objective", "top1",
-                        "--selection-fraction", "0.5", "--out", str(out)], check=True, env=env, capture_output=True)
+        subprocess.run(
+            [
+                CLI,
+                "greedy",
+                "--similarity",
+                str(tmp_path / "s.h5"),
+                "--objective",
+                "top1",
+                "--selection-fraction",
+                "0.5",
+                "--out",
+                str(out),
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
         tables.append(out.read_text())
     assert tables[0] == tables[1] == tables[2]
 
@@ -156,9 +190,12 @@ def test_greedy_is_identical_across_runs_and_hash_seeds(tmp_path):
 def test_bad_arguments_are_clear(tmp_path):
     qg, tg, gt = raw_case()
     write_file(tmp_path / "s.h5", qg, tg, gt)
-    for args, message in ((["--components", "nothing*"], "matches no component"),
-                          (["--queries", "q1,zz"], "unknown query ids"),
-                          (["--queries", "1.5"], "fraction")):
-        r = subprocess.run([CLI, "evaluate", "--similarity", str(tmp_path / "s.h5"), *args],
-                           capture_output=True, text=True)
+    for args, message in (
+        (["--components", "nothing*"], "matches no component"),
+        (["--queries", "q1,zz"], "unknown query ids"),
+        (["--queries", "1.5"], "fraction"),
+    ):
+        r = subprocess.run(
+            [CLI, "evaluate", "--similarity", str(tmp_path / "s.h5"), *args], capture_output=True, text=True
+        )
         assert r.returncode != 0 and message in r.stderr

@@ -4,14 +4,22 @@ from tdabench.codedeps import stage_sources
 
 
 def names(stage):
-    return {Path(p).relative_to(Path(p).parents[1]).as_posix() if "pipeline" in p else Path(p).name
-            for p in stage_sources(f"tdabench.pipeline.{stage}")}
+    return {
+        Path(p).relative_to(Path(p).parents[1]).as_posix() if "pipeline" in p else Path(p).name
+        for p in stage_sources(f"tdabench.pipeline.{stage}")
+    }
 
 
 def test_gradient_stage_depends_on_its_modules_and_not_on_logging_or_analysis():
     deps = names("gradients")
-    assert {"gradients.py", "components.py", "models.py", "store.py", "pipeline/gradients.py",
-            "pipeline/common.py"} <= deps
+    assert {
+        "gradients.py",
+        "components.py",
+        "models.py",
+        "store.py",
+        "pipeline/gradients.py",
+        "pipeline/common.py",
+    } <= deps
     assert "tracking.py" not in deps
     assert not {"selection.py", "similarity.py", "evaluate.py", "data"} & deps
 

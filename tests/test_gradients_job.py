@@ -38,23 +38,45 @@ class Recorder(Run):
 
 @pytest.fixture
 def job(tmp_path, monkeypatch):
-    rows = [{"id": f"t{i}", "prompt": f"Where does person {i} live?", "response": f"In town {i % 7}."}
-            for i in range(10)]
-    for split in ("train", "queries"):
-        pl.DataFrame(rows).write_parquet(tmp_path / f"{split}.parquet")
+    rows = [
+        {"id": f"t{i}", "prompt": f"Where does person {i} live?", "response": f"In town {i % 7}."} for i in range(10)
+    ]
+    pl.DataFrame(rows).with_columns(role=pl.lit("planted")).write_parquet(tmp_path / "train.parquet")
+    queries = pl.DataFrame(rows).with_columns(source_id=pl.col("id"), setting=pl.lit("paraphrased"))
+    queries.write_parquet(tmp_path / "queries.parquet")
     tokenizer = train_tokenizer([r["prompt"] + " " + r["response"] for r in rows], vocab_size=300)
-    model = build_tiny_model(TinyModelConfig(vocab_size=320, hidden_size=16, intermediate_size=24, num_layers=2,
-                                             num_heads=2), tokenizer, seed=0)
+    model = build_tiny_model(
+        TinyModelConfig(vocab_size=320, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2),
+        tokenizer,
+        seed=0,
+    )
     old = model.model.layers[1].mlp.down_proj
     model.model.layers[1].mlp.down_proj = ScaledLinear(old.in_features, old.out_features, bias=False)
     model.model.layers[1].mlp.down_proj.load_state_dict(old.state_dict())
     monkeypatch.setattr(stage, "load_model", lambda path: (model, tokenizer))
-    params = {"model": "in-memory-test-model", "shards": 1, "components": ["all"], "batch_size": 4,
-              "dtype": "float32", "max_component_dim": None, "sketch_seed": 0, "max_cache_gb": 1, "autocast": None,
-              "verify": 2, "verify_tolerance": None, "tokenize": {"max_length": 64, "loss_on": "response"}}
-    return JobContext("gradients", input={s: str(tmp_path / f"{s}.parquet") for s in ("train", "queries")},
-                      output={"store": str(tmp_path / "gradients" / "train" / "shard-0.h5")}, params=params,
-                      wildcards={"split": "train", "shard": "0"})
+    params = {
+        "model": "in-memory-test-model",
+        "shards": 1,
+        "extraction": {
+            "components": ["all"],
+            "batch_size": 4,
+            "max_component_dim": None,
+            "sketch_seed": 0,
+            "autocast": None,
+        },
+        "dtype": "float32",
+        "max_cache_gb": 1,
+        "verify": 2,
+        "verify_tolerance": None,
+        "tokenize": {"max_length": 64, "loss_on": "response"},
+    }
+    return JobContext(
+        "gradients",
+        input={s: str(tmp_path / f"{s}.parquet") for s in ("train", "queries")},
+        output={"store": str(tmp_path / "gradients" / "train" / "shard-0.h5")},
+        params=params,
+        wildcards={"split": "train", "shard": "0"},
+    )
 
 
 def test_broken_component_fails_the_job_at_the_self_check_before_any_store(job, monkeypatch, tmp_path):

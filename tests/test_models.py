@@ -3,8 +3,12 @@ import torch
 from tdabench.components import component_registry, match_components, tiny_llama_shapes
 from tdabench.models import IGNORE_INDEX, TinyModelConfig, build_tiny_model, collate, encode, train_tokenizer
 
-TEXTS = ["Where was Kalo Ren born?", "Kalo Ren was born in Lisbon.", "Who employs Mi Tor?",
-         "Mi Tor works for Norbex."] * 5
+TEXTS = [
+    "Where was Kalo Ren born?",
+    "Kalo Ren was born in Lisbon.",
+    "Who employs Mi Tor?",
+    "Mi Tor works for Norbex.",
+] * 5
 
 
 def test_tokenizer_training_is_deterministic():
@@ -19,7 +23,7 @@ def test_labels_cover_exactly_the_response_and_eos():
     labelled = [t for t, lab in zip(e.input_ids, e.labels) if lab != IGNORE_INDEX]
     assert tok.decode(labelled) == "Kalo Ren was born in Lisbon.<|eos|>"
     assert all(lab == IGNORE_INDEX for lab in e.labels[: e.n_prefix])
-    assert e.labels[e.n_prefix:] == e.input_ids[e.n_prefix:]
+    assert e.labels[e.n_prefix :] == e.input_ids[e.n_prefix :]
     everything = encode(tok, "Where was Kalo Ren born?", "Kalo Ren was born in Lisbon.", 64, loss_on="all")
     assert everything.labels == everything.input_ids
 
@@ -58,11 +62,16 @@ def test_registry_families_and_patterns():
     assert reg["lm_head.weight"].family == "lm_head"
     assert reg["model.norm.weight"].family == "norm"
     names = list(reg)
-    assert match_components(names, ["o"]) == ["model.layers.0.self_attn.o_proj.weight",
-                                              "model.layers.1.self_attn.o_proj.weight"]
+    assert match_components(names, ["o"]) == [
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+    ]
     assert match_components(names, ["layers.1.mlp.*", "lm_head"]) == [
-        "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight",
-        "model.layers.1.mlp.down_proj.weight", "lm_head.weight"]
+        "model.layers.1.mlp.gate_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "lm_head.weight",
+    ]
 
 
 def test_same_seed_same_initial_weights():
@@ -79,8 +88,10 @@ def test_layer_ranges_groups_and_clear_errors():
     names = list(shapes)
     last_mlp = match_components(names, ["mlp@-1"])
     assert last_mlp == [f"model.layers.3.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
-    assert match_components(names, ["o@1-2"]) == ["model.layers.1.self_attn.o_proj.weight",
-                                                  "model.layers.2.self_attn.o_proj.weight"]
+    assert match_components(names, ["o@1-2"]) == [
+        "model.layers.1.self_attn.o_proj.weight",
+        "model.layers.2.self_attn.o_proj.weight",
+    ]
     assert len(match_components(names, ["attn"])) == 16
     assert match_components(names, ["all"]) == names
     assert len(match_components(names, ["*@0"])) == 9  # 7 matrices + 2 norms of layer 0
@@ -103,4 +114,7 @@ def test_unknown_architecture_falls_back_to_every_tensor_with_a_warning():
     with pytest.warns(UserWarning, match="unknown architecture"):
         reg = component_registry(Odd())
     assert [(c.name, c.family, c.numel) for c in reg] == [
-        ("beta", "other", 5), ("alpha.weight", "other", 12), ("alpha.bias", "other", 4)]
+        ("beta", "other", 5),
+        ("alpha.weight", "other", 12),
+        ("alpha.bias", "other", 4),
+    ]

@@ -4,10 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import random_store
-from tdabench.projection import (CHUNK, Projector, ProjectionConfig, block_dims, method_config,
-                                 project_component, project_store)
+from tdabench.projection import (
+    CHUNK,
+    ProjectionConfig,
+    Projector,
+    block_dims,
+    method_config,
+    project_component,
+    project_store,
+)
 from tdabench.store import GradientStore
+
+from helpers import random_store
 
 DIMS = [7, 5, 12]
 
@@ -29,8 +37,9 @@ def explicit_any(cfg, dims):
     return np.concatenate(rows)
 
 
-@pytest.mark.parametrize("method", ["sjlt", "gaussian", "rademacher", "blockwise", "blockwise_equal",
-                                    "blockwise_unnormalized"])
+@pytest.mark.parametrize(
+    "method", ["sjlt", "gaussian", "rademacher", "blockwise", "blockwise_equal", "blockwise_unnormalized"]
+)
 def test_streamed_projection_equals_explicit_matrix(tmp_path, method):
     data = random_store(tmp_path / "g.h5", [f"s{i}" for i in range(6)], DIMS, seed=0)
     cfg = method_config(method, k=6, seed=7, nonzeros=2)
@@ -46,8 +55,8 @@ def test_streamed_projection_equals_explicit_matrix(tmp_path, method):
         offsets = np.cumsum([0] + block_dims(DIMS, 6, cfg.blockwise))
         starts = np.cumsum([0] + DIMS)
         for c in range(len(DIMS)):
-            block = matrix[starts[c]:starts[c + 1]]
-            assert not block[:, :offsets[c]].any() and not block[:, offsets[c + 1]:].any()
+            block = matrix[starts[c] : starts[c + 1]]
+            assert not block[:, : offsets[c]].any() and not block[:, offsets[c + 1] :].any()
 
 
 def test_select_then_project_uses_the_full_projections_blocks(tmp_path):
@@ -56,8 +65,10 @@ def test_select_then_project_uses_the_full_projections_blocks(tmp_path):
     cfg = ProjectionConfig("gaussian", k=4, seed=1)
     with GradientStore(tmp_path / "g.h5") as store:
         got = project_store(store, cfg, components=[names[2], names[0]])
-    want = data[names[0]] @ explicit_matrix(cfg, DIMS)[:DIMS[0]] + \
-        data[names[2]] @ explicit_matrix(cfg, DIMS)[DIMS[0] + DIMS[1]:]
+    want = (
+        data[names[0]] @ explicit_matrix(cfg, DIMS)[: DIMS[0]]
+        + data[names[2]] @ explicit_matrix(cfg, DIMS)[DIMS[0] + DIMS[1] :]
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -97,15 +108,17 @@ def mean_inner_product(cfg_of_seed, dims, x, y, n_seeds):
         px, py = np.zeros((1, proj.out_dim), np.float32), np.zeros((1, proj.out_dim), np.float32)
         start = 0
         for c, d in enumerate(dims):
-            proj.add(px, c, torch.tensor(x[None, start:start + d], dtype=torch.float32))
-            proj.add(py, c, torch.tensor(y[None, start:start + d], dtype=torch.float32))
+            proj.add(px, c, torch.tensor(x[None, start : start + d], dtype=torch.float32))
+            proj.add(py, c, torch.tensor(y[None, start : start + d], dtype=torch.float32))
             start += d
         est.append(float(px[0] @ py[0]))
     return np.mean(est), proj.out_dim
 
 
-@pytest.mark.parametrize("method,nonzeros", [("gaussian", 1), ("rademacher", 1), ("sjlt", 1), ("sjlt", 4),
-                                             ("blockwise", 1), ("blockwise_equal", 1)])
+@pytest.mark.parametrize(
+    "method,nonzeros",
+    [("gaussian", 1), ("rademacher", 1), ("sjlt", 1), ("sjlt", 4), ("blockwise", 1), ("blockwise_equal", 1)],
+)
 def test_inner_products_are_unbiased_within_jl_bound(method, nonzeros):
     rng = np.random.default_rng(0)
     dims = [10, 30]
@@ -130,8 +143,10 @@ def test_unnormalised_blockwise_weights_components_by_their_dimensions():
     k_c = block_dims(dims, k, "proportional")
     assert k_c == [4, 16]
     weighted = k_c[0] * (x[:8] @ y[:8]) + k_c[1] * (x[8:] @ y[8:])  # what the published variant estimates
-    var = sum(kc * (np.sum(x[a:b] ** 2) * np.sum(y[a:b] ** 2) + (x[a:b] @ y[a:b]) ** 2)
-              for kc, (a, b) in zip(k_c, [(0, 8), (8, 40)]))
+    var = sum(
+        kc * (np.sum(x[a:b] ** 2) * np.sum(y[a:b] ** 2) + (x[a:b] @ y[a:b]) ** 2)
+        for kc, (a, b) in zip(k_c, [(0, 8), (8, 40)])
+    )
     assert abs(mean - weighted) < 5 * np.sqrt(var / n_seeds)
     assert abs(mean - x @ y) > 10 * np.sqrt(var / n_seeds)  # and clearly not the plain inner product
 
@@ -156,5 +171,5 @@ def test_count_sketch_is_unbiased_within_jl_bound_and_exact_blockwise():
     whole = s(torch.tensor(x[None], dtype=torch.float32))
     parts = torch.zeros(1, k)
     for start in range(0, 200, 37):
-        s.add(parts, start, torch.tensor(x[None, start:start + 37], dtype=torch.float32))
+        s.add(parts, start, torch.tensor(x[None, start : start + 37], dtype=torch.float32))
     torch.testing.assert_close(parts, whole)

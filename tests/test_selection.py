@@ -6,6 +6,8 @@ import pytest
 from tdabench.selection import best_prefix, best_single, greedy_forward, split_queries
 from tdabench.similarity import Similarity
 
+from helpers import brute_force_ranks, similarity_from_gradients
+
 
 def make_case(seed, n_c=5, n_q=6, n_t=7, dims=(3, 1, 4, 2, 3)):
     """Raw gradients per component plus the similarity store built from them by hand."""
@@ -15,38 +17,19 @@ def make_case(seed, n_c=5, n_q=6, n_t=7, dims=(3, 1, 4, 2, 3)):
     gt = rng.integers(0, n_t, n_q)
     for c in range(n_c):  # make the source a bit similar so objectives are not all zero
         qg[c] += 0.7 * tg[c][gt]
-    sim = Similarity(
-        components=[f"c{c}" for c in range(n_c)],
-        component_params=np.array(dims[:n_c]),
-        component_family=["other"] * n_c, component_layer=np.full(n_c, -1),
-        query_ids=[f"q{i}" for i in range(n_q)], train_ids=[f"t{i}" for i in range(n_t)],
-        ground_truth=gt,
-        query_sqnorm=np.stack([(g * g).sum(1) for g in qg]),
-        train_sqnorm=np.stack([(g * g).sum(1) for g in tg]),
-        dot=np.stack([q @ t.T for q, t in zip(qg, tg)]), attrs={},
-    )
-    return sim, qg, tg
+    return similarity_from_gradients(qg, tg, gt), qg, tg
 
 
 def brute_objective(subset, queries, qg, tg, gt, objective):
     """Concatenate the raw vectors and rank by an explicit loop."""
-    values = []
-    for q in queries:
-        qv = np.concatenate([qg[c][q] for c in subset])
-        scores = []
-        for t in range(len(tg[0])):
-            tv = np.concatenate([tg[c][t] for c in subset])
-            scores.append(qv @ tv / (np.linalg.norm(qv) * np.linalg.norm(tv)))
-        rank = 1 + sum(1 for t, s in enumerate(scores) if t != gt[q] and s >= scores[gt[q]])
-        values.append(1.0 if rank == 1 else 0.0) if objective == "top1" else values.append(1.0 / rank)
-    return float(np.mean(values))
+    ranks = brute_force_ranks(qg, tg, gt, subset, queries)
+    return float(np.mean(ranks == 1)) if objective == "top1" else float(np.mean(1.0 / ranks))
 
 
 def brute_greedy(sim, qg, tg, queries, objective):
     chosen, remaining, trace = [], list(range(len(qg))), []
     while remaining:
-        scored = [(brute_objective(chosen + [c], queries, qg, tg, sim.ground_truth, objective), c)
-                  for c in remaining]
+        scored = [(brute_objective(chosen + [c], queries, qg, tg, sim.ground_truth, objective), c) for c in remaining]
         best_value = max(round(v, 12) for v, _ in scored)
         ties = [c for v, c in scored if round(v, 12) == best_value]
         pick = min(ties, key=lambda c: (sim.component_params[c], c))  # fewer params, then model order
@@ -104,8 +87,9 @@ def brute_budget_greedy(sim, qg, tg, queries, objective, max_params):
         fits = [c for c in range(len(qg)) if c not in chosen and used + sim.component_params[c] <= max_params]
         if not fits:
             return trace
-        scored = [(round(brute_objective(chosen + [c], queries, qg, tg, sim.ground_truth, objective), 12), c)
-                  for c in fits]
+        scored = [
+            (round(brute_objective(chosen + [c], queries, qg, tg, sim.ground_truth, objective), 12), c) for c in fits
+        ]
         best = max(v for v, _ in scored)
         pick = min((c for v, c in scored if v == best), key=lambda c: (sim.component_params[c], c))
         chosen.append(pick)
@@ -145,8 +129,9 @@ def test_candidate_layout_scores_match_dense_columns():
         rows.append(list(others[:3]) + [gt] if q < 3 else list(others[:4]))
     cands = np.array(rows)  # [Q, b]
     dense_scores = sim.scores([0, 2])
-    cand_sim = Similarity(**{**sim.__dict__, "dot": np.take_along_axis(sim.dot, cands[None], axis=2),
-                             "candidates": cands})
+    cand_sim = Similarity(
+        **{**sim.__dict__, "dot": np.take_along_axis(sim.dot, cands[None], axis=2), "candidates": cands}
+    )
     np.testing.assert_allclose(cand_sim.scores([0, 2]), np.take_along_axis(dense_scores, cands, axis=1))
     assert cand_sim.targets().tolist()[:3] == [3, 3, 3] and (cand_sim.targets()[3:] == -1).all()
     steps = greedy_forward(cand_sim, np.arange(6), "mrr")  # runs on the candidate layout

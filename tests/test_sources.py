@@ -14,15 +14,20 @@ def write_jsonl(rows, path):
 
 
 def test_files_round_trip_and_unknown_source_is_named(tmp_path):
-    write_jsonl([{"id": "a", "prompt": "p1", "response": "r1"}, {"id": "b", "prompt": "p2", "response": "r2"}],
-                tmp_path / "train.jsonl")
-    write_jsonl([{"id": "q", "source_id": "b", "setting": "paraphrased", "prompt": "x", "response": "y"}],
-                tmp_path / "q.jsonl")
+    write_jsonl(
+        [{"id": "a", "prompt": "p1", "response": "r1"}, {"id": "b", "prompt": "p2", "response": "r2"}],
+        tmp_path / "train.jsonl",
+    )
+    write_jsonl(
+        [{"id": "q", "source_id": "b", "setting": "paraphrased", "prompt": "x", "response": "y"}], tmp_path / "q.jsonl"
+    )
     train, queries = load_files(str(tmp_path / "train.jsonl"), str(tmp_path / "q.jsonl"))
     assert train["id"].to_list() == ["a", "b"] and set(train["role"]) == {"train"}
     assert queries["source_id"].to_list() == ["b"]
-    write_jsonl([{"id": "q", "source_id": "zz", "setting": "paraphrased", "prompt": "x", "response": "y"}],
-                tmp_path / "bad.jsonl")
+    write_jsonl(
+        [{"id": "q", "source_id": "zz", "setting": "paraphrased", "prompt": "x", "response": "y"}],
+        tmp_path / "bad.jsonl",
+    )
     with pytest.raises(DataError, match=r"bad.jsonl: 1 query source_id\(s\) are not training ids, e.g. \['zz'\]"):
         load_files(str(tmp_path / "train.jsonl"), str(tmp_path / "bad.jsonl"))
     (tmp_path / "broken.jsonl").write_text('{"id": "a", "prompt": \n')
@@ -33,8 +38,12 @@ def test_files_round_trip_and_unknown_source_is_named(tmp_path):
 
 
 def test_chat_columns_give_first_user_and_assistant_turns():
-    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
-            {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}]
+    chat = [
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "u2"},
+    ]
     assert first_turns(chat, "here") == ("u1", "a1")
     with pytest.raises(DataError, match="here: needs a user and an assistant message, has roles \\['user'\\]"):
         first_turns([{"role": "user", "content": "u"}], "here")
@@ -52,8 +61,10 @@ def test_local_saved_dataset_with_column_mapping(tmp_path):
 def test_hub_names_fail_clearly_offline(monkeypatch):
     pytest.importorskip("datasets")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DataError, match="(?s)dataset.huggingface.train.path: cannot load 'lukashinterleitner/LIMA-original'.*"
-                                        "HF_HUB_OFFLINE=1"):
+    with pytest.raises(
+        DataError,
+        match="(?s)dataset.huggingface.train.path: cannot load 'lukashinterleitner/LIMA-original'.*HF_HUB_OFFLINE=1",
+    ):
         load_hf({"path": "lukashinterleitner/LIMA-original"}, "dataset.huggingface.train")
     with pytest.raises(OSError, match="(?s)cannot load the model 'amd/AMD-OLMo-1B-SFT'.*HF_HUB_OFFLINE=1"):
         load_model("amd/AMD-OLMo-1B-SFT")

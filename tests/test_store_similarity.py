@@ -6,10 +6,11 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import random_store
 from tdabench.components import describe
 from tdabench.similarity import build_similarity, load_similarity
 from tdabench.store import GradientStore, GradientStoreWriter
+
+from helpers import random_store
 
 DIMS = [6, 3, 10]
 
@@ -99,8 +100,9 @@ def test_subset_cosine_from_similarity_store_equals_direct(tmp_path, dtype):
     chosen_queries = ["q3", "q0", "q4"]
     chosen_sources = [sources[int(q[1])] for q in chosen_queries]
     with GradientStore(tmp_path / "train.h5") as ts, GradientStore(tmp_path / "queries.h5") as qs:
-        build_similarity(ts, qs, chosen_queries, chosen_sources, tmp_path / "sim.h5", "paraphrased",
-                         block_rows=4, dtype=dtype)
+        build_similarity(
+            ts, qs, chosen_queries, chosen_sources, tmp_path / "sim.h5", "paraphrased", block_rows=4, dtype=dtype
+        )
     sim = load_similarity(tmp_path / "sim.h5")
     names = list(train)
     assert sim.query_ids == chosen_queries and sim.train_ids == train_ids

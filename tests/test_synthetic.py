@@ -71,8 +71,9 @@ def test_no_query_template_occurs_in_training():
                 if len(piece.split()) >= 2:
                     assert not any(piece.strip() in t for t in train_texts), (template, piece)
         # Held-out wording: each query template has a word no training template of any relation uses.
-        train_words = {w for r in RELATIONS for t in r.train_questions + r.train_answers
-                       for w in re.findall(r"[a-z]+", t.lower())}
+        train_words = {
+            w for r in RELATIONS for t in r.train_questions + r.train_answers for w in re.findall(r"[a-z]+", t.lower())
+        }
         for template in rel.query_questions + rel.query_answers:
             assert set(re.findall(r"[a-z]+", template.lower())) - train_words - {"e", "v"}, template
 

@@ -5,15 +5,15 @@ import json
 
 import polars as pl
 import pytest
-from workflow_helpers import copy_repo, snakemake, write_config
 
 from tdabench.data.synthetic import SyntheticConfig, generate
+
+from workflow_helpers import copy_repo, snakemake, write_config
 
 pytestmark = pytest.mark.workflow
 
 FAST = {  # the smallest study that still runs every stage
-    "model": {"tiny": {"vocab_size": 300, "hidden_size": 16, "intermediate_size": 32, "num_layers": 2,
-                       "num_heads": 2}},
+    "model": {"tiny": {"vocab_size": 300, "hidden_size": 16, "intermediate_size": 32, "num_layers": 2, "num_heads": 2}},
     "tokenize": {"max_length": 48},
     "pretrain": {"epochs": 1, "batch_size": 8},
     "finetune": {"epochs": 1, "batch_size": 8},
@@ -46,8 +46,11 @@ def test_jsonl_files_run_end_to_end(tmp_path):
 
     bad = train.drop("response")  # a clear error naming the file and the column; nothing written
     write_jsonl(bad, tmp_path / "bad.jsonl")
-    data = {"kind": "files", "settings": ["paraphrased"],
-            "files": {"train": str(tmp_path / "bad.jsonl"), "queries": str(tmp_path / "queries.jsonl")}}
+    data = {
+        "kind": "files",
+        "settings": ["paraphrased"],
+        "files": {"train": str(tmp_path / "bad.jsonl"), "queries": str(tmp_path / "queries.jsonl")},
+    }
     write_config(root, {**FAST, "dataset": data})
     r = snakemake(root, check=False)
     assert r.returncode != 0
@@ -75,38 +78,64 @@ def test_local_hugging_face_dataset_and_local_model(tmp_path):
     root = copy_repo(tmp_path / "study")
     train, queries = user_tables()
     # The training set with other column names, no id column (ids become row numbers) ...
-    datasets.Dataset.from_dict({"instruction": train["prompt"].to_list(), "output": train["response"].to_list()}) \
-        .save_to_disk(str(tmp_path / "hf_train"))
+    datasets.Dataset.from_dict(
+        {"instruction": train["prompt"].to_list(), "output": train["response"].to_list()}
+    ).save_to_disk(str(tmp_path / "hf_train"))
     # ... and queries in chat format, row-aligned with their sources (like the published LIMA sets).
     source_row = {i: n for n, i in enumerate(train["id"].to_list())}
     aligned = [None] * train.height
     for q in queries.iter_rows(named=True):
         aligned[source_row[q["source_id"]]] = q
     keep = [i for i, q in enumerate(aligned) if q is not None]
-    datasets.Dataset.from_dict({
-        "uid": [f"t{i:05d}" for i in keep],
-        "chat": [[{"role": "user", "content": aligned[i]["prompt"]},
-                  {"role": "assistant", "content": aligned[i]["response"]}] for i in keep],
-    }).save_to_disk(str(tmp_path / "hf_queries"))
+    datasets.Dataset.from_dict(
+        {
+            "uid": [f"t{i:05d}" for i in keep],
+            "chat": [
+                [
+                    {"role": "user", "content": aligned[i]["prompt"]},
+                    {"role": "assistant", "content": aligned[i]["response"]},
+                ]
+                for i in keep
+            ],
+        }
+    ).save_to_disk(str(tmp_path / "hf_queries"))
     # A user's local checkpoint: a tiny Llama with a locally trained tokenizer.
     tokenizer = train_tokenizer(train["prompt"].to_list() + train["response"].to_list(), 300)
     model = build_tiny_model(TinyModelConfig(**FAST["model"]["tiny"]), tokenizer, seed=0, max_positions=96)
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
 
-    data = {"kind": "huggingface", "settings": ["paraphrased"], "huggingface": {
-        "train": {"path": str(tmp_path / "hf_train"), "columns": {"prompt": "instruction", "response": "output"}},
-        "queries": [{"path": str(tmp_path / "hf_queries"), "setting": "paraphrased",
-                     "columns": {"source_id": "uid", "messages": "chat"}}]}}
+    data = {
+        "kind": "huggingface",
+        "settings": ["paraphrased"],
+        "huggingface": {
+            "train": {"path": str(tmp_path / "hf_train"), "columns": {"prompt": "instruction", "response": "output"}},
+            "queries": [
+                {
+                    "path": str(tmp_path / "hf_queries"),
+                    "setting": "paraphrased",
+                    "columns": {"source_id": "uid", "messages": "chat"},
+                }
+            ],
+        },
+    }
     # The published setting: the model already saw the data, so it is attributed as it is.
-    write_config(root, {**FAST, "dataset": data, "finetune": {"enabled": False},
-                        "model": {"kind": "huggingface", "name_or_path": str(tmp_path / "model")}})
+    write_config(
+        root,
+        {
+            **FAST,
+            "dataset": data,
+            "finetune": {"enabled": False},
+            "model": {"kind": "huggingface", "name_or_path": str(tmp_path / "model")},
+        },
+    )
     snakemake(root)
     assert not (root / "results/models").exists()  # a given checkpoint is neither pre-trained nor fine-tuned
     got = pl.read_parquet(root / "results/data/queries.parquet")
     assert got.height == queries.height and set(got["setting"]) == {"paraphrased"}
-    want = queries.with_columns(pl.col("source_id").replace_strict(
-        {i: f"t{n:05d}" for i, n in source_row.items()})).sort("source_id")
+    want = queries.with_columns(
+        pl.col("source_id").replace_strict({i: f"t{n:05d}" for i, n in source_row.items()})
+    ).sort("source_id")
     got = got.sort("source_id")
     assert got["source_id"].to_list() == want["source_id"].to_list()
     assert got["prompt"].to_list() == want["prompt"].to_list()

@@ -16,18 +16,24 @@ import h5py
 import polars as pl
 import pytest
 from mlflow import MlflowClient
+
 from workflow_helpers import SNAKEMAKE, copy_repo, job_stats, planned, snakemake, write_config
 
 MICRO = {
-    "dataset": {"synthetic": {"n_entities": 12, "background_facts_per_entity": 2, "planted_facts": 18},
-                "generate_max_tokens": 12},
-    "model": {"tiny": {"vocab_size": 300, "hidden_size": 16, "intermediate_size": 32,
-                       "num_layers": 2, "num_heads": 2}},
+    "dataset": {
+        "synthetic": {"n_entities": 12, "background_facts_per_entity": 2, "planted_facts": 18},
+        "generate_max_tokens": 12,
+    },
+    "model": {"tiny": {"vocab_size": 300, "hidden_size": 16, "intermediate_size": 32, "num_layers": 2, "num_heads": 2}},
     "tokenize": {"max_length": 48},
     "pretrain": {"epochs": 2, "batch_size": 8},
     "finetune": {"epochs": 2, "batch_size": 8},
-    "gradients": {"components": ["q", "k", "v", "o", "gate", "up", "down", "lm_head", "embed"],
-                  "batch_size": 16, "shards": 2, "max_component_dim": 600},  # embed, lm_head sketched
+    "gradients": {
+        "components": ["q", "k", "v", "o", "gate", "up", "down", "lm_head", "embed"],
+        "batch_size": 16,
+        "shards": 2,
+        "max_component_dim": 600,
+    },  # embed, lm_head sketched
     "selection": {"n_splits": 2},
     "projection": {"dims": [8, 16], "seeds": [0]},
     "evaluation": {"cost_samples": 4},
@@ -63,11 +69,37 @@ def test_first_run_builds_every_output(study):
     assert stats["gradients"] == 3  # 2 train shards + 1 query shard
     assert stats["projection"] == 3  # sjlt, blockwise, blockwise_unnormalized
     table = pl.read_parquet(root / "results/evaluation/metrics.parquet")
-    assert {"setting", "split", "method", "variant", "dim", "bytes_per_sample", "seconds_per_sample", "top1",
-            "mrr", "recall_at_10", "components", "k", "seed"} <= set(table.columns)
-    assert {"full", "single", "family", "best_single", "greedy", "greedy_step", "greedy_budget", "projection",
-            "select_then_project", "bm25", "chance"} <= set(table["method"])
-    proj = table.filter((pl.col("method") == "projection") & (pl.col("split") == 0) & (pl.col("setting") == "paraphrased"))
+    assert {
+        "setting",
+        "split",
+        "method",
+        "variant",
+        "dim",
+        "bytes_per_sample",
+        "seconds_per_sample",
+        "top1",
+        "mrr",
+        "recall_at_10",
+        "components",
+        "k",
+        "seed",
+    } <= set(table.columns)
+    assert {
+        "full",
+        "single",
+        "family",
+        "best_single",
+        "greedy",
+        "greedy_step",
+        "greedy_budget",
+        "projection",
+        "select_then_project",
+        "bm25",
+        "chance",
+    } <= set(table["method"])
+    proj = table.filter(
+        (pl.col("method") == "projection") & (pl.col("split") == 0) & (pl.col("setting") == "paraphrased")
+    )
     assert proj.group_by("variant").agg(pl.col("k").sort()).sort("variant")["k"].to_list() == [[8, 16]] * 3
     assert (table["n_queries"] == 9).all()  # 18 queries per setting, half held out
     assert set(table["setting"]) == {"paraphrased", "model_generated"}
@@ -119,8 +151,9 @@ def test_mlflow_has_one_parent_and_one_child_per_job(study):
     assert {r.data.params["method"] for r in methods} >= {"full", "greedy", "best_single", "projection", "bm25"}
     assert all({"dim", "components", "k"} <= set(r.data.params) and "top1" in r.data.metrics for r in methods)
     assert len(methods) + len(children) + 1 == len(all_runs)  # nothing else was logged
-    manifest = client.download_artifacts([r for r in children if r.info.run_name.startswith("gradients")][0].info.run_id,
-                                         "manifest.json")
+    manifest = client.download_artifacts(
+        [r for r in children if r.info.run_name.startswith("gradients")][0].info.run_id, "manifest.json"
+    )
     assert "grads/lm_head.weight" in Path(manifest).read_text()  # a manifest, not the cache
 
 
@@ -143,15 +176,27 @@ def test_evaluation_setting_reruns_only_evaluation_side(study):
 def test_projection_dims_rerun_only_projection_and_evaluation(study):
     root, _ = study
     cfg = {**MICRO, "projection": {**MICRO["projection"], "dims": [8, 12]}}
-    assert planned_with(root, cfg) == {"projection": 3, "project_selected": 2, "costs": 1, "evaluate": 1,
-                                       "summary": 1, "all": 1}
+    assert planned_with(root, cfg) == {
+        "projection": 3,
+        "project_selected": 2,
+        "costs": 1,
+        "evaluate": 1,
+        "summary": 1,
+        "all": 1,
+    }
 
 
 def test_selection_setting_reruns_selection_and_evaluation(study):
     root, _ = study
     cfg = {**MICRO, "selection": {**MICRO["selection"], "objective": "top1"}}
-    assert planned_with(root, cfg) == {"selection": 2, "project_selected": 2, "costs": 1, "evaluate": 1,
-                                       "summary": 1, "all": 1}
+    assert planned_with(root, cfg) == {
+        "selection": 2,
+        "project_selected": 2,
+        "costs": 1,
+        "evaluate": 1,
+        "summary": 1,
+        "all": 1,
+    }
 
 
 def with_synthetic(**changes) -> dict:
@@ -164,15 +209,19 @@ def test_planted_settings_do_not_rerun_pretraining(study):
     assert "pretrain" not in stats and "background" not in stats
     assert {"dataset", "finetune", "generate", "gradients", "evaluate"} <= set(stats)
     # The background itself did change: the base model must be trained again.
-    assert {"background", "pretrain", "dataset", "finetune"} <= set(planned_with(root, with_synthetic(
-        background_facts_per_entity=3)))
+    assert {"background", "pretrain", "dataset", "finetune"} <= set(
+        planned_with(root, with_synthetic(background_facts_per_entity=3))
+    )
 
 
-@pytest.mark.parametrize("override,key", [
-    (["foo=1"], "foo"),
-    (["seed=abc"], "seed"),
-    (['projection={"dims": [100000000]}'], "projection.dims[0]"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        (["foo=1"], "foo"),
+        (["seed=abc"], "seed"),
+        (['projection={"dims": [100000000]}'], "projection.dims[0]"),
+    ],
+)
 def test_bad_config_fails_before_any_job(study, override, key):
     root, _ = study
     _, before = runs(root)
@@ -195,13 +244,24 @@ def test_editing_gradient_code_reruns_gradients_and_downstream_only(study):
     root, _ = study
     path = root / "src/tdabench/gradients.py"
     text = path.read_text()
-    edited = re.sub(r"(def per_sample_loss\(.*?\n    \"\"\".*?\"\"\"\n)", r"\1    # edited\n", text, count=1, flags=re.S)
+    edited = re.sub(
+        r"(def per_sample_loss\(.*?\n    \"\"\".*?\"\"\"\n)", r"\1    # edited\n", text, count=1, flags=re.S
+    )
     assert edited != text
     path.write_text(edited)
     stats = planned(root)
     # costs times gradient extraction, so it depends on this module too
-    assert set(stats) == {"gradients", "similarity", "selection", "projection", "project_selected", "costs",
-                          "evaluate", "summary", "all"}
+    assert set(stats) == {
+        "gradients",
+        "similarity",
+        "selection",
+        "projection",
+        "project_selected",
+        "costs",
+        "evaluate",
+        "summary",
+        "all",
+    }
     assert stats["gradients"] == 3
 
 
@@ -210,8 +270,15 @@ def test_report_is_self_contained_with_plots_and_config(study):
     snakemake(root, "--report", "report.html")
     html = (root / "report.html").read_text()
     assert len(html) > 100_000  # images and data are embedded
-    for text in ("Select vs project", "Where the signal lives", "Configuration", "top1_vs_dim.png",
-                 "single_component_heatmap.png", "greedy_curve.png", "top1_vs_cost.png"):
+    for text in (
+        "Select vs project",
+        "Where the signal lives",
+        "Configuration",
+        "top1_vs_dim.png",
+        "single_component_heatmap.png",
+        "greedy_curve.png",
+        "top1_vs_cost.png",
+    ):
         assert text in html, text
     for plot in ("top1_vs_dim", "mrr_vs_dim", "single_component_heatmap", "greedy_curve", "top1_vs_cost"):
         for ext in ("png", "svg"):
@@ -253,9 +320,22 @@ def test_mlflow_ui_and_report_in_a_real_browser(study, tmp_path):
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
-         f"sqlite:///{root / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # own process group: killed whole below
+        [
+            str(Path(sys.executable).with_name("mlflow")),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # own process group: killed whole below
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 180
@@ -268,9 +348,18 @@ def test_mlflow_ui_and_report_in_a_real_browser(study, tmp_path):
                 time.sleep(1)
         with sync_playwright() as pw:
             browser = pw.chromium.launch_persistent_context(
-                user_data_dir=str(tmp_path / "profile"), executable_path=chromium, headless=True,
-                args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                      "--no-first-run"], viewport={"width": 1400, "height": 900})
+                user_data_dir=str(tmp_path / "profile"),
+                executable_path=chromium,
+                headless=True,
+                args=[
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--no-first-run",
+                ],
+                viewport={"width": 1400, "height": 900},
+            )
             page = browser.new_page()
             page.goto(f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
             page.get_by_text(parent.info.run_name).first.wait_for(timeout=90_000)  # the parent run

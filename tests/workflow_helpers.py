@@ -9,7 +9,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-COPIED = ["Snakefile", "workflow", "config", "src", "envs"]
+COPIED = ["Snakefile", "workflow", "config", "src", "envs", "profiles"]
 
 
 def copy_repo(root: Path) -> Path:
@@ -24,8 +24,7 @@ def copy_repo(root: Path) -> Path:
 
 
 def snakemake(cwd, *args, check=True):
-    result = subprocess.run([SNAKEMAKE, "--cores", "2", *args], cwd=cwd, capture_output=True,
-                            text=True, timeout=1200)
+    result = subprocess.run([SNAKEMAKE, "--cores", "2", *args], cwd=cwd, capture_output=True, text=True, timeout=1200)
     if check and result.returncode:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result

@@ -27,38 +27,132 @@ TOLERANCE = 1e-4
 # the vocabulary, which is set (token ids of the test batch are drawn below it).
 SIZES: dict[str, int] = {}
 for _keys, _value in {
-    ("hidden_size", "n_embd", "d_model", "dim", "embed_dim", "hidden_dim", "model_dim", "word_embed_proj_dim",
-     "embedding_size", "emb_size", "d_embed", "emb_dim", "mamba_d_ssm"): WIDTH,
+    (
+        "hidden_size",
+        "n_embd",
+        "d_model",
+        "dim",
+        "embed_dim",
+        "hidden_dim",
+        "model_dim",
+        "word_embed_proj_dim",
+        "embedding_size",
+        "emb_size",
+        "d_embed",
+        "emb_dim",
+        "mamba_d_ssm",
+    ): WIDTH,
     ("hidden_size_per_layer_input", "token_budget"): 16,
     ("compress_ratio",): 4,
-    ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size", "decoder_ffn_dim", "encoder_ffn_dim",
-     "moe_intermediate_size", "shared_expert_intermediate_size", "intermediate_size_mlp",
-     "expert_intermediate_size", "dense_intermediate_size", "d_inner", "block_ff_dim", "ff_dim",
-     "moe_shared_expert_intermediate_size", "intermediate_size_moe", "mlp_hidden_size",
-     "expert_ffn_hidden_size"): FFN,
+    (
+        "intermediate_size",
+        "n_inner",
+        "ffn_dim",
+        "d_ff",
+        "ffn_hidden_size",
+        "decoder_ffn_dim",
+        "encoder_ffn_dim",
+        "moe_intermediate_size",
+        "shared_expert_intermediate_size",
+        "intermediate_size_mlp",
+        "expert_intermediate_size",
+        "dense_intermediate_size",
+        "d_inner",
+        "block_ff_dim",
+        "ff_dim",
+        "moe_shared_expert_intermediate_size",
+        "intermediate_size_moe",
+        "mlp_hidden_size",
+        "expert_ffn_hidden_size",
+    ): FFN,
     ("zero_expert_num",): 2,
     ("n_shared_experts", "n_input_layers", "n_recurrent_layers", "n_output_layers"): 1,
-    ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers", "encoder_layers",
-     "num_decoder_layers", "num_blocks"): LAYERS,
-    ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads",
-     "encoder_attention_heads", "attention_heads", "num_attention_heads_per_layer"): HEADS,
-    ("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num", "n_head_kv",
-     "num_key_value_groups_per_layer"): KV_HEADS,
-    ("head_dim", "kv_channels", "attention_head_size", "d_kv", "d_head", "v_head_dim", "head_size",
-     "mamba_headdim"): HEAD_DIM,
+    (
+        "num_hidden_layers",
+        "n_layer",
+        "num_layers",
+        "n_layers",
+        "decoder_layers",
+        "encoder_layers",
+        "num_decoder_layers",
+        "num_blocks",
+    ): LAYERS,
+    (
+        "num_attention_heads",
+        "n_head",
+        "num_heads",
+        "n_heads",
+        "decoder_attention_heads",
+        "encoder_attention_heads",
+        "attention_heads",
+        "num_attention_heads_per_layer",
+    ): HEADS,
+    (
+        "num_key_value_heads",
+        "n_kv_heads",
+        "num_kv_heads",
+        "multi_query_group_num",
+        "n_head_kv",
+        "num_key_value_groups_per_layer",
+    ): KV_HEADS,
+    (
+        "head_dim",
+        "kv_channels",
+        "attention_head_size",
+        "d_kv",
+        "d_head",
+        "v_head_dim",
+        "head_size",
+        "mamba_headdim",
+    ): HEAD_DIM,
     ("qk_rope_head_dim", "qk_nope_head_dim", "rotary_dim", "rotary_emb_dim", "rope_dim"): HEAD_DIM // 2,
-    ("kv_lora_rank", "q_lora_rank", "o_lora_rank", "lora_rank", "time_step_rank", "conv_dim",
-     "num_memory_tokens"): 16,
-    ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "n_experts",
-     "num_experts_routed"): EXPERTS,
-    ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts", "moe_k", "num_experts_per_token",
-     "n_group", "topk_group"): 2,
+    ("kv_lora_rank", "q_lora_rank", "o_lora_rank", "lora_rank", "time_step_rank", "conv_dim", "num_memory_tokens"): 16,
+    (
+        "num_experts",
+        "n_routed_experts",
+        "num_local_experts",
+        "moe_num_experts",
+        "n_experts",
+        "num_experts_routed",
+    ): EXPERTS,
+    (
+        "num_experts_per_tok",
+        "moe_topk",
+        "top_k",
+        "num_selected_experts",
+        "moe_k",
+        "num_experts_per_token",
+        "n_group",
+        "topk_group",
+    ): 2,
     ("vocab_size", "n_vocab", "vocab_size_per_layer_input"): VOCAB,
-    ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length", "max_sequence_length",
-     "context_length", "max_target_positions", "max_source_positions", "sliding_window", "window_size",
-     "attention_window", "local_attention_window", "chunk_size", "attention_chunk_size"): 64,
-    ("state_size", "ssm_state_size", "mamba_d_state", "d_state", "linear_key_head_dim", "linear_value_head_dim",
-     "mamba_head_dim", "mamba_d_head"): 8,
+    (
+        "max_position_embeddings",
+        "n_positions",
+        "n_ctx",
+        "max_seq_len",
+        "seq_length",
+        "max_sequence_length",
+        "context_length",
+        "max_target_positions",
+        "max_source_positions",
+        "sliding_window",
+        "window_size",
+        "attention_window",
+        "local_attention_window",
+        "chunk_size",
+        "attention_chunk_size",
+    ): 64,
+    (
+        "state_size",
+        "ssm_state_size",
+        "mamba_d_state",
+        "d_state",
+        "linear_key_head_dim",
+        "linear_value_head_dim",
+        "mamba_head_dim",
+        "mamba_d_head",
+    ): 8,
     ("linear_num_key_heads", "linear_num_value_heads", "mamba_n_groups", "n_groups", "num_groups"): 2,
     ("mamba_n_heads", "n_mamba_heads"): 4,
     ("conv_kernel", "mamba_d_conv", "d_conv", "linear_conv_kernel_dim", "conv_L_cache"): 4,
@@ -66,15 +160,41 @@ for _keys, _value in {
 }.items():
     SIZES.update(dict.fromkeys(_keys, _value))
 SET_EXACTLY = {"vocab_size", "n_vocab", "vocab_size_per_layer_input"}
-TOKEN_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
-              "cls_token_id", "mask_token_id", "unk_token_id")
+TOKEN_KEYS = (
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "decoder_start_token_id",
+    "sep_token_id",
+    "cls_token_id",
+    "mask_token_id",
+    "unk_token_id",
+)
 # Keys set to a value (not shrunk): dense first layer then MoE, no layer sharing, one-group routing.
-FIXED = {"first_k_dense_replace": 1, "decoder_sparse_step": 1, "mlp_only_layers": [], "num_kv_shared_layers": 0,
-         "expand": 1, "mamba_expand": 1, "axial_pos_shape": [8, 8], "axial_pos_embds_dim": [16, 16],
-         "num_codebooks": 1, "attn_layer_indices": [1], "attn_layer_period": 2, "attn_layer_offset": 1,
-         "hybrid_layer_ids": [1]}
-NONE_MEANS_OFF = {"sliding_window", "attention_window", "q_lora_rank", "attention_chunk_size", "window_size",
-                  "local_attention_window", "o_lora_rank"}
+FIXED = {
+    "first_k_dense_replace": 1,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "num_kv_shared_layers": 0,
+    "expand": 1,
+    "mamba_expand": 1,
+    "axial_pos_shape": [8, 8],
+    "axial_pos_embds_dim": [16, 16],
+    "num_codebooks": 1,
+    "attn_layer_indices": [1],
+    "attn_layer_period": 2,
+    "attn_layer_offset": 1,
+    "hybrid_layer_ids": [1],
+}
+NONE_MEANS_OFF = {
+    "sliding_window",
+    "attention_window",
+    "q_lora_rank",
+    "attention_chunk_size",
+    "window_size",
+    "local_attention_window",
+    "o_lora_rank",
+}
 # Architectures that need one call after building (the model refuses to run otherwise).
 SETUP = {"xmod": [lambda m: m.set_default_language(m.config.languages[0])]}
 MAX_PARAMS = 20_000_000  # a tiny model that is still bigger than this is listed as not built
@@ -185,8 +305,12 @@ def probe_batch(config, lengths=(9, 5, 12, 7), prompt_lengths=(3, 2, 6, 1), seed
     import torch
 
     text = config.get_text_config(decoder=True)  # composite (multimodal) configs: the language model's
-    special = {v for c in (config, text) for k, v in vars(c).items()
-               if k.endswith(("_token_id", "_index")) and isinstance(v, int)}
+    special = {
+        v
+        for c in (config, text)
+        for k, v in vars(c).items()
+        if k.endswith(("_token_id", "_index")) and isinstance(v, int)
+    }
     allowed = torch.tensor([i for i in range(1, text.vocab_size) if i not in special])
     pad = text.pad_token_id if isinstance(getattr(text, "pad_token_id", None), int) else 0
     g = torch.Generator().manual_seed(seed)
@@ -224,12 +348,12 @@ def _first_line(e: BaseException) -> str:
 
 
 def check_architecture(model_type: str) -> ArchitectureResult:
-    import torch
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     from tdabench.components import component_registry
     from tdabench.gradcheck import GradientCheckError, check_extractor, reference_gradients, relative_errors
     from tdabench.gradients import GradientExtractor
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     start = time.perf_counter()
     result = ArchitectureResult(model_type, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type], "not built")
@@ -267,11 +391,17 @@ def check_architecture(model_type: str) -> ArchitectureResult:
     except GradientCheckError as e:
         lines = str(e).splitlines()
         result.status = "refused"
-        result.reason = ("self-check: the model's batched loss differs from its bs=1 loss (it depends on padding "
-                         "or on the batch); exact with gradients.batch_size 1" if "already differs" in lines[-1]
-                         else lines[0])
+        result.reason = (
+            "self-check: the model's batched loss differs from its bs=1 loss (it depends on padding "
+            "or on the batch); exact with gradients.batch_size 1"
+            if "already differs" in lines[-1]
+            else lines[0]
+        )
     except Exception as e:  # noqa: BLE001 - an extractor crash is a bug to list, not a refusal
-        result.status, result.reason = "error", _first_line(e) + " | " + traceback.format_exc(limit=-1).splitlines()[-3].strip()
+        result.status, result.reason = (
+            "error",
+            _first_line(e) + " | " + traceback.format_exc(limit=-1).splitlines()[-3].strip(),
+        )
     result.seconds = time.perf_counter() - start
     return result
 
@@ -309,6 +439,8 @@ def render_markdown(results: list[ArchitectureResult], header: str) -> str:
             cells.append(", ".join(f"{f} {c}" for f, c in sorted(fam.items())) or "—")
         err = f"{r.worst_error:.1e}" if r.worst_error == r.worst_error else "—"
         reason = r.reason.replace("|", "\\|").replace("\n", " ")
-        lines.append(f"| {r.model_type} | {r.model_class} | {r.status} | {r.n_params:,} | {r.n_components} | "
-                     f"{err} | {' | '.join(cells)} | {reason} |")
+        lines.append(
+            f"| {r.model_type} | {r.model_class} | {r.status} | {r.n_params:,} | {r.n_components} | "
+            f"{err} | {' | '.join(cells)} | {reason} |"
+        )
     return "\n".join(lines) + "\n"

@@ -109,10 +109,19 @@ def cmd_components(args) -> None:
     for c, name in enumerate(sim.components):
         scores = sim.scores([c], queries)
         m = retrieval_metrics(source_ranks(scores, targets), args.k)
-        rows.append({"component": name, "family": sim.component_family[c], "layer": int(sim.component_layer[c]),
-                     "params": int(sim.component_params[c]), "dim": int(sim.component_dim[c]),
-                     "top1": m["top1"], "mrr": m["mrr"], "rho": float(score_agreement(scores, full)),
-                     **{f"recall_at_{k}": m[f"recall_at_{k}"] for k in args.k}})
+        rows.append(
+            {
+                "component": name,
+                "family": sim.component_family[c],
+                "layer": int(sim.component_layer[c]),
+                "params": int(sim.component_params[c]),
+                "dim": int(sim.component_dim[c]),
+                "top1": m["top1"],
+                "mrr": m["mrr"],
+                "rho": float(score_agreement(scores, full)),
+                **{f"recall_at_{k}": m[f"recall_at_{k}"] for k in args.k},
+            }
+        )
     _write_table(rows, args.out)
 
 
@@ -124,8 +133,11 @@ def cmd_greedy(args) -> None:
     if args.selection_fraction is None:
         sel = held = sim.all_queries()
         scored_on = "in-sample"
-        print("greedy: no --selection-fraction: components are chosen and scored on the same queries "
-              "(in-sample; optimistic)", file=sys.stderr)
+        print(
+            "greedy: no --selection-fraction: components are chosen and scored on the same queries "
+            "(in-sample; optimistic)",
+            file=sys.stderr,
+        )
     else:
         sel, held = split_queries(sim.query_ids, args.selection_fraction, args.seed)
         scored_on = "held-out"
@@ -136,30 +148,43 @@ def cmd_greedy(args) -> None:
     for s in steps:
         chosen.append(s.component)
         m = retrieval_metrics(source_ranks(sim.scores(chosen, held), sim.targets(held)), args.k)
-        rows.append({"step": s.step, "component": sim.components[s.component], "params": int(params[s.component]),
-                     "params_cum": int(params[chosen].sum()), "param_share": float(params[chosen].sum() / total),
-                     "dim_cum": int(sim.component_dim[chosen].sum()), "objective": s.objective,
-                     "objective_name": args.objective, "top1": m["top1"], "mrr": m["mrr"],
-                     **{f"recall_at_{k}": m[f"recall_at_{k}"] for k in args.k},
-                     "scored_on": scored_on, "n_selection_queries": int(len(sel)), "n_scored_queries": int(len(held))})
+        rows.append(
+            {
+                "step": s.step,
+                "component": sim.components[s.component],
+                "params": int(params[s.component]),
+                "params_cum": int(params[chosen].sum()),
+                "param_share": float(params[chosen].sum() / total),
+                "dim_cum": int(sim.component_dim[chosen].sum()),
+                "objective": s.objective,
+                "objective_name": args.objective,
+                "top1": m["top1"],
+                "mrr": m["mrr"],
+                **{f"recall_at_{k}": m[f"recall_at_{k}"] for k in args.k},
+                "scored_on": scored_on,
+                "n_selection_queries": int(len(sel)),
+                "n_scored_queries": int(len(held)),
+            }
+        )
     _write_table(rows, args.out)
 
 
 def cmd_config(args) -> None:
     import yaml
 
-    from tdabench.config import REPO_ROOT, ConfigError, load_config
+    from tdabench.config import ConfigError, load_config, validate_config
 
     try:
-        cfg = load_config(args.config or REPO_ROOT / "config" / "config.yaml")
+        cfg = load_config(args.config) if args.config else validate_config({})
     except ConfigError as e:
         raise SystemExit(str(e)) from None
     print(yaml.safe_dump(cfg, sort_keys=False), end="")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tdabench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="tdabench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p, queries=True):
@@ -183,8 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("greedy", help="greedy forward selection run to the end, one row per step")
     common(p, queries=False)
     p.add_argument("--objective", choices=["top1", "mrr", "rho"], default="mrr")
-    p.add_argument("--selection-fraction", type=float,
-                   help="choose on this share of the queries, score on the rest (default: in-sample)")
+    p.add_argument(
+        "--selection-fraction",
+        type=float,
+        help="choose on this share of the queries, score on the rest (default: in-sample)",
+    )
     p.add_argument("--out", required=True, help="output table (.parquet or .csv)")
     p.set_defaults(func=cmd_greedy)
 

@@ -97,7 +97,7 @@ GROUPS = {
 
 
 def _layer_range(spec: str, layers: list[int]) -> set[int]:
-    """"3" -> {3}; "1-3" -> {1, 2, 3}; "-1" -> {last layer}."""
+    """ "3" -> {3}; "1-3" -> {1, 2, 3}; "-1" -> {last layer}."""
     top = max(layers, default=-1)
     if re.fullmatch(r"-?\d+", spec):
         i = int(spec)
@@ -118,8 +118,9 @@ def _matches(name: str, family: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(short_name(name), pattern)
 
 
-def match_components(names: list[str], patterns: list[str], families: list[str] | None = None,
-                     layers: list[int | None] | None = None) -> list[str]:
+def match_components(
+    names: list[str], patterns: list[str], families: list[str] | None = None, layers: list[int | None] | None = None
+) -> list[str]:
     """Names selected by `patterns`, in the order of `names`.
 
     A pattern is a family ("q", "down", "embed", ...), a group ("attn", "mlp"), "all", or a glob
@@ -160,17 +161,19 @@ def tiny_llama_shapes(
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab_size, h)}
     for i in range(num_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (h, h),
-            p + "self_attn.k_proj.weight": (h, h),
-            p + "self_attn.v_proj.weight": (h, h),
-            p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (f, h),
-            p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f),
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-        })
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (h, h),
+                p + "self_attn.k_proj.weight": (h, h),
+                p + "self_attn.v_proj.weight": (h, h),
+                p + "self_attn.o_proj.weight": (h, h),
+                p + "mlp.gate_proj.weight": (f, h),
+                p + "mlp.up_proj.weight": (f, h),
+                p + "mlp.down_proj.weight": (h, f),
+                p + "input_layernorm.weight": (h,),
+                p + "post_attention_layernorm.weight": (h,),
+            }
+        )
     shapes["model.norm.weight"] = (h,)
     shapes["lm_head.weight"] = (vocab_size, h)
     return shapes

@@ -2,6 +2,11 @@
 
 Light on purpose (no torch): the Snakefile imports it at parse time, so a bad config fails before
 any job runs, with a message that names the offending key.
+
+One source of defaults: the schema (tdabench/schemas/config.schema.yaml, shipped with the
+package). Stages get typed views of the keys their rule passes (a `Params` dataclass per stage
+module, built by tdabench.pipeline.common.typed, which fills in nothing); library dataclasses
+that mirror a section either carry no defaults or the schema's (tests/test_config.py checks).
 """
 
 from __future__ import annotations
@@ -9,14 +14,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SCHEMA = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
+DEFAULT_SCHEMA = resources.files("tdabench") / "schemas" / "config.schema.yaml"
 
 # Keys that never change a result: excluded from the config hash.
 NON_RESULT_KEYS = ("mlflow",)
@@ -27,8 +32,32 @@ class ConfigError(ValueError):
 
 
 def load_schema(path: str | Path = DEFAULT_SCHEMA) -> dict:
-    with open(path) as f:
-        return yaml.safe_load(f)
+    # A Traversable (the packaged file, possibly inside a zip) or a path.
+    return yaml.safe_load(path.read_text() if hasattr(path, "read_text") else Path(path).read_text())
+
+
+def _types(schema: dict) -> set[str]:
+    t = schema.get("type")
+    if t is None and "enum" in schema:
+        return {type(v).__name__ for v in schema["enum"]}
+    return set(t) if isinstance(t, list) else {t} if t else set()
+
+
+def coerce_strings(instance: Any, schema: dict) -> Any:
+    """Parse string values where the schema wants something else. Snakemake hands nested
+    `--config` values over as strings (`--config 'projection={dims: [128, 512]}'` gives
+    {"dims": ["128", "512"]}); YAML-parsing them gives what the user typed."""
+    if isinstance(instance, str) and "string" not in _types(schema) and "str" not in _types(schema):
+        try:
+            instance = yaml.safe_load(instance)
+        except yaml.YAMLError:
+            return instance
+    if isinstance(instance, dict):
+        props = schema.get("properties", {})
+        return {k: coerce_strings(v, props[k]) if k in props else v for k, v in instance.items()}
+    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        return [coerce_strings(v, schema["items"]) for v in instance]
+    return instance
 
 
 def fill_defaults(instance: Any, schema: dict) -> Any:
@@ -64,7 +93,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
 def validate_config(config: dict, schema_path: str | Path = DEFAULT_SCHEMA) -> dict:
     """Validate `config`, fill defaults and check cross-key constraints. Returns a new dict."""
     schema = load_schema(schema_path)
-    filled = fill_defaults(copy.deepcopy(config or {}), schema)
+    filled = fill_defaults(coerce_strings(copy.deepcopy(config or {}), schema), schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
     if errors:
@@ -81,8 +110,10 @@ def check_consistency(config: dict) -> None:
     if data["kind"] == "files" and not (data["files"]["train"] and data["files"]["queries"]):
         raise ConfigError("config key dataset.files: kind files needs dataset.files.train and dataset.files.queries")
     if data["kind"] == "huggingface" and not (data["huggingface"]["train"] and data["huggingface"]["queries"]):
-        raise ConfigError("config key dataset.huggingface: kind huggingface needs dataset.huggingface.train "
-                          "and at least one entry in dataset.huggingface.queries")
+        raise ConfigError(
+            "config key dataset.huggingface: kind huggingface needs dataset.huggingface.train "
+            "and at least one entry in dataset.huggingface.queries"
+        )
     if model["kind"] == "huggingface" and not model["name_or_path"]:
         raise ConfigError("config key model.name_or_path: kind huggingface needs a hub name or a local directory")
     if model["kind"] == "gguf" and not (model["gguf"]["file"] and (model["gguf"]["path"] or model["gguf"]["package"])):
@@ -116,8 +147,10 @@ def check_consistency(config: dict) -> None:
 
     free = syn["n_entities"] * (len(RELATIONS) - syn["background_facts_per_entity"])
     if syn["planted_facts"] > free:
-        raise ConfigError(f"config key dataset.synthetic.planted_facts: {syn['planted_facts']} > the {free} free "
-                          "(entity, relation) pairs; add entities or lower background_facts_per_entity")
+        raise ConfigError(
+            f"config key dataset.synthetic.planted_facts: {syn['planted_facts']} > the {free} free "
+            "(entity, relation) pairs; add entities or lower background_facts_per_entity"
+        )
     n_train = syn["n_entities"] * syn["background_facts_per_entity"] + syn["planted_facts"]
     if config["gradients"]["shards"] > n_train:
         raise ConfigError(

@@ -54,8 +54,9 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def reference_gradients(model, input_ids, attention_mask, labels, names: Sequence[str], rows: Sequence[int],
-                        autocast_dtype=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def reference_gradients(
+    model, input_ids, attention_mask, labels, names: Sequence[str], rows: Sequence[int], autocast_dtype=None
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """({component: [len(rows), numel]}, losses [len(rows)]) by one loss.backward() per sample, on its
     unpadded tokens."""
     params = dict(model.named_parameters())
@@ -74,8 +75,11 @@ def reference_gradients(model, input_ids, attention_mask, labels, names: Sequenc
             keep = attention_mask[b].bool()
             model.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                ctx = torch.autocast(input_ids.device.type, dtype=autocast_dtype) if autocast_dtype \
+                ctx = (
+                    torch.autocast(input_ids.device.type, dtype=autocast_dtype)
+                    if autocast_dtype
                     else torch.autocast(input_ids.device.type, enabled=False)
+                )
                 with ctx:
                     logits = model(input_ids=input_ids[b, keep][None], **forward_kwargs).logits
                 loss = per_sample_loss(logits, labels[b, keep][None]).sum()
@@ -113,7 +117,7 @@ def pick_samples(attention_mask: torch.Tensor, n: int) -> list[int]:
     lengths = attention_mask.sum(1).tolist()
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     picked = list(dict.fromkeys([order[0], order[-1], *range(len(lengths))]))
-    return picked[:max(0, n)]
+    return picked[: max(0, n)]
 
 
 def _diagnosis(extractor: GradientExtractor, rows: list[int], ref_losses: torch.Tensor) -> str:
@@ -123,16 +127,26 @@ def _diagnosis(extractor: GradientExtractor, rows: list[int], ref_losses: torch.
         batched = extractor.batch_losses[rows].double()
         gap = float(((batched - ref_losses).abs() / ref_losses.abs().clamp(min=1e-12)).max())
         if gap > LOSS_GAP:
-            return (f"The model's own loss already differs between the batch and the sample alone (relative "
-                    f"{gap:.1e}): its forward depends on padding or on the other samples of the batch. "
-                    "Extract with gradients.batch_size: 1 (no padding), which is exact for any model.")
-    return ("The batched loss matches the bs=1 loss, so a layer is computed wrongly by the extractor: leave "
-            "the components above out of gradients.components, or report the model's architecture.")
+            return (
+                f"The model's own loss already differs between the batch and the sample alone (relative "
+                f"{gap:.1e}): its forward depends on padding or on the other samples of the batch. "
+                "Extract with gradients.batch_size: 1 (no padding), which is exact for any model."
+            )
+    return (
+        "The batched loss matches the bs=1 loss, so a layer is computed wrongly by the extractor: leave "
+        "the components above out of gradients.components, or report the model's architecture."
+    )
 
 
-def check_extractor(extractor: GradientExtractor, input_ids, attention_mask, labels, samples: int = 2,
-                    tolerance: float | None = None, grads: dict[str, torch.Tensor] | None = None
-                    ) -> tuple[dict[str, torch.Tensor], CheckReport]:
+def check_extractor(
+    extractor: GradientExtractor,
+    input_ids,
+    attention_mask,
+    labels,
+    samples: int = 2,
+    tolerance: float | None = None,
+    grads: dict[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], CheckReport]:
     """Run `extractor` on the batch (unless `grads` are given) and compare `samples` of its rows
     with the bs=1 loop. Returns (the batch's gradients, report); raises GradientCheckError, with a
     table of the failing components, when any error exceeds `tolerance` (default: 1e-4 in fp32,
@@ -142,12 +156,15 @@ def check_extractor(extractor: GradientExtractor, input_ids, attention_mask, lab
     if tolerance is None:
         tolerance = DEFAULT_TOLERANCE if extractor.autocast_dtype is None else DEFAULT_TOLERANCE_AUTOCAST
     if not (0 < tolerance < math.inf):  # also refuses NaN, which a schema minimum lets through
-        raise ValueError(f"config key gradients.verify_tolerance: {tolerance!r}; use a positive finite number "
-                         "(e.g. 1e-4) or null for the default")
+        raise ValueError(
+            f"config key gradients.verify_tolerance: {tolerance!r}; use a positive finite number "
+            "(e.g. 1e-4) or null for the default"
+        )
     rows = pick_samples(attention_mask, samples)
     start = time.perf_counter()
-    ref, ref_losses = reference_gradients(extractor.model, input_ids, attention_mask, labels, extractor.names,
-                                          rows, extractor.autocast_dtype)
+    ref, ref_losses = reference_gradients(
+        extractor.model, input_ids, attention_mask, labels, extractor.names, rows, extractor.autocast_dtype
+    )
     seconds = time.perf_counter() - start
     for n, sketch in extractor.sketches.items():
         ref[n] = sketch(ref[n])
@@ -157,12 +174,14 @@ def check_extractor(extractor: GradientExtractor, input_ids, attention_mask, lab
             f"non-finite (NaN/inf) loss or per-sample gradients on samples {rows} of the batch (losses "
             f"{[round(float(v), 4) for v in ref_losses]}; components {bad[:5]}{' ...' if len(bad) > 5 else ''}): the "
             "model's loss is not finite, so no gradient can be trusted; check the model (a diverged fine-tune, "
-            "e.g. too high a learning rate) and its inputs")
+            "e.g. too high a learning rate) and its inputs"
+        )
     errors = relative_errors({n: grads[n][rows] for n in extractor.names}, ref)
     report = CheckReport(rows, errors, tolerance, {n: p.path for n, p in extractor.paths.items()}, seconds)
     if report.failing:
         raise GradientCheckError(
             f"per-sample gradients disagree with the bs=1 loss.backward() loop on {len(report.failing)} of "
             f"{len(errors)} components (tolerance {tolerance:g}, samples {rows} of the batch):\n"
-            f"{report.table(only_failing=True)}\n{_diagnosis(extractor, rows, ref_losses)}")
+            f"{report.table(only_failing=True)}\n{_diagnosis(extractor, rows, ref_losses)}"
+        )
     return grads, report

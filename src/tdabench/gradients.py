@@ -52,8 +52,11 @@ from tdabench.projection import CountSketch
 
 HOOK, VMAP, LOOP = "hook", "vmap", "loop"
 # Stock layers whose per-sample gradients the hook formulas compute, and which of their parameters.
-STOCK_LAYERS: dict[type, tuple[str, ...]] = {nn.Linear: ("weight", "bias"), nn.Embedding: ("weight",),
-                                            Conv1D: ("weight", "bias")}
+STOCK_LAYERS: dict[type, tuple[str, ...]] = {
+    nn.Linear: ("weight", "bias"),
+    nn.Embedding: ("weight",),
+    Conv1D: ("weight", "bias"),
+}
 # Classes with a forward of their own that is known to compute exactly what a stock layer computes:
 # {class: stock layer}. Empty by default; `register_verified` adds to it (and a wrong entry is what
 # the self-check of every gradients job catches).
@@ -88,7 +91,8 @@ def stock_layer(module: nn.Module) -> type | None:
         return None  # someone else's hook may change what goes in or comes out
     cls = type(module)
     like = VERIFIED.get(cls) or next(
-        (base for base in STOCK_LAYERS if isinstance(module, base) and cls.forward is base.forward), None)
+        (base for base in STOCK_LAYERS if isinstance(module, base) and cls.forward is base.forward), None
+    )
     if like is nn.Embedding and (module.max_norm is not None or module.scale_grad_by_freq):
         return None  # renormalised rows / frequency-scaled gradients: not the plain scatter
     return like
@@ -121,8 +125,9 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return owners
 
 
-def _grad_blocks(module: nn.Module, like: type, attr: str, x: torch.Tensor, g: torch.Tensor,
-                 max_elements: int | None) -> Iterator[tuple[int, torch.Tensor]]:
+def _grad_blocks(
+    module: nn.Module, like: type, attr: str, x: torch.Tensor, g: torch.Tensor, max_elements: int | None
+) -> Iterator[tuple[int, torch.Tensor]]:
     """Per-sample gradient of `module.<attr>` (a stock layer `like`) in blocks of parameter rows.
 
     x: the layer's input [batch, ..., d_in] (ids for an embedding), g: the gradient of its output
@@ -176,7 +181,7 @@ class _Sink:
         if self._out is None:
             self._out = torch.zeros(self.shape)
         if self.sketch is None:
-            self._out[samples, offset:offset + block.shape[1]] += block
+            self._out[samples, offset : offset + block.shape[1]] += block
         else:
             self.sketch.add(self._out[samples], offset, block)  # a slice of rows is a view: adds in place
 
@@ -231,8 +236,14 @@ class GradientExtractor:
     gradient products stay fp32.
     """
 
-    def __init__(self, model: nn.Module, components: Sequence[str] | None = None, *,
-                 sketches: Mapping[str, CountSketch] | None = None, autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        components: Sequence[str] | None = None,
+        *,
+        sketches: Mapping[str, CountSketch] | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ):
         self.model = model
         self.params = dict(model.named_parameters())
         self.names = [c.name for c in component_registry(model)] if components is None else list(components)
@@ -263,7 +274,7 @@ class GradientExtractor:
 
     def describe_paths(self) -> str:
         """One line per path: how many components, and for vmap/loop which ones and why."""
-        lines = [f"per-sample gradient paths: " + ", ".join(f"{k} {v}" for k, v in self.path_counts().items())]
+        lines = ["per-sample gradient paths: " + ", ".join(f"{k} {v}" for k, v in self.path_counts().items())]
         for path in (VMAP, LOOP):
             for n, p in self.paths.items():
                 if p.path == path:
@@ -275,8 +286,9 @@ class GradientExtractor:
             return contextlib.nullcontext()
         return torch.autocast(device_type, dtype=self.autocast_dtype)
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """input_ids, attention_mask, labels: [batch, length] (labels == -100 are ignored).
         Returns {component name: [batch, numel or sketch k] float32}, in the order of `names`."""
         model, params = self.model, self.params
@@ -315,8 +327,10 @@ class GradientExtractor:
                 wanted[module].append((attr, n))
         fallback: dict[str, str] = {}
         records: list[tuple[nn.Module, tuple, torch.Tensor, int]] = []  # (module, inputs, output, version)
-        tracer = _ParamUseTracer({id(self.params[n]): n for n in names},
-                                 {n: {id(m) for m, _ in self.owners[id(self.params[n])]} for n in names})
+        tracer = _ParamUseTracer(
+            {id(self.params[n]): n for n in names},
+            {n: {id(m) for m, _ in self.owners[id(self.params[n])]} for n in names},
+        )
 
         def give_up(module, reason):
             for _, n in wanted[module]:
@@ -330,19 +344,26 @@ class GradientExtractor:
             return self._keep(module, likes[module], inputs, kwargs, output, batch, length, records, give_up)
 
         likes = {m: stock_layer(m) for m in wanted}  # before our own hooks are on them
-        handles = [h for m in wanted for h in (m.register_forward_pre_hook(enter),
-                                               m.register_forward_hook(keep, with_kwargs=True))]
+        handles = [
+            h
+            for m in wanted
+            for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(keep, with_kwargs=True))
+        ]
         try:
             with torch.enable_grad():
                 with tracer, self._forward_context(input_ids.device.type):
-                    logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                        **self._forward_kwargs).logits
+                    logits = self.model(
+                        input_ids=input_ids, attention_mask=attention_mask, **self._forward_kwargs
+                    ).logits
                 losses = per_sample_loss(logits, labels)  # [batch]
                 self.batch_losses = losses.detach()
                 total = losses.sum()
                 outputs = [y for _, _, y, _ in records]
-                grads = torch.autograd.grad(total, outputs, allow_unused=True) if outputs and total.requires_grad \
+                grads = (
+                    torch.autograd.grad(total, outputs, allow_unused=True)
+                    if outputs and total.requires_grad
                     else [None] * len(outputs)
+                )
         finally:
             for h in handles:
                 h.remove()
@@ -422,8 +443,9 @@ class GradientExtractor:
         for s0 in range(0, batch, rows):
             sl = slice(s0, min(s0 + rows, batch))
             try:
-                out, grads = vmap(one, in_dims=(0, *in_dims))(g[sl], *[a[sl] if d == 0 else a
-                                                                       for a, d in zip(args, in_dims)])
+                out, grads = vmap(one, in_dims=(0, *in_dims))(
+                    g[sl], *[a[sl] if d == 0 else a for a, d in zip(args, in_dims)]
+                )
             except Exception as e:  # data-dependent control flow, in-place ops, ...
                 return f"vmap of its forward failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
             want = y[sl].detach().float().expand_as(out) if y.shape[0] == batch else None
@@ -444,8 +466,9 @@ class GradientExtractor:
                 with self._forward_context(input_ids.device.type):
                     logits = self.model(input_ids=input_ids[b, keep][None], **self._forward_kwargs).logits
                 loss = per_sample_loss(logits, labels[b, keep][None]).sum()
-                grads = torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad \
-                    else [None] * len(params)
+                grads = (
+                    torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params)
+                )
             for n, g in zip(names, grads):
                 one = _Sink(1, self.params[n], sinks[n].sketch)
                 if g is not None:

@@ -34,8 +34,9 @@ def retrieval_metrics(ranks: np.ndarray, ks: list[int] | tuple[int, ...] = (10,)
     return {name: float(v.mean()) for name, v in per_query_metrics(ranks, ks).items()}
 
 
-def bootstrap_intervals(ranks: np.ndarray, ks, n_boot: int = 1000, seed: int = 0,
-                        level: float = 0.95) -> dict[str, float]:
+def bootstrap_intervals(
+    ranks: np.ndarray, ks, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> dict[str, float]:
     """Percentile bootstrap intervals over queries of every metric: {<metric>_lo, <metric>_hi}.
 
     Seeded by (seed, number of queries) only, so rows scored on the same queries share resamples.
@@ -72,8 +73,9 @@ def score_agreement(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
 OBJECTIVES = ("top1", "mrr", "rho")
 
 
-def objective_values(scores: np.ndarray, targets: np.ndarray, objective: str,
-                     reference: np.ndarray | None = None) -> np.ndarray:
+def objective_values(
+    scores: np.ndarray, targets: np.ndarray, objective: str, reference: np.ndarray | None = None
+) -> np.ndarray:
     """Objective of each leading slice of scores [..., Q, N]: top1, mrr, or rho against `reference`."""
     if objective == "rho":
         if reference is None:

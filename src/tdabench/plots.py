@@ -14,10 +14,20 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa
 
 from tdabench.io import atomic_path  # noqa: E402
 
-COLORS = {"sjlt": "tab:orange", "gaussian": "tab:red", "rademacher": "tab:brown", "blockwise": "tab:purple",
-          "blockwise_equal": "tab:pink", "blockwise_unnormalized": "tab:olive", "select_then_project": "tab:cyan"}
-SELECT_MARKERS = {"best_single": ("s", "best single (chosen)"), "greedy": ("*", "greedy (chosen prefix)"),
-                  "greedy_budget": ("D", "greedy within a budget")}
+COLORS = {
+    "sjlt": "tab:orange",
+    "gaussian": "tab:red",
+    "rademacher": "tab:brown",
+    "blockwise": "tab:purple",
+    "blockwise_equal": "tab:pink",
+    "blockwise_unnormalized": "tab:olive",
+    "select_then_project": "tab:cyan",
+}
+SELECT_MARKERS = {
+    "best_single": ("s", "best single (chosen)"),
+    "greedy": ("*", "greedy (chosen prefix)"),
+    "greedy_budget": ("D", "greedy within a budget"),
+}
 
 
 def _save(fig, path) -> None:
@@ -31,9 +41,13 @@ def _save(fig, path) -> None:
 
 def _mean_sd(t: pl.DataFrame, by: list[str], x: str, metric: str) -> pl.DataFrame:
     """Mean x, mean and sd of `metric` per group, sorted by x."""
-    return (t.group_by(by or pl.lit(0), maintain_order=True)
-            .agg(pl.col(x).mean().alias("x"), pl.col(metric).mean().alias("m"),
-                 pl.col(metric).std().fill_null(0).alias("sd")).sort("x"))
+    return (
+        t.group_by(by or pl.lit(0), maintain_order=True)
+        .agg(
+            pl.col(x).mean().alias("x"), pl.col(metric).mean().alias("m"), pl.col(metric).std().fill_null(0).alias("sd")
+        )
+        .sort("x")
+    )
 
 
 def _settings(table: pl.DataFrame, width: float):
@@ -65,24 +79,41 @@ def plot_metric_vs_dim(table: pl.DataFrame, path: str | Path, metric: str = "top
         steps = _mean_sd(t.filter(pl.col("method") == "greedy_step"), ["step"], "dim", metric)
         ax.plot(steps["x"], steps["m"], "-", lw=1, color="tab:blue", alpha=0.6, label="greedy steps")
         for method, (marker, label) in SELECT_MARKERS.items():
-            pts = _mean_sd(t.filter(pl.col("method") == method), ["variant"] if method == "greedy_budget" else [],
-                           "dim", metric)
+            pts = _mean_sd(
+                t.filter(pl.col("method") == method), ["variant"] if method == "greedy_budget" else [], "dim", metric
+            )
             if pts.height:
-                ax.errorbar(pts["x"], pts["m"], yerr=pts["sd"], fmt=marker, ms=9 if marker == "*" else 6,
-                            color="tab:blue", capsize=3, label=label, zorder=5)
+                ax.errorbar(
+                    pts["x"],
+                    pts["m"],
+                    yerr=pts["sd"],
+                    fmt=marker,
+                    ms=9 if marker == "*" else 6,
+                    color="tab:blue",
+                    capsize=3,
+                    label=label,
+                    zorder=5,
+                )
         projected = t.filter(pl.col("method").is_in(["projection", "select_then_project"]))
         for variant in projected["variant"].unique(maintain_order=True).to_list():
             pts = _mean_sd(projected.filter(pl.col("variant") == variant), ["k"], "dim", metric)
-            ax.errorbar(pts["x"], pts["m"], yerr=pts["sd"], fmt="-o", ms=3, capsize=3,
-                        color=COLORS.get(variant), label=f"projection: {variant}")
+            ax.errorbar(
+                pts["x"],
+                pts["m"],
+                yerr=pts["sd"],
+                fmt="-o",
+                ms=3,
+                capsize=3,
+                color=COLORS.get(variant),
+                label=f"projection: {variant}",
+            )
         full = t.filter(pl.col("method") == "full")
         ax.axhline(full[metric].mean(), ls="--", color="k", lw=1, label=f"full gradient (dim {full['dim'][0]:,})")
         for variant, ls in (("prompt", "-."), ("prompt_response", ":")):
             bm25 = t.filter((pl.col("method") == "bm25") & (pl.col("variant") == variant))
             if bm25.height:
                 ax.axhline(bm25[metric].mean(), ls=ls, color="tab:green", lw=1, label=f"BM25 ({variant})")
-        ax.axhline(t.filter(pl.col("method") == "chance")[metric].mean(), ls=":", color="tab:red", lw=1,
-                   label="chance")
+        ax.axhline(t.filter(pl.col("method") == "chance")[metric].mean(), ls=":", color="tab:red", lw=1, label="chance")
         _metric_panel(ax, "representation dimension (log)", metric, f"{setting}: {metric} on held-out queries")
         ax.legend(fontsize=6.5, loc="upper left", framealpha=0.85, ncol=2)
     _save(fig, path)
@@ -100,8 +131,12 @@ def plot_metric_vs_cost(table: pl.DataFrame, path: str | Path, metric: str = "to
             ax.errorbar([ms], [r["m"]], yerr=[r["sd"]], fmt="o", ms=4, color=color, capsize=3)
             label = (r["variant"] or r["method"]) + (f" k={r['k']}" if r["k"] is not None else "")
             ax.annotate(label, (ms, r["m"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
-        _metric_panel(ax, "ms to represent one new sample: gradient extraction + reduction (log)", metric,
-                      f"{setting}: {metric} against cost")
+        _metric_panel(
+            ax,
+            "ms to represent one new sample: gradient extraction + reduction (log)",
+            metric,
+            f"{setting}: {metric} against cost",
+        )
     _save(fig, path)
 
 
@@ -111,8 +146,11 @@ def plot_single_heatmap(table: pl.DataFrame, path: str | Path, metric: str = "to
 
     fig, panels = _settings(table, 6.4)
     for ax, setting in panels:
-        t = (table.filter((pl.col("setting") == setting) & (pl.col("method") == "single"))
-             .group_by("components", maintain_order=True).agg(pl.col(metric).mean()))
+        t = (
+            table.filter((pl.col("setting") == setting) & (pl.col("method") == "single"))
+            .group_by("components", maintain_order=True)
+            .agg(pl.col(metric).mean())
+        )
         cells = {}
         for name, value in zip(t["components"], t[metric]):
             layer, family = _layer_family(name)
@@ -126,8 +164,15 @@ def plot_single_heatmap(table: pl.DataFrame, path: str | Path, metric: str = "to
         for i in range(len(layers)):
             for j in range(len(families)):
                 if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                            color="w" if grid[i, j] < 0.6 * np.nanmax(grid) else "k")
+                    ax.text(
+                        j,
+                        i,
+                        f"{grid[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="w" if grid[i, j] < 0.6 * np.nanmax(grid) else "k",
+                    )
         ax.set_xticks(range(len(families)), families, rotation=45, ha="right")
         ax.set_yticks(range(len(layers)), [f"layer {x}" if x != "other" else "outside layers" for x in layers])
         ax.set_title(f"{setting}: {metric} of single components (held-out)")
@@ -152,16 +197,39 @@ def plot_greedy_curve(table: pl.DataFrame, path: str | Path, metric: str = "top1
     for ax, setting in panels:
         t = table.filter(pl.col("setting") == setting)
         total = t.filter(pl.col("method") == "full")["params"][0]
-        steps = (t.filter(pl.col("method") == "greedy_step").group_by("step", maintain_order=True)
-                 .agg((pl.col("params").mean() / total).alias("share"), pl.col(metric).mean().alias("m"),
-                      pl.col(metric).std().fill_null(0).alias("sd")).sort("step"))
-        ax.errorbar(steps["share"], steps["m"], yerr=steps["sd"], fmt="-o", ms=3, capsize=2, color="tab:blue",
-                    label="greedy selection (held-out)")
+        steps = (
+            t.filter(pl.col("method") == "greedy_step")
+            .group_by("step", maintain_order=True)
+            .agg(
+                (pl.col("params").mean() / total).alias("share"),
+                pl.col(metric).mean().alias("m"),
+                pl.col(metric).std().fill_null(0).alias("sd"),
+            )
+            .sort("step")
+        )
+        ax.errorbar(
+            steps["share"],
+            steps["m"],
+            yerr=steps["sd"],
+            fmt="-o",
+            ms=3,
+            capsize=2,
+            color="tab:blue",
+            label="greedy selection (held-out)",
+        )
         chosen = t.filter(pl.col("method") == "greedy")
-        ax.errorbar([chosen["params"].mean() / total], [chosen[metric].mean()], yerr=[chosen[metric].std() or 0],
-                    fmt="*", ms=12, color="tab:blue", capsize=3, label="chosen prefix", zorder=5)
-        ax.axhline(t.filter(pl.col("method") == "full")[metric].mean(), ls="--", color="k", lw=1,
-                   label="full gradient")
+        ax.errorbar(
+            [chosen["params"].mean() / total],
+            [chosen[metric].mean()],
+            yerr=[chosen[metric].std() or 0],
+            fmt="*",
+            ms=12,
+            color="tab:blue",
+            capsize=3,
+            label="chosen prefix",
+            zorder=5,
+        )
+        ax.axhline(t.filter(pl.col("method") == "full")[metric].mean(), ls="--", color="k", lw=1, label="full gradient")
         _metric_panel(ax, "share of parameters (log)", metric, f"{setting}: greedy selection")
         ax.legend(fontsize=7)
     _save(fig, path)

@@ -99,8 +99,9 @@ class CountSketch:
         return out
 
 
-def project_component(x: torch.Tensor, component_index: int, cfg: ProjectionConfig,
-                      k: int | None = None) -> torch.Tensor:
+def project_component(
+    x: torch.Tensor, component_index: int, cfg: ProjectionConfig, k: int | None = None
+) -> torch.Tensor:
     """P_c x for rows x [n, d_c] of component `component_index` -> [n, k] float32 (k = cfg.k unless given)."""
     k = cfg.k if k is None else k
     x = x.to(torch.float32)
@@ -147,8 +148,13 @@ class Projector:
             out[:, lo:hi] += project_component(x, component_index, self.cfg, k=hi - lo).numpy()
 
 
-def project_store(store, cfg: ProjectionConfig, rows: np.ndarray | None = None, block_rows: int = 4096,
-                  components: list[str] | None = None) -> np.ndarray:
+def project_store(
+    store,
+    cfg: ProjectionConfig,
+    rows: np.ndarray | None = None,
+    block_rows: int = 4096,
+    components: list[str] | None = None,
+) -> np.ndarray:
     """Project every sample (or `rows`) of a GradientStore -> [n, out_dim] float32.
 
     components: project only these (select-then-project); default: the full gradient. Component
@@ -164,7 +170,7 @@ def project_store(store, cfg: ProjectionConfig, rows: np.ndarray | None = None, 
         ci = index[name] if proj.dims is None else pos
         if rows is None:
             for start, block in store.iter_blocks(name, block_rows):
-                proj.add(out[start:start + len(block)], ci, torch.from_numpy(block))
+                proj.add(out[start : start + len(block)], ci, torch.from_numpy(block))
         else:
             proj.add(out, ci, torch.from_numpy(store.read(name, rows)))
     return out

@@ -37,8 +37,16 @@ from tdabench.io import atomic_path
 from tdabench.store import STR, GradientStore
 
 FORMAT = "tdabench-similarity/1"
-REQUIRED = ("components", "component_params", "query_ids", "train_ids", "ground_truth", "query_sqnorm",
-            "train_sqnorm", "dot")
+REQUIRED = (
+    "components",
+    "component_params",
+    "query_ids",
+    "train_ids",
+    "ground_truth",
+    "query_sqnorm",
+    "train_sqnorm",
+    "dot",
+)
 
 
 @dataclass
@@ -83,8 +91,9 @@ class Similarity:
         tn = self.train_sqnorm[comps].sum(axis=0, dtype=np.float64)  # [T]
         return tn if self.candidates is None else tn[self.candidates[queries]]
 
-    def scores(self, components: Sequence[int] | np.ndarray | None = None,
-               queries: np.ndarray | None = None) -> np.ndarray:
+    def scores(
+        self, components: Sequence[int] | np.ndarray | None = None, queries: np.ndarray | None = None
+    ) -> np.ndarray:
         """Cosine [Q', T] (or [Q', b]) of the concatenated gradients of `components` (indices)."""
         comps = np.arange(len(self.components)) if components is None else np.asarray(components)
         q = slice(None) if queries is None else np.asarray(queries)
@@ -108,10 +117,18 @@ def cosine_from_sums(dot: np.ndarray, q_sqnorm: np.ndarray, t_sqnorm: np.ndarray
     return np.divide(dot, denom, out=np.zeros_like(dot, dtype=np.float64), where=denom > 0)
 
 
-def build_similarity(train: GradientStore, queries: GradientStore, query_ids: Sequence[str],
-                     source_ids: Sequence[str], out_path: str | Path, setting: str,
-                     block_rows: int = 1024, dtype: str = "float64",
-                     candidates: np.ndarray | None = None, progress=None) -> None:
+def build_similarity(
+    train: GradientStore,
+    queries: GradientStore,
+    query_ids: Sequence[str],
+    source_ids: Sequence[str],
+    out_path: str | Path,
+    setting: str,
+    block_rows: int = 1024,
+    dtype: str = "float64",
+    candidates: np.ndarray | None = None,
+    progress=None,
+) -> None:
     """Write the similarity store of `query_ids` (rows of `queries`) against the training rows.
 
     candidates: optional [Q, b] training-row indices per query (the candidate protocol); only
@@ -144,8 +161,9 @@ def build_similarity(train: GradientStore, queries: GradientStore, query_ids: Se
         f.create_dataset("component_params", data=np.array([int(np.prod(c["shape"])) for c in info], dtype=np.int64))
         f.create_dataset("component_dim", data=np.array([train.dim(c["name"]) for c in info], dtype=np.int64))
         f.create_dataset("component_family", data=np.array([c["family"] for c in info], dtype=object), dtype=STR)
-        f.create_dataset("component_layer", data=np.array(
-            [-1 if c["layer"] is None else c["layer"] for c in info], dtype=np.int64))
+        f.create_dataset(
+            "component_layer", data=np.array([-1 if c["layer"] is None else c["layer"] for c in info], dtype=np.int64)
+        )
         f.create_dataset("query_ids", data=np.array(list(query_ids), dtype=object), dtype=STR)
         f.create_dataset("train_ids", data=np.array(train.sample_ids, dtype=object), dtype=STR)
         f.create_dataset("ground_truth", data=ground_truth)
@@ -180,8 +198,10 @@ def load_similarity(path: str | Path) -> Similarity:
             raise ValueError(f"{path}: format {fmt!r} is not {FORMAT!r}")
         missing = [k for k in REQUIRED if k not in f]
         if missing:
-            raise ValueError(f"{path}: not a similarity store: missing dataset(s) {', '.join(missing)} "
-                             f"(required: {', '.join(REQUIRED)}; see tdabench.similarity)")
+            raise ValueError(
+                f"{path}: not a similarity store: missing dataset(s) {', '.join(missing)} "
+                f"(required: {', '.join(REQUIRED)}; see tdabench.similarity)"
+            )
 
         def strings(key):
             return [s.decode() if isinstance(s, bytes) else str(s) for s in f[key][:]]
@@ -192,8 +212,10 @@ def load_similarity(path: str | Path) -> Similarity:
         n_q, n_t = len(f["query_ids"]), len(f["train_ids"])
         expected = (n_c, n_q, n_t if candidates is None else candidates.shape[1])
         if dot.shape != expected:
-            raise ValueError(f"{path}: dot has shape {dot.shape}, expected {expected} (components, queries, "
-                             f"{'training examples' if candidates is None else 'candidates'})")
+            raise ValueError(
+                f"{path}: dot has shape {dot.shape}, expected {expected} (components, queries, "
+                f"{'training examples' if candidates is None else 'candidates'})"
+            )
         return Similarity(
             components=strings("components"),
             component_params=f["component_params"][:],

@@ -47,12 +47,19 @@ def estimate_bytes(n_samples: int, stored_dims: Sequence[int], dtype: str = "flo
 
 def components_json(components: Sequence[Component], sketches: dict[str, dict] | None = None) -> str:
     sketches = sketches or {}
-    return json.dumps([
-        {"name": c.name, "family": c.family, "layer": c.layer, "shape": list(c.shape),
-         "stored_dim": sketches[c.name]["k"] if c.name in sketches else c.numel,
-         "sketch": sketches.get(c.name)}
-        for c in components
-    ])
+    return json.dumps(
+        [
+            {
+                "name": c.name,
+                "family": c.family,
+                "layer": c.layer,
+                "shape": list(c.shape),
+                "stored_dim": sketches[c.name]["k"] if c.name in sketches else c.numel,
+                "sketch": sketches.get(c.name),
+            }
+            for c in components
+        ]
+    )
 
 
 def _create_rows(group: h5py.Group, name: str, n: int, dim: int, dtype: np.dtype) -> None:
@@ -70,15 +77,27 @@ class GradientStoreWriter:
     """Write a store batch by batch (context manager). On a clean exit with every row done the
     file is renamed into place; after an error the partial file stays behind for `resume`."""
 
-    def __init__(self, path: str | Path, sample_ids: Sequence[str], components: Sequence[Component],
-                 dtype: str = "float32", attrs: dict | None = None,
-                 sketches: dict[str, dict] | None = None, resume: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        sample_ids: Sequence[str],
+        components: Sequence[Component],
+        dtype: str = "float32",
+        attrs: dict | None = None,
+        sketches: dict[str, dict] | None = None,
+        resume: bool = True,
+    ):
         self.path, self.sample_ids, self.components = Path(path), list(sample_ids), list(components)
         self.partial = self.path.with_name(f".{self.path.name}.partial")
         self.dtype = np.dtype(dtype)
         self.sketches = dict(sketches or {})
-        self.meta = {"format": FORMAT, "dtype": self.dtype.name, "loss": LOSS,
-                     "components": components_json(self.components, self.sketches), **(attrs or {})}
+        self.meta = {
+            "format": FORMAT,
+            "dtype": self.dtype.name,
+            "loss": LOSS,
+            "components": components_json(self.components, self.sketches),
+            **(attrs or {}),
+        }
         self.resume = resume
         self.done = np.zeros(len(self.sample_ids), dtype=bool)
 
@@ -90,7 +109,7 @@ class GradientStoreWriter:
         ids = [s.decode() if isinstance(s, bytes) else s for s in f["sample_ids"][:]] if "sample_ids" in f else None
         return same_attrs and ids == self.sample_ids and "done" in f
 
-    def __enter__(self) -> "GradientStoreWriter":
+    def __enter__(self) -> GradientStoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.resume and self.partial.exists():
             try:
@@ -106,8 +125,9 @@ class GradientStoreWriter:
         self.partial.unlink(missing_ok=True)
         self.file = h5py.File(self.partial, "w")
         n = len(self.sample_ids)
-        self.file.create_dataset("sample_ids", data=np.array(self.sample_ids, dtype=object), dtype=STR,
-                                 track_times=False)
+        self.file.create_dataset(
+            "sample_ids", data=np.array(self.sample_ids, dtype=object), dtype=STR, track_times=False
+        )
         self.file.create_dataset("done", data=self.done, track_times=False)
         grp = self.file.create_group("grads")
         for c in self.components:
@@ -159,8 +179,7 @@ class GradientStore:
         self.attrs = dict(first)
         self.component_info = json.loads(first["components"])
         self.components = [c["name"] for c in self.component_info]
-        self.sample_ids = [s.decode() if isinstance(s, bytes) else s
-                           for f in self.files for s in f["sample_ids"][:]]
+        self.sample_ids = [s.decode() if isinstance(s, bytes) else s for f in self.files for s in f["sample_ids"][:]]
         self._sizes = [f["sample_ids"].shape[0] for f in self.files]
 
     def __len__(self) -> int:
@@ -180,7 +199,7 @@ class GradientStore:
         for f, size in zip(self.files, self._sizes):
             ds = f["grads"][component]
             for start in range(0, size, block_rows):
-                yield offset + start, ds[start:start + block_rows].astype(np.float32, copy=False)
+                yield offset + start, ds[start : start + block_rows].astype(np.float32, copy=False)
             offset += size
 
     def close(self) -> None:

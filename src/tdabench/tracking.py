@@ -20,6 +20,14 @@ from pathlib import Path
 ENV_URI = "TDABENCH_MLFLOW_TRACKING_URI"
 ENV_EXPERIMENT = "TDABENCH_MLFLOW_EXPERIMENT_ID"
 ENV_PARENT = "TDABENCH_MLFLOW_PARENT_RUN_ID"
+ENV_SOURCE_TAGS = "TDABENCH_MLFLOW_SOURCE_TAGS"  # JSON: the parent's source/commit tags, set on every run
+SOURCE_TAGS = (
+    "mlflow.source.git.commit",
+    "mlflow.source.name",
+    "tdabench.git_commit",
+    "tdabench.git_dirty",
+    "tdabench.config_hash",
+)
 MAX_PARAM_CHARS = 6000
 
 
@@ -50,8 +58,10 @@ def ensure_experiment(uri: str, name: str, artifact_root: str | Path) -> str:
 
 def git_commit(repo: str | Path) -> tuple[str, bool]:
     """(commit sha or "unknown", whether the work tree has uncommitted changes)."""
+
     def git(*args):
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+
     try:
         head = git("rev-parse", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
@@ -84,7 +94,13 @@ def start_study(config: dict, workdir: str | Path, repo: str | Path, cfg_hash: s
     os.environ[ENV_URI] = uri
     os.environ[ENV_EXPERIMENT] = exp_id
     os.environ[ENV_PARENT] = run_id
+    os.environ[ENV_SOURCE_TAGS] = json.dumps({k: tags[k] for k in SOURCE_TAGS})
     return run_id
+
+
+def source_tags() -> dict[str, str]:
+    """Commit, config hash and source of this invocation (from its parent run), for every run."""
+    return json.loads(os.environ.get(ENV_SOURCE_TAGS, "{}"))
 
 
 def end_study(status: str) -> None:
@@ -106,17 +122,18 @@ def flatten(obj, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _log_batch(client, run_id: str, params: dict[str, str] | None = None,
-               metrics: dict[str, float] | None = None, step: int = 0) -> None:
+def _log_batch(
+    client, run_id: str, params: dict[str, str] | None = None, metrics: dict[str, float] | None = None, step: int = 0
+) -> None:
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)
     plist = [Param(k, v) for k, v in (params or {}).items()]
     mlist = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if v is not None]
     for i in range(0, len(plist), 100):
-        client.log_batch(run_id, params=plist[i:i + 100])
+        client.log_batch(run_id, params=plist[i : i + 100])
     for i in range(0, len(mlist), 1000):
-        client.log_batch(run_id, metrics=mlist[i:i + 1000])
+        client.log_batch(run_id, metrics=mlist[i : i + 1000])
 
 
 class Run:
@@ -150,6 +167,11 @@ class Run:
             for k, v in tags.items():
                 self.client.set_tag(self.run_id, k, v)
 
+    def log_table(self, table, name: str) -> None:
+        """A polars table as an MLflow table artifact (`name` ends in .json): previewable in the UI."""
+        if self.active:
+            self.client.log_table(self.run_id, data=table.to_pandas(), artifact_file=name)
+
     def log_input(self, table, name: str, source: str | Path, context: str) -> None:
         """Log a polars table as an MLflow dataset input (name, digest, schema, source path)."""
         if not self.active:
@@ -158,8 +180,9 @@ class Run:
         from mlflow.entities import DatasetInput, InputTag
 
         dataset = mlflow.data.from_polars(table, source=str(Path(source).resolve()), name=name)
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                                          [InputTag("mlflow.data.context", context)])])
+        self.client.log_inputs(
+            self.run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])]
+        )
 
     def child(self, name: str, params: dict, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
         """A finished run nested under this one (e.g. one per evaluated method), for the UI's
@@ -167,7 +190,8 @@ class Run:
         if not self.active:
             return
         exp_id = self.client.get_run(self.run_id).info.experiment_id
-        run = self.client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": self.run_id, **(tags or {})})
+        tags = {**source_tags(), "mlflow.parentRunId": self.run_id, **(tags or {})}
+        run = self.client.create_run(exp_id, run_name=name, tags=tags)
         child = Run(self.client, run.info.run_id)
         child.log_params(params)
         child.log_metrics(metrics)
@@ -188,7 +212,7 @@ def job_run(rule: str, params: dict, wildcards: dict | None = None):
         yield Run()
         return
     client = _client(uri)
-    tags = {"mlflow.parentRunId": parent_id, "tdabench.rule": rule, "tdabench.kind": "job"}
+    tags = {**source_tags(), "mlflow.parentRunId": parent_id, "tdabench.rule": rule, "tdabench.kind": "job"}
     for k, v in (wildcards or {}).items():
         tags[f"tdabench.wildcard.{k}"] = str(v)
     suffix = "".join(f" {k}={v}" for k, v in (wildcards or {}).items())
@@ -213,7 +237,7 @@ def file_manifest(paths) -> list[dict]:
 
             datasets = {}
 
-            def visit(name, obj):
+            def visit(name, obj, datasets=datasets):
                 if isinstance(obj, h5py.Dataset):
                     datasets[name] = {"shape": list(obj.shape), "dtype": str(obj.dtype)}
 

@@ -22,13 +22,16 @@ from tdabench.models import Encoded, collate, encode_prompt
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 5e-3
-    weight_decay: float = 0.0
-    warmup_fraction: float = 0.05
-    label_smoothing: float = 0.0
-    seed: int = 0
+    """Config sections `pretrain` / `finetune` (their training keys) plus the study seed; no
+    defaults here, the schema holds them."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    warmup_fraction: float
+    label_smoothing: float
+    seed: int
 
 
 def lr_lambda(total_steps: int, warmup_steps: int):
@@ -37,6 +40,7 @@ def lr_lambda(total_steps: int, warmup_steps: int):
             return (step + 1) / warmup_steps
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+
     return f
 
 
@@ -45,12 +49,14 @@ def lm_loss(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     shift = logits[:, :-1].float()  # [batch, tokens-1, vocab]
     targets = batch["labels"][:, 1:]  # [batch, tokens-1]
-    return F.cross_entropy(shift.reshape(-1, shift.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                           label_smoothing=label_smoothing)
+    return F.cross_entropy(
+        shift.reshape(-1, shift.shape[-1]), targets.reshape(-1), ignore_index=-100, label_smoothing=label_smoothing
+    )
 
 
-def train(model, examples: list[Encoded], pad_id: int, cfg: TrainConfig, progress: bool = True,
-          desc: str = "train") -> list[dict]:
+def train(
+    model, examples: list[Encoded], pad_id: int, cfg: TrainConfig, progress: bool = True, desc: str = "train"
+) -> list[dict]:
     """Train in place. Returns the loss curve: one {"epoch", "step", "loss"} per epoch."""
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
@@ -64,7 +70,7 @@ def train(model, examples: list[Encoded], pad_id: int, cfg: TrainConfig, progres
         order = torch.randperm(len(examples), generator=gen).tolist()
         losses = []
         for start in range(0, len(order), cfg.batch_size):
-            batch = collate([examples[i] for i in order[start:start + cfg.batch_size]], pad_id)
+            batch = collate([examples[i] for i in order[start : start + cfg.batch_size]], pad_id)
             loss = lm_loss(model, batch, cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -81,21 +87,34 @@ def train(model, examples: list[Encoded], pad_id: int, cfg: TrainConfig, progres
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[str], max_length: int, max_new_tokens: int = 24,
-                   batch_size: int = 64, progress: bool = False) -> list[str]:
+def greedy_answers(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_length: int,
+    max_new_tokens: int = 24,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[str]:
     """The model's greedy-decoded response to each prompt (left-padded batches)."""
     pad = tokenizer.pad_token_id
     out: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, mininterval=2.0):
-        ids = [encode_prompt(tokenizer, p, max_length) for p in prompts[start:start + batch_size]]
+        ids = [encode_prompt(tokenizer, p, max_length) for p in prompts[start : start + batch_size]]
         width = max(map(len, ids))
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
         mask = torch.zeros_like(input_ids)
         for i, seq in enumerate(ids):
-            input_ids[i, width - len(seq):] = torch.tensor(seq)
-            mask[i, width - len(seq):] = 1
-        gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id)
+            input_ids[i, width - len(seq) :] = torch.tensor(seq)
+            mask[i, width - len(seq) :] = 1
+        gen = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
     return out
 

@@ -1,18 +1,41 @@
-# Shared helpers: code dependencies of each stage, and the file lists rules expand.
+# Shared helpers: what every rule repeats, code dependencies of each stage, the file lists rules
+# expand. Threads and resources live in the workflow profile (profiles/default/config.yaml).
 
 from tdabench.codedeps import stage_sources
+from tdabench.pipeline.common import stage_module
+
+# Every rule runs its stage through one script (tdabench.pipeline.common.STAGES maps rule -> entry
+# point) in one conda environment (for --sdm conda users).
+STAGE = "../scripts/stage.py"
+ENV = "../../envs/tdabench.yaml"
+
+# Keys of config sections that feed one library dataclass (only these rerun a rule).
+EXTRACTION_KEYS = ("components", "batch_size", "max_component_dim", "sketch_seed", "autocast")
+TRAIN_KEYS = ("epochs", "batch_size", "learning_rate", "weight_decay", "warmup_fraction", "label_smoothing")
 
 
-def stage_code(stage):
-    """Library files the stage's job runs (module + transitive tdabench imports), relative to the
+def stage_code(rule):
+    """Library files the rule's stage runs (module + transitive tdabench imports), relative to the
     working directory so that moving the checkout together with its results reruns nothing."""
-    return [os.path.relpath(p) for p in stage_sources(f"tdabench.pipeline.{stage}", SRC / "tdabench")]
+    return [os.path.relpath(p) for p in stage_sources(stage_module(rule), SRC / "tdabench")]
+
+
+def keys(section, names):
+    """Only the named keys of a config section (the ones a rule's stage reads)."""
+    return {k: config[section][k] for k in names}
+
+
+def training(section):
+    """TrainConfig of `pretrain` / `finetune`: its training keys plus the study seed."""
+    return {**keys(section, TRAIN_KEYS), "seed": config["seed"]}
 
 
 def base_model():
     """The model fine-tuning starts from: a produced directory, a local directory or a hub name."""
     kind = config["model"]["kind"]
-    return {"tiny": "results/models/base", "gguf": "results/models/converted"}.get(kind, config["model"]["name_or_path"])
+    return {"tiny": "results/models/base", "gguf": "results/models/converted"}.get(
+        kind, config["model"]["name_or_path"]
+    )
 
 
 def attributed_model():

@@ -1,9 +1,15 @@
 rule background:
     """What the base model is pre-trained on (background settings only: planted settings never rerun it)."""
     input:
-        code=stage_code("dataset"),
+        code=stage_code("background"),
     output:
         background="results/data/background.parquet",
+    log:
+        "logs/background.log",
+    benchmark:
+        "benchmarks/background.tsv"
+    conda:
+        ENV
     params:
         kind=config["dataset"]["kind"],
         synthetic={
@@ -13,18 +19,8 @@ rule background:
         files=config["dataset"]["files"],
         huggingface=config["dataset"]["huggingface"],
         seed=config["seed"],
-    log:
-        "logs/background.log",
-    benchmark:
-        "benchmarks/background.tsv"
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    conda:
-        "../../envs/tdabench.yaml"
     script:
-        "../scripts/background.py"
+        STAGE
 
 
 rule dataset:
@@ -35,21 +31,17 @@ rule dataset:
     output:
         train="results/data/train.parquet",
         queries="results/data/queries.parquet",
+    log:
+        "logs/dataset.log",
+    benchmark:
+        "benchmarks/dataset.tsv"
+    conda:
+        ENV
     params:
         kind=config["dataset"]["kind"],
         synthetic=config["dataset"]["synthetic"],
         files=config["dataset"]["files"],
         huggingface=config["dataset"]["huggingface"],
         seed=config["seed"],
-    log:
-        "logs/dataset.log",
-    benchmark:
-        "benchmarks/dataset.tsv"
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    conda:
-        "../../envs/tdabench.yaml"
     script:
-        "../scripts/dataset.py"
+        STAGE

@@ -1,7 +1,3 @@
-# The gradients keys the costs stage reads (only these rerun it).
-COSTS_GRADIENT_KEYS = ("components", "batch_size", "max_component_dim", "sketch_seed", "autocast")
-
-
 rule costs:
     """Time to represent new samples with each method, all measured in one run on the same queries."""
     input:
@@ -11,30 +7,24 @@ rule costs:
         selection=expand("results/selection/{setting}.parquet", setting=config["dataset"]["settings"]),
     output:
         costs="results/evaluation/costs.parquet",
-    params:
-        model=model_param(attributed_model()),
-        settings=config["dataset"]["settings"],
-        cost_samples=config["evaluation"]["cost_samples"],
-        methods=config["projection"]["methods"],
-        dims=config["projection"]["dims"],
-        nonzeros=config["projection"]["nonzeros"],
-        select_kind=config["projection"]["select_kind"],
-        gradients={k: config["gradients"][k] for k in COSTS_GRADIENT_KEYS},
-        tokenize=config["tokenize"],
     log:
         "logs/costs.log",
     benchmark:
         "benchmarks/costs.tsv"
+    conda:
+        ENV
     # All cores (Snakemake scales this down to --cores): timings are only comparable when no other
     # job shares the machine.
     threads: 256
-    resources:
-        mem_mb=4000,
-        runtime=60,
-    conda:
-        "../../envs/tdabench.yaml"
+    params:
+        model=model_param(attributed_model()),
+        settings=config["dataset"]["settings"],
+        cost_samples=config["evaluation"]["cost_samples"],
+        costs=keys("projection", ("methods", "dims", "nonzeros", "select_kind")),
+        extraction=keys("gradients", EXTRACTION_KEYS),
+        tokenize=config["tokenize"],
     script:
-        "../scripts/costs.py"
+        STAGE
 
 
 rule evaluate:
@@ -52,6 +42,12 @@ rule evaluate:
         metrics="results/evaluation/metrics.parquet",
         candidates="results/evaluation/candidates.parquet",
         per_query="results/evaluation/per_query.parquet",
+    log:
+        "logs/evaluate.log",
+    benchmark:
+        "benchmarks/evaluate.tsv"
+    conda:
+        ENV
     params:
         settings=config["dataset"]["settings"],
         recall_at=config["evaluation"]["recall_at"],
@@ -61,18 +57,8 @@ rule evaluate:
         selection_fraction=config["selection"]["selection_fraction"],
         n_splits=config["selection"]["n_splits"],
         split_seed=config["selection"]["split_seed"],
-    log:
-        "logs/evaluate.log",
-    benchmark:
-        "benchmarks/evaluate.tsv"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    conda:
-        "../../envs/tdabench.yaml"
     script:
-        "../scripts/evaluate.py"
+        STAGE
 
 
 rule summary:
@@ -85,28 +71,35 @@ rule summary:
     output:
         summary=report("results/summary.md", caption="../report/summary.rst", category="Summary"),
         config=report("results/config.yaml", caption="../report/config.rst", category="Configuration"),
-        plot_top1=report("results/evaluation/top1_vs_dim.png", caption="../report/top1_vs_dim.rst",
-                         category="Select vs project"),
-        plot_mrr=report("results/evaluation/mrr_vs_dim.png", caption="../report/mrr_vs_dim.rst",
-                        category="Select vs project"),
-        plot_heatmap=report("results/evaluation/single_component_heatmap.png",
-                            caption="../report/single_heatmap.rst", category="Where the signal lives"),
-        plot_greedy=report("results/evaluation/greedy_curve.png", caption="../report/greedy_curve.rst",
-                           category="Where the signal lives"),
-        plot_cost=report("results/evaluation/top1_vs_cost.png", caption="../report/top1_vs_cost.rst",
-                         category="Select vs project"),
-        svg=expand("results/evaluation/{plot}.svg",
-                   plot=["top1_vs_dim", "mrr_vs_dim", "single_component_heatmap", "greedy_curve", "top1_vs_cost"]),
+        plot_top1=report(
+            "results/evaluation/top1_vs_dim.png", caption="../report/top1_vs_dim.rst", category="Select vs project"
+        ),
+        plot_mrr=report(
+            "results/evaluation/mrr_vs_dim.png", caption="../report/mrr_vs_dim.rst", category="Select vs project"
+        ),
+        plot_heatmap=report(
+            "results/evaluation/single_component_heatmap.png",
+            caption="../report/single_heatmap.rst",
+            category="Where the signal lives",
+        ),
+        plot_greedy=report(
+            "results/evaluation/greedy_curve.png",
+            caption="../report/greedy_curve.rst",
+            category="Where the signal lives",
+        ),
+        plot_cost=report(
+            "results/evaluation/top1_vs_cost.png", caption="../report/top1_vs_cost.rst", category="Select vs project"
+        ),
+        svg=expand(
+            "results/evaluation/{plot}.svg",
+            plot=["top1_vs_dim", "mrr_vs_dim", "single_component_heatmap", "greedy_curve", "top1_vs_cost"],
+        ),
+    log:
+        "logs/summary.log",
+    conda:
+        ENV
     params:
         settings=config["dataset"]["settings"],
         study_config={key: value for key, value in config.items() if key != "mlflow"},
-    log:
-        "logs/summary.log",
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    conda:
-        "../../envs/tdabench.yaml"
     script:
-        "../scripts/summary.py"
+        STAGE

@@ -6,24 +6,20 @@ rule pretrain:
     output:
         model=directory("results/models/base"),
         report="results/models/pretrain_report.json",
-    params:
-        kind=config["dataset"]["kind"],
-        model=config["model"]["tiny"],
-        tokenize=config["tokenize"],
-        train=config["pretrain"],
-        seed=config["seed"],
     log:
         "logs/pretrain.log",
     benchmark:
         "benchmarks/pretrain.tsv"
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=120,
     conda:
-        "../../envs/tdabench.yaml"
+        ENV
+    params:
+        kind=config["dataset"]["kind"],
+        model=config["model"]["tiny"],
+        tokenize=config["tokenize"],
+        train=training("pretrain"),
+        seed=config["seed"],
     script:
-        "../scripts/pretrain.py"
+        STAGE
 
 
 rule convert:
@@ -32,20 +28,16 @@ rule convert:
         code=stage_code("convert"),
     output:
         model=directory("results/models/converted"),
-    params:
-        gguf=config["model"]["gguf"],
     log:
         "logs/convert.log",
     benchmark:
         "benchmarks/convert.tsv"
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=60,
     conda:
-        "../../envs/tdabench.yaml"
+        ENV
+    params:
+        gguf=config["model"]["gguf"],
     script:
-        "../scripts/convert.py"
+        STAGE
 
 
 rule finetune:
@@ -58,23 +50,19 @@ rule finetune:
     output:
         model=directory("results/models/finetuned"),
         report="results/models/finetune_report.json",
-    params:
-        base=model_param(base_model()),
-        tokenize=config["tokenize"],
-        train=config["finetune"],
-        seed=config["seed"],
     log:
         "logs/finetune.log",
     benchmark:
         "benchmarks/finetune.tsv"
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=240,
     conda:
-        "../../envs/tdabench.yaml"
+        ENV
+    params:
+        base=model_param(base_model()),
+        tokenize=config["tokenize"],
+        train=training("finetune"),
+        eval_batch_size=config["finetune"]["eval_batch_size"],
     script:
-        "../scripts/finetune.py"
+        STAGE
 
 
 rule generate:
@@ -85,20 +73,16 @@ rule generate:
         queries="results/data/queries.parquet",
     output:
         queries="results/data/queries_all.parquet",
+    log:
+        "logs/generate.log",
+    benchmark:
+        "benchmarks/generate.tsv"
+    conda:
+        ENV
     params:
         model=model_param(attributed_model()),
         max_length=config["tokenize"]["max_length"],
         max_new_tokens=config["dataset"]["generate_max_tokens"],
         batch_size=config["finetune"]["eval_batch_size"],
-    log:
-        "logs/generate.log",
-    benchmark:
-        "benchmarks/generate.tsv"
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=120,
-    conda:
-        "../../envs/tdabench.yaml"
     script:
-        "../scripts/generate.py"
+        STAGE

@@ -7,28 +7,20 @@ rule gradients:
         queries=query_table(),
     output:
         store="results/gradients/{split}/shard-{shard}.h5",
-    params:
-        model=model_param(attributed_model()),
-        shards=lambda wc: n_shards(wc.split),
-        components=config["gradients"]["components"],
-        batch_size=config["gradients"]["batch_size"],
-        dtype=config["gradients"]["dtype"],
-        max_component_dim=config["gradients"]["max_component_dim"],
-        sketch_seed=config["gradients"]["sketch_seed"],
-        max_cache_gb=config["gradients"]["max_cache_gb"],
-        autocast=config["gradients"]["autocast"],
-        verify=config["gradients"]["verify"],
-        verify_tolerance=config["gradients"]["verify_tolerance"],
-        tokenize=config["tokenize"],
     log:
         "logs/gradients/{split}-{shard}.log",
     benchmark:
         "benchmarks/gradients/{split}-{shard}.tsv"
-    threads: 2
-    resources:
-        mem_mb=4000,
-        runtime=120,
     conda:
-        "../../envs/tdabench.yaml"
+        ENV
+    params:
+        model=model_param(attributed_model()),
+        shards=lambda wc: n_shards(wc.split),
+        extraction=keys("gradients", EXTRACTION_KEYS),
+        dtype=config["gradients"]["dtype"],
+        max_cache_gb=config["gradients"]["max_cache_gb"],
+        verify=config["gradients"]["verify"],
+        verify_tolerance=config["gradients"]["verify_tolerance"],
+        tokenize=config["tokenize"],
     script:
-        "../scripts/gradients.py"
+        STAGE

@@ -11,21 +11,17 @@ rule similarity:
         queries=query_table(),
     output:
         similarity="results/similarity/{setting}.h5",
-    params:
-        block_rows=config["similarity"]["block_rows"],
-        dtype=config["similarity"]["dtype"],
     log:
         "logs/similarity/{setting}.log",
     benchmark:
         "benchmarks/similarity/{setting}.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=60,
     conda:
-        "../../envs/tdabench.yaml"
+        ENV
+    params:
+        block_rows=config["similarity"]["block_rows"],
+        dtype=config["similarity"]["dtype"],
     script:
-        "../scripts/similarity.py"
+        STAGE
 
 
 rule selection:
@@ -35,24 +31,20 @@ rule selection:
         similarity="results/similarity/{setting}.h5",
     output:
         selection="results/selection/{setting}.parquet",
+    log:
+        "logs/selection/{setting}.log",
+    benchmark:
+        "benchmarks/selection/{setting}.tsv"
+    conda:
+        ENV
     params:
         selection_fraction=config["selection"]["selection_fraction"],
         n_splits=config["selection"]["n_splits"],
         split_seed=config["selection"]["split_seed"],
         objective=config["selection"]["objective"],
         budgets=config["selection"]["budgets"],
-    log:
-        "logs/selection/{setting}.log",
-    benchmark:
-        "benchmarks/selection/{setting}.tsv"
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=30,
-    conda:
-        "../../envs/tdabench.yaml"
     script:
-        "../scripts/selection.py"
+        STAGE
 
 
 rule projection:
@@ -63,47 +55,39 @@ rule projection:
         query_grads=gradient_shards("queries"),
     output:
         projection="results/projection/{method}.h5",
-    params:
-        dims=config["projection"]["dims"],
-        seeds=config["projection"]["seeds"],
-        nonzeros=config["projection"]["nonzeros"],
     log:
         "logs/projection/{method}.log",
     benchmark:
         "benchmarks/projection/{method}.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=60,
     conda:
-        "../../envs/tdabench.yaml"
+        ENV
+    params:
+        dims=config["projection"]["dims"],
+        seeds=config["projection"]["seeds"],
+        nonzeros=config["projection"]["nonzeros"],
     script:
-        "../scripts/projection.py"
+        STAGE
 
 
 rule project_selected:
     """Select-then-project: each split's greedy set, projected to every k with every seed."""
     input:
-        code=stage_code("projection"),
+        code=stage_code("project_selected"),
         train=gradient_shards("train"),
         query_grads=gradient_shards("queries"),
         selection="results/selection/{setting}.parquet",
     output:
         projection="results/projection/select_then_project/{setting}.h5",
+    log:
+        "logs/projection/select_then_project-{setting}.log",
+    benchmark:
+        "benchmarks/projection/select_then_project-{setting}.tsv"
+    conda:
+        ENV
     params:
         dims=config["projection"]["dims"],
         seeds=config["projection"]["seeds"],
         nonzeros=config["projection"]["nonzeros"],
         select_kind=config["projection"]["select_kind"],
-    log:
-        "logs/projection/select_then_project-{setting}.log",
-    benchmark:
-        "benchmarks/projection/select_then_project-{setting}.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=60,
-    conda:
-        "../../envs/tdabench.yaml"
     script:
-        "../scripts/project_selected.py"
+        STAGE

@@ -28,7 +28,9 @@ def bm25_scores(queries: list[str], documents: list[str], k1: float = 1.5, b: fl
     norm = k1 * (1 - b + b * lengths / max(avg, 1e-9))  # [T]
     out = np.zeros((len(queries), n))
     for qi, q in enumerate(queries):
-        for term in set(tokenize(q)):
+        # Distinct terms in first-occurrence order: a set's order follows PYTHONHASHSEED, and the
+        # float sums (hence score ties and BM25 candidates) would vary from run to run.
+        for term in dict.fromkeys(tokenize(q)):
             if term not in idf:
                 continue
             tf = np.array([d.get(term, 0) for d in docs], dtype=np.float64)

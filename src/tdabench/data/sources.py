@@ -87,8 +87,12 @@ def load_hf(spec: dict, key: str) -> pl.DataFrame:
             data = load_dataset(path, spec.get("name"), split=spec.get("split", "train"))
     except Exception as e:  # noqa: BLE001 - the datasets library raises many kinds; name the key
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        hint = (" The Hugging Face hub is offline (HF_HUB_OFFLINE=1): download the dataset or point to a "
-                "local folder, or set HF_HUB_OFFLINE=0." if offline and not local.exists() else "")
+        hint = (
+            " The Hugging Face hub is offline (HF_HUB_OFFLINE=1): download the dataset or point to a "
+            "local folder, or set HF_HUB_OFFLINE=0."
+            if offline and not local.exists()
+            else ""
+        )
         raise DataError(f"config key {key}.path: cannot load {path!r} ({type(e).__name__}: {e}).{hint}") from None
     table = pl.from_arrow(data.data.table) if hasattr(data, "data") else pl.DataFrame(data.to_dict())
     mapping = spec.get("columns") or {}
@@ -99,10 +103,13 @@ def load_hf(spec: dict, key: str) -> pl.DataFrame:
         return table
     out = table.select(pl.col(src).alias(ours) for ours, src in mapping.items() if ours != "messages")
     if "messages" in mapping:  # a chat column: prompt and response from its first user / assistant turns
-        pairs = [first_turns(m, f"config key {key}.columns.messages ({path}, row {i})")
-                 for i, m in enumerate(table[mapping["messages"]].to_list())]
-        out = out.with_columns(pl.Series("prompt", [p for p, _ in pairs], pl.Utf8),
-                               pl.Series("response", [r for _, r in pairs], pl.Utf8))
+        pairs = [
+            first_turns(m, f"config key {key}.columns.messages ({path}, row {i})")
+            for i, m in enumerate(table[mapping["messages"]].to_list())
+        ]
+        out = out.with_columns(
+            pl.Series("prompt", [p for p, _ in pairs], pl.Utf8), pl.Series("response", [r for _, r in pairs], pl.Utf8)
+        )
     return out
 
 
@@ -137,8 +144,10 @@ def load_huggingface(train_spec: dict, query_specs: list[dict]) -> tuple[pl.Data
         q = load_hf(spec, where)
         if spec.get("source") == "index":
             if q.height != train.height:
-                raise DataError(f"config key {where}.source: 'index' needs as many queries as training rows "
-                                f"({q.height} vs {train.height})")
+                raise DataError(
+                    f"config key {where}.source: 'index' needs as many queries as training rows "
+                    f"({q.height} vs {train.height})"
+                )
             q = q.with_columns(train["id"].alias("source_id"))
         if "id" not in q.columns:
             q = q.with_columns(pl.format(f"q{i}_{{}}", pl.int_range(pl.len()).cast(pl.Utf8).str.zfill(5)).alias("id"))
@@ -147,3 +156,39 @@ def load_huggingface(train_spec: dict, query_specs: list[dict]) -> tuple[pl.Data
     queries = pl.concat([p.select(QUERY_COLUMNS) for p in parts])
     validate_pair(train, queries, f"{key}.queries")
     return train, queries
+
+
+# The benchmark tables every later stage reads (results/data/{train,queries,queries_all}.parquet):
+# the columns above (train also `role`), plus whatever the source brought (e.g. the synthetic
+# generator's `value`, model-generated queries' `states_fact`).
+def _write(df: pl.DataFrame, path: str | Path, required: tuple[str, ...]) -> None:
+    from tdabench.io import write_parquet
+
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: refusing to write a table without column(s) {missing}")
+    write_parquet(df, path)
+
+
+def _read(path: str | Path, required: tuple[str, ...]) -> pl.DataFrame:
+    df = pl.read_parquet(path)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: not a tdabench benchmark table (missing column(s) {missing})")
+    return df
+
+
+def write_train(df: pl.DataFrame, path: str | Path) -> None:
+    _write(df, path, (*TRAIN_COLUMNS, "role"))
+
+
+def read_train(path: str | Path) -> pl.DataFrame:
+    return _read(path, (*TRAIN_COLUMNS, "role"))
+
+
+def write_queries(df: pl.DataFrame, path: str | Path) -> None:
+    _write(df, path, QUERY_COLUMNS)
+
+
+def read_queries(path: str | Path) -> pl.DataFrame:
+    return _read(path, QUERY_COLUMNS)

@@ -4,10 +4,11 @@ paraphrased prompt becomes the query response (setting `model_generated`)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import polars as pl
 
-from tdabench.io import write_parquet
+from tdabench.data.sources import read_queries, write_queries
 from tdabench.models import load_model
 from tdabench.pipeline.common import JobContext, set_threads
 from tdabench.train import greedy_answers, states_fact
@@ -15,32 +16,46 @@ from tdabench.train import greedy_answers, states_fact
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Params:
+    model: str  # the attributed model: a produced or local directory, or a hub name
+    max_length: int  # tokenize.max_length
+    max_new_tokens: int  # dataset.generate_max_tokens
+    batch_size: int  # finetune.eval_batch_size
+
+
 def main(job: JobContext, mlrun) -> None:
     set_threads(job.threads)
-    p = job.params
-    queries = pl.read_parquet(job.input["queries"])
+    p = job.typed_params(Params)
+    queries = read_queries(job.input["queries"])
     if (queries["setting"] == "model_generated").any():  # the data brings its own (e.g. the published LIMA set)
         log.info("the query data already holds model_generated queries: none generated")
-        write_parquet(queries, job.output["queries"])
+        write_queries(queries, job.output["queries"])
         mlrun.log_metrics({"n_generated": 0})
         return
     para = queries.filter(pl.col("setting") == "paraphrased")
     if para.is_empty():
-        raise ValueError(f"setting model_generated needs paraphrased queries to answer; {job.input['queries']} has none")
-    model, tokenizer = load_model(p["model"])
-    answers = greedy_answers(model, tokenizer, para["prompt"].to_list(), p["max_length"], p["max_new_tokens"],
-                             p["batch_size"], progress=True)
-    generated = para.with_columns(pl.Series("response", [a.strip() for a in answers]),
-                                  pl.lit("model_generated").alias("setting"),
-                                  ("g" + pl.col("id")).alias("id"))
+        raise ValueError(
+            f"setting model_generated needs paraphrased queries to answer; {job.input['queries']} has none"
+        )
+    model, tokenizer = load_model(p.model)
+    answers = greedy_answers(
+        model, tokenizer, para["prompt"].to_list(), p.max_length, p.max_new_tokens, p.batch_size, progress=True
+    )
+    generated = para.with_columns(
+        pl.Series("response", [a.strip() for a in answers]),
+        pl.lit("model_generated").alias("setting"),
+        ("g" + pl.col("id")).alias("id"),
+    )
     if "value" in para.columns:  # does the model's own answer state the planted fact?
-        generated = generated.with_columns(pl.Series("states_fact", [states_fact(a, v) for a, v in
-                                                                     zip(answers, para["value"].to_list())]))
+        generated = generated.with_columns(
+            pl.Series("states_fact", [states_fact(a, v) for a, v in zip(answers, para["value"].to_list())])
+        )
         rate = float(generated["states_fact"].mean())
         log.info("model-generated answers state the planted fact in %.1f%% of queries", 100 * rate)
         mlrun.log_metrics({"states_fact_rate": rate})
     empty = int((generated["response"].str.len_chars() == 0).sum())
     if empty:
         log.warning("%d generated answers are empty", empty)
-    write_parquet(pl.concat([queries, generated], how="diagonal_relaxed"), job.output["queries"])
+    write_queries(pl.concat([queries, generated], how="diagonal_relaxed"), job.output["queries"])
     mlrun.log_metrics({"n_generated": generated.height, "n_empty": empty})

@@ -6,23 +6,30 @@ import hashlib
 import json
 import logging
 import time
-
-import polars as pl
-import torch
-from tqdm.auto import tqdm
+from dataclasses import asdict, dataclass
 
 import tdabench
 from tdabench.codedeps import sources_digest
-from tdabench.components import component_registry, match_components
-from tdabench.gradcheck import check_extractor
-from tdabench.gradients import GradientExtractor, iter_batches
-from tdabench.models import collate, encode, load_model, model_fingerprint
-from tdabench.pipeline.common import JobContext, set_threads
-from tdabench.projection import CountSketch, name_key
+from tdabench.data.sources import read_queries, read_train
+from tdabench.extraction import Extraction, ExtractionConfig
+from tdabench.models import TokenizeConfig, encode_all, load_model, model_fingerprint
+from tdabench.pipeline.common import JobContext, Progress, set_threads
 from tdabench.store import GradientStoreWriter, estimate_bytes
 from tdabench.tracking import file_manifest
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Params:
+    model: str  # the attributed model: a produced or local directory, or a hub name
+    shards: int  # shards of this split (gradients.shards for train, 1 for queries)
+    extraction: ExtractionConfig  # gradients: components, batch_size, max_component_dim, sketch_seed, autocast
+    dtype: str  # gradients.dtype (storage)
+    max_cache_gb: float
+    verify: int
+    verify_tolerance: float | None
+    tokenize: TokenizeConfig
 
 
 def shard_rows(n: int, shard: int, n_shards: int) -> slice:
@@ -32,87 +39,107 @@ def shard_rows(n: int, shard: int, n_shards: int) -> slice:
 
 def main(job: JobContext, mlrun) -> None:
     set_threads(job.threads)
-    p = job.params
-    split, shard, n_shards = job.wildcards["split"], int(job.wildcards["shard"]), p["shards"]
-    tables = {s: pl.read_parquet(job.input[s]) for s in ("train", "queries")}
-    df = tables[split][shard_rows(tables[split].height, shard, n_shards)]
-    model, tokenizer = load_model(p["model"])
-    registry = {c.name: c for c in component_registry(model)}
-    names = match_components(list(registry), p["components"])
-    components = [registry[n] for n in names]
-
-    cap = p["max_component_dim"]
-    sketch_info = {c.name: {"kind": "countsketch", "k": cap, "seed": p["sketch_seed"], "key": name_key(c.name)}
-                   for c in components if cap is not None and c.numel > cap}
-    sketches = {n: CountSketch(registry[n].numel, s["k"], s["seed"], s["key"]) for n, s in sketch_info.items()}
-    stored = [sketch_info[c.name]["k"] if c.name in sketch_info else c.numel for c in components]
-    total = estimate_bytes(sum(t.height for t in tables.values()), stored, p["dtype"])
-    if total > p["max_cache_gb"] * 1e9:
+    p = job.typed_params(Params)
+    split, shard = job.wildcards["split"], int(job.wildcards["shard"])
+    tables = {"train": read_train(job.input["train"]), "queries": read_queries(job.input["queries"])}
+    df = tables[split][shard_rows(tables[split].height, shard, p.shards)]
+    model, tokenizer = load_model(p.model)
+    extraction = Extraction(model, p.extraction)
+    stored = extraction.stored_dims
+    total = estimate_bytes(sum(t.height for t in tables.values()), stored, p.dtype)
+    if total > p.max_cache_gb * 1e9:
         raise ValueError(
             f"config key gradients.max_cache_gb: the gradient cache would take about {total / 1e9:.1f} GB "
-            f"(> {p['max_cache_gb']} GB); set gradients.max_component_dim, select fewer "
+            f"(> {p.max_cache_gb} GB); set gradients.max_component_dim, select fewer "
             "gradients.components, use gradients.dtype float16 or raise the limit"
         )
-    estimate = estimate_bytes(df.height, stored, p["dtype"])
+    estimate = estimate_bytes(df.height, stored, p.dtype)
 
-    tok = p["tokenize"]
-    examples = [encode(tokenizer, a, b, tok["max_length"], tok["loss_on"])
-                for a, b in zip(df["prompt"], df["response"])]
+    examples = encode_all(tokenizer, df["prompt"], df["response"], p.tokenize)
     n_trunc = sum(e.truncated for e in examples)
     if n_trunc:
-        log.warning("%d of %d examples truncated to %d tokens", n_trunc, len(examples), tok["max_length"])
+        log.warning("%d of %d examples truncated to %d tokens", n_trunc, len(examples), p.tokenize.max_length)
     attrs = {
-        "split": split, "shard": shard, "n_shards": n_shards,
-        "model_fingerprint": model_fingerprint(p["model"]),
-        "config_hash": hashlib.sha256(json.dumps(p, sort_keys=True).encode()).hexdigest()[:12],
+        "split": split,
+        "shard": shard,
+        "n_shards": p.shards,
+        "model_fingerprint": model_fingerprint(p.model),
+        "config_hash": hashlib.sha256(json.dumps(job.params, sort_keys=True).encode()).hexdigest()[:12],
         "code_version": f"{tdabench.__version__}+{sources_digest('tdabench.pipeline.gradients')}",
         "n_truncated": n_trunc,
     }
-    log.info("%d samples x %d components (%d sketched), %d stored dims, about %.1f MB -> %s",
-             len(examples), len(components), len(sketches), sum(stored), estimate / 1e6, job.output["store"])
-    autocast = getattr(torch, p["autocast"]) if p["autocast"] else None
-    extract = GradientExtractor(model, names, sketches=sketches, autocast_dtype=autocast)
-    batches = list(iter_batches(len(examples), p["batch_size"]))
+    log.info(
+        "%d samples x %d components (%d sketched), %d stored dims, about %.1f MB -> %s",
+        len(examples),
+        len(extraction.names),
+        len(extraction.sketches),
+        sum(stored),
+        estimate / 1e6,
+        job.output["store"],
+    )
+    batches = list(extraction.batches(examples, tokenizer.pad_token_id))
 
     start, computed = time.perf_counter(), 0
     first = None  # the first batch's gradients, computed by the self-check, written below
     check_metrics = {}
-    if p["verify"] and batches:
-        batch = collate(examples[batches[0]], tokenizer.pad_token_id)
+    if p.verify and batches:
         # Raises (before any store file exists) with a table of the failing components.
-        grads, report = check_extractor(extract, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                        samples=p["verify"], tolerance=p["verify_tolerance"])
+        grads, report = extraction.check(batches[0][1], p.verify, p.verify_tolerance)
         first = {n: g.numpy() for n, g in grads.items()}
-        attrs |= {"verify_samples": len(report.samples), "verify_tolerance": report.tolerance,
-                  "verify_max_error": report.worst}
+        attrs |= {
+            "verify_samples": len(report.samples),
+            "verify_tolerance": report.tolerance,
+            "verify_max_error": report.worst,
+        }
         check_metrics = {"verify_max_error": report.worst, "verify_seconds": report.seconds}
-        log.info("self-check: %d samples of the first batch vs a bs=1 loss.backward() loop: worst relative "
-                 "error %.2e (tolerance %.0e), %.2f s", len(report.samples), report.worst, report.tolerance,
-                 report.seconds)
-    log.info("%s", extract.describe_paths())
-    with GradientStoreWriter(job.output["store"], df["id"].to_list(), components, p["dtype"], attrs,
-                             sketch_info) as store:
-        for i, rows in enumerate(tqdm(batches, desc="gradients", mininterval=2.0)):
+        log.info(
+            "self-check: %d samples of the first batch vs a bs=1 loss.backward() loop: worst relative "
+            "error %.2e (tolerance %.0e), %.2f s",
+            len(report.samples),
+            report.worst,
+            report.tolerance,
+            report.seconds,
+        )
+    extractor = extraction.extractor()
+    log.info("%s", extractor.describe_paths())
+    with GradientStoreWriter(
+        job.output["store"], df["id"].to_list(), extraction.components, p.dtype, attrs, extraction.sketch_info
+    ) as store:
+        progress = Progress(batches, len(batches), f"gradients {split} shard {shard}", unit="batches")
+        for i, (rows, batch) in enumerate(progress):
             if store.done[rows].all():  # resumed from an interrupted run
                 continue
             if i == 0 and first is not None:
                 grads = first
             else:
-                batch = collate(examples[rows], tokenizer.pad_token_id)
-                grads = {n: g.numpy() for n, g in extract(batch["input_ids"], batch["attention_mask"],
-                                                          batch["labels"]).items()}
+                grads = {n: g.numpy() for n, g in extraction(batch).items()}
             store.write(rows, grads)
             computed += rows.stop - rows.start
     seconds = time.perf_counter() - start
-    if extract.paths != extract.plan:  # a later batch sent a component to the loop
-        log.info("%s", extract.describe_paths())
+    if extractor.paths != extractor.plan:  # a later batch sent a component to the loop
+        log.info("%s", extractor.describe_paths())
     manifest = file_manifest([job.output["store"]])
-    mlrun.log_metrics({"n_samples": len(examples), "n_computed": computed, "n_components": len(components),
-                       "n_sketched": len(sketches), "stored_dim": sum(stored), "seconds": seconds,
-                       "samples_per_second": computed / max(seconds, 1e-9), "store_bytes": manifest[0]["bytes"],
-                       "estimated_bytes": estimate, "n_truncated": n_trunc, **check_metrics,
-                       **{f"n_path_{k}": v for k, v in extract.path_counts().items()}})
-    mlrun.log_dict({n: vars(p) for n, p in extract.paths.items()}, "gradient_paths.json")
+    mlrun.log_metrics(
+        {
+            "n_samples": len(examples),
+            "n_computed": computed,
+            "n_components": len(extraction.names),
+            "n_sketched": len(extraction.sketches),
+            "stored_dim": sum(stored),
+            "seconds": seconds,
+            "samples_per_second": computed / max(seconds, 1e-9),
+            "store_bytes": manifest[0]["bytes"],
+            "estimated_bytes": estimate,
+            "n_truncated": n_trunc,
+            **check_metrics,
+            **{f"n_path_{k}": v for k, v in extractor.path_counts().items()},
+        }
+    )
+    mlrun.log_dict({n: asdict(path) for n, path in extractor.paths.items()}, "gradient_paths.json")
     mlrun.log_dict(manifest, "manifest.json")
-    log.info("%.1f samples/s, %.1f MB (estimate %.1f MB)", computed / max(seconds, 1e-9),
-             manifest[0]["bytes"] / 1e6, estimate / 1e6)
+    log.info(
+        "%.1f samples/s, %.1f MB (estimate %.1f MB)",
+        computed / max(seconds, 1e-9),
+        manifest[0]["bytes"] / 1e6,
+        estimate / 1e6,
+    )

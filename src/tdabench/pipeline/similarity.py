@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import polars as pl
 from tqdm.auto import tqdm
 
+from tdabench.data.sources import read_queries
 from tdabench.pipeline.common import JobContext
 from tdabench.similarity import build_similarity
 from tdabench.store import GradientStore
@@ -16,16 +18,31 @@ from tdabench.tracking import file_manifest
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Params:
+    block_rows: int  # similarity.block_rows
+    dtype: str  # similarity.dtype
+
+
 def main(job: JobContext, mlrun) -> None:
-    p, setting = job.params, job.wildcards["setting"]
-    queries = pl.read_parquet(job.input["queries"]).filter(pl.col("setting") == setting)
+    p, setting = job.typed_params(Params), job.wildcards["setting"]
+    queries = read_queries(job.input["queries"]).filter(pl.col("setting") == setting)
     if queries.height == 0:
         raise ValueError(f"no queries of setting {setting!r} in {job.input['queries']}")
     start = time.perf_counter()
     with GradientStore(job.input["train"]) as train, GradientStore(job.input["query_grads"]) as qstore:
         with tqdm(total=len(train.components), desc=f"similarity {setting}", mininterval=2.0) as bar:
-            build_similarity(train, qstore, queries["id"].to_list(), queries["source_id"].to_list(),
-                             job.output["similarity"], setting, p["block_rows"], p["dtype"], progress=bar)
+            build_similarity(
+                train,
+                qstore,
+                queries["id"].to_list(),
+                queries["source_id"].to_list(),
+                job.output["similarity"],
+                setting,
+                p.block_rows,
+                p.dtype,
+                progress=bar,
+            )
         n_train, n_comp = len(train), len(train.components)
     seconds = time.perf_counter() - start
     log.info("%d queries x %d train x %d components in %.1f s", queries.height, n_train, n_comp, seconds)

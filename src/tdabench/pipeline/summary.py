@@ -5,18 +5,25 @@ from __future__ import annotations
 import logging
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 import yaml
 
 from tdabench import tracking
-from tdabench.evaluate import headline, summary_markdown
+from tdabench.evaluate import headline, read_results, summary_markdown
 from tdabench.io import write_text
 from tdabench.pipeline.common import JobContext
 from tdabench.plots import plot_greedy_curve, plot_metric_vs_cost, plot_metric_vs_dim, plot_single_heatmap
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Params:
+    settings: tuple[str, ...]  # dataset.settings
+    study_config: dict  # the resolved config (without mlflow), written to results/config.yaml
 
 
 def headline_metrics(table: pl.DataFrame) -> dict[str, float]:
@@ -42,39 +49,86 @@ def log_method_runs(mlrun, table: pl.DataFrame) -> None:
     MLflow UI compares methods within and across invocations."""
     for r in headline(table).iter_rows(named=True):
         name = " ".join(str(x) for x in (r["setting"], r["method"], r["variant"], r["k"] and f"k={r['k']}") if x)
-        params = {"setting": r["setting"], "method": r["method"], "variant": r["variant"] or "",
-                  "components": r["components"] or "", "k": r["k"] if r["k"] is not None else "",
-                  "budget": r["budget"] if r["budget"] is not None else "", "dim": r["dim"],
-                  "n_components": r["n_components"], "n_runs": r["n_runs"]}
+        params = {
+            "setting": r["setting"],
+            "method": r["method"],
+            "variant": r["variant"] or "",
+            "components": r["components"] or "",
+            "k": r["k"] if r["k"] is not None else "",
+            "budget": r["budget"] if r["budget"] is not None else "",
+            "dim": r["dim"],
+            "n_components": r["n_components"],
+            "n_runs": r["n_runs"],
+        }
         metrics = {m: r[m] for m in r if m in ("top1", "mrr") or m.startswith(("recall_at_", "top1_", "mrr_"))}
         if r["seconds_per_sample"] is not None:
             metrics["ms_per_sample"] = r["seconds_per_sample"] * 1e3
         metrics["dim"] = r["dim"]
-        mlrun.child(name, params, {k: v for k, v in metrics.items() if v is not None and v == v},
-                    tags={"tdabench.kind": "method"})
+        mlrun.child(
+            name,
+            params,
+            {k: v for k, v in metrics.items() if v is not None and v == v},
+            tags={"tdabench.kind": "method"},
+        )
+
+
+def log_curves(run, table: pl.DataFrame) -> None:
+    """Curves as stepped metrics, which the MLflow UI plots against the step: top-1 and MRR of each
+    projection against k (`paraphrased.sjlt.top1_vs_k`), and of the greedy prefix against its
+    length (`paraphrased.greedy.top1_vs_step`); means over splits and seeds."""
+    proj = (
+        table.filter(pl.col("method").is_in(["projection", "select_then_project"]))
+        .group_by("setting", "variant", "k", maintain_order=True)
+        .agg(pl.col("top1", "mrr").mean())
+    )
+    for r in proj.iter_rows(named=True):
+        name = re.sub(r"[^\w.\-/]", "_", f"{r['setting']}.{r['variant']}")
+        run.log_metrics({f"{name}.top1_vs_k": r["top1"], f"{name}.mrr_vs_k": r["mrr"]}, step=int(r["k"]))
+    steps = (
+        table.filter(pl.col("method") == "greedy_step")
+        .group_by("setting", "step", maintain_order=True)
+        .agg(pl.col("top1", "mrr").mean())
+    )
+    for r in steps.iter_rows(named=True):
+        run.log_metrics(
+            {f"{r['setting']}.greedy.top1_vs_step": r["top1"], f"{r['setting']}.greedy.mrr_vs_step": r["mrr"]},
+            step=int(r["step"]),
+        )
 
 
 def main(job: JobContext, mlrun) -> None:
-    order = {s: i for i, s in enumerate(job.params["settings"])}
-    table = pl.read_parquet(job.input["metrics"]).sort(pl.col("setting").replace_strict(order), maintain_order=True)
+    p = job.typed_params(Params)
+    order = {s: i for i, s in enumerate(p.settings)}
+    table = read_results(job.input["metrics"]).sort(pl.col("setting").replace_strict(order), maintain_order=True)
     plots = [job.output[k] for k in ("plot_top1", "plot_mrr", "plot_heatmap", "plot_greedy", "plot_cost")]
     plot_metric_vs_dim(table, job.output["plot_top1"], "top1")
     plot_metric_vs_dim(table, job.output["plot_mrr"], "mrr")
     plot_single_heatmap(table, job.output["plot_heatmap"], "top1")
     plot_greedy_curve(table, job.output["plot_greedy"], "top1")
     plot_metric_vs_cost(table, job.output["plot_cost"], "top1")
-    write_text(yaml.safe_dump(job.params["study_config"], sort_keys=False), job.output["config"])
+    write_text(yaml.safe_dump(p.study_config, sort_keys=False), job.output["config"])
     here = Path(job.output["summary"]).parent
-    candidates = pl.read_parquet(job.input["candidates"])
+    candidates = read_results(job.input["candidates"])
     write_text(summary_markdown(table, [os.path.relpath(p, here) for p in plots], candidates), job.output["summary"])
     metrics = headline_metrics(table)
     if not candidates.is_empty():  # e.g. paraphrased.candidates.greedy.top1
-        metrics |= {re.sub(r"^([^.]+)\.", r"\1.candidates.", name): v
-                    for name, v in headline_metrics(candidates).items() if name.endswith((".top1", ".mrr"))}
+        metrics |= {
+            re.sub(r"^([^.]+)\.", r"\1.candidates.", name): v
+            for name, v in headline_metrics(candidates).items()
+            if name.endswith((".top1", ".mrr"))
+        }
     log_method_runs(mlrun, table)
     parent = tracking.parent()
     for run in (mlrun, parent):
         run.log_metrics(metrics)
-        for path in (job.output["summary"], job.output["config"], *plots, job.input["metrics"], job.input["candidates"]):
+        log_curves(run, table)
+        run.log_table(headline(table), "results/headline.json")
+        for path in (
+            job.output["summary"],
+            job.output["config"],
+            *plots,
+            job.input["metrics"],
+            job.input["candidates"],
+        ):
             run.log_artifact(path, "results")
     log.info("%d headline metrics logged%s", len(metrics), " to the parent run" if parent.active else "")

@@ -1,0 +1,233 @@
+"""`tdabench` command line: analyse any similarity store (ours, or one written by other code).
+
+    tdabench evaluate   --similarity FILE [--components PATTERN ...] [--queries SPEC] [--out F.json]
+    tdabench components --similarity FILE --out F.parquet [--queries SPEC]
+    tdabench greedy     --similarity FILE --objective {top1,mrr,rho} [--selection-fraction F --seed N] --out F.parquet
+    tdabench config     [--config FILE]        print the validated config with every default
+
+The similarity store format is documented in tdabench.similarity (and the README); both the dense
+layout and the candidate layout are accepted. Metrics rank within the candidates when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_KS = [1, 5, 10]
+
+
+def _sim(path: str):
+    from tdabench.similarity import load_similarity
+
+    return load_similarity(path)
+
+
+def _queries(sim, spec: str | None, seed: int) -> np.ndarray:
+    """SPEC: a fraction in (0, 1] (seeded random subset), comma-separated ids, or @FILE (one id per line)."""
+    if spec is None:
+        return sim.all_queries()
+    try:
+        fraction = float(spec)
+    except ValueError:
+        fraction = None
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise SystemExit(f"--queries: fraction must be in (0, 1], got {spec}")
+        n = max(1, round(fraction * len(sim.query_ids)))
+        canonical = np.argsort(np.array(sim.query_ids, dtype=object), kind="stable")
+        return np.sort(canonical[np.random.default_rng(seed).permutation(len(canonical))[:n]])
+    ids = Path(spec[1:]).read_text().split() if spec.startswith("@") else [s for s in spec.split(",") if s]
+    row = {q: i for i, q in enumerate(sim.query_ids)}
+    unknown = [q for q in ids if q not in row]
+    if unknown:
+        raise SystemExit(f"--queries: unknown query ids {unknown[:5]} (the file has e.g. {sim.query_ids[:3]})")
+    return np.array(sorted(row[q] for q in ids))
+
+
+def _components(sim, patterns: list[str] | None) -> np.ndarray:
+    from tdabench.components import match_components
+
+    if not patterns:
+        return np.arange(len(sim.components))
+    try:
+        names = match_components(sim.components, patterns, sim.component_family, sim.component_layer.tolist())
+    except ValueError as e:
+        raise SystemExit(f"--components: {e}") from None
+    return sim.component_index(names)
+
+
+def _write_table(rows: list[dict], out: str) -> None:
+    import polars as pl
+
+    from tdabench.io import write_parquet
+
+    table = pl.DataFrame(rows)
+    if out.endswith(".csv"):
+        table.write_csv(out)
+    else:
+        write_parquet(table, out)
+    print(f"wrote {len(rows)} rows to {out}", file=sys.stderr)
+
+
+def cmd_evaluate(args) -> None:
+    from tdabench.metrics import retrieval_metrics, source_ranks
+
+    sim = _sim(args.similarity)
+    queries = _queries(sim, args.queries, args.seed)
+    comps = _components(sim, args.components)
+    metrics = retrieval_metrics(source_ranks(sim.scores(comps, queries), sim.targets(queries)), args.k)
+    result = {
+        "similarity": args.similarity,
+        "layout": "dense" if sim.candidates is None else f"candidates (b={sim.n_columns})",
+        "n_queries": int(len(queries)),
+        "components": [sim.components[c] for c in comps],
+        "params": int(sim.component_params[comps].sum()),
+        "dim": int(sim.component_dim[comps].sum()),
+        "top1": metrics["top1"],
+        "mrr": metrics["mrr"],
+        "recall_at_k": {str(k): metrics[f"recall_at_{k}"] for k in args.k},
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+
+
+def cmd_components(args) -> None:
+    from tdabench.metrics import retrieval_metrics, score_agreement, source_ranks
+
+    sim = _sim(args.similarity)
+    queries = _queries(sim, args.queries, args.seed)
+    targets, full = sim.targets(queries), sim.scores(None, queries)
+    rows = []
+    for c, name in enumerate(sim.components):
+        scores = sim.scores([c], queries)
+        m = retrieval_metrics(source_ranks(scores, targets), args.k)
+        rows.append(
+            {
+                "component": name,
+                "family": sim.component_family[c],
+                "layer": int(sim.component_layer[c]),
+                "params": int(sim.component_params[c]),
+                "dim": int(sim.component_dim[c]),
+                "top1": m["top1"],
+                "mrr": m["mrr"],
+                "rho": float(score_agreement(scores, full)),
+                **{f"recall_at_{k}": m[f"recall_at_{k}"] for k in args.k},
+            }
+        )
+    _write_table(rows, args.out)
+
+
+def cmd_greedy(args) -> None:
+    from tdabench.metrics import retrieval_metrics, source_ranks
+    from tdabench.selection import greedy_forward, split_queries
+
+    sim = _sim(args.similarity)
+    if args.selection_fraction is None:
+        sel = held = sim.all_queries()
+        scored_on = "in-sample"
+        print(
+            "greedy: no --selection-fraction: components are chosen and scored on the same queries "
+            "(in-sample; optimistic)",
+            file=sys.stderr,
+        )
+    else:
+        sel, held = split_queries(sim.query_ids, args.selection_fraction, args.seed)
+        scored_on = "held-out"
+    steps = greedy_forward(sim, sel, args.objective)
+    params = sim.component_params
+    total = int(params.sum())
+    rows, chosen = [], []
+    for s in steps:
+        chosen.append(s.component)
+        m = retrieval_metrics(source_ranks(sim.scores(chosen, held), sim.targets(held)), args.k)
+        rows.append(
+            {
+                "step": s.step,
+                "component": sim.components[s.component],
+                "params": int(params[s.component]),
+                "params_cum": int(params[chosen].sum()),
+                "param_share": float(params[chosen].sum() / total),
+                "dim_cum": int(sim.component_dim[chosen].sum()),
+                "objective": s.objective,
+                "objective_name": args.objective,
+                "top1": m["top1"],
+                "mrr": m["mrr"],
+                **{f"recall_at_{k}": m[f"recall_at_{k}"] for k in args.k},
+                "scored_on": scored_on,
+                "n_selection_queries": int(len(sel)),
+                "n_scored_queries": int(len(held)),
+            }
+        )
+    _write_table(rows, args.out)
+
+
+def cmd_config(args) -> None:
+    import yaml
+
+    from tdabench.config import ConfigError, load_config, validate_config
+
+    try:
+        cfg = load_config(args.config) if args.config else validate_config({})
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
+    print(yaml.safe_dump(cfg, sort_keys=False), end="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tdabench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, queries=True):
+        p.add_argument("--similarity", required=True, help="similarity store (HDF5, tdabench-similarity/1)")
+        if queries:
+            p.add_argument("--queries", help="a fraction in (0, 1] (seeded subset), comma-separated ids, or @FILE")
+        p.add_argument("--seed", type=int, default=0, help="seed of --queries fractions and splits (default 0)")
+        p.add_argument("--k", type=int, nargs="+", default=DEFAULT_KS, help="recall@k cut-offs (default 1 5 10)")
+
+    p = sub.add_parser("evaluate", help="top-1, MRR, recall@k of a component subset (JSON)")
+    common(p)
+    p.add_argument("--components", nargs="+", help="patterns: family, group (attn, mlp), glob, @layers; default all")
+    p.add_argument("--out", help="write the JSON here instead of stdout")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("components", help="one row per component: params, top1, mrr, rho")
+    common(p)
+    p.add_argument("--out", required=True, help="output table (.parquet or .csv)")
+    p.set_defaults(func=cmd_components)
+
+    p = sub.add_parser("greedy", help="greedy forward selection run to the end, one row per step")
+    common(p, queries=False)
+    p.add_argument("--objective", choices=["top1", "mrr", "rho"], default="mrr")
+    p.add_argument(
+        "--selection-fraction",
+        type=float,
+        help="choose on this share of the queries, score on the rest (default: in-sample)",
+    )
+    p.add_argument("--out", required=True, help="output table (.parquet or .csv)")
+    p.set_defaults(func=cmd_greedy)
+
+    p = sub.add_parser("config", help="print the validated config, defaults filled")
+    p.add_argument("--config", help="config file (default: config/config.yaml)")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "selection_fraction", None) is not None and not 0 < args.selection_fraction < 1:
+        raise SystemExit("--selection-fraction must be in (0, 1)")
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

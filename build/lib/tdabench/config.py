@@ -1,0 +1,201 @@
+"""Study configuration: JSON-schema validation with defaults, plus checks across keys.
+
+Light on purpose (no torch): the Snakefile imports it at parse time, so a bad config fails before
+any job runs, with a message that names the offending key.
+
+One source of defaults: the schema (tdabench/schemas/config.schema.yaml, shipped with the
+package). Stages get typed views of the keys their rule passes (a `Params` dataclass per stage
+module, built by tdabench.pipeline.common.typed, which fills in nothing); library dataclasses
+that mirror a section either carry no defaults or the schema's (tests/test_config.py checks).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+DEFAULT_SCHEMA = resources.files("tdabench") / "schemas" / "config.schema.yaml"
+
+# Keys that never change a result: excluded from the config hash.
+NON_RESULT_KEYS = ("mlflow",)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+def load_schema(path: str | Path = DEFAULT_SCHEMA) -> dict:
+    # A Traversable (the packaged file, possibly inside a zip) or a path.
+    return yaml.safe_load(path.read_text() if hasattr(path, "read_text") else Path(path).read_text())
+
+
+def _types(schema: dict) -> set[str]:
+    t = schema.get("type")
+    if t is None and "enum" in schema:
+        return {type(v).__name__ for v in schema["enum"]}
+    return set(t) if isinstance(t, list) else {t} if t else set()
+
+
+def coerce_strings(instance: Any, schema: dict) -> Any:
+    """Parse string values where the schema wants something else. Snakemake hands nested
+    `--config` values over as strings (`--config 'projection={dims: [128, 512]}'` gives
+    {"dims": ["128", "512"]}); YAML-parsing them gives what the user typed."""
+    if isinstance(instance, str) and "string" not in _types(schema) and "str" not in _types(schema):
+        try:
+            instance = yaml.safe_load(instance)
+        except yaml.YAMLError:
+            return instance
+    if isinstance(instance, dict):
+        props = schema.get("properties", {})
+        return {k: coerce_strings(v, props[k]) if k in props else v for k, v in instance.items()}
+    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        return [coerce_strings(v, schema["items"]) for v in instance]
+    return instance
+
+
+def fill_defaults(instance: Any, schema: dict) -> Any:
+    """Return a copy of `instance` with every missing key that has a schema default filled in."""
+    if schema.get("type") != "object" or not isinstance(instance, dict):
+        return instance
+    out = dict(instance)
+    for key, sub in schema.get("properties", {}).items():
+        if key not in out and "default" in sub:
+            out[key] = copy.deepcopy(sub["default"])
+        if key in out:
+            out[key] = fill_defaults(out[key], sub)
+    return out
+
+
+def _key_path(error: jsonschema.ValidationError) -> str:
+    parts = []
+    for p in error.absolute_path:
+        parts.append(f"[{p}]" if isinstance(p, int) else ("." if parts else "") + str(p))
+    return "".join(parts) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed))
+        where = _key_path(error)
+        keys = ", ".join(f"{where}.{k}" if where != "<top level>" else k for k in extra)
+        return f"unknown config key(s) {keys}; allowed here: {', '.join(allowed)}"
+    return f"config key {_key_path(error)}: {error.message}"
+
+
+def validate_config(config: dict, schema_path: str | Path = DEFAULT_SCHEMA) -> dict:
+    """Validate `config`, fill defaults and check cross-key constraints. Returns a new dict."""
+    schema = load_schema(schema_path)
+    filled = fill_defaults(coerce_strings(copy.deepcopy(config or {}), schema), schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
+    check_consistency(filled)
+    return filled
+
+
+def check_consistency(config: dict) -> None:
+    """Constraints JSON schema cannot express (they depend on several keys)."""
+    from tdabench.components import match_components, tiny_llama_shapes
+
+    data, model = config["dataset"], config["model"]
+    if data["kind"] == "files" and not (data["files"]["train"] and data["files"]["queries"]):
+        raise ConfigError("config key dataset.files: kind files needs dataset.files.train and dataset.files.queries")
+    if data["kind"] == "huggingface" and not (data["huggingface"]["train"] and data["huggingface"]["queries"]):
+        raise ConfigError(
+            "config key dataset.huggingface: kind huggingface needs dataset.huggingface.train "
+            "and at least one entry in dataset.huggingface.queries"
+        )
+    if model["kind"] == "huggingface" and not model["name_or_path"]:
+        raise ConfigError("config key model.name_or_path: kind huggingface needs a hub name or a local directory")
+    if model["kind"] == "gguf" and not (model["gguf"]["file"] and (model["gguf"]["path"] or model["gguf"]["package"])):
+        raise ConfigError("config key model.gguf: kind gguf needs model.gguf.file and model.gguf.path or .package")
+    if model["kind"] != "tiny":
+        return  # shapes of a real model are known only once it is loaded; the jobs check k and sizes
+
+    tiny = model["tiny"]
+    if tiny["hidden_size"] % tiny["num_heads"]:
+        raise ConfigError(
+            f"config key model.tiny.num_heads: {tiny['num_heads']} does not divide "
+            f"model.tiny.hidden_size={tiny['hidden_size']}"
+        )
+    shapes = tiny_llama_shapes(**tiny)
+    try:
+        chosen = match_components(list(shapes), config["gradients"]["components"])
+    except ValueError as e:
+        raise ConfigError(f"config key gradients.components: {e}") from None
+    cap = config["gradients"]["max_component_dim"]
+    dim = sum(min(_numel(shapes[name]), cap or _numel(shapes[name])) for name in chosen)
+    for i, k in enumerate(config["projection"]["dims"]):
+        if k > dim:
+            raise ConfigError(
+                f"config key projection.dims[{i}]: k={k} is larger than the full gradient "
+                f"dimension {dim} (sum over gradients.components); choose k <= {dim}"
+            )
+    if data["kind"] != "synthetic":
+        return
+    syn = data["synthetic"]
+    from tdabench.data.synthetic import RELATIONS
+
+    free = syn["n_entities"] * (len(RELATIONS) - syn["background_facts_per_entity"])
+    if syn["planted_facts"] > free:
+        raise ConfigError(
+            f"config key dataset.synthetic.planted_facts: {syn['planted_facts']} > the {free} free "
+            "(entity, relation) pairs; add entities or lower background_facts_per_entity"
+        )
+    n_train = syn["n_entities"] * syn["background_facts_per_entity"] + syn["planted_facts"]
+    if config["gradients"]["shards"] > n_train:
+        raise ConfigError(
+            f"config key gradients.shards: {config['gradients']['shards']} shards for only "
+            f"{n_train} training examples; use at most {n_train}"
+        )
+    n_queries = syn["planted_facts"] * len(data["settings"])
+    itemsize = {"float32": 4, "float16": 2}[config["gradients"]["dtype"]]
+    gb = (n_train + n_queries) * dim * itemsize / 1e9
+    if gb > config["gradients"]["max_cache_gb"]:
+        raise ConfigError(
+            f"config key gradients.max_cache_gb: the gradient cache would take about {gb:.1f} GB "
+            f"({n_train + n_queries} samples x {dim} stored dims); raise the limit, set "
+            "gradients.max_component_dim, select fewer gradients.components or use float16"
+        )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read a YAML config file, apply `overrides` (deep merge) and validate."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if overrides:
+        raw = deep_merge(raw, overrides)
+    return validate_config(raw)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def config_hash(config: dict) -> str:
+    """Short stable hash of every result-relevant config value."""
+    relevant = {k: v for k, v in config.items() if k not in NON_RESULT_KEYS}
+    blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]

@@ -1,0 +1,152 @@
+"""The time to represent new samples with each method, measured in one run on the same samples:
+gradient extraction of what the method needs (only the selected components for select methods:
+backpropagation stops at the lowest one) plus its reduction (projection).
+
+The costs table (results/evaluation/costs.parquet) has one row per (setting, method, variant, k,
+budget); the evaluation joins its `seconds_per_sample` onto the results by those keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from tdabench.components import short_name
+from tdabench.extraction import Extraction
+from tdabench.io import write_parquet
+from tdabench.models import Encoded
+from tdabench.projection import ProjectionConfig, Projector, method_config
+from tdabench.selection import SelectionTable
+
+log = logging.getLogger(__name__)
+
+COSTS_SCHEMA = {
+    "setting": pl.Utf8,
+    "method": pl.Utf8,
+    "variant": pl.Utf8,
+    "k": pl.Int64,
+    "budget": pl.Float64,
+    "components": pl.Utf8,
+    "n_samples": pl.Int64,
+    "extract_seconds": pl.Float64,
+    "reduce_seconds": pl.Float64,
+    "seconds_per_sample": pl.Float64,
+}
+
+
+@dataclass(frozen=True)
+class CostsConfig:
+    methods: tuple[str, ...]  # projection.methods
+    dims: tuple[int, ...]  # projection.dims
+    nonzeros: int  # projection.nonzeros
+    select_kind: str  # projection.select_kind
+
+
+class TimedExtraction:
+    """Per-sample gradients of a fixed set of samples, timed (after one warm-up batch)."""
+
+    def __init__(self, extraction: Extraction, examples: Sequence[Encoded], pad_id: int):
+        self.extraction = extraction
+        self.batches = [batch for _, batch in extraction.batches(examples, pad_id)]
+
+    def __call__(self, names: list[str]) -> tuple[dict[str, torch.Tensor], float]:
+        """({name: [n, d]}, seconds) for the given components over all samples."""
+        self.extraction(self.batches[0], names)  # warm-up (and the subset's extractor is built)
+        start = time.perf_counter()
+        parts = [self.extraction(b, names) for b in self.batches]
+        seconds = time.perf_counter() - start
+        return {n: torch.cat([part[n] for part in parts]) for n in names}, seconds
+
+
+def reduce_seconds(
+    grads: dict[str, torch.Tensor], names: list[str], cfg: ProjectionConfig, index: dict[str, int]
+) -> float:
+    """Time to project the samples' gradients of `names` with `cfg` (matrix generation included)."""
+    proj = Projector(cfg, [grads[n].shape[1] for n in names])
+    out = torch.zeros(next(iter(grads.values())).shape[0], proj.out_dim).numpy()
+    start = time.perf_counter()
+    for pos, n in enumerate(names):
+        proj.add(out, index[n] if proj.dims is None else pos, grads[n])
+    return time.perf_counter() - start
+
+
+def measure_setting(
+    setting: str, extract: TimedExtraction, selection: SelectionTable, cfg: CostsConfig, n: int
+) -> list[dict]:
+    """Rows of one query setting: every method's time on the same `n` samples (split 0's choices)."""
+    everything = extract.extraction.names
+    index = {name: i for i, name in enumerate(everything)}
+    greedy = selection.greedy_set(0)
+    sets = {
+        ("full", None, None): everything,
+        ("best_single", None, None): selection.best_single(0),
+        ("greedy", None, None): greedy,
+    }
+    for budget, names in selection.budget_sets(0):
+        sets[("greedy_budget", f"budget {budget:g}", budget)] = names
+    rows = []
+
+    def row(method, variant, k, budget, names, extract_s, reduce_s=0.0):
+        label = "+".join(short_name(c) for c in names) if len(names) < len(everything) else "all"
+        rows.append(
+            {
+                "setting": setting,
+                "method": method,
+                "variant": variant,
+                "k": k,
+                "budget": budget,
+                "components": label,
+                "n_samples": n,
+                "extract_seconds": extract_s,
+                "reduce_seconds": reduce_s,
+                "seconds_per_sample": (extract_s + reduce_s) / n,
+            }
+        )
+
+    full_grads, full_s = extract(everything)
+    for (method, variant, budget), names in sets.items():
+        seconds = full_s if method == "full" else extract(names)[1]
+        row(method, variant, None, budget, names, seconds)
+    for method in cfg.methods:
+        for k in cfg.dims:
+            if method == "select_then_project":
+                grads, seconds = extract(greedy)
+                if k >= sum(grads[c].shape[1] for c in greedy):
+                    continue
+                proj = ProjectionConfig(cfg.select_kind, k, 0, cfg.nonzeros)
+                row(method, method, k, None, greedy, seconds, reduce_seconds(grads, greedy, proj, index))
+            else:
+                proj = method_config(method, k, 0, cfg.nonzeros)
+                row(
+                    "projection",
+                    method,
+                    k,
+                    None,
+                    everything,
+                    full_s,
+                    reduce_seconds(full_grads, everything, proj, index),
+                )
+    log.info("%s: %d samples; full gradient %.1f ms/sample", setting, n, full_s / n * 1e3)
+    return rows
+
+
+def costs_table(rows: list[dict]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=COSTS_SCHEMA)
+
+
+def write_costs(table: pl.DataFrame, path: str | Path) -> None:
+    write_parquet(table.select(list(COSTS_SCHEMA)), path)
+
+
+def read_costs(path: str | Path) -> pl.DataFrame:
+    table = pl.read_parquet(path)
+    missing = [c for c in COSTS_SCHEMA if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: not a tdabench costs table (missing columns {missing})")
+    return table

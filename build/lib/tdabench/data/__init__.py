@@ -1,0 +1,1 @@
+"""Benchmarks: training examples with ground truth and the queries that point back to them."""

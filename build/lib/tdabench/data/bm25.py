@@ -1,0 +1,47 @@
+"""Okapi BM25 over training texts: the text baseline every method is compared with.
+
+Tokens: lower-cased word characters (`\\w+`), so "born?" and "born" are the same token.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import numpy as np
+
+_TOKEN = re.compile(r"\w+")
+
+
+def tokenize(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+def bm25_scores(queries: list[str], documents: list[str], k1: float = 1.5, b: float = 0.75) -> np.ndarray:
+    """Okapi BM25 score of every document for every query -> [Q, T] float64."""
+    docs = [Counter(tokenize(d)) for d in documents]
+    lengths = np.array([sum(d.values()) for d in docs], dtype=np.float64)
+    avg = lengths.mean() if len(docs) else 0.0
+    df = Counter(t for d in docs for t in d)
+    n = len(docs)
+    idf = {t: np.log(1 + (n - f + 0.5) / (f + 0.5)) for t, f in df.items()}
+    norm = k1 * (1 - b + b * lengths / max(avg, 1e-9))  # [T]
+    out = np.zeros((len(queries), n))
+    for qi, q in enumerate(queries):
+        # Distinct terms in first-occurrence order: a set's order follows PYTHONHASHSEED, and the
+        # float sums (hence score ties and BM25 candidates) would vary from run to run.
+        for term in dict.fromkeys(tokenize(q)):
+            if term not in idf:
+                continue
+            tf = np.array([d.get(term, 0) for d in docs], dtype=np.float64)
+            out[qi] += idf[term] * tf * (k1 + 1) / (tf + norm)
+    return out
+
+
+def top_candidates(scores: np.ndarray, sources: np.ndarray, b: int) -> np.ndarray:
+    """The published candidate protocol: per query the top `b` documents by score (ties: lower
+    index first), with the source forced into the last slot when it is not among them -> [Q, b]."""
+    order = np.lexsort((np.broadcast_to(np.arange(scores.shape[1]), scores.shape), -scores), axis=1)[:, :b]
+    missing = ~(order == sources[:, None]).any(1)
+    order[missing, -1] = sources[missing]
+    return order

@@ -1,0 +1,194 @@
+"""User data: JSONL / parquet files and Hugging Face datasets (hub name or local folder).
+
+Schemas (after column mapping):
+    train    id, prompt, response                      (optional: role = planted | background)
+    queries  id, source_id, setting, prompt, response  (source_id: an id of the train table)
+A Hugging Face dataset is read with `datasets.load_dataset` (a hub name, a folder of data files,
+or a folder written by `Dataset.save_to_disk`), then its columns are renamed by the mapping
+{our column: dataset column}. `messages: <column>` reads a chat-format column (a list of
+{role, content}) instead: prompt and response are its first user and assistant turns. Query sets
+aligned row by row with the training set can take `source: index` instead of a source_id column.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+
+TRAIN_COLUMNS = ("id", "prompt", "response")
+QUERY_COLUMNS = ("id", "source_id", "setting", "prompt", "response")
+
+
+class DataError(ValueError):
+    """User data that cannot be used: names the file or config key and what is allowed."""
+
+
+def read_table(path: str | Path, key: str) -> pl.DataFrame:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"config key {key}: file {path} does not exist")
+    if path.suffix in (".jsonl", ".json", ".ndjson"):
+        try:
+            return pl.read_ndjson(path)
+        except Exception as e:  # noqa: BLE001 - report any parse error with the file name
+            raise DataError(f"{path}: not valid JSON Lines ({e})") from None
+    if path.suffix == ".parquet":
+        return pl.read_parquet(path)
+    raise DataError(f"config key {key}: {path} must be .jsonl (JSON Lines) or .parquet")
+
+
+def check_columns(df: pl.DataFrame, required: tuple[str, ...], where: str) -> pl.DataFrame:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing}; required: {list(required)}, found: {df.columns}")
+    out = df.with_columns(pl.col(c).cast(pl.Utf8) for c in required)
+    empty = out.filter(pl.any_horizontal(pl.col(c).is_null() for c in required)).height
+    if empty:
+        raise DataError(f"{where}: {empty} row(s) with an empty {'/'.join(required)} value")
+    if not out["id"].is_unique().all():
+        raise DataError(f"{where}: column id has duplicate values")
+    return out
+
+
+def validate_pair(train: pl.DataFrame, queries: pl.DataFrame, where: str) -> None:
+    unknown = sorted(set(queries["source_id"]) - set(train["id"]))
+    if unknown:
+        raise DataError(f"{where}: {len(unknown)} query source_id(s) are not training ids, e.g. {unknown[:3]}")
+
+
+def load_files_train(path: str) -> pl.DataFrame:
+    return with_role(check_columns(read_table(path, "dataset.files.train"), TRAIN_COLUMNS, path))
+
+
+def load_files(train_path: str, queries_path: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    train = load_files_train(train_path)
+    queries = check_columns(read_table(queries_path, "dataset.files.queries"), QUERY_COLUMNS, queries_path)
+    validate_pair(train, queries, queries_path)
+    return train, queries
+
+
+def with_role(train: pl.DataFrame) -> pl.DataFrame:
+    return train if "role" in train.columns else train.with_columns(pl.lit("train").alias("role"))
+
+
+def load_hf(spec: dict, key: str) -> pl.DataFrame:
+    """One split of a Hugging Face dataset as a polars table, columns mapped to ours."""
+    from datasets import load_dataset, load_from_disk
+
+    path = spec["path"]
+    local = Path(path)
+    try:
+        if (local / "dataset_info.json").exists() or (local / "dataset_dict.json").exists():
+            data = load_from_disk(str(local))  # written by save_to_disk
+            data = data[spec.get("split", "train")] if hasattr(data, "keys") else data
+        else:
+            data = load_dataset(path, spec.get("name"), split=spec.get("split", "train"))
+    except Exception as e:  # noqa: BLE001 - the datasets library raises many kinds; name the key
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        hint = (
+            " The Hugging Face hub is offline (HF_HUB_OFFLINE=1): download the dataset or point to a "
+            "local folder, or set HF_HUB_OFFLINE=0."
+            if offline and not local.exists()
+            else ""
+        )
+        raise DataError(f"config key {key}.path: cannot load {path!r} ({type(e).__name__}: {e}).{hint}") from None
+    table = pl.from_arrow(data.data.table) if hasattr(data, "data") else pl.DataFrame(data.to_dict())
+    mapping = spec.get("columns") or {}
+    missing = [col for col in mapping.values() if col not in table.columns]
+    if missing:
+        raise DataError(f"config key {key}.columns: {path} has no column(s) {missing}; it has {table.columns}")
+    if not mapping:
+        return table
+    out = table.select(pl.col(src).alias(ours) for ours, src in mapping.items() if ours != "messages")
+    if "messages" in mapping:  # a chat column: prompt and response from its first user / assistant turns
+        pairs = [
+            first_turns(m, f"config key {key}.columns.messages ({path}, row {i})")
+            for i, m in enumerate(table[mapping["messages"]].to_list())
+        ]
+        out = out.with_columns(
+            pl.Series("prompt", [p for p, _ in pairs], pl.Utf8), pl.Series("response", [r for _, r in pairs], pl.Utf8)
+        )
+    return out
+
+
+def first_turns(messages: list[dict] | None, where: str) -> tuple[str, str]:
+    """(first user content, first assistant content) of a chat-format example
+    ([{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...])."""
+    turns = {}
+    for message in messages or []:
+        if not isinstance(message, dict) or not {"role", "content"} <= set(message):
+            raise DataError(f"{where}: expected a list of {{role, content}} messages, got {message!r:.80}")
+        turns.setdefault(message["role"], message["content"])
+    if "user" not in turns or "assistant" not in turns:
+        raise DataError(f"{where}: needs a user and an assistant message, has roles {sorted(turns)}")
+    return turns["user"], turns["assistant"]
+
+
+def load_huggingface_train(spec: dict) -> pl.DataFrame:
+    """The training set of `dataset.huggingface.train` (ids: row numbers when it has none)."""
+    key = "dataset.huggingface.train"
+    train = load_hf(spec, key)
+    if "id" not in train.columns:
+        train = train.with_columns(pl.format("t{}", pl.int_range(pl.len()).cast(pl.Utf8).str.zfill(5)).alias("id"))
+    return with_role(check_columns(train, TRAIN_COLUMNS, f"{key} ({spec['path']})"))
+
+
+def load_huggingface(train_spec: dict, query_specs: list[dict]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    key = "dataset.huggingface"
+    train = load_huggingface_train(train_spec)
+    parts = []
+    for i, spec in enumerate(query_specs):
+        where = f"{key}.queries[{i}]"
+        q = load_hf(spec, where)
+        if spec.get("source") == "index":
+            if q.height != train.height:
+                raise DataError(
+                    f"config key {where}.source: 'index' needs as many queries as training rows "
+                    f"({q.height} vs {train.height})"
+                )
+            q = q.with_columns(train["id"].alias("source_id"))
+        if "id" not in q.columns:
+            q = q.with_columns(pl.format(f"q{i}_{{}}", pl.int_range(pl.len()).cast(pl.Utf8).str.zfill(5)).alias("id"))
+        q = q.with_columns(pl.lit(spec["setting"]).alias("setting"))
+        parts.append(check_columns(q, QUERY_COLUMNS, f"{where} ({spec['path']})"))
+    queries = pl.concat([p.select(QUERY_COLUMNS) for p in parts])
+    validate_pair(train, queries, f"{key}.queries")
+    return train, queries
+
+
+# The benchmark tables every later stage reads (results/data/{train,queries,queries_all}.parquet):
+# the columns above (train also `role`), plus whatever the source brought (e.g. the synthetic
+# generator's `value`, model-generated queries' `states_fact`).
+def _write(df: pl.DataFrame, path: str | Path, required: tuple[str, ...]) -> None:
+    from tdabench.io import write_parquet
+
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: refusing to write a table without column(s) {missing}")
+    write_parquet(df, path)
+
+
+def _read(path: str | Path, required: tuple[str, ...]) -> pl.DataFrame:
+    df = pl.read_parquet(path)
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: not a tdabench benchmark table (missing column(s) {missing})")
+    return df
+
+
+def write_train(df: pl.DataFrame, path: str | Path) -> None:
+    _write(df, path, (*TRAIN_COLUMNS, "role"))
+
+
+def read_train(path: str | Path) -> pl.DataFrame:
+    return _read(path, (*TRAIN_COLUMNS, "role"))
+
+
+def write_queries(df: pl.DataFrame, path: str | Path) -> None:
+    _write(df, path, QUERY_COLUMNS)
+
+
+def read_queries(path: str | Path) -> pl.DataFrame:
+    return _read(path, QUERY_COLUMNS)

@@ -1,0 +1,499 @@
+"""Per-sample loss gradients, per component, from one batched forward/backward pass — exact, or
+computed the slow exact way, never silently wrong.
+
+Each component (one parameter tensor) takes one of three paths:
+
+* **hook** — the parameter belongs only to modules whose class runs the *stock* forward of
+  `nn.Linear`, `nn.Embedding` or GPT-2's `Conv1D` (`type(m).forward is nn.Linear.forward`, …) or a
+  class registered with `register_verified`. For y = x W^T + b the gradient of sample s's loss is
+      dL_s/dW = sum_t  g[s, t, :]^T x[s, t, :]        (g = dL/dy, summed over that sample's tokens)
+  and for an embedding it is g scattered into the rows of the tokens the sample used. The batch loss
+  is the *sum* of per-sample losses and sample s's loss depends only on its own row, so
+  dL/dy[s] = dL_s/dy[s]: one backward pass gives every sample's output gradient at once. Forward
+  hooks keep each layer's input; a batched matmul turns input and output gradient into per-sample
+  weight gradients.
+* **vmap** — the parameter belongs to other leaf modules (norms; subclasses of the stock layers
+  whose forward is their own: scaled word embeddings, offset position embeddings, ...). torch.func
+  maps a vector-Jacobian product of *that module's own forward* over the samples, fed with the
+  hooked input and output gradient. Before it is trusted, the mapped forward must reproduce the
+  output the module produced in the batch (the "primal check").
+* **loop** — anything else: one backward pass per sample (exact, slow).
+
+A planned hook/vmap component falls back to the loop at run time when the pass shows that hooks
+cannot split it by sample: the parameter is used outside its module's forward (a tracer sees every
+torch call that touches it), the module is called in a way that is not one row per sample, the
+vmapped forward fails or does not reproduce the batch output. `GradientExtractor.paths` says which
+component took which path and why; `tdabench.gradcheck` compares the result with a bs=1 loop.
+
+Only the selected parameters require grad, so autograd does no work below the lowest selected
+layer and never materialises a summed `.grad`. Large components can be count-sketched on the fly
+(`sketches`): their per-sample gradient is produced in blocks and added into the sketch.
+
+Loss of a sample: mean cross-entropy over its labelled tokens (labels == -100 are ignored), with
+the usual causal shift (token t+1 is predicted from position t), as transformers computes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+from transformers.pytorch_utils import Conv1D  # GPT-2 style layer: W stored as [d_in, d_out]
+
+from tdabench.components import component_registry
+from tdabench.projection import CountSketch
+
+HOOK, VMAP, LOOP = "hook", "vmap", "loop"
+# Stock layers whose per-sample gradients the hook formulas compute, and which of their parameters.
+STOCK_LAYERS: dict[type, tuple[str, ...]] = {
+    nn.Linear: ("weight", "bias"),
+    nn.Embedding: ("weight",),
+    Conv1D: ("weight", "bias"),
+}
+# Classes with a forward of their own that is known to compute exactly what a stock layer computes:
+# {class: stock layer}. Empty by default; `register_verified` adds to it (and a wrong entry is what
+# the self-check of every gradients job catches).
+VERIFIED: dict[type, type] = {}
+BLOCK_ELEMENTS = 1 << 24  # per-sample gradient elements materialised at once for a sketched component
+# vmap path: the replayed forward must match the batch output to this (max abs diff / max abs).
+PRIMAL_RTOL, PRIMAL_RTOL_AUTOCAST = 1e-4, 5e-2  # fp32 batch; bf16/fp16 batch (the replay runs in fp32)
+
+
+def register_verified(cls: type, like: type) -> None:
+    """Declare that `cls.forward` computes exactly what the stock layer `like` computes, so its
+    parameters take the hook path. Only for classes you have checked (`tdabench.gradcheck`)."""
+    if like not in STOCK_LAYERS:
+        raise ValueError(f"like must be one of {[c.__name__ for c in STOCK_LAYERS]}, not {like!r}")
+    VERIFIED[cls] = like
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy of each sample over its labelled tokens -> [batch]."""
+    batch, length, vocab = logits.shape
+    shift_logits = logits[:, :-1].reshape(-1, vocab).float()  # [batch*(length-1), vocab]
+    shift_labels = labels[:, 1:].reshape(-1)  # [batch*(length-1)]
+    token_loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="none")
+    token_loss = token_loss.view(batch, length - 1)
+    counted = (labels[:, 1:] != -100).sum(1)  # [batch]
+    return token_loss.sum(1) / counted.clamp(min=1)
+
+
+def stock_layer(module: nn.Module) -> type | None:
+    """The stock layer whose hook formula is exact for `module`, or None."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return None  # someone else's hook may change what goes in or comes out
+    cls = type(module)
+    like = VERIFIED.get(cls) or next(
+        (base for base in STOCK_LAYERS if isinstance(module, base) and cls.forward is base.forward), None
+    )
+    if like is nn.Embedding and (module.max_norm is not None or module.scale_grad_by_freq):
+        return None  # renormalised rows / frequency-scaled gradients: not the plain scatter
+    return like
+
+
+def module_path(module: nn.Module, attr: str) -> tuple[str, str]:
+    """(path, reason) planned for parameter `attr` of `module`, before any pass."""
+    like = stock_layer(module)
+    if like is not None and attr in STOCK_LAYERS[like]:
+        return HOOK, f"stock {like.__name__}"
+    if next(module.children(), None) is not None:
+        return LOOP, f"{type(module).__name__} has submodules"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return LOOP, f"{type(module).__name__} has forward hooks of its own"
+    return VMAP, f"{type(module).__name__}: own forward"
+
+
+@dataclass
+class ComponentPath:
+    path: str  # hook | vmap | loop
+    reason: str
+
+
+def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Parameter id -> every (module, attribute) holding it (tied weights have several)."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
+    for module in model.modules():
+        for attr, param in module.named_parameters(recurse=False):
+            owners[id(param)].append((module, attr))
+    return owners
+
+
+def _grad_blocks(
+    module: nn.Module, like: type, attr: str, x: torch.Tensor, g: torch.Tensor, max_elements: int | None
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Per-sample gradient of `module.<attr>` (a stock layer `like`) in blocks of parameter rows.
+
+    x: the layer's input [batch, ..., d_in] (ids for an embedding), g: the gradient of its output
+    [batch, ..., d_out]. Yields (first row, [batch, rows * cols]), rows of the parameter as stored
+    (Linear/Embedding [d_out|vocab, d_in], Conv1D [d_in, d_out]); one block when `max_elements` is None.
+    """
+    batch = g.shape[0]
+    param = getattr(module, attr)
+    if attr == "bias":
+        yield 0, g.reshape(batch, -1, g.shape[-1]).sum(1)  # [batch, d_out]
+        return
+    n_rows, n_cols = param.shape
+    step = n_rows if max_elements is None else max(1, min(n_rows, max_elements // (batch * n_cols)))
+    if like is nn.Embedding:
+        ids = x.reshape(batch, -1)  # [batch, tokens]
+        grads = g.reshape(batch, -1, n_cols)  # [batch, tokens, d]
+        sample = torch.arange(batch, device=g.device)[:, None].expand_as(ids)
+        for r0 in range(0, n_rows, step):
+            r1 = min(r0 + step, n_rows)
+            hit = (ids >= r0) & (ids < r1)
+            out = torch.zeros(batch * (r1 - r0), n_cols, dtype=g.dtype, device=g.device)
+            out.index_add_(0, (sample[hit] * (r1 - r0) + ids[hit] - r0), grads[hit])
+            out = out.view(batch, r1 - r0, n_cols)
+            if module.padding_idx is not None and r0 <= module.padding_idx < r1:
+                out[:, module.padding_idx - r0] = 0  # F.embedding never updates the padding row
+            yield r0, out.reshape(batch, -1)
+        return
+    g = g.reshape(batch, -1, g.shape[-1])  # [batch, tokens, d_out]
+    x = x.reshape(batch, -1, x.shape[-1])  # [batch, tokens, d_in]
+    rows_of, other = (g, x) if like is nn.Linear else (x, g)  # Conv1D: W is [d_in, d_out]
+    for r0 in range(0, n_rows, step):
+        r1 = min(r0 + step, n_rows)
+        yield r0, torch.bmm(rows_of[:, :, r0:r1].transpose(1, 2), other).reshape(batch, -1)
+
+
+class _Sink:
+    """Collects one component's per-sample gradient: dense [batch, numel], or its count sketch."""
+
+    def __init__(self, batch: int, param: torch.Tensor, sketch: CountSketch | None):
+        self.cols = param.shape[1] if param.dim() == 2 else 1
+        self.sketch = sketch
+        self.shape = (batch, sketch.k if sketch else param.numel())
+        self._out: torch.Tensor | None = None
+
+    def add(self, first_row: int, block: torch.Tensor, samples: slice = slice(None)) -> None:
+        """Add `block` [samples, n] to parameter elements [first_row * cols, ... + n)."""
+        offset = first_row * self.cols
+        if self.sketch is None and self._out is None and block.shape == self.shape:
+            self._out = block  # the usual case: one contribution covering the whole tensor, no copy
+            return
+        if self._out is None:
+            self._out = torch.zeros(self.shape)
+        if self.sketch is None:
+            self._out[samples, offset : offset + block.shape[1]] += block
+        else:
+            self.sketch.add(self._out[samples], offset, block)  # a slice of rows is a view: adds in place
+
+    def set(self, value: torch.Tensor) -> None:
+        self._out = value
+
+    @property
+    def out(self) -> torch.Tensor:
+        return torch.zeros(self.shape) if self._out is None else self._out
+
+
+class _ParamUseTracer(TorchFunctionMode):
+    """Sees every torch call of the forward pass; notes selected parameters that enter a
+    differentiable computation anywhere but inside the forward of a module that owns them."""
+
+    def __init__(self, param_names: dict[int, str], owner_ids: dict[str, set[int]]):
+        super().__init__()
+        self.param_names, self.owner_ids = param_names, owner_ids
+        self.running: list[nn.Module] = []  # owner modules whose forward is executing (innermost last)
+        self.stray: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inside = id(self.running[-1]) if self.running else None
+        for a in tree_leaves((args, kwargs)):
+            name = self.param_names.get(id(a)) if isinstance(a, torch.Tensor) else None
+            if name is not None and inside not in self.owner_ids[name] and _requires_grad(out):
+                self.stray.add(name)
+        return out
+
+
+def no_cache_kwargs(model: nn.Module) -> dict:
+    """use_cache=False where the model's forward takes it (no KV cache is needed for one pass)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    takes = "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return {"use_cache": False} if takes else {}
+
+
+def _requires_grad(out) -> bool:
+    return any(isinstance(o, torch.Tensor) and o.requires_grad for o in tree_leaves(out))
+
+
+class GradientExtractor:
+    """Per-sample gradients of a fixed set of components of `model` (see the module docstring).
+
+    components: parameter names (as `model.named_parameters()` gives them); None = every component.
+    sketches: optional {component: CountSketch}; those components come back as [batch, sketch.k].
+    autocast_dtype: e.g. torch.bfloat16 to run the model's forward under autocast (default fp32);
+    gradient products stay fp32.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        components: Sequence[str] | None = None,
+        *,
+        sketches: Mapping[str, CountSketch] | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ):
+        self.model = model
+        self.params = dict(model.named_parameters())
+        self.names = [c.name for c in component_registry(model)] if components is None else list(components)
+        missing = [n for n in self.names if n not in self.params]
+        if missing:
+            raise KeyError(f"unknown component(s) {missing[:5]}; see tdabench.components.component_registry")
+        self.sketches = dict(sketches or {})
+        self.autocast_dtype = autocast_dtype
+        self.owners = _owners(model)
+        self._forward_kwargs = no_cache_kwargs(model)  # inspected once, not on every forward
+        self.plan = {n: self._plan(n) for n in self.names}
+        self.paths = dict(self.plan)  # as run: the plan, plus every fall-back to the loop seen so far
+        self.batch_losses: torch.Tensor | None = None  # [batch] per-sample losses of the last batched pass
+
+    def _plan(self, name: str) -> ComponentPath:
+        planned = [module_path(m, a) for m, a in self.owners[id(self.params[name])]]
+        for wanted in (LOOP, VMAP, HOOK):  # the slowest path any owner needs
+            reasons = sorted({r for p, r in planned if p == wanted})
+            if reasons:
+                return ComponentPath(wanted, "; ".join(reasons))
+        raise AssertionError(name)
+
+    def path_counts(self) -> dict[str, int]:
+        counts = {HOOK: 0, VMAP: 0, LOOP: 0}
+        for p in self.paths.values():
+            counts[p.path] += 1
+        return counts
+
+    def describe_paths(self) -> str:
+        """One line per path: how many components, and for vmap/loop which ones and why."""
+        lines = ["per-sample gradient paths: " + ", ".join(f"{k} {v}" for k, v in self.path_counts().items())]
+        for path in (VMAP, LOOP):
+            for n, p in self.paths.items():
+                if p.path == path:
+                    lines.append(f"  {path:<4} {n}: {p.reason}")
+        return "\n".join(lines)
+
+    def _forward_context(self, device_type: str):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """input_ids, attention_mask, labels: [batch, length] (labels == -100 are ignored).
+        Returns {component name: [batch, numel or sketch k] float32}, in the order of `names`."""
+        model, params = self.model, self.params
+        sinks = {n: _Sink(input_ids.shape[0], params[n], self.sketches.get(n)) for n in self.names}
+        saved = {n: p.requires_grad for n, p in params.items()}
+        was_training = model.training
+        model.eval()
+        self.batch_losses = None
+        try:
+            batched = [n for n in self.names if self.plan[n].path != LOOP]
+            fallback = self._batched_pass(batched, sinks, input_ids, attention_mask, labels) if batched else {}
+            for n, reason in fallback.items():
+                self.paths[n] = ComponentPath(LOOP, reason)
+            looped = [n for n in self.names if self.plan[n].path == LOOP or n in fallback]
+            if looped:
+                self._loop_pass(looped, sinks, input_ids, attention_mask, labels)
+        finally:
+            for n, p in params.items():
+                p.requires_grad_(saved[n])
+            model.train(was_training)
+        return {n: sinks[n].out for n in self.names}
+
+    def _only_requires_grad(self, names: Sequence[str]) -> None:
+        for p in self.params.values():
+            p.requires_grad_(False)
+        for n in names:
+            self.params[n].requires_grad_(True)
+
+    def _batched_pass(self, names, sinks, input_ids, attention_mask, labels) -> dict[str, str]:
+        """Fill the sinks of `names` from one batched pass; returns {name: why it needs the loop}."""
+        self._only_requires_grad(names)
+        batch, length = input_ids.shape
+        wanted: dict[nn.Module, list[tuple[str, str]]] = defaultdict(list)  # module -> [(attr, name)]
+        for n in names:
+            for module, attr in self.owners[id(self.params[n])]:
+                wanted[module].append((attr, n))
+        fallback: dict[str, str] = {}
+        records: list[tuple[nn.Module, tuple, torch.Tensor, int]] = []  # (module, inputs, output, version)
+        tracer = _ParamUseTracer(
+            {id(self.params[n]): n for n in names},
+            {n: {id(m) for m, _ in self.owners[id(self.params[n])]} for n in names},
+        )
+
+        def give_up(module, reason):
+            for _, n in wanted[module]:
+                fallback.setdefault(n, f"{type(module).__name__}: {reason}")
+
+        def enter(module, inputs):
+            tracer.running.append(module)
+
+        def keep(module, inputs, kwargs, output):
+            tracer.running.pop()
+            return self._keep(module, likes[module], inputs, kwargs, output, batch, length, records, give_up)
+
+        likes = {m: stock_layer(m) for m in wanted}  # before our own hooks are on them
+        handles = [
+            h
+            for m in wanted
+            for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(keep, with_kwargs=True))
+        ]
+        try:
+            with torch.enable_grad():
+                with tracer, self._forward_context(input_ids.device.type):
+                    logits = self.model(
+                        input_ids=input_ids, attention_mask=attention_mask, **self._forward_kwargs
+                    ).logits
+                losses = per_sample_loss(logits, labels)  # [batch]
+                self.batch_losses = losses.detach()
+                total = losses.sum()
+                outputs = [y for _, _, y, _ in records]
+                grads = (
+                    torch.autograd.grad(total, outputs, allow_unused=True)
+                    if outputs and total.requires_grad
+                    else [None] * len(outputs)
+                )
+        finally:
+            for h in handles:
+                h.remove()
+        for n in tracer.stray:
+            fallback.setdefault(n, "parameter used outside its module's forward")
+        for module, _, y, version in records:
+            if y._version != version:  # e.g. `embeds *= scale`: autograd would give dL/d(scaled), not dL/dy
+                give_up(module, "its output is modified in place")
+        for (module, inputs, y, _), g in zip(records, grads):
+            todo = [(attr, n) for attr, n in wanted[module] if n not in fallback]
+            if g is None or not todo:  # this call does not reach the loss, or nothing left to do here
+                continue
+            g = g.detach().float()
+            if y.shape[0] == batch * length and batch > 1:  # flattened [batch*tokens, ...] rows
+                g, y = g.view(batch, length, *g.shape[1:]), y.view(batch, length, *y.shape[1:])
+                inputs = (inputs[0].view(batch, length, *inputs[0].shape[1:]),)
+            like = likes[module]
+            if like is not None and all(attr in STOCK_LAYERS[like] for attr, _ in todo):
+                x = inputs[0] if like is nn.Embedding else inputs[0].float()
+                x = x.expand(batch, *x.shape[1:])  # a broadcast call: every sample used the same input
+                for attr, n in todo:
+                    limit = BLOCK_ELEMENTS if sinks[n].sketch is not None else None
+                    for first_row, block in _grad_blocks(module, like, attr, x, g, limit):
+                        sinks[n].add(first_row, block)
+                continue
+            problem = self._vmap_grads(module, todo, inputs, y, g, sinks)
+            if problem:
+                give_up(module, problem)
+        return fallback
+
+    @staticmethod
+    def _keep(module, like, inputs, kwargs, output, batch, length, records, give_up):
+        """Forward hook: keep (inputs, output) of a call that can be split by sample."""
+        tensors = [a for a in tree_leaves((inputs, kwargs)) if isinstance(a, torch.Tensor)]
+        if kwargs or not torch.is_tensor(output) or not inputs or not torch.is_tensor(inputs[0]):
+            give_up(module, "called with keyword or non-tensor arguments")
+            return None
+        if any(t.shape[0] != batch for t in tensors[1:]) or len(inputs) != len(tensors):
+            give_up(module, "called with extra arguments not split by sample")
+            return None
+        if not output.requires_grad:
+            return None  # a call under no_grad (or on frozen inputs only): no gradient flows through it
+        lead = output.shape[0] if output.dim() else None
+        if lead == batch and inputs[0].shape[0] in (batch, 1):
+            pass
+        elif lead == 1 and batch > 1 and inputs[0].shape[0] == 1:
+            # A broadcast call (GPT-2 position embeddings: [1, tokens] -> [1, tokens, d]) would give
+            # only the batch-summed gradient; an expanded view gives each sample its own row.
+            output = output.expand(batch, *output.shape[1:])
+        elif lead == batch * length and inputs[0].shape[0] == lead and like is not None and batch > 1:
+            pass  # a stock layer on flattened [batch*tokens, d] rows (MoE routers): reshaped later
+        else:
+            give_up(module, f"called on {tuple(inputs[0].shape)} -> {tuple(output.shape)}, not one row per sample")
+            return None
+        records.append((module, tuple(a.detach() for a in inputs), output, output._version))
+        return output
+
+    def _vmap_grads(self, module, todo, inputs, y, g, sinks) -> str | None:
+        """Per-sample gradients of `module`'s own parameters by vmap over samples of the VJP of its
+        forward; None on success, else why the loop must do it."""
+        from torch.func import functional_call, vjp, vmap
+
+        batch = g.shape[0]
+        attrs = [attr for attr, _ in todo]
+        params = {a: getattr(module, a).detach().float() for a in attrs}
+        args = [a if a.dtype in (torch.long, torch.int, torch.bool) else a.float() for a in inputs]
+        in_dims = tuple(0 if a.shape[0] == batch else None for a in args)
+
+        def one(gs, *xs):  # one sample: xs as the module saw them, without the batch dim
+            xs = [x[None] if d == 0 else x for x, d in zip(xs, in_dims)]
+            out, pull = vjp(lambda p: functional_call(module, p, tuple(xs))[0], params)
+            return out, pull(gs)[0]
+
+        rows = max(1, BLOCK_ELEMENTS // max(1, sum(p.numel() for p in params.values())))
+        tol = PRIMAL_RTOL_AUTOCAST if self.autocast_dtype is not None else PRIMAL_RTOL
+        scale = float(y.detach().abs().max()) + 1e-30
+        for s0 in range(0, batch, rows):
+            sl = slice(s0, min(s0 + rows, batch))
+            try:
+                out, grads = vmap(one, in_dims=(0, *in_dims))(
+                    g[sl], *[a[sl] if d == 0 else a for a, d in zip(args, in_dims)]
+                )
+            except Exception as e:  # data-dependent control flow, in-place ops, ...
+                return f"vmap of its forward failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            want = y[sl].detach().float().expand_as(out) if y.shape[0] == batch else None
+            if want is None or out.shape != want.shape or float((out - want).abs().max()) > tol * scale:
+                return "its forward on one sample does not reproduce its batch output"
+            for attr, n in todo:
+                sinks[n].add(0, grads[attr].reshape(sl.stop - sl.start, -1), samples=sl)
+        return None
+
+    def _loop_pass(self, names, sinks, input_ids, attention_mask, labels) -> None:
+        """Exact fall-back: one backward per sample, on the sample without its padding."""
+        self._only_requires_grad(names)
+        rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        params = [self.params[n] for n in names]
+        for b in range(input_ids.shape[0]):
+            keep = attention_mask[b].bool()  # drop padding: a bs=1 pass needs none
+            with torch.enable_grad():
+                with self._forward_context(input_ids.device.type):
+                    logits = self.model(input_ids=input_ids[b, keep][None], **self._forward_kwargs).logits
+                loss = per_sample_loss(logits, labels[b, keep][None]).sum()
+                grads = (
+                    torch.autograd.grad(loss, params, allow_unused=True) if loss.requires_grad else [None] * len(params)
+                )
+            for n, g in zip(names, grads):
+                one = _Sink(1, self.params[n], sinks[n].sketch)
+                if g is not None:
+                    one.add(0, g.detach().reshape(1, -1).float())
+                rows[n].append(one.out)  # [1, numel or k]
+        for n in names:
+            sinks[n].set(torch.cat(rows[n]))
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    components: Sequence[str] | None = None,
+    *,
+    sketches: Mapping[str, CountSketch] | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of each sample's mean loss over its labelled tokens (one-off use of
+    `GradientExtractor`; see it for the arguments). Returns {component: [batch, numel] float32}."""
+    extractor = GradientExtractor(model, components, sketches=sketches, autocast_dtype=autocast_dtype)
+    return extractor(input_ids, attention_mask, labels)
+
+
+def iter_batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))

@@ -1,0 +1,52 @@
+"""Atomic file output: write to a temporary sibling, rename into place only when complete.
+
+A crashed or interrupted job therefore never leaves a file that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success move it to `path`, on error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    _remove(tmp)
+    if directory:
+        tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    _remove(path)
+    os.replace(tmp, path)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+        p.unlink()
+
+
+def write_parquet(df, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        df.write_parquet(tmp)
+
+
+def write_text(text: str, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(obj, path: str | Path) -> None:
+    write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)

@@ -1,0 +1,182 @@
+"""What every stage job shares: the job description, its typed params, logging to the rule's log
+file, threads, a console progress line, and the MLflow child run."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import logging
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from tdabench import tracking
+
+log = logging.getLogger("tdabench")
+T = TypeVar("T")
+
+# Rule name -> "module:function" of its stage entry point (one generic script runs them all:
+# workflow/scripts/stage.py). The rule's `code` input lists the module's sources, so editing a
+# library module reruns exactly the rules whose stage imports it.
+STAGES = {
+    "background": "tdabench.pipeline.dataset:main_background",
+    "dataset": "tdabench.pipeline.dataset:main",
+    "pretrain": "tdabench.pipeline.pretrain:main",
+    "convert": "tdabench.pipeline.convert:main",
+    "finetune": "tdabench.pipeline.finetune:main",
+    "generate": "tdabench.pipeline.generate:main",
+    "gradients": "tdabench.pipeline.gradients:main",
+    "similarity": "tdabench.pipeline.similarity:main",
+    "selection": "tdabench.pipeline.selection:main",
+    "projection": "tdabench.pipeline.projection:main",
+    "project_selected": "tdabench.pipeline.projection:main_selected",
+    "costs": "tdabench.pipeline.costs:main",
+    "evaluate": "tdabench.pipeline.evaluate:main",
+    "summary": "tdabench.pipeline.summary:main",
+}
+
+
+def stage_module(rule: str) -> str:
+    """The pipeline module a rule runs (its code dependencies start there)."""
+    return STAGES[rule].partition(":")[0]
+
+
+class ParamsError(ValueError):
+    """A rule's params do not match its stage's typed Params (a workflow/library mismatch)."""
+
+
+def typed(cls: type[T], data: dict, where: str = "params") -> T:
+    """`data` as the dataclass `cls`: every field required, no unknown keys; nested dataclasses
+    are built recursively, lists become tuples where a field says tuple. Defaults live in the
+    config schema only, so nothing here fills one in."""
+    if not isinstance(data, dict):
+        raise ParamsError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if n not in data]
+    unknown = sorted(set(data) - set(names))
+    if missing or unknown:
+        raise ParamsError(f"{where}: {cls.__name__} needs {names}; missing {missing}, unknown {unknown}")
+    return cls(**{n: _convert(hints[n], data[n], f"{where}.{n}") for n in names})
+
+
+def _convert(hint, value, where: str):
+    if dataclasses.is_dataclass(hint):
+        return typed(hint, value, where)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if dataclasses.is_dataclass(option) and isinstance(value, dict):
+                return typed(option, value, where)
+        return value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    return value
+
+
+@dataclass
+class JobContext:
+    """A job as Snakemake describes it, as plain Python values (named inputs/outputs only)."""
+
+    rule: str
+    input: dict[str, Any] = field(default_factory=dict)
+    output: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    wildcards: dict[str, str] = field(default_factory=dict)
+    threads: int = 1
+    log: str | None = None
+
+    @classmethod
+    def from_snakemake(cls, smk) -> JobContext:
+        return cls(
+            rule=smk.rule,
+            input=dict(smk.input.items()),
+            output=dict(smk.output.items()),
+            params=dict(smk.params.items()),
+            wildcards=dict(smk.wildcards.items()),
+            threads=int(smk.threads),
+            log=str(smk.log[0]) if len(smk.log) else None,
+        )
+
+    def typed_params(self, cls: type[T]) -> T:
+        """The rule's params as the stage's typed Params dataclass (refuses missing/unknown keys)."""
+        return typed(cls, self.params, f"rule {self.rule} params")
+
+
+@contextlib.contextmanager
+def _log_to(path: str | None):
+    """Send logging and stderr (progress bars) to the rule's log file, if it has one."""
+    if path is None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        yield
+        return
+    with open(path, "a", buffering=1) as fh:
+        handler = logging.StreamHandler(fh)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        try:
+            with contextlib.redirect_stderr(fh):
+                yield
+        except BaseException:
+            log.exception("job failed")
+            raise
+        finally:
+            root.removeHandler(handler)
+
+
+class Progress:
+    """Wrap an iterable: a tqdm bar in the job's log, and every `every` seconds one line on the
+    console (done/total, rate, ETA), so a long job shows it is alive without opening its log."""
+
+    def __init__(self, iterable: Iterable, total: int, desc: str, every: float = 10.0, unit: str = "it"):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(iterable, total=total, desc=desc, mininterval=2.0, unit=unit)
+        self.total, self.desc, self.every, self.unit = total, desc, every, unit
+
+    def __iter__(self) -> Iterator:
+        start = last = time.perf_counter()
+        for done, item in enumerate(self.bar, 1):
+            yield item
+            now = time.perf_counter()
+            if now - last >= self.every and done < self.total:
+                last = now
+                rate = done / (now - start)
+                eta = (self.total - done) / rate if rate else float("inf")
+                print(
+                    f"[tdabench] {self.desc}: {done}/{self.total} {self.unit} ({rate:.2f}/s, ETA {eta:.0f} s)",
+                    file=sys.__stderr__,
+                    flush=True,
+                )
+
+
+def set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, n))
+
+
+def run_rule(job: JobContext) -> None:
+    """Run the stage entry point registered for `job.rule` (see STAGES)."""
+    module, _, function = STAGES[job.rule].partition(":")
+    run(getattr(importlib.import_module(module), function), job)
+
+
+def run(stage: Callable[[JobContext, tracking.Run], None], job: JobContext) -> None:
+    """Run one stage job: logging, MLflow child run (params = the rule's params), wall time."""
+    with _log_to(job.log):
+        log.info("rule %s wildcards %s threads %d", job.rule, job.wildcards, job.threads)
+        start = time.perf_counter()
+        with tracking.job_run(job.rule, job.params, job.wildcards) as mlrun:
+            stage(job, mlrun)
+            seconds = time.perf_counter() - start
+            mlrun.log_metrics({"job_seconds": seconds})
+        log.info("done in %.1f s", seconds)
+        print(f"[tdabench] {job.rule} {job.wildcards or ''} done in {seconds:.1f} s", file=sys.__stderr__)

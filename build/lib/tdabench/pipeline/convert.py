@@ -1,0 +1,30 @@
+"""Stage `convert`: a GGUF model, dequantised once and saved as a normal checkpoint (cached)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from tdabench.io import atomic_path
+from tdabench.models import gguf_location, load_model
+from tdabench.pipeline.common import JobContext, set_threads
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Params:
+    gguf: dict  # model.gguf: path, package, file
+
+
+def main(job: JobContext, mlrun) -> None:
+    set_threads(job.threads)
+    g = job.typed_params(Params).gguf
+    folder, file = gguf_location(g["path"], g["package"], g["file"])
+    model, tokenizer = load_model(folder, gguf_file=file)
+    with atomic_path(job.output["model"], directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    n = sum(t.numel() for t in model.parameters())
+    log.info("%s/%s: %s, %d parameters", folder, file, type(model).__name__, n)
+    mlrun.log_metrics({"n_parameters": n})

@@ -1,0 +1,80 @@
+"""Stage `evaluate`: the tidy results table over all settings, splits and methods."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from tdabench.costs import read_costs
+from tdabench.data.bm25 import bm25_scores, top_candidates
+from tdabench.data.sources import read_queries, read_train
+from tdabench.evaluate import Scoring, evaluate_split, tidy, write_per_query, write_results
+from tdabench.pipeline.common import JobContext
+from tdabench.projection_files import read_projections
+from tdabench.selection import SelectionTable, split_queries
+from tdabench.similarity import load_similarity
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Params:
+    settings: tuple[str, ...]  # dataset.settings
+    recall_at: tuple[int, ...]  # evaluation.*
+    candidates: int | None
+    bootstrap: int
+    bootstrap_seed: int
+    selection_fraction: float  # selection.*: the same splits the selection stage used
+    n_splits: int
+    split_seed: int
+
+
+def main(job: JobContext, mlrun) -> None:
+    p = job.typed_params(Params)
+    train = read_train(job.input["train"])
+    queries = read_queries(job.input["queries"])
+    costs = read_costs(job.input["costs"])
+    selected = dict(zip(p.settings, job.input["selected"])) if job.input.get("selected") else {}
+    rows, per_query = [], []
+    scoring = Scoring(p.recall_at, p.bootstrap, p.bootstrap_seed)
+    for setting, sim_path, sel_path in zip(p.settings, job.input["similarity"], job.input["selection"]):
+        sim = load_similarity(sim_path)
+        selection = SelectionTable.read(sel_path)
+        projections = [pr for path in job.input["projection"] for pr in read_projections(path, sim.query_ids)]
+        if setting in selected:
+            projections += read_projections(selected[setting], sim.query_ids)
+        q = queries.filter(pl.col("setting") == setting)
+        q = q[[{i: n for n, i in enumerate(q["id"].to_list())}[qid] for qid in sim.query_ids]]
+        baselines = {
+            "prompt": bm25_scores(q["prompt"].to_list(), train["prompt"].to_list()),
+            "prompt_response": bm25_scores(
+                (q["prompt"] + " " + q["response"]).to_list(), (train["prompt"] + " " + train["response"]).to_list()
+            ),
+        }
+        if sim.train_ids != train["id"].to_list():
+            raise ValueError(f"{sim_path}: training ids differ from {job.input['train']}")
+        candidates = None
+        if p.candidates and sim.candidates is None:  # the published protocol: BM25 over training prompts
+            b = min(p.candidates, len(sim.train_ids))
+            candidates = top_candidates(baselines["prompt"], sim.targets(np.arange(len(sim.query_ids))), b)
+        for split in range(p.n_splits):
+            _, held = split_queries(sim.query_ids, p.selection_fraction, p.split_seed + split)
+            r, pq = evaluate_split(sim, setting, split, held, selection, projections, baselines, scoring, candidates)
+            rows += r
+            per_query += pq
+    everything = tidy(rows, list(p.recall_at), costs)
+    table = everything.filter(pl.col("protocol") == "corpus")
+    write_results(table, job.output["metrics"])
+    write_results(everything.filter(pl.col("protocol") == "candidates"), job.output["candidates"])
+    write_per_query(per_query, job.output["per_query"])
+    means = (
+        table.filter(pl.col("method").is_in(["full", "greedy", "best_single"]))
+        .group_by("setting", "method", maintain_order=True)
+        .agg(pl.col("top1", "mrr").mean())
+    )
+    for r in means.iter_rows(named=True):
+        log.info("%s %-11s top1 %.3f mrr %.3f (mean over splits)", r["setting"], r["method"], r["top1"], r["mrr"])
+    mlrun.log_metrics({"n_rows": table.height})

@@ -1,0 +1,81 @@
+"""Stage `finetune`: train the base model on the training set until the planted facts are learned."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import polars as pl
+
+from tdabench.data.sources import read_queries, read_train
+from tdabench.io import atomic_path, write_json
+from tdabench.models import TokenizeConfig, encode_all, load_model
+from tdabench.pipeline.common import JobContext, set_threads
+from tdabench.train import TrainConfig, greedy_answers, states_fact, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Params:
+    base: str  # the base model: a produced or local directory, or a hub name
+    tokenize: TokenizeConfig
+    train: TrainConfig  # finetune (its training keys + seed)
+    eval_batch_size: int  # finetune.eval_batch_size
+
+
+def fact_report(
+    model, tokenizer, train_df: pl.DataFrame, queries: pl.DataFrame, max_length: int, batch_size: int
+) -> dict:
+    """How many planted facts the model states when asked the training question and the paraphrase
+    (needs the `value` column of the synthetic benchmark)."""
+    if "value" not in train_df.columns or not (train_df["role"] == "planted").any():
+        return {}
+    planted = train_df.filter(pl.col("role") == "planted")
+    para = queries.filter(pl.col("setting") == "paraphrased").join(
+        planted.select(pl.col("id").alias("source_id"), pl.col("value").alias("fact")), on="source_id"
+    )
+    report = {}
+    for name, prompts, values in (
+        ("planted_recall_train_prompt", planted["prompt"], planted["value"]),
+        ("planted_recall_paraphrased_prompt", para["prompt"], para["fact"]),
+    ):
+        answers = greedy_answers(model, tokenizer, prompts.to_list(), max_length, batch_size=batch_size)
+        hits = [states_fact(a, v) for a, v in zip(answers, values.to_list())]
+        report[name] = sum(hits) / max(1, len(hits))
+        report[name.replace("recall", "correct")] = sum(hits)
+        report[f"{name}_examples"] = [
+            {"prompt": q, "answer": a, "value": v} for q, a, v in list(zip(prompts, answers, values))[:5]
+        ]
+        log.info("%s: %d / %d", name, sum(hits), len(hits))
+    return report
+
+
+def main(job: JobContext, mlrun) -> None:
+    set_threads(job.threads)
+    p = job.typed_params(Params)
+    train_df = read_train(job.input["train"])
+    queries = read_queries(job.input["queries"])
+    model, tokenizer = load_model(p.base)
+    examples = encode_all(tokenizer, train_df["prompt"], train_df["response"], p.tokenize)
+    n_trunc = sum(e.truncated for e in examples)
+    if n_trunc:
+        log.warning("%d of %d training examples truncated to %d tokens", n_trunc, len(examples), p.tokenize.max_length)
+    n_params = sum(t.numel() for t in model.parameters())
+    log.info("fine-tuning %s (%d parameters) on %d examples", p.base, n_params, len(examples))
+    curve = train(model, examples, tokenizer.pad_token_id, p.train, desc="finetune")
+    for point in curve:
+        mlrun.log_metrics({"train_loss": point["loss"]}, step=point["epoch"])
+    report = {
+        "loss_curve": curve,
+        "n_truncated": n_trunc,
+        "n_train": len(examples),
+        **fact_report(model, tokenizer, train_df, queries, p.tokenize.max_length, p.eval_batch_size),
+    }
+    mlrun.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
+    mlrun.log_metrics({"final_train_loss": curve[-1]["loss"]})
+    with atomic_path(job.output["model"], directory=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    write_json(report, job.output["report"])
+    mlrun.log_artifact(job.output["report"])

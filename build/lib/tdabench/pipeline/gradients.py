@@ -1,0 +1,145 @@
+"""Stage `gradients`: per-sample gradients of one shard of one split into an HDF5 store."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import tdabench
+from tdabench.codedeps import sources_digest
+from tdabench.data.sources import read_queries, read_train
+from tdabench.extraction import Extraction, ExtractionConfig
+from tdabench.models import TokenizeConfig, encode_all, load_model, model_fingerprint
+from tdabench.pipeline.common import JobContext, Progress, set_threads
+from tdabench.store import GradientStoreWriter, estimate_bytes
+from tdabench.tracking import file_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Params:
+    model: str  # the attributed model: a produced or local directory, or a hub name
+    shards: int  # shards of this split (gradients.shards for train, 1 for queries)
+    extraction: ExtractionConfig  # gradients: components, batch_size, max_component_dim, sketch_seed, autocast
+    dtype: str  # gradients.dtype (storage)
+    max_cache_gb: float
+    verify: int
+    verify_tolerance: float | None
+    tokenize: TokenizeConfig
+
+
+def shard_rows(n: int, shard: int, n_shards: int) -> slice:
+    """Contiguous rows of shard `shard` (0-based) out of `n_shards` near-equal shards."""
+    return slice(shard * n // n_shards, (shard + 1) * n // n_shards)
+
+
+def main(job: JobContext, mlrun) -> None:
+    set_threads(job.threads)
+    p = job.typed_params(Params)
+    split, shard = job.wildcards["split"], int(job.wildcards["shard"])
+    tables = {"train": read_train(job.input["train"]), "queries": read_queries(job.input["queries"])}
+    df = tables[split][shard_rows(tables[split].height, shard, p.shards)]
+    model, tokenizer = load_model(p.model)
+    extraction = Extraction(model, p.extraction)
+    stored = extraction.stored_dims
+    total = estimate_bytes(sum(t.height for t in tables.values()), stored, p.dtype)
+    if total > p.max_cache_gb * 1e9:
+        raise ValueError(
+            f"config key gradients.max_cache_gb: the gradient cache would take about {total / 1e9:.1f} GB "
+            f"(> {p.max_cache_gb} GB); set gradients.max_component_dim, select fewer "
+            "gradients.components, use gradients.dtype float16 or raise the limit"
+        )
+    estimate = estimate_bytes(df.height, stored, p.dtype)
+
+    examples = encode_all(tokenizer, df["prompt"], df["response"], p.tokenize)
+    n_trunc = sum(e.truncated for e in examples)
+    if n_trunc:
+        log.warning("%d of %d examples truncated to %d tokens", n_trunc, len(examples), p.tokenize.max_length)
+    attrs = {
+        "split": split,
+        "shard": shard,
+        "n_shards": p.shards,
+        "model_fingerprint": model_fingerprint(p.model),
+        "config_hash": hashlib.sha256(json.dumps(job.params, sort_keys=True).encode()).hexdigest()[:12],
+        "code_version": f"{tdabench.__version__}+{sources_digest('tdabench.pipeline.gradients')}",
+        "n_truncated": n_trunc,
+    }
+    log.info(
+        "%d samples x %d components (%d sketched), %d stored dims, about %.1f MB -> %s",
+        len(examples),
+        len(extraction.names),
+        len(extraction.sketches),
+        sum(stored),
+        estimate / 1e6,
+        job.output["store"],
+    )
+    batches = list(extraction.batches(examples, tokenizer.pad_token_id))
+
+    start, computed = time.perf_counter(), 0
+    first = None  # the first batch's gradients, computed by the self-check, written below
+    check_metrics = {}
+    if p.verify and batches:
+        # Raises (before any store file exists) with a table of the failing components.
+        grads, report = extraction.check(batches[0][1], p.verify, p.verify_tolerance)
+        first = {n: g.numpy() for n, g in grads.items()}
+        attrs |= {
+            "verify_samples": len(report.samples),
+            "verify_tolerance": report.tolerance,
+            "verify_max_error": report.worst,
+        }
+        check_metrics = {"verify_max_error": report.worst, "verify_seconds": report.seconds}
+        log.info(
+            "self-check: %d samples of the first batch vs a bs=1 loss.backward() loop: worst relative "
+            "error %.2e (tolerance %.0e), %.2f s",
+            len(report.samples),
+            report.worst,
+            report.tolerance,
+            report.seconds,
+        )
+    extractor = extraction.extractor()
+    log.info("%s", extractor.describe_paths())
+    with GradientStoreWriter(
+        job.output["store"], df["id"].to_list(), extraction.components, p.dtype, attrs, extraction.sketch_info
+    ) as store:
+        progress = Progress(batches, len(batches), f"gradients {split} shard {shard}", unit="batches")
+        for i, (rows, batch) in enumerate(progress):
+            if store.done[rows].all():  # resumed from an interrupted run
+                continue
+            if i == 0 and first is not None:
+                grads = first
+            else:
+                grads = {n: g.numpy() for n, g in extraction(batch).items()}
+            store.write(rows, grads)
+            computed += rows.stop - rows.start
+    seconds = time.perf_counter() - start
+    if extractor.paths != extractor.plan:  # a later batch sent a component to the loop
+        log.info("%s", extractor.describe_paths())
+    manifest = file_manifest([job.output["store"]])
+    mlrun.log_metrics(
+        {
+            "n_samples": len(examples),
+            "n_computed": computed,
+            "n_components": len(extraction.names),
+            "n_sketched": len(extraction.sketches),
+            "stored_dim": sum(stored),
+            "seconds": seconds,
+            "samples_per_second": computed / max(seconds, 1e-9),
+            "store_bytes": manifest[0]["bytes"],
+            "estimated_bytes": estimate,
+            "n_truncated": n_trunc,
+            **check_metrics,
+            **{f"n_path_{k}": v for k, v in extractor.path_counts().items()},
+        }
+    )
+    mlrun.log_dict({n: asdict(path) for n, path in extractor.paths.items()}, "gradient_paths.json")
+    mlrun.log_dict(manifest, "manifest.json")
+    log.info(
+        "%.1f samples/s, %.1f MB (estimate %.1f MB)",
+        computed / max(seconds, 1e-9),
+        manifest[0]["bytes"] / 1e6,
+        estimate / 1e6,
+    )

@@ -1,0 +1,176 @@
+"""Seeded random projections of gradients, streamed one component at a time.
+
+The full gradient is the concatenation of the components [g_1 | g_2 | ...]. A projection P (k x D)
+splits into column blocks P = [P_1 | P_2 | ...], so P g = sum_c P_c g_c: each block is generated
+from (seed, component index, chunk) alone, never as a whole k x D matrix, and the result equals
+one fixed matrix applied to the concatenated vector. Kinds (all with E[<Px, Py>] = <x, y>):
+  gaussian    P_ij ~ N(0, 1/k), generated in chunks of `CHUNK` input coordinates;
+  rademacher  P_ij = +-1/sqrt(k);
+  sjlt        sparse JL / count sketch: each input coordinate goes to `nonzeros` random output
+              coordinates with random signs, scaled by 1/sqrt(nonzeros).
+Block-wise projection (`blockwise`) instead projects each component on its own to k_c dims
+(k_c proportional to its size, or equal) and concatenates the results. Normalised, each block is
+scaled by 1/sqrt(k_c), so inner products stay unbiased; unnormalised (`normalized=False`, entries
+N(0, 1) as in the published comparison) block c's inner product is inflated by k_c, which
+re-weights components by their share of the dimensions: by parameter count when proportional.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+CHUNK = 8192  # columns of a Gaussian block generated at once (fixed: results never depend on memory)
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    kind: str = "sjlt"  # gaussian | rademacher | sjlt
+    k: int = 1024
+    seed: int = 0
+    nonzeros: int = 1  # sjlt only
+    blockwise: str | None = None  # None: one projection of the concatenation; "proportional" | "equal"
+    normalized: bool = True  # False: the published unnormalised variant
+
+
+# Projection methods of the study (config `projection.methods`), at every k and seed.
+METHODS: dict[str, dict] = {
+    "sjlt": {"kind": "sjlt"},
+    "gaussian": {"kind": "gaussian"},
+    "rademacher": {"kind": "rademacher"},
+    "blockwise": {"kind": "gaussian", "blockwise": "proportional"},
+    "blockwise_equal": {"kind": "gaussian", "blockwise": "equal"},
+    "blockwise_unnormalized": {"kind": "gaussian", "blockwise": "proportional", "normalized": False},
+}
+
+
+def method_config(method: str, k: int, seed: int, nonzeros: int = 1) -> ProjectionConfig:
+    if method not in METHODS:
+        raise ValueError(f"unknown projection method {method!r} (allowed: {', '.join(METHODS)})")
+    return ProjectionConfig(k=k, seed=seed, nonzeros=nonzeros, **METHODS[method])
+
+
+def block_dims(dims: list[int], k: int, split: str) -> list[int]:
+    """Output dims per component for block-wise projection (each at least 1)."""
+    if split == "proportional":
+        total = sum(dims)
+        return [max(1, round(k * d / total)) for d in dims]
+    if split == "equal":
+        return [max(1, k // len(dims) + (1 if i < k % len(dims) else 0)) for i in range(len(dims))]
+    raise ValueError(f"unknown block split {split!r} (allowed: proportional, equal)")
+
+
+def _generator(*key: int) -> torch.Generator:
+    state = np.random.SeedSequence(list(key)).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def name_key(name: str) -> int:
+    """Stable integer key of a component name (independent of component order and process)."""
+    return zlib.crc32(name.encode())
+
+
+class CountSketch:
+    """Seeded count sketch R^d -> R^k: coordinate i is added to output h[i] with sign s[i].
+
+    E[<Sx, Sy>] = <x, y> (unbiased inner products). The hash is kept as arrays so that any slice of
+    the input can be added on its own (`add`), e.g. a per-sample gradient computed in row blocks.
+    """
+
+    def __init__(self, d: int, k: int, seed: int, key: int | tuple[int, ...]):
+        gen = _generator(seed, *(key if isinstance(key, tuple) else (key,)))
+        self.d, self.k = d, k
+        self.rows = torch.randint(0, k, (d,), generator=gen, dtype=torch.int32)  # [d] output coordinate
+        self.signs = torch.randint(0, 2, (d,), generator=gen, dtype=torch.int8) * 2 - 1  # [d] +-1
+
+    def add(self, out: torch.Tensor, offset: int, block: torch.Tensor, scale: float = 1.0) -> None:
+        """out [n, k] += S restricted to input coordinates [offset, offset + block.shape[1])."""
+        stop = offset + block.shape[1]
+        signs = self.signs[offset:stop].to(block.dtype) * scale
+        # int64 indices: index_add_ is ~15x slower with int32 ones (kept int32 only to halve memory)
+        out.index_add_(1, self.rows[offset:stop].long(), block * signs)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], self.k, dtype=torch.float32)
+        self.add(out, 0, x.to(torch.float32))
+        return out
+
+
+def project_component(
+    x: torch.Tensor, component_index: int, cfg: ProjectionConfig, k: int | None = None
+) -> torch.Tensor:
+    """P_c x for rows x [n, d_c] of component `component_index` -> [n, k] float32 (k = cfg.k unless given)."""
+    k = cfg.k if k is None else k
+    x = x.to(torch.float32)
+    n, d = x.shape
+    out = torch.zeros(n, k, dtype=torch.float32)
+    scale = k**-0.5 if cfg.normalized else 1.0
+    if cfg.kind in ("gaussian", "rademacher"):
+        for j, start in enumerate(range(0, d, CHUNK)):
+            stop = min(start + CHUNK, d)
+            gen = _generator(cfg.seed, component_index, j)
+            if cfg.kind == "gaussian":
+                block = torch.randn(stop - start, k, generator=gen)  # [chunk, k]
+            else:
+                block = torch.randint(0, 2, (stop - start, k), generator=gen, dtype=torch.float32) * 2 - 1
+            out += x[:, start:stop] @ (block * scale)
+    elif cfg.kind == "sjlt":  # sum of `nonzeros` independent count sketches
+        scale = cfg.nonzeros**-0.5 if cfg.normalized else 1.0
+        for rep in range(cfg.nonzeros):
+            CountSketch(d, k, cfg.seed, (component_index, rep)).add(out, 0, x, scale)
+    else:
+        raise ValueError(f"unknown projection kind {cfg.kind!r} (allowed: gaussian, rademacher, sjlt)")
+    return out
+
+
+class Projector:
+    """Accumulates the projection of gradients that arrive one component (and row block) at a time."""
+
+    def __init__(self, cfg: ProjectionConfig, component_dims: list[int]):
+        self.cfg = cfg
+        if cfg.blockwise is None:
+            self.dims = None
+            self.out_dim = cfg.k
+        else:
+            self.dims = block_dims(component_dims, cfg.k, cfg.blockwise)
+            self.offsets = np.concatenate([[0], np.cumsum(self.dims)]).tolist()
+            self.out_dim = int(self.offsets[-1])
+
+    def add(self, out: np.ndarray, component_index: int, x: torch.Tensor) -> None:
+        """out [n, out_dim] += the contribution of component `component_index`'s rows x [n, d_c]."""
+        if self.dims is None:
+            out += project_component(x, component_index, self.cfg).numpy()
+        else:
+            lo, hi = self.offsets[component_index], self.offsets[component_index + 1]
+            out[:, lo:hi] += project_component(x, component_index, self.cfg, k=hi - lo).numpy()
+
+
+def project_store(
+    store,
+    cfg: ProjectionConfig,
+    rows: np.ndarray | None = None,
+    block_rows: int = 4096,
+    components: list[str] | None = None,
+) -> np.ndarray:
+    """Project every sample (or `rows`) of a GradientStore -> [n, out_dim] float32.
+
+    components: project only these (select-then-project); default: the full gradient. Component
+    indices (which seed each block) are positions in the store, so a subset's blocks are the same
+    as in the full projection.
+    """
+    names = store.components if components is None else components
+    index = {n: i for i, n in enumerate(store.components)}
+    proj = Projector(cfg, [store.dim(n) for n in names])
+    n = len(store) if rows is None else len(rows)
+    out = np.zeros((n, proj.out_dim), dtype=np.float32)
+    for pos, name in enumerate(names):
+        ci = index[name] if proj.dims is None else pos
+        if rows is None:
+            for start, block in store.iter_blocks(name, block_rows):
+                proj.add(out[start : start + len(block)], ci, torch.from_numpy(block))
+        else:
+            proj.add(out, ci, torch.from_numpy(store.read(name, rows)))
+    return out

@@ -1,0 +1,233 @@
+"""The similarity store: the single seam between gradients and every analysis.
+
+Per query setting, one HDF5 file holds, for each component c, the dot products between every
+query gradient and every training gradient and both sides' squared norms. The cosine of any
+component subset S then follows exactly, without touching a gradient again:
+    cos_S(q, t) = sum_{c in S} dot[c, q, t] / sqrt(sum_{c in S} query_sqnorm[c, q] * sum_{c in S} train_sqnorm[c, t])
+
+File format (tdabench-similarity/1):
+    components        string [C]      component names, model order
+    component_params  int64  [C]      parameters per component
+    component_family  string [C]      optional: e.g. "q", "down", "embed"
+    component_layer   int64  [C]      optional: decoder layer, -1 for none
+    component_dim     int64  [C]      optional: stored gradient dimension (a count-sketch size when
+                                      the component was capped); defaults to component_params
+    query_ids         string [Q]
+    train_ids         string [T]
+    ground_truth      int64  [Q]      index into train_ids of each query's source example
+    query_sqnorm      float  [C, Q]
+    train_sqnorm      float  [C, T]
+    dot               float  [C, Q, T]   dense layout: every query against every training example
+  or, for the candidate protocol:
+    candidates        int64  [Q, b]   indices into train_ids, in ranking order
+    dot               float  [C, Q, b]   for those pairs only
+    attrs (all optional): format, setting, model_fingerprint
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from tdabench.io import atomic_path
+from tdabench.store import STR, GradientStore
+
+FORMAT = "tdabench-similarity/1"
+REQUIRED = (
+    "components",
+    "component_params",
+    "query_ids",
+    "train_ids",
+    "ground_truth",
+    "query_sqnorm",
+    "train_sqnorm",
+    "dot",
+)
+
+
+@dataclass
+class Similarity:
+    components: list[str]
+    component_params: np.ndarray  # [C]
+    component_family: list[str]
+    component_layer: np.ndarray  # [C]
+    query_ids: list[str]
+    train_ids: list[str]
+    ground_truth: np.ndarray  # [Q]
+    query_sqnorm: np.ndarray  # [C, Q]
+    train_sqnorm: np.ndarray  # [C, T]
+    dot: np.ndarray  # [C, Q, T], or [C, Q, b] with candidates
+    attrs: dict
+    candidates: np.ndarray | None = None  # [Q, b] indices into train_ids
+    component_dim: np.ndarray | None = None  # [C] stored dims; None = component_params
+
+    def __post_init__(self):
+        if self.component_dim is None:
+            self.component_dim = np.asarray(self.component_params)
+
+    @property
+    def n_columns(self) -> int:
+        """Training examples scored per query: all of them, or the candidates."""
+        return self.dot.shape[2]
+
+    def all_queries(self) -> np.ndarray:
+        return np.arange(len(self.query_ids))
+
+    def targets(self, queries: np.ndarray | None = None) -> np.ndarray:
+        """Column of each query's source among the scored columns; -1 if not a candidate -> [Q']."""
+        q = self.all_queries() if queries is None else np.asarray(queries)
+        gt = self.ground_truth[q]
+        if self.candidates is None:
+            return gt
+        hit = self.candidates[q] == gt[:, None]  # [Q', b]
+        return np.where(hit.any(1), hit.argmax(1), -1)
+
+    def train_sqnorm_columns(self, comps: np.ndarray, queries: np.ndarray | slice) -> np.ndarray:
+        """Summed training squared norms per scored column: [T] dense, [Q', b] with candidates."""
+        tn = self.train_sqnorm[comps].sum(axis=0, dtype=np.float64)  # [T]
+        return tn if self.candidates is None else tn[self.candidates[queries]]
+
+    def scores(
+        self, components: Sequence[int] | np.ndarray | None = None, queries: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Cosine [Q', T] (or [Q', b]) of the concatenated gradients of `components` (indices)."""
+        comps = np.arange(len(self.components)) if components is None else np.asarray(components)
+        q = slice(None) if queries is None else np.asarray(queries)
+        dot = self.dot[comps][:, q].sum(axis=0, dtype=np.float64)  # [Q', N]
+        qn = self.query_sqnorm[comps][:, q].sum(axis=0, dtype=np.float64)  # [Q']
+        return cosine_from_sums(dot, qn, self.train_sqnorm_columns(comps, q))
+
+    def component_index(self, names: Sequence[str]) -> np.ndarray:
+        where = {n: i for i, n in enumerate(self.components)}
+        return np.array([where[n] for n in names], dtype=np.int64)
+
+
+def cosine_from_sums(dot: np.ndarray, q_sqnorm: np.ndarray, t_sqnorm: np.ndarray) -> np.ndarray:
+    """dot [..., Q, N] / sqrt(q_sqnorm [..., Q] x t_sqnorm); 0 where a norm is 0.
+
+    t_sqnorm is [..., N] (the same training examples for every query) or [..., Q, N] (per-query
+    candidates).
+    """
+    t = t_sqnorm if t_sqnorm.ndim == dot.ndim else t_sqnorm[..., None, :]
+    denom = np.sqrt(q_sqnorm[..., :, None] * t)
+    return np.divide(dot, denom, out=np.zeros_like(dot, dtype=np.float64), where=denom > 0)
+
+
+def build_similarity(
+    train: GradientStore,
+    queries: GradientStore,
+    query_ids: Sequence[str],
+    source_ids: Sequence[str],
+    out_path: str | Path,
+    setting: str,
+    block_rows: int = 1024,
+    dtype: str = "float64",
+    candidates: np.ndarray | None = None,
+    progress=None,
+) -> None:
+    """Write the similarity store of `query_ids` (rows of `queries`) against the training rows.
+
+    candidates: optional [Q, b] training-row indices per query (the candidate protocol); only
+    those pairs get dot products. Memory: one component's query gradients plus `block_rows`
+    training rows at a time.
+    """
+    if train.attrs.get("model_fingerprint") != queries.attrs.get("model_fingerprint"):
+        raise ValueError("train and query gradients come from different models (model_fingerprint differs)")
+    if train.components != queries.components:
+        raise ValueError("train and query gradient stores hold different components")
+    row_of = {s: i for i, s in enumerate(queries.sample_ids)}
+    missing = [q for q in query_ids if q not in row_of]
+    if missing:
+        raise KeyError(f"query ids missing from the query gradient store: {missing[:5]}")
+    q_rows = np.array([row_of[q] for q in query_ids], dtype=np.int64)
+    train_index = {s: i for i, s in enumerate(train.sample_ids)}
+    unknown = sorted({s for s in source_ids if s not in train_index})
+    if unknown:
+        raise KeyError(f"source ids not among the training examples: {unknown[:5]}")
+    ground_truth = np.array([train_index[s] for s in source_ids], dtype=np.int64)
+
+    info = train.component_info
+    n_c, n_q, n_t = len(info), len(q_rows), len(train)
+    n_cols = n_t if candidates is None else candidates.shape[1]
+    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["setting"] = setting
+        f.attrs["model_fingerprint"] = train.attrs.get("model_fingerprint", "")
+        f.create_dataset("components", data=np.array([c["name"] for c in info], dtype=object), dtype=STR)
+        f.create_dataset("component_params", data=np.array([int(np.prod(c["shape"])) for c in info], dtype=np.int64))
+        f.create_dataset("component_dim", data=np.array([train.dim(c["name"]) for c in info], dtype=np.int64))
+        f.create_dataset("component_family", data=np.array([c["family"] for c in info], dtype=object), dtype=STR)
+        f.create_dataset(
+            "component_layer", data=np.array([-1 if c["layer"] is None else c["layer"] for c in info], dtype=np.int64)
+        )
+        f.create_dataset("query_ids", data=np.array(list(query_ids), dtype=object), dtype=STR)
+        f.create_dataset("train_ids", data=np.array(train.sample_ids, dtype=object), dtype=STR)
+        f.create_dataset("ground_truth", data=ground_truth)
+        if candidates is not None:
+            f.create_dataset("candidates", data=np.asarray(candidates, dtype=np.int64))
+        q_sq = f.create_dataset("query_sqnorm", shape=(n_c, n_q), dtype=dtype)
+        t_sq = f.create_dataset("train_sqnorm", shape=(n_c, n_t), dtype=dtype)
+        dot = f.create_dataset("dot", shape=(n_c, n_q, n_cols), dtype=dtype)
+        for ci, c in enumerate(info):
+            gq = queries.read(c["name"], q_rows).astype(np.float64)  # [Q, d_c]
+            q_sq[ci] = (gq * gq).sum(1)
+            pair_dots = None if candidates is None else np.zeros((n_q, n_cols))
+            for start, block in train.iter_blocks(c["name"], block_rows):
+                gt = block.astype(np.float64)  # [B, d_c]
+                stop = start + len(gt)
+                t_sq[ci, start:stop] = (gt * gt).sum(1)
+                if candidates is None:
+                    dot[ci, :, start:stop] = gq @ gt.T  # [Q, B]
+                else:
+                    q_idx, j_idx = np.nonzero((candidates >= start) & (candidates < stop))
+                    pair_dots[q_idx, j_idx] = np.einsum("pd,pd->p", gq[q_idx], gt[candidates[q_idx, j_idx] - start])
+            if pair_dots is not None:
+                dot[ci] = pair_dots
+            if progress is not None:
+                progress.update(1)
+
+
+def load_similarity(path: str | Path) -> Similarity:
+    with h5py.File(path, "r") as f:
+        fmt = f.attrs.get("format")
+        if fmt is not None and fmt != FORMAT:
+            raise ValueError(f"{path}: format {fmt!r} is not {FORMAT!r}")
+        missing = [k for k in REQUIRED if k not in f]
+        if missing:
+            raise ValueError(
+                f"{path}: not a similarity store: missing dataset(s) {', '.join(missing)} "
+                f"(required: {', '.join(REQUIRED)}; see tdabench.similarity)"
+            )
+
+        def strings(key):
+            return [s.decode() if isinstance(s, bytes) else str(s) for s in f[key][:]]
+
+        n_c = f["components"].shape[0]
+        dot = f["dot"][:]
+        candidates = f["candidates"][:] if "candidates" in f else None
+        n_q, n_t = len(f["query_ids"]), len(f["train_ids"])
+        expected = (n_c, n_q, n_t if candidates is None else candidates.shape[1])
+        if dot.shape != expected:
+            raise ValueError(
+                f"{path}: dot has shape {dot.shape}, expected {expected} (components, queries, "
+                f"{'training examples' if candidates is None else 'candidates'})"
+            )
+        return Similarity(
+            components=strings("components"),
+            component_params=f["component_params"][:],
+            component_family=strings("component_family") if "component_family" in f else ["other"] * n_c,
+            component_layer=f["component_layer"][:] if "component_layer" in f else np.full(n_c, -1),
+            query_ids=strings("query_ids"),
+            train_ids=strings("train_ids"),
+            ground_truth=f["ground_truth"][:],
+            query_sqnorm=f["query_sqnorm"][:],
+            train_sqnorm=f["train_sqnorm"][:],
+            dot=dot,
+            attrs=dict(f.attrs),
+            candidates=candidates,
+            component_dim=f["component_dim"][:] if "component_dim" in f else None,
+        )

@@ -1,0 +1,124 @@
+"""Training loop (pre-training and fine-tuning) and the check that planted facts were learned.
+
+Training loss: causal-LM cross-entropy averaged over the batch's labelled tokens (response tokens
+and EOS by default; see tdabench.models), optionally with label smoothing, which keeps a small
+model from becoming infinitely sure of memorised text (attribution always uses the plain loss).
+AdamW, linear warm-up, cosine decay, seeded shuffling: the same config and seed give the same
+weights on the same machine.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tdabench.models import Encoded, collate, encode_prompt
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Config sections `pretrain` / `finetune` (their training keys) plus the study seed; no
+    defaults here, the schema holds them."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    warmup_fraction: float
+    label_smoothing: float
+    seed: int
+
+
+def lr_lambda(total_steps: int, warmup_steps: int):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy over the batch's labelled tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift = logits[:, :-1].float()  # [batch, tokens-1, vocab]
+    targets = batch["labels"][:, 1:]  # [batch, tokens-1]
+    return F.cross_entropy(
+        shift.reshape(-1, shift.shape[-1]), targets.reshape(-1), ignore_index=-100, label_smoothing=label_smoothing
+    )
+
+
+def train(
+    model, examples: list[Encoded], pad_id: int, cfg: TrainConfig, progress: bool = True, desc: str = "train"
+) -> list[dict]:
+    """Train in place. Returns the loss curve: one {"epoch", "step", "loss"} per epoch."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, round(cfg.warmup_fraction * total))))
+    model.train()
+    curve, step = [], 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, mininterval=2.0)
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        losses = []
+        for start in range(0, len(order), cfg.batch_size):
+            batch = collate([examples[i] for i in order[start : start + cfg.batch_size]], pad_id)
+            loss = lm_loss(model, batch, cfg.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+        curve.append({"epoch": epoch + 1, "step": step, "loss": sum(losses) / len(losses)})
+        bar.set_postfix(loss=f"{curve[-1]['loss']:.3f}")
+    bar.close()
+    model.eval()
+    return curve
+
+
+@torch.no_grad()
+def greedy_answers(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_length: int,
+    max_new_tokens: int = 24,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> list[str]:
+    """The model's greedy-decoded response to each prompt (left-padded batches)."""
+    pad = tokenizer.pad_token_id
+    out: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, mininterval=2.0):
+        ids = [encode_prompt(tokenizer, p, max_length) for p in prompts[start : start + batch_size]]
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(input_ids)
+        for i, seq in enumerate(ids):
+            input_ids[i, width - len(seq) :] = torch.tensor(seq)
+            mask[i, width - len(seq) :] = 1
+        gen = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+    return out
+
+
+def states_fact(answer: str, value: str) -> bool:
+    """Whether a generated answer contains the fact's value as a whole word (case-insensitive)."""
+    return re.search(rf"\b{re.escape(value)}\b", answer, flags=re.IGNORECASE) is not None

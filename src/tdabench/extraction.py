@@ -1,0 +1,105 @@
+"""What to extract from a model and how: the one recipe behind every per-sample gradient we compute.
+
+`Extraction` matches the configured component patterns against the model, builds the count
+sketches of components larger than `max_component_dim`, and runs `GradientExtractor` over padded
+batches (optionally under autocast). The gradients stage, the cost measurement and the benchmarks
+all call it, so a stored gradient, a timed gradient and a benchmarked gradient are the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tdabench.components import Component, component_registry, match_components
+from tdabench.gradcheck import CheckReport, check_extractor
+from tdabench.gradients import GradientExtractor, iter_batches
+from tdabench.models import Encoded, collate
+from tdabench.projection import CountSketch, name_key
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """The `gradients` keys that decide which numbers come out (config section `gradients`)."""
+
+    components: tuple[str, ...]
+    batch_size: int
+    max_component_dim: int | None
+    sketch_seed: int
+    autocast: str | None  # None | "bfloat16" | "float16"
+
+    @classmethod
+    def from_section(cls, section) -> ExtractionConfig:
+        """From a typed `gradients` section (or anything with these attributes)."""
+        return cls(
+            tuple(section.components),
+            section.batch_size,
+            section.max_component_dim,
+            section.sketch_seed,
+            section.autocast,
+        )
+
+
+class Extraction:
+    """Per-sample gradients of `model` as configured: components, sketches, batching, autocast."""
+
+    def __init__(self, model: torch.nn.Module, cfg: ExtractionConfig):
+        self.model, self.cfg = model, cfg
+        registry = {c.name: c for c in component_registry(model)}
+        self.names: list[str] = match_components(list(registry), list(cfg.components))
+        self.components: list[Component] = [registry[n] for n in self.names]
+        cap = cfg.max_component_dim
+        # Stored with the gradients (store attrs), so a reader knows how each component was reduced.
+        self.sketch_info: dict[str, dict] = {
+            c.name: {"kind": "countsketch", "k": cap, "seed": cfg.sketch_seed, "key": name_key(c.name)}
+            for c in self.components
+            if cap is not None and c.numel > cap
+        }
+        self.sketches = {
+            n: CountSketch(registry[n].numel, s["k"], s["seed"], s["key"]) for n, s in self.sketch_info.items()
+        }
+        self.autocast_dtype = getattr(torch, cfg.autocast) if cfg.autocast else None
+        self._extractors: dict[tuple[str, ...], GradientExtractor] = {}
+
+    @property
+    def stored_dims(self) -> list[int]:
+        """Per component: the dimension a gradient takes (its sketch size when sketched)."""
+        return [self.sketch_info[c.name]["k"] if c.name in self.sketch_info else c.numel for c in self.components]
+
+    def extractor(self, names: Sequence[str] | None = None) -> GradientExtractor:
+        """The extractor of `names` (default: every configured component); built once per subset,
+        so a subset's backward pass stops at its lowest component."""
+        key = tuple(self.names if names is None else names)
+        unknown = [n for n in key if n not in self.names]
+        if unknown:
+            raise ValueError(f"components {unknown} are not among the extracted ones ({len(self.names)} configured)")
+        if key not in self._extractors:
+            self._extractors[key] = GradientExtractor(
+                self.model, list(key), sketches=self.sketches, autocast_dtype=self.autocast_dtype
+            )
+        return self._extractors[key]
+
+    def batches(self, examples: Sequence[Encoded], pad_id: int) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
+        """(rows, padded batch) over `examples` in order, `batch_size` at a time."""
+        for rows in iter_batches(len(examples), self.cfg.batch_size):
+            yield rows, collate(list(examples[rows]), pad_id)
+
+    def __call__(self, batch: dict[str, torch.Tensor], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """{component: [batch, stored dim] float32} of one padded batch."""
+        return self.extractor(names)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+    def check(
+        self, batch: dict[str, torch.Tensor], samples: int, tolerance: float | None
+    ) -> tuple[dict[str, torch.Tensor], CheckReport]:
+        """Gradients of `batch` checked on `samples` rows against a bs=1 loss.backward() loop
+        (raises GradientCheckError on a mismatch; see tdabench.gradcheck)."""
+        return check_extractor(
+            self.extractor(),
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            samples=samples,
+            tolerance=tolerance,
+        )

@@ -1,0 +1,193 @@
+"""Stage entry points on tiny inputs: hand-built gradient stores and benchmark tables run through
+similarity -> selection -> projection / project_selected -> evaluate, exactly as Snakemake would
+call them (JobContext), checked against the brute-force ranking."""
+
+import numpy as np
+import polars as pl
+import pytest
+
+from tdabench.components import describe
+from tdabench.costs import COSTS_SCHEMA, write_costs
+from tdabench.data.sources import write_queries, write_train
+from tdabench.evaluate import read_results
+from tdabench.pipeline.common import JobContext, ParamsError, run_rule
+from tdabench.projection_files import read_projections
+from tdabench.selection import SelectionTable
+from tdabench.store import GradientStoreWriter
+
+from helpers import brute_force_ranks
+
+N_T, N_Q, DIMS = 12, 10, (6, 3, 5)
+NAMES = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(len(DIMS))]
+SELECTION = {"selection_fraction": 0.5, "n_splits": 2, "split_seed": 0, "objective": "mrr", "budgets": [0.5]}
+
+
+def write_store(path, ids, grads):
+    comps = [describe(n, (g.shape[1],)) for n, g in zip(NAMES, grads)]
+    with GradientStoreWriter(path, ids, comps, "float32", {"model_fingerprint": "test"}) as w:
+        w.write(slice(0, len(ids)), {n: g for n, g in zip(NAMES, grads)})
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, N_T, N_Q)
+    tg = [rng.standard_normal((N_T, d)).astype(np.float32) for d in DIMS]
+    # The first component carries the source signal; the others mostly noise.
+    qg = [(rng.standard_normal((N_Q, d)) + w * t[gt]).astype(np.float32) for t, d, w in zip(tg, DIMS, (1.5, 0.1, 0.3))]
+    train = pl.DataFrame(
+        {"id": [f"t{i}" for i in range(N_T)], "prompt": ["p"] * N_T, "response": ["r"] * N_T, "role": ["planted"] * N_T}
+    )
+    queries = pl.DataFrame(
+        {
+            "id": [f"q{i}" for i in range(N_Q)],
+            "source_id": [f"t{g}" for g in gt],
+            "setting": ["paraphrased"] * N_Q,
+            "prompt": ["p"] * N_Q,
+            "response": ["r"] * N_Q,
+        }
+    )
+    p = {
+        k: str(root / v)
+        for k, v in {
+            "train": "train.parquet",
+            "queries": "queries.parquet",
+            "tstore": "train.h5",
+            "qstore": "queries.h5",
+            "sim": "sim.h5",
+            "sel": "sel.parquet",
+            "proj": "sjlt.h5",
+            "stp": "stp.h5",
+            "costs": "costs.parquet",
+        }.items()
+    }
+    write_train(train, p["train"])
+    write_queries(queries, p["queries"])
+    write_store(p["tstore"], train["id"].to_list(), tg)
+    write_store(p["qstore"], queries["id"].to_list(), qg)
+    write_costs(pl.DataFrame(schema=COSTS_SCHEMA), p["costs"])
+
+    def job(rule, inputs, outputs, params, **wildcards):
+        run_rule(JobContext(rule, inputs, outputs, params, wildcards))
+
+    job(
+        "similarity",
+        {"train": [p["tstore"]], "query_grads": [p["qstore"]], "queries": p["queries"]},
+        {"similarity": p["sim"]},
+        {"block_rows": 5, "dtype": "float64"},
+        setting="paraphrased",
+    )
+    job("selection", {"similarity": p["sim"]}, {"selection": p["sel"]}, SELECTION, setting="paraphrased")
+    proj = {"dims": [4, 8], "seeds": [0, 1], "nonzeros": 1}
+    job(
+        "projection",
+        {"train": [p["tstore"]], "query_grads": [p["qstore"]]},
+        {"projection": p["proj"]},
+        proj,
+        method="sjlt",
+    )
+    job(
+        "project_selected",
+        {"train": [p["tstore"]], "query_grads": [p["qstore"]], "selection": p["sel"]},
+        {"projection": p["stp"]},
+        {**proj, "select_kind": "sjlt"},
+        setting="paraphrased",
+    )
+    outputs = {k: str(root / f"{k}.parquet") for k in ("metrics", "candidates", "per_query")}
+    evaluation = {
+        "settings": ["paraphrased"],
+        "recall_at": [1, 5],
+        "candidates": None,
+        "bootstrap": 100,
+        "bootstrap_seed": 0,
+        **{k: SELECTION[k] for k in ("selection_fraction", "n_splits", "split_seed")},
+    }
+    job(
+        "evaluate",
+        {
+            "train": p["train"],
+            "queries": p["queries"],
+            "similarity": [p["sim"]],
+            "selection": [p["sel"]],
+            "projection": [p["proj"]],
+            "selected": [p["stp"]],
+            "costs": p["costs"],
+        },
+        outputs,
+        evaluation,
+    )
+    return p, outputs, qg, tg, gt
+
+
+def test_selection_stage_chooses_what_brute_force_chooses(case):
+    p, _, qg, tg, gt = case
+    from tdabench.selection import split_queries
+
+    table = SelectionTable.read(p["sel"])
+    assert table.splits == [0, 1]
+    for split in table.splits:
+        sel, _ = split_queries([f"q{i}" for i in range(N_Q)], 0.5, split)
+        mrr = [np.mean(1 / brute_force_ranks(qg, tg, gt, [c], sel)) for c in range(len(DIMS))]
+        best = max(range(len(DIMS)), key=lambda c: (round(mrr[c], 12), -DIMS[c], -c))
+        assert table.best_single(split) == [NAMES[best]]
+        assert sorted(table.greedy_order(split)) == sorted(NAMES)  # run to the end
+        assert 1 <= table.greedy_chosen_steps(split) <= len(DIMS)
+
+
+def test_evaluate_stage_scores_held_out_queries_like_brute_force(case):
+    p, outputs, qg, tg, gt = case
+    from tdabench.selection import split_queries
+
+    metrics = read_results(outputs["metrics"])
+    for split in (0, 1):
+        _, held = split_queries([f"q{i}" for i in range(N_Q)], 0.5, split)
+        rows = metrics.filter(pl.col("split") == split)
+        full = rows.filter(pl.col("method") == "full").row(0, named=True)
+        ranks = brute_force_ranks(qg, tg, gt, range(len(DIMS)), held)
+        assert full["top1"] == pytest.approx(np.mean(ranks == 1)) and full["mrr"] == pytest.approx(np.mean(1 / ranks))
+        chosen = SelectionTable.read(p["sel"]).greedy_set(split)
+        greedy = rows.filter(pl.col("method") == "greedy").row(0, named=True)
+        ranks = brute_force_ranks(qg, tg, gt, [NAMES.index(c) for c in chosen], held)
+        assert greedy["mrr"] == pytest.approx(np.mean(1 / ranks))
+    projected = metrics.filter(pl.col("method") == "projection")
+    assert sorted(set(projected["k"].to_list())) == [4, 8] and set(projected["seed"].to_list()) == {0, 1}
+
+
+def test_projection_files_hold_every_k_seed_and_split(case):
+    p, *_ = case
+    full = read_projections(p["proj"], [f"q{i}" for i in range(N_Q)])
+    assert sorted((x.k, x.seed) for x in full) == [(4, 0), (4, 1), (8, 0), (8, 1)]
+    assert all(x.train.shape == (N_T, x.k) and x.queries.shape == (N_Q, x.k) and x.split is None for x in full)
+    reversed_ids = [f"q{i}" for i in reversed(range(N_Q))]  # rows follow the ids asked for
+    again = read_projections(p["proj"], reversed_ids)
+    np.testing.assert_array_equal(again[0].queries, full[0].queries[::-1])
+    selected = read_projections(p["stp"], [f"q{i}" for i in range(N_Q)])
+    table = SelectionTable.read(p["sel"])
+    for x in selected:
+        assert list(x.components) == table.greedy_set(x.split)
+        assert x.k < sum(DIMS[NAMES.index(c)] for c in x.components)  # k >= selected dim is skipped
+
+
+def test_typed_params_refuse_a_missing_or_unknown_key(tmp_path):
+    with pytest.raises(ParamsError, match=r"missing \['budgets'\]"):
+        run_rule(
+            JobContext(
+                "selection",
+                {"similarity": "x"},
+                {"selection": str(tmp_path / "s.parquet")},
+                {k: v for k, v in SELECTION.items() if k != "budgets"},
+                {"setting": "s"},
+            )
+        )
+    with pytest.raises(ParamsError, match=r"unknown \['extra'\]"):
+        run_rule(
+            JobContext(
+                "selection",
+                {"similarity": "x"},
+                {"selection": str(tmp_path / "s.parquet")},
+                {**SELECTION, "extra": 1},
+                {"setting": "s"},
+            )
+        )
+    assert not (tmp_path / "s.parquet").exists()

@@ -1,0 +1,9 @@
+# The one script every rule runs: unpack the Snakemake job and run the rule's stage
+# (rule -> entry point: tdabench.pipeline.common.STAGES; logic: src/tdabench/pipeline/<stage>.py).
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))  # noqa: F821  (this checkout's tdabench)
+from tdabench.pipeline import common  # noqa: E402
+
+common.run_rule(common.JobContext.from_snakemake(snakemake))  # noqa: F821

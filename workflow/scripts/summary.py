@@ -1,8 +1,0 @@
-# Thin wrapper: unpack the Snakemake job and run stage `summary` (logic: src/tdabench/pipeline/summary.py).
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))  # noqa: F821  (this checkout's tdabench)
-from tdabench.pipeline import common, summary  # noqa: E402
-
-common.run(summary.main, common.JobContext.from_snakemake(snakemake))  # noqa: F821

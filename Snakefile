@@ -20,16 +20,17 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
-# The Snakefile imports tdabench from this checkout (jobs do the same: workflow/scripts/*.py).
+# The Snakefile imports tdabench from this checkout (jobs do the same: workflow/scripts/stage.py).
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 
 from tdabench.config import ConfigError, config_hash, validate_config
 
 # Schema validation (defaults filled, unknown keys and wrong types refused) plus cross-key
-# checks, before any job is scheduled.
+# checks, before any job is scheduled. The schema ships with the package
+# (src/tdabench/schemas/config.schema.yaml; workflow/schemas/ links to it).
 try:
-    _validated = validate_config(config, Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml")
+    _validated = validate_config(config)
 except ConfigError as e:
     raise WorkflowError(str(e)) from None
 config.clear()

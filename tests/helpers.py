@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import numpy as np
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from tdabench.components import describe
 from tdabench.store import GradientStoreWriter
@@ -94,3 +96,37 @@ def brute_force_ranks(qg, tg, gt, comps, queries, candidates=None):
         else:
             ranks.append(1 + sum(1 for t, s in scores.items() if t != gt[q] and s >= scores[int(gt[q])]))
     return np.array(ranks, dtype=float)
+
+
+# Tiny models and batches for gradient tests (token ids 1..VOCAB-1, 0 is padding).
+VOCAB = 50
+
+
+def tiny_llama(tie=False):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def padded_batch(lengths, prompt_lengths, pad=0):
+    """Right-padded batch with response-only labels (prompt tokens and padding are -100)."""
+    g = torch.Generator().manual_seed(1)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (n, p) in enumerate(zip(lengths, prompt_lengths)):
+        ids[i, :n] = torch.randint(1, VOCAB, (n,), generator=g)
+        mask[i, :n] = 1
+        labels[i, p:n] = ids[i, p:n]
+    return ids, mask, labels

@@ -199,3 +199,19 @@ def test_bad_arguments_are_clear(tmp_path):
             [CLI, "evaluate", "--similarity", str(tmp_path / "s.h5"), *args], capture_output=True, text=True
         )
         assert r.returncode != 0 and message in r.stderr
+
+
+def test_compare_ignores_timings_and_finds_a_changed_number(tmp_path):
+    from tdabench.cli import COMPARED, compare_results
+
+    table = pl.DataFrame({"method": ["full", "greedy"], "top1": [0.25, 0.5], "seconds_per_sample": [0.1, 0.2]})
+    for name, t in (("a", table), ("b", table.with_columns(pl.col("seconds_per_sample") * 3))):
+        for rel in COMPARED:
+            (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            t.write_parquet(tmp_path / name / rel)
+    assert compare_results(tmp_path / "a", tmp_path / "b") == []
+    table.with_columns(top1=pl.Series([0.25, 0.51])).write_parquet(tmp_path / "b" / COMPARED[0])
+    problems = compare_results(tmp_path / "a", tmp_path / "b")
+    assert len(problems) == 1 and "column top1 differs" in problems[0]
+    with pytest.raises(SystemExit):
+        main(["compare", str(tmp_path / "a"), str(tmp_path / "b")])

@@ -5,29 +5,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from tdabench.components import component_registry
 from tdabench.gradcheck import GradientCheckError, check_extractor, relative_errors
 from tdabench.gradients import HOOK, LOOP, VMAP, GradientExtractor, per_sample_gradients, per_sample_loss
 
-VOCAB = 50
-
-
-def tiny_llama(tie=False):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg).eval()
+from helpers import VOCAB, padded_batch, tiny_llama
 
 
 def tiny_gpt2():
@@ -43,20 +27,6 @@ def tiny_gpt2():
         attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(cfg).eval()
-
-
-def padded_batch(lengths, prompt_lengths, pad=0):
-    """Right-padded batch with response-only labels (prompt tokens and padding are -100)."""
-    g = torch.Generator().manual_seed(1)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), pad)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (n, p) in enumerate(zip(lengths, prompt_lengths)):
-        ids[i, :n] = torch.randint(1, VOCAB, (n,), generator=g)
-        mask[i, :n] = 1
-        labels[i, p:n] = ids[i, p:n]
-    return ids, mask, labels
 
 
 def reference(model, ids, mask, labels, names):

@@ -61,26 +61,30 @@ def test_stage_modules_read_files_only_through_their_owners():
 
 
 def test_schema_ships_inside_the_package(tmp_path):
+    """A wheel (a non-editable install) carries the schema; built from a copy, so no build/ here."""
+    import shutil
     import subprocess
     import sys
     import zipfile
 
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(REPO),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    src = tmp_path / "checkout"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    shutil.copytree(REPO / "src", src / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "-q",
+        "-w",
+        str(tmp_path),
+        str(src),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True)
     wheel = next(tmp_path.glob("tdabench-*.whl"))
     assert "tdabench/schemas/config.schema.yaml" in zipfile.ZipFile(wheel).namelist()
 

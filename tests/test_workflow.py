@@ -387,3 +387,20 @@ def test_mlflow_ui_and_report_in_a_real_browser(study, tmp_path):
         log.close()
     with pytest.raises(ProcessLookupError):
         os.killpg(server.pid, 0)
+
+
+def test_mlflow_runs_carry_source_tags_curves_and_tables(study):
+    root, _ = study
+    client, all_runs = runs(root)
+    for r in all_runs:  # parent, jobs and per-method runs alike
+        assert {"mlflow.source.git.commit", "tdabench.config_hash"} <= set(r.data.tags), r.info.run_name
+    parent = next(r for r in all_runs if "mlflow.parentRunId" not in r.data.tags)
+    by_k = client.get_metric_history(parent.info.run_id, "paraphrased.sjlt.top1_vs_k")
+    assert sorted(m.step for m in by_k) == MICRO["projection"]["dims"]
+    by_step = client.get_metric_history(parent.info.run_id, "paraphrased.greedy.top1_vs_step")
+    assert sorted(m.step for m in by_step)[:3] == [1, 2, 3]
+    selection = next(r for r in all_runs if r.info.run_name == "selection setting=paraphrased")
+    assert len(client.get_metric_history(selection.info.run_id, "greedy_mrr_split1")) >= 3
+    headline = json.loads(Path(client.download_artifacts(parent.info.run_id, "results/headline.json")).read_text())
+    assert {"method", "top1", "mrr"} <= set(headline["columns"]) and headline["data"]
+    assert '"type": "table"' in parent.data.tags["mlflow.loggedArtifacts"]

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
 DEFAULT_KS = [1, 5, 10]
 
@@ -62,8 +63,6 @@ def _components(sim, patterns: list[str] | None) -> np.ndarray:
 
 
 def _write_table(rows: list[dict], out: str) -> None:
-    import polars as pl
-
     from tdabench.io import write_parquet
 
     table = pl.DataFrame(rows)
@@ -181,6 +180,44 @@ def cmd_config(args) -> None:
     print(yaml.safe_dump(cfg, sort_keys=False), end="")
 
 
+# The tables a study's numbers live in (relative to a results folder); timing columns never match.
+COMPARED = ("evaluation/metrics.parquet", "evaluation/candidates.parquet", "evaluation/per_query.parquet")
+
+
+def compare_results(a: str | Path, b: str | Path, rtol: float = 1e-12) -> list[str]:
+    """Differences between two results folders' tables, timing columns left out; [] when the
+    numbers agree (floats to `rtol`: BM25 sums of earlier runs varied in the last bits)."""
+    problems = []
+    for rel in COMPARED:
+        pa, pb = Path(a) / rel, Path(b) / rel
+        if not (pa.exists() and pb.exists()):
+            problems.append(f"{rel}: missing in {pa.parent if not pa.exists() else pb.parent}")
+            continue
+        ta, tb = pl.read_parquet(pa), pl.read_parquet(pb)
+        if ta.columns != tb.columns or ta.height != tb.height:
+            problems.append(f"{rel}: columns or row count differ ({ta.shape} vs {tb.shape})")
+            continue
+        timing = [c for c in ta.columns if "seconds" in c]
+        floats = [c for c in ta.columns if ta[c].dtype.is_float() and c not in timing]
+        other = [c for c in ta.columns if c not in timing and c not in floats]
+        if not ta.select(other).equals(tb.select(other)):
+            problems.append(f"{rel}: non-float columns differ")
+        for c in floats:
+            x, y = ta[c].to_numpy(), tb[c].to_numpy()
+            if not np.allclose(x, y, rtol=rtol, atol=1e-12, equal_nan=True):
+                problems.append(f"{rel}: column {c} differs (max abs {np.nanmax(np.abs(x - y)):.3g})")
+    return problems
+
+
+def cmd_compare(args) -> None:
+    problems = compare_results(args.a, args.b)
+    for p in problems:
+        print(p)
+    if problems:
+        raise SystemExit(1)
+    print(f"same numbers in {', '.join(COMPARED)} (timings ignored)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tdabench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -217,8 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_greedy)
 
     p = sub.add_parser("config", help="print the validated config, defaults filled")
-    p.add_argument("--config", help="config file (default: config/config.yaml)")
+    p.add_argument("--config", help="config file (default: the schema defaults)")
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("compare", help="do two results folders hold the same numbers? (timings ignored)")
+    p.add_argument("a", help="a results folder (e.g. results/)")
+    p.add_argument("b", help="another results folder")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -19,7 +19,7 @@ import torch
 
 from tdabench.components import short_name
 from tdabench.extraction import Extraction
-from tdabench.io import write_parquet
+from tdabench.io import read_parquet_checked, write_parquet
 from tdabench.models import Encoded
 from tdabench.projection import ProjectionConfig, Projector, method_config
 from tdabench.selection import SelectionTable
@@ -145,8 +145,4 @@ def write_costs(table: pl.DataFrame, path: str | Path) -> None:
 
 
 def read_costs(path: str | Path) -> pl.DataFrame:
-    table = pl.read_parquet(path)
-    missing = [c for c in COSTS_SCHEMA if c not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: not a tdabench costs table (missing columns {missing})")
-    return table
+    return read_parquet_checked(path, COSTS_SCHEMA, "costs table")

@@ -28,7 +28,7 @@ import numpy as np
 import polars as pl
 
 from tdabench.components import short_name
-from tdabench.io import write_parquet
+from tdabench.io import read_parquet_checked, write_parquet
 from tdabench.metrics import bootstrap_intervals, cosine_scores, retrieval_metrics, source_margins, source_ranks
 from tdabench.projection_files import Projected
 from tdabench.selection import SelectionTable, family_subsets
@@ -255,11 +255,7 @@ def write_results(table: pl.DataFrame, path: str | Path) -> None:
 
 
 def read_results(path: str | Path) -> pl.DataFrame:
-    table = pl.read_parquet(path)
-    missing = [c for c in RESULTS_REQUIRED if c not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: not a tdabench results table (missing columns {missing})")
-    return table
+    return read_parquet_checked(path, RESULTS_REQUIRED, "results table")
 
 
 def write_per_query(rows: list[dict], path: str | Path) -> None:

@@ -50,3 +50,14 @@ def write_text(text: str, path: str | Path) -> None:
 
 def write_json(obj, path: str | Path) -> None:
     write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def read_parquet_checked(path: str | Path, required, what: str):
+    """A parquet table that must have the `required` columns (else a clear error naming the file)."""
+    import polars as pl
+
+    table = pl.read_parquet(path)
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: not a tdabench {what} (missing columns {missing})")
+    return table

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from tdabench.io import write_parquet
+from tdabench.io import read_parquet_checked, write_parquet
 from tdabench.metrics import objective_values
 from tdabench.similarity import Similarity, cosine_from_sums
 
@@ -154,6 +154,25 @@ SELECTION_SCHEMA = {
 }
 
 
+def _step_rows(sim: Similarity, steps: list[GreedyStep], split: int, kind: str, kept: int, **extra) -> list[dict]:
+    """One row per greedy step; `chosen` marks the last step of the kept prefix (`kept` steps)."""
+    cum = np.cumsum([sim.component_params[s.component] for s in steps])
+    return [
+        {
+            "split": split,
+            "kind": kind,
+            **extra,
+            "step": s.step,
+            "component": sim.components[s.component],
+            "params": int(sim.component_params[s.component]),
+            "params_cum": int(cum[i]),
+            "objective": s.objective,
+            "chosen": s.step == kept,
+        }
+        for i, s in enumerate(steps)
+    ]
+
+
 def selection_rows(sim: Similarity, split: int, sel: np.ndarray, objective: str, budgets: list[float]) -> list[dict]:
     """Rows of one split: every single component's objective, greedy forward selection run to the
     end, and greedy selection within each parameter budget (its best prefix)."""
@@ -174,39 +193,11 @@ def selection_rows(sim: Similarity, split: int, sel: np.ndarray, objective: str,
         }
         for c in range(len(sim.components))
     ]
-    cum = np.cumsum([params[s.component] for s in steps])
-    rows += [
-        {
-            "split": split,
-            "kind": "greedy",
-            "step": s.step,
-            "component": sim.components[s.component],
-            "params": int(params[s.component]),
-            "params_cum": int(cum[i]),
-            "objective": s.objective,
-            "chosen": s.step == n_best,
-        }
-        for i, s in enumerate(steps)
-    ]
+    rows += _step_rows(sim, steps, split, "greedy", n_best)
     total = int(params.sum())
     for budget in budgets:  # greedy among the components that still fit, then its best prefix
         b_steps = greedy_forward(sim, sel, objective, max_params=budget * total)
-        n = best_prefix(b_steps, sim)
-        b_cum = np.cumsum([params[s.component] for s in b_steps])
-        rows += [
-            {
-                "split": split,
-                "kind": "budget",
-                "budget": budget,
-                "step": s.step,
-                "component": sim.components[s.component],
-                "params": int(params[s.component]),
-                "params_cum": int(b_cum[i]),
-                "objective": s.objective,
-                "chosen": s.step == n,
-            }
-            for i, s in enumerate(b_steps)
-        ]
+        rows += _step_rows(sim, b_steps, split, "budget", best_prefix(b_steps, sim), budget=budget)
         if not b_steps:
             log.warning("split %d: no component fits the budget %g of the parameters", split, budget)
     log.info(
@@ -237,11 +228,7 @@ class SelectionTable:
 
     @classmethod
     def read(cls, path: str | Path) -> SelectionTable:
-        table = pl.read_parquet(path)
-        missing = [c for c in SELECTION_SCHEMA if c not in table.columns]
-        if missing:
-            raise ValueError(f"{path}: not a tdabench selection table (missing columns {missing})")
-        return cls(table)
+        return cls(read_parquet_checked(path, SELECTION_SCHEMA, "selection table"))
 
     def write(self, path: str | Path) -> None:
         write_parquet(self.table, path)

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from tdabench.models import Encoded, collate, encode_prompt
+from tdabench.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, round(cfg.warmup_fraction * total))))
     model.train()
     curve, step = [], 0
-    bar = tqdm(total=total, desc=desc, disable=not progress, mininterval=2.0)
+    bar = Progress(total=total, desc=desc, unit="steps", disable=not progress)
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(examples), generator=gen).tolist()
         losses = []
@@ -99,7 +99,7 @@ def greedy_answers(
     """The model's greedy-decoded response to each prompt (left-padded batches)."""
     pad = tokenizer.pad_token_id
     out: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, mininterval=2.0):
+    for start in Progress(range(0, len(prompts), batch_size), desc="generate", unit="batches", disable=not progress):
         ids = [encode_prompt(tokenizer, p, max_length) for p in prompts[start : start + batch_size]]
         width = max(map(len, ids))
         input_ids = torch.full((len(ids), width), pad, dtype=torch.long)

@@ -1,5 +1,5 @@
 """What every stage job shares: the job description, its typed params, logging to the rule's log
-file, threads, a console progress line, and the MLflow child run."""
+file, threads, and the MLflow child run."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -129,32 +129,6 @@ def _log_to(path: str | None):
             raise
         finally:
             root.removeHandler(handler)
-
-
-class Progress:
-    """Wrap an iterable: a tqdm bar in the job's log, and every `every` seconds one line on the
-    console (done/total, rate, ETA), so a long job shows it is alive without opening its log."""
-
-    def __init__(self, iterable: Iterable, total: int, desc: str, every: float = 10.0, unit: str = "it"):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(iterable, total=total, desc=desc, mininterval=2.0, unit=unit)
-        self.total, self.desc, self.every, self.unit = total, desc, every, unit
-
-    def __iter__(self) -> Iterator:
-        start = last = time.perf_counter()
-        for done, item in enumerate(self.bar, 1):
-            yield item
-            now = time.perf_counter()
-            if now - last >= self.every and done < self.total:
-                last = now
-                rate = done / (now - start)
-                eta = (self.total - done) / rate if rate else float("inf")
-                print(
-                    f"[tdabench] {self.desc}: {done}/{self.total} {self.unit} ({rate:.2f}/s, ETA {eta:.0f} s)",
-                    file=sys.__stderr__,
-                    flush=True,
-                )
 
 
 def set_threads(n: int) -> None:

@@ -13,7 +13,8 @@ from tdabench.codedeps import sources_digest
 from tdabench.data.sources import read_queries, read_train
 from tdabench.extraction import Extraction, ExtractionConfig
 from tdabench.models import TokenizeConfig, encode_all, load_model, model_fingerprint
-from tdabench.pipeline.common import JobContext, Progress, set_threads
+from tdabench.pipeline.common import JobContext, set_threads
+from tdabench.progress import Progress
 from tdabench.store import GradientStoreWriter, estimate_bytes
 from tdabench.tracking import file_manifest
 

@@ -7,10 +7,10 @@ import time
 from dataclasses import dataclass
 
 import polars as pl
-from tqdm.auto import tqdm
 
 from tdabench.data.sources import read_queries
 from tdabench.pipeline.common import JobContext
+from tdabench.progress import Progress
 from tdabench.similarity import build_similarity
 from tdabench.store import GradientStore
 from tdabench.tracking import file_manifest
@@ -31,7 +31,7 @@ def main(job: JobContext, mlrun) -> None:
         raise ValueError(f"no queries of setting {setting!r} in {job.input['queries']}")
     start = time.perf_counter()
     with GradientStore(job.input["train"]) as train, GradientStore(job.input["query_grads"]) as qstore:
-        with tqdm(total=len(train.components), desc=f"similarity {setting}", mininterval=2.0) as bar:
+        with Progress(total=len(train.components), desc=f"similarity {setting}", unit="components") as bar:
             build_similarity(
                 train,
                 qstore,

@@ -1,1 +1,0 @@
-"""Benchmarks: training examples with ground truth and the queries that point back to them."""

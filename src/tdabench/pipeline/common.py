@@ -153,4 +153,5 @@ def run(stage: Callable[[JobContext, tracking.Run], None], job: JobContext) -> N
             seconds = time.perf_counter() - start
             mlrun.log_metrics({"job_seconds": seconds})
         log.info("done in %.1f s", seconds)
-        print(f"[tdabench] {job.rule} {job.wildcards or ''} done in {seconds:.1f} s", file=sys.__stderr__)
+        where = "".join(f" {k}={v}" for k, v in job.wildcards.items())
+        print(f"[tdabench] {job.rule}{where} done in {seconds:.1f} s", file=sys.__stderr__, flush=True)

@@ -332,7 +332,7 @@ def summary_markdown(
         "(gradient extraction of what the method needs + reduction, measured on the same queries).",
         "",
     ]
-    recall = [c for c in head.columns if c.startswith("recall_at_")]
+    recall = [c for c in head.columns if c.startswith("recall_at_") and not c.endswith(("_lo", "_hi"))]
     for setting in head["setting"].unique(maintain_order=True).to_list():
         part = head.filter(pl.col("setting") == setting)
         first = part.row(0, named=True)

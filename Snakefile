@@ -61,9 +61,12 @@ onstart:
     if config["mlflow"]["enabled"]:
         from tdabench import tracking
 
-        run_id = tracking.start_study(
-            config, workdir=os.getcwd(), repo=workflow.basedir, cfg_hash=config_hash(config)
-        )
+        try:
+            run_id = tracking.start_study(
+                config, workdir=os.getcwd(), repo=workflow.basedir, cfg_hash=config_hash(config)
+            )
+        except tracking.TrackingError as e:
+            raise WorkflowError(str(e)) from None
         print(f"[tdabench] MLflow parent run {run_id} in {os.environ[tracking.ENV_URI]}")
 
 

@@ -31,7 +31,7 @@ def test_files_round_trip_and_unknown_source_is_named(tmp_path):
     with pytest.raises(DataError, match=r"bad.jsonl: 1 query source_id\(s\) are not training ids, e.g. \['zz'\]"):
         load_files(str(tmp_path / "train.jsonl"), str(tmp_path / "bad.jsonl"))
     (tmp_path / "broken.jsonl").write_text('{"id": "a", "prompt": \n')
-    with pytest.raises(DataError, match="broken.jsonl: not valid JSON Lines"):
+    with pytest.raises(DataError, match="broken.jsonl, line 1: not valid JSON"):
         load_files(str(tmp_path / "broken.jsonl"), str(tmp_path / "q.jsonl"))
     with pytest.raises(DataError, match="dataset.files.train: file .*missing.jsonl does not exist"):
         load_files(str(tmp_path / "missing.jsonl"), str(tmp_path / "q.jsonl"))

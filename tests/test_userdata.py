@@ -14,7 +14,7 @@ pytestmark = pytest.mark.workflow
 
 FAST = {  # the smallest study that still runs every stage
     "model": {"tiny": {"vocab_size": 300, "hidden_size": 16, "intermediate_size": 32, "num_layers": 2, "num_heads": 2}},
-    "tokenize": {"max_length": 48},
+    "tokenize": {"max_length": 64},
     "pretrain": {"epochs": 1, "batch_size": 8},
     "finetune": {"epochs": 1, "batch_size": 8},
     "gradients": {"components": ["up", "down", "lm_head"], "batch_size": 16},

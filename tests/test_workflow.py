@@ -25,7 +25,7 @@ MICRO = {
         "generate_max_tokens": 12,
     },
     "model": {"tiny": {"vocab_size": 300, "hidden_size": 16, "intermediate_size": 32, "num_layers": 2, "num_heads": 2}},
-    "tokenize": {"max_length": 48},
+    "tokenize": {"max_length": 64},
     "pretrain": {"epochs": 2, "batch_size": 8},
     "finetune": {"epochs": 2, "batch_size": 8},
     "gradients": {

@@ -22,6 +22,20 @@ import polars as pl
 DEFAULT_KS = [1, 5, 10]
 
 
+class UsageError(Exception):
+    """A bad argument or input file: one line, exit code 2 (as argparse does)."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _sim(path: str):
     from tdabench.similarity import load_similarity
 
@@ -38,15 +52,21 @@ def _queries(sim, spec: str | None, seed: int) -> np.ndarray:
         fraction = None
     if fraction is not None:
         if not 0 < fraction <= 1:
-            raise SystemExit(f"--queries: fraction must be in (0, 1], got {spec}")
+            raise UsageError(f"--queries: fraction must be in (0, 1], got {spec}")
         n = max(1, round(fraction * len(sim.query_ids)))
         canonical = np.argsort(np.array(sim.query_ids, dtype=object), kind="stable")
         return np.sort(canonical[np.random.default_rng(seed).permutation(len(canonical))[:n]])
+    if spec.startswith("@") and not Path(spec[1:]).is_file():
+        raise UsageError(f"--queries: no such file {spec[1:]}")
     ids = Path(spec[1:]).read_text().split() if spec.startswith("@") else [s for s in spec.split(",") if s]
+    if not ids:
+        raise UsageError(f"--queries {spec!r}: no query ids")
+    if len(set(ids)) != len(ids):
+        raise UsageError(f"--queries: duplicate query ids {sorted({q for q in ids if ids.count(q) > 1})[:5]}")
     row = {q: i for i, q in enumerate(sim.query_ids)}
     unknown = [q for q in ids if q not in row]
     if unknown:
-        raise SystemExit(f"--queries: unknown query ids {unknown[:5]} (the file has e.g. {sim.query_ids[:3]})")
+        raise UsageError(f"--queries: unknown query ids {unknown[:5]} (the file has e.g. {sim.query_ids[:3]})")
     return np.array(sorted(row[q] for q in ids))
 
 
@@ -58,7 +78,7 @@ def _components(sim, patterns: list[str] | None) -> np.ndarray:
     try:
         names = match_components(sim.components, patterns, sim.component_family, sim.component_layer.tolist())
     except ValueError as e:
-        raise SystemExit(f"--components: {e}") from None
+        raise UsageError(f"--components: {e}") from None
     return sim.component_index(names)
 
 
@@ -171,12 +191,11 @@ def cmd_greedy(args) -> None:
 def cmd_config(args) -> None:
     import yaml
 
-    from tdabench.config import ConfigError, load_config, validate_config
+    from tdabench.config import load_config, validate_config
 
-    try:
-        cfg = load_config(args.config) if args.config else validate_config({})
-    except ConfigError as e:
-        raise SystemExit(str(e)) from None
+    if args.config and not Path(args.config).is_file():
+        raise UsageError(f"--config: no such file {args.config}")
+    cfg = load_config(args.config) if args.config else validate_config({})
     print(yaml.safe_dump(cfg, sort_keys=False), end="")
 
 
@@ -209,6 +228,17 @@ def compare_results(a: str | Path, b: str | Path, rtol: float = 1e-12) -> list[s
     return problems
 
 
+def cmd_verify(args) -> None:
+    from tdabench.verify import verify
+
+    n, problems = verify(args.paths)
+    for p in problems:
+        print(p)
+    if problems:
+        raise SystemExit(1)
+    print(f"{n} files checked: every store matches its checksums and every table reads in full")
+
+
 def cmd_compare(args) -> None:
     problems = compare_results(args.a, args.b)
     for p in problems:
@@ -229,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
         if queries:
             p.add_argument("--queries", help="a fraction in (0, 1] (seeded subset), comma-separated ids, or @FILE")
         p.add_argument("--seed", type=int, default=0, help="seed of --queries fractions and splits (default 0)")
-        p.add_argument("--k", type=int, nargs="+", default=DEFAULT_KS, help="recall@k cut-offs (default 1 5 10)")
+        p.add_argument(
+            "--k", type=positive_int, nargs="+", default=DEFAULT_KS, help="recall@k cut-offs (default 1 5 10)"
+        )
 
     p = sub.add_parser("evaluate", help="top-1, MRR, recall@k of a component subset (JSON)")
     common(p)
@@ -257,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config file (default: the schema defaults)")
     p.set_defaults(func=cmd_config)
 
+    p = sub.add_parser("verify", help="check stores and tables against their checksums and formats")
+    p.add_argument("paths", nargs="*", default=["results"], help="files or folders (default: results)")
+    p.set_defaults(func=cmd_verify)
+
     p = sub.add_parser("compare", help="do two results folders hold the same numbers? (timings ignored)")
     p.add_argument("a", help="a results folder (e.g. results/)")
     p.add_argument("b", help="another results folder")
@@ -265,10 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    from tdabench.config import ConfigError
+    from tdabench.integrity import CorruptFileError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub = f"{parser.prog} {args.command}"
     if getattr(args, "selection_fraction", None) is not None and not 0 < args.selection_fraction < 1:
-        raise SystemExit("--selection-fraction must be in (0, 1)")
-    args.func(args)
+        parser.exit(2, f"{sub}: error: --selection-fraction must be in (0, 1), got {args.selection_fraction}\n")
+    similarity = getattr(args, "similarity", None)
+    if similarity is not None and not Path(similarity).is_file():
+        parser.exit(2, f"{sub}: error: --similarity: no such file {similarity}\n")
+    try:
+        args.func(args)
+    except (UsageError, ConfigError, CorruptFileError, FileNotFoundError, KeyError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        parser.exit(2, f"{sub}: error: {message}\n")
+    except ValueError as e:  # a file that is not what the argument says (e.g. a gradient store)
+        parser.exit(2, f"{sub}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,30 @@ def _types(schema: dict) -> set[str]:
     if t is None and "enum" in schema:
         return {type(v).__name__ for v in schema["enum"]}
     return set(t) if isinstance(t, list) else {t} if t else set()
+
+
+def coerce_integers(instance: Any, schema: dict) -> Any:
+    """2.0 where the schema wants an integer becomes 2 (JSON schema calls it an integer, but
+    Python would then count with a float)."""
+    if isinstance(instance, float) and "integer" in _types(schema) and instance.is_integer():
+        return int(instance)
+    if isinstance(instance, dict):
+        props = schema.get("properties", {})
+        return {k: coerce_integers(v, props[k]) if k in props else v for k, v in instance.items()}
+    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        return [coerce_integers(v, schema["items"]) for v in instance]
+    return instance
+
+
+def non_finite_keys(instance: Any, where: str = "") -> list[str]:
+    """Keys holding inf or NaN (JSON schema's bounds let `.inf` pass `exclusiveMinimum: 0`)."""
+    if isinstance(instance, float) and not math.isfinite(instance):
+        return [f"{where or '<top level>'} = {instance}"]
+    if isinstance(instance, dict):
+        return [k for key, v in instance.items() for k in non_finite_keys(v, f"{where}.{key}" if where else key)]
+    if isinstance(instance, list):
+        return [k for i, v in enumerate(instance) for k in non_finite_keys(v, f"{where}[{i}]")]
+    return []
 
 
 def coerce_strings(instance: Any, schema: dict) -> Any:
@@ -87,13 +112,28 @@ def _describe(error: jsonschema.ValidationError) -> str:
         where = _key_path(error)
         keys = ", ".join(f"{where}.{k}" if where != "<top level>" else k for k in extra)
         return f"unknown config key(s) {keys}; allowed here: {', '.join(allowed)}"
-    return f"config key {_key_path(error)}: {error.message}"
+    hint = ""
+    if error.validator == "type" and isinstance(error.instance, str):
+        try:
+            float(error.instance)
+            hint = (
+                f" (YAML 1.1 reads {error.instance} as a string: write it with a decimal point and a signed "
+                "exponent, e.g. 5.0e-3, or as 0.005)"
+            )
+        except ValueError:
+            pass
+    return f"config key {_key_path(error)}: {error.message}{hint}"
 
 
 def validate_config(config: dict, schema_path: str | Path = DEFAULT_SCHEMA) -> dict:
     """Validate `config`, fill defaults and check cross-key constraints. Returns a new dict."""
     schema = load_schema(schema_path)
-    filled = fill_defaults(coerce_strings(copy.deepcopy(config or {}), schema), schema)
+    filled = fill_defaults(coerce_integers(coerce_strings(copy.deepcopy(config or {}), schema), schema), schema)
+    bad = non_finite_keys(filled)
+    if bad:
+        raise ConfigError(
+            "invalid configuration:\n  " + "\n  ".join(f"config key {k}: not a finite number" for k in bad)
+        )
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
     if errors:
@@ -177,8 +217,14 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def load_config(path: str | Path, overrides: dict | None = None) -> dict:
     """Read a YAML config file, apply `overrides` (deep merge) and validate."""
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:  # its mark names the line and column
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of config keys, got {type(raw).__name__}")
     if overrides:
         raw = deep_merge(raw, overrides)
     return validate_config(raw)

@@ -27,8 +27,21 @@ def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
     except BaseException:
         _remove(tmp)
         raise
+    if tmp.is_file():
+        fsync(tmp)  # the data is on disk before the name says the file is complete
     _remove(path)
     os.replace(tmp, path)
+    fsync(path.parent)
+
+
+def fsync(path: str | Path) -> None:
+    """Flush a file's (or a directory's) data to the disk, so a rename never exposes a file that a
+    crash would truncate."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(p: Path) -> None:

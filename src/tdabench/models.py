@@ -93,11 +93,32 @@ def load_model(path: str | Path, gguf_file: str | None = None):
             f"cannot load the model {str(path)!r}{' (' + gguf_file + ')' if gguf_file else ''}: "
             f"{str(e).rstrip('.')}.{hint}"
         ) from None
+    check_causal(model.config, path)
     if gguf_file:
         model = _without_quantizer(model)
     if tokenizer.pad_token_id is None:  # batching needs one; never a labelled position (labels are -100 there)
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+class NotCausalError(ValueError):
+    """The model does not predict each token from the ones before it."""
+
+
+def check_causal(config, path) -> None:
+    """Refuse encoder-decoders and bidirectional encoders that transformers would also load as a
+    causal LM (BERT, RoBERTa, ... with is_decoder=False): their loss is not a next-token loss."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False):
+        raise NotCausalError(f"model {str(path)!r} ({kind}) is an encoder-decoder; tdabench attributes causal LMs")
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise NotCausalError(
+            f"model {str(path)!r} ({kind}) is a bidirectional encoder (is_decoder=False): every token sees the "
+            "ones after it, so its next-token loss and gradients are not those of a causal LM; use a "
+            "decoder-only model (or set is_decoder: true in its config.json if it was trained as one)"
+        )
 
 
 def _without_quantizer(model):
@@ -181,6 +202,12 @@ class TokenizeConfig:
 def encode_all(tokenizer, prompts, responses, cfg: TokenizeConfig) -> list[Encoded]:
     """Encode prompt/response pairs; truncations are counted (`Encoded.truncated`) and logged by callers."""
     return [encode(tokenizer, a, b, cfg.max_length, cfg.loss_on) for a, b in zip(prompts, responses)]
+
+
+def unlabelled(examples: list[Encoded]) -> list[int]:
+    """Indices of examples with no labelled token left to predict (after truncation): their loss
+    and gradient would be zero, so no query could ever retrieve them."""
+    return [i for i, e in enumerate(examples) if all(label == IGNORE_INDEX for label in e.labels[1:])]
 
 
 def encode(tokenizer, prompt: str, response: str, max_length: int, loss_on: str = "response") -> Encoded:

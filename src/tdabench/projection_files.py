@@ -25,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from tdabench.integrity import CorruptFileError, open_hdf5, rebuild_hint, seal_hdf5, verify_hdf5
 from tdabench.io import atomic_path
 
 FORMAT = "tdabench-projection/1"
@@ -54,7 +55,7 @@ class ProjectionWriter:
 
     def __enter__(self) -> ProjectionWriter:
         self._atomic = atomic_path(self.path)
-        tmp = self._atomic.__enter__()
+        self._tmp = tmp = self._atomic.__enter__()
         self.file = h5py.File(tmp, "w")
         self.file.attrs.update({"format": FORMAT, "method": self.method, **self.attrs})
         self.file.create_dataset("train_ids", data=np.array(self.train_ids, dtype=object), dtype=STR)
@@ -92,13 +93,22 @@ class ProjectionWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.file.close()
+        if exc is None:
+            try:
+                seal_hdf5(self._tmp)  # read back: finite, checksums stored, fsynced
+            except CorruptFileError as e:
+                self._atomic.__exit__(type(e), e, e.__traceback__)
+                raise
         self._atomic.__exit__(exc_type, exc, tb)
 
 
 def read_projections(path: str | Path, query_ids: Sequence[str]) -> list[Projected]:
     """Every (k, seed[, split]) of a projection file, query rows in the order of `query_ids`."""
     found: list[tuple[str, Projected]] = []
-    with h5py.File(path, "r") as f:
+    problems = verify_hdf5(path)
+    if problems:
+        raise CorruptFileError(f"{problems[0]}; {rebuild_hint(path)}")
+    with open_hdf5(path) as f:
         if f.attrs.get("format") != FORMAT:
             raise ValueError(f"{path}: not a tdabench projection file (format {f.attrs.get('format')!r})")
         row_of = {s.decode(): i for i, s in enumerate(f["query_ids"][:])}

@@ -33,6 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from tdabench.integrity import CorruptFileError, open_hdf5, rebuild_hint, seal_hdf5, verify_hdf5
 from tdabench.io import atomic_path
 from tdabench.store import STR, GradientStore
 
@@ -153,46 +154,56 @@ def build_similarity(
     info = train.component_info
     n_c, n_q, n_t = len(info), len(q_rows), len(train)
     n_cols = n_t if candidates is None else candidates.shape[1]
-    with atomic_path(out_path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["setting"] = setting
-        f.attrs["model_fingerprint"] = train.attrs.get("model_fingerprint", "")
-        f.create_dataset("components", data=np.array([c["name"] for c in info], dtype=object), dtype=STR)
-        f.create_dataset("component_params", data=np.array([int(np.prod(c["shape"])) for c in info], dtype=np.int64))
-        f.create_dataset("component_dim", data=np.array([train.dim(c["name"]) for c in info], dtype=np.int64))
-        f.create_dataset("component_family", data=np.array([c["family"] for c in info], dtype=object), dtype=STR)
-        f.create_dataset(
-            "component_layer", data=np.array([-1 if c["layer"] is None else c["layer"] for c in info], dtype=np.int64)
-        )
-        f.create_dataset("query_ids", data=np.array(list(query_ids), dtype=object), dtype=STR)
-        f.create_dataset("train_ids", data=np.array(train.sample_ids, dtype=object), dtype=STR)
-        f.create_dataset("ground_truth", data=ground_truth)
-        if candidates is not None:
-            f.create_dataset("candidates", data=np.asarray(candidates, dtype=np.int64))
-        q_sq = f.create_dataset("query_sqnorm", shape=(n_c, n_q), dtype=dtype)
-        t_sq = f.create_dataset("train_sqnorm", shape=(n_c, n_t), dtype=dtype)
-        dot = f.create_dataset("dot", shape=(n_c, n_q, n_cols), dtype=dtype)
-        for ci, c in enumerate(info):
-            gq = queries.read(c["name"], q_rows).astype(np.float64)  # [Q, d_c]
-            q_sq[ci] = (gq * gq).sum(1)
-            pair_dots = None if candidates is None else np.zeros((n_q, n_cols))
-            for start, block in train.iter_blocks(c["name"], block_rows):
-                gt = block.astype(np.float64)  # [B, d_c]
-                stop = start + len(gt)
-                t_sq[ci, start:stop] = (gt * gt).sum(1)
-                if candidates is None:
-                    dot[ci, :, start:stop] = gq @ gt.T  # [Q, B]
-                else:
-                    q_idx, j_idx = np.nonzero((candidates >= start) & (candidates < stop))
-                    pair_dots[q_idx, j_idx] = np.einsum("pd,pd->p", gq[q_idx], gt[candidates[q_idx, j_idx] - start])
-            if pair_dots is not None:
-                dot[ci] = pair_dots
-            if progress is not None:
-                progress.update(1)
+    with atomic_path(out_path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["setting"] = setting
+            f.attrs["model_fingerprint"] = train.attrs.get("model_fingerprint", "")
+            f.create_dataset("components", data=np.array([c["name"] for c in info], dtype=object), dtype=STR)
+            f.create_dataset(
+                "component_params", data=np.array([int(np.prod(c["shape"])) for c in info], dtype=np.int64)
+            )
+            f.create_dataset("component_dim", data=np.array([train.dim(c["name"]) for c in info], dtype=np.int64))
+            f.create_dataset("component_family", data=np.array([c["family"] for c in info], dtype=object), dtype=STR)
+            f.create_dataset(
+                "component_layer",
+                data=np.array([-1 if c["layer"] is None else c["layer"] for c in info], dtype=np.int64),
+            )
+            f.create_dataset("query_ids", data=np.array(list(query_ids), dtype=object), dtype=STR)
+            f.create_dataset("train_ids", data=np.array(train.sample_ids, dtype=object), dtype=STR)
+            f.create_dataset("ground_truth", data=ground_truth)
+            if candidates is not None:
+                f.create_dataset("candidates", data=np.asarray(candidates, dtype=np.int64))
+            q_sq = f.create_dataset("query_sqnorm", shape=(n_c, n_q), dtype=dtype)
+            t_sq = f.create_dataset("train_sqnorm", shape=(n_c, n_t), dtype=dtype)
+            dot = f.create_dataset("dot", shape=(n_c, n_q, n_cols), dtype=dtype)
+            for ci, c in enumerate(info):
+                gq = queries.read(c["name"], q_rows).astype(np.float64)  # [Q, d_c]
+                q_sq[ci] = (gq * gq).sum(1)
+                pair_dots = None if candidates is None else np.zeros((n_q, n_cols))
+                for start, block in train.iter_blocks(c["name"], block_rows):
+                    gt = block.astype(np.float64)  # [B, d_c]
+                    stop = start + len(gt)
+                    t_sq[ci, start:stop] = (gt * gt).sum(1)
+                    if candidates is None:
+                        dot[ci, :, start:stop] = gq @ gt.T  # [Q, B]
+                    else:
+                        q_idx, j_idx = np.nonzero((candidates >= start) & (candidates < stop))
+                        pair_dots[q_idx, j_idx] = np.einsum("pd,pd->p", gq[q_idx], gt[candidates[q_idx, j_idx] - start])
+                if pair_dots is not None:
+                    dot[ci] = pair_dots
+                if progress is not None:
+                    progress.update(1)
+        seal_hdf5(tmp)  # read back: finite, checksums stored, fsynced
 
 
 def load_similarity(path: str | Path) -> Similarity:
-    with h5py.File(path, "r") as f:
+    """Read and validate a similarity store (ours or written by other code): shapes, finite
+    values, non-negative norms, index ranges, unique ids and components."""
+    problems = [m for m in verify_hdf5(path) if "no checksums" not in m]  # files of other code have none
+    if problems:
+        raise CorruptFileError(f"{problems[0]}; {rebuild_hint(path)}")
+    with open_hdf5(path) as f:
         fmt = f.attrs.get("format")
         if fmt is not None and fmt != FORMAT:
             raise ValueError(f"{path}: format {fmt!r} is not {FORMAT!r}")
@@ -216,7 +227,7 @@ def load_similarity(path: str | Path) -> Similarity:
                 f"{path}: dot has shape {dot.shape}, expected {expected} (components, queries, "
                 f"{'training examples' if candidates is None else 'candidates'})"
             )
-        return Similarity(
+        sim = Similarity(
             components=strings("components"),
             component_params=f["component_params"][:],
             component_family=strings("component_family") if "component_family" in f else ["other"] * n_c,
@@ -231,3 +242,44 @@ def load_similarity(path: str | Path) -> Similarity:
             candidates=candidates,
             component_dim=f["component_dim"][:] if "component_dim" in f else None,
         )
+    validate_similarity(sim, path)
+    return sim
+
+
+def validate_similarity(sim: Similarity, path: str | Path = "<similarity store>") -> None:
+    """Refuse a store whose numbers cannot be right; the error names the file and the dataset."""
+    n_c, n_q, n_t = len(sim.components), len(sim.query_ids), len(sim.train_ids)
+
+    def bad(dataset: str, what: str) -> CorruptFileError:
+        return CorruptFileError(f"{path}: dataset {dataset} {what}")
+
+    if n_c == 0 or n_q == 0 or n_t == 0:
+        raise bad("components/query_ids/train_ids", f"is empty ({n_c} components, {n_q} queries, {n_t} train)")
+    shapes = {
+        "component_params": (sim.component_params, (n_c,)),
+        "ground_truth": (sim.ground_truth, (n_q,)),
+        "query_sqnorm": (sim.query_sqnorm, (n_c, n_q)),
+        "train_sqnorm": (sim.train_sqnorm, (n_c, n_t)),
+    }
+    if sim.candidates is not None:
+        shapes["candidates"] = (sim.candidates, (n_q, sim.candidates.shape[1] if sim.candidates.ndim == 2 else -1))
+    for name, (array, shape) in shapes.items():
+        if array.shape != shape:
+            raise bad(name, f"has shape {array.shape}, expected {shape}")
+    for name in ("components", "query_ids", "train_ids"):
+        values = getattr(sim, name)
+        if len(set(values)) != len(values):
+            dup = sorted({v for v in values if values.count(v) > 1})
+            raise bad(name, f"has duplicates, e.g. {dup[:3]}")
+    for name in ("dot", "query_sqnorm", "train_sqnorm"):
+        if not np.isfinite(getattr(sim, name)).all():
+            raise bad(name, "holds NaN or inf values")
+    for name in ("query_sqnorm", "train_sqnorm"):
+        if (getattr(sim, name) < 0).any():
+            raise bad(name, "holds negative squared norms")
+    if (sim.component_params <= 0).any():
+        raise bad("component_params", "holds non-positive parameter counts")
+    if ((sim.ground_truth < 0) | (sim.ground_truth >= n_t)).any():
+        raise bad("ground_truth", f"holds indices outside [0, {n_t}) (train_ids)")
+    if sim.candidates is not None and ((sim.candidates < 0) | (sim.candidates >= n_t)).any():
+        raise bad("candidates", f"holds indices outside [0, {n_t}) (train_ids)")

@@ -13,7 +13,13 @@ A split sharded into several files reads as one logical store (`GradientStore`).
 Writing is resumable: rows land in a `.<name>.partial` file whose chunks are all allocated when it
 is created, each batch is flushed with its `done` flags, and the file is renamed into place only
 when every row is done. An interrupted job leaves the partial file; the next run with the same
-attributes continues from its `done` mask and ends with a file identical to an uninterrupted run's.
+attributes continues from its `done` mask (after checking that the done rows are finite) and ends
+with a file identical to an uninterrupted run's.
+
+Writes cannot lie: rows are checked finite before they are written (a NaN names its sample and
+component), the file has no chunk cache (a failed write raises at once, never later in a
+destructor), every write error names the file, and before the rename the finished file is read
+back, its checksums stored and the data fsynced (tdabench.integrity).
 """
 
 from __future__ import annotations
@@ -28,12 +34,22 @@ import h5py
 import numpy as np
 
 from tdabench.components import Component
+from tdabench.integrity import CorruptFileError, RunningCheck, open_hdf5, rebuild_hint, seal_hdf5
+from tdabench.io import fsync
 
 FORMAT = "tdabench-gradients/1"
 LOSS = "mean token cross-entropy over the sample's labelled tokens (labels != -100)"
 STR = h5py.string_dtype("utf-8")
 ID_BYTES = 64  # rough per-row allowance for ids and the done flag in size estimates
 log = logging.getLogger(__name__)
+
+
+class StoreWriteError(OSError):
+    """Writing a gradient store failed (disk full, quota, I/O error); names the file and cause."""
+
+
+class NonFiniteGradientError(ValueError):
+    """A per-sample gradient holds NaN or inf; names the samples and the component."""
 
 
 def _chunk_rows(n: int, dim: int, itemsize: int, target_bytes: int = 1 << 20) -> int:
@@ -113,17 +129,27 @@ class GradientStoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.resume and self.partial.exists():
             try:
-                f = h5py.File(self.partial, "r+")
-                if self._matches(f):
+                f = h5py.File(self.partial, "r+", rdcc_nbytes=0)
+                if self._matches(f) and self._done_rows_finite(f):
                     self.file, self.done = f, f["done"][:]
                     log.info("resuming %s: %d of %d rows already done", self.partial, self.done.sum(), len(self.done))
                     return self
                 f.close()
-                log.info("ignoring %s: written with other settings", self.partial)
-            except OSError as e:  # unreadable (killed before its first flush): start over
+                log.info("ignoring %s: written with other settings, or holding non-finite rows", self.partial)
+            except (OSError, RuntimeError) as e:  # unreadable (killed before its first flush): start over
                 log.info("ignoring unreadable %s (%s)", self.partial, e)
         self.partial.unlink(missing_ok=True)
-        self.file = h5py.File(self.partial, "w")
+        try:
+            self._create()
+        except (OSError, RuntimeError) as e:
+            self._abandon()
+            raise StoreWriteError(f"{self.partial}: creating the gradient store failed ({e})") from e
+        return self
+
+    def _create(self) -> None:
+        # No chunk cache: every write reaches the file at once, so a failing write (disk full)
+        # raises here instead of in a destructor after the rows were counted as done.
+        self.file = h5py.File(self.partial, "w", rdcc_nbytes=0)
         n = len(self.sample_ids)
         self.file.create_dataset(
             "sample_ids", data=np.array(self.sample_ids, dtype=object), dtype=STR, track_times=False
@@ -135,24 +161,64 @@ class GradientStoreWriter:
         for key, value in self.meta.items():
             self.file.attrs[key] = value
         self.file.flush()
-        return self
+
+    def _done_rows_finite(self, f: h5py.File) -> bool:
+        done = np.flatnonzero(f["done"][:])
+        if not len(done):
+            return True
+        return all(
+            np.isfinite(f["grads"][c.name][done[0] : done[-1] + 1][done - done[0]]).all() for c in self.components
+        )
+
+    def _abandon(self) -> None:
+        """Close after a failure; errors of the close itself are the failure's echo, not news."""
+        try:
+            if getattr(self, "file", None) is not None:
+                self.file.close()
+        except (OSError, RuntimeError) as e:
+            log.warning("closing %s after an error: %s", self.partial, e)
 
     def write(self, rows: slice, grads: dict[str, np.ndarray]) -> None:
         """Rows first, then their done flags, then flush: a crash never marks unwritten rows done."""
+        arrays = {}
         for c in self.components:
-            self.file["grads"][c.name][rows] = np.asarray(grads[c.name], dtype=self.dtype)
-        self.file.flush()
+            a = np.asarray(grads[c.name], dtype=self.dtype)  # float16 overflow becomes inf, caught here
+            if a.shape != (rows.stop - rows.start, self.stored_dim(c)):
+                raise ValueError(
+                    f"{self.partial}: {c.name} rows have shape {a.shape}, expected "
+                    f"{(rows.stop - rows.start, self.stored_dim(c))}"
+                )
+            bad = ~np.isfinite(a).all(axis=1)
+            if bad.any():
+                ids = [self.sample_ids[rows.start + i] for i in np.flatnonzero(bad)]
+                raise NonFiniteGradientError(
+                    f"non-finite per-sample gradient of component {c.name} for sample(s) {ids[:10]}"
+                    + (f" (stored as {self.dtype.name}: the values overflow it)" if self.dtype.itemsize < 4 else "")
+                )
+            arrays[c.name] = a
+        try:
+            for name, a in arrays.items():
+                self.file["grads"][name][rows] = a
+            self.file.flush()
+            self.file["done"][rows] = True
+            self.file.flush()
+        except (OSError, RuntimeError) as e:
+            raise StoreWriteError(f"{self.partial}: writing rows {rows.start}-{rows.stop - 1} failed ({e})") from e
         self.done[rows] = True
-        self.file["done"][rows] = True
-        self.file.flush()
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.file.close()
         if exc is not None:
+            self._abandon()
             return  # keep the partial file: a rerun resumes from its done mask
+        try:
+            self.file.close()
+        except (OSError, RuntimeError) as e:
+            raise StoreWriteError(f"{self.partial}: closing the gradient store failed ({e})") from e
         if not self.done.all():
             raise RuntimeError(f"{self.path}: {int((~self.done).sum())} rows were never written")
+        seal_hdf5(self.partial)  # read back: finite, checksums stored, fsynced
         os.replace(self.partial, self.path)
+        fsync(self.path.parent)
 
 
 def _plain(value):
@@ -166,7 +232,7 @@ class GradientStore:
         self.paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
         if not self.paths:
             raise ValueError("a gradient store needs at least one file")
-        self.files = [h5py.File(p, "r") for p in self.paths]
+        self.files = [open_hdf5(p) for p in self.paths]
         first = self.files[0].attrs
         for p, f in zip(self.paths, self.files):
             if f.attrs.get("format") != FORMAT:
@@ -175,7 +241,7 @@ class GradientStore:
                 if f.attrs.get(key) != first.get(key):
                     raise ValueError(f"{p}: attribute {key!r} differs from {self.paths[0]}")
             if not f["done"][:].all():
-                raise ValueError(f"{p}: incomplete store (not every row is done)")
+                raise CorruptFileError(f"{p}: incomplete store (not every row is done); {rebuild_hint(p)}")
         self.attrs = dict(first)
         self.component_info = json.loads(first["components"])
         self.components = [c["name"] for c in self.component_info]
@@ -189,17 +255,28 @@ class GradientStore:
         return self.files[0]["grads"][component].shape[1]
 
     def read(self, component: str, rows: np.ndarray | None = None) -> np.ndarray:
-        """[n, d_c] (or [len(rows), d_c]) as float32."""
-        full = np.concatenate([f["grads"][component][:] for f in self.files]).astype(np.float32, copy=False)
+        """[n, d_c] (or [len(rows), d_c]) as float32; whole reads are checked against the checksums."""
+        parts = []
+        for p, f in zip(self.paths, self.files):
+            block = f["grads"][component][:]
+            check = RunningCheck(p, f, f"grads/{component}")
+            check.feed(block)
+            check.finish()
+            parts.append(block)
+        full = np.concatenate(parts).astype(np.float32, copy=False)
         return full if rows is None else full[rows]
 
     def iter_blocks(self, component: str, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """(start row, [block, d_c] float32) over all shards, without loading a whole component."""
         offset = 0
-        for f, size in zip(self.files, self._sizes):
+        for p, f, size in zip(self.paths, self.files, self._sizes):
             ds = f["grads"][component]
+            check = RunningCheck(p, f, f"grads/{component}")  # the whole dataset passes through here
             for start in range(0, size, block_rows):
-                yield offset + start, ds[start : start + block_rows].astype(np.float32, copy=False)
+                block = ds[start : start + block_rows]
+                check.feed(block)
+                yield offset + start, block.astype(np.float32, copy=False)
+            check.finish()
             offset += size
 
     def close(self) -> None:

@@ -11,9 +11,13 @@ Logging never changes a result, so nothing here feeds a rule's params.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +33,55 @@ SOURCE_TAGS = (
     "tdabench.config_hash",
 )
 MAX_PARAM_CHARS = 6000
+REACH_TIMEOUT_S = 10  # an unreachable server fails the invocation at start, not after MLflow's retries
+log = logging.getLogger(__name__)
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be used; names the URI and what to do."""
+
+
+def check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Fail fast when an HTTP tracking server does not answer its health check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is not reachable ({getattr(e, 'reason', e)}); start it, fix "
+            "mlflow.tracking_uri, or set mlflow.enabled: false"
+        ) from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_stale_studies(client, exp_id: str, workdir: str) -> list[str]:
+    """Parent runs of this workdir on this host left RUNNING by a killed invocation (its process is
+    gone; Snakemake's lock keeps two live invocations out of one workdir) are marked KILLED."""
+    runs = client.search_runs(
+        [exp_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`tdabench.kind` = 'study' "
+        f"and tags.`tdabench.workdir` = '{workdir}' and tags.`tdabench.host` = '{socket.gethostname()}'",
+        max_results=1000,
+    )
+    closed = []
+    for run in runs:
+        pid = int(run.data.tags.get("tdabench.pid", "0") or 0)
+        if pid and not _pid_alive(pid):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+            log.warning("MLflow: parent run %s of a killed invocation (pid %d) marked KILLED", run.info.run_id, pid)
+    return closed
 
 
 def default_tracking_uri(workdir: str | Path) -> str:
@@ -76,7 +129,10 @@ def start_study(config: dict, workdir: str | Path, repo: str | Path, cfg_hash: s
     """Open the parent run of this invocation and export its coordinates to jobs. Returns run id."""
     mlcfg = config["mlflow"]
     uri = mlcfg["tracking_uri"] or default_tracking_uri(workdir)
+    check_reachable(uri)
     exp_id = ensure_experiment(uri, mlcfg["experiment"], Path(workdir) / "mlartifacts")
+    workdir = str(Path(workdir).resolve())
+    close_stale_studies(_client(uri), exp_id, workdir)
     commit, dirty = git_commit(repo)
     tags = {
         "mlflow.source.git.commit": commit,
@@ -85,6 +141,9 @@ def start_study(config: dict, workdir: str | Path, repo: str | Path, cfg_hash: s
         "tdabench.config_hash": cfg_hash,
         "tdabench.kind": "study",
         "mlflow.source.name": str(Path(repo).resolve() / "Snakefile"),
+        "tdabench.workdir": workdir,
+        "tdabench.host": socket.gethostname(),
+        "tdabench.pid": str(os.getpid()),
     }
     client = _client(uri)
     run = client.create_run(exp_id, tags=tags, run_name=f"study-{cfg_hash}-{time.strftime('%Y%m%d-%H%M%S')}")

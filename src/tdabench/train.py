@@ -72,6 +72,12 @@ def train(
         for start in range(0, len(order), cfg.batch_size):
             batch = collate([examples[i] for i in order[start : start + cfg.batch_size]], pad_id)
             loss = lm_loss(model, batch, cfg.label_smoothing)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"{desc}: the training loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
+                    f"lower the learning rate ({cfg.learning_rate:g}) or check the data (a batch without "
+                    "labelled tokens has no loss)"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -30,13 +30,41 @@ def read_table(path: str | Path, key: str) -> pl.DataFrame:
     if not path.exists():
         raise DataError(f"config key {key}: file {path} does not exist")
     if path.suffix in (".jsonl", ".json", ".ndjson"):
-        try:
-            return pl.read_ndjson(path)
-        except Exception as e:  # noqa: BLE001 - report any parse error with the file name
-            raise DataError(f"{path}: not valid JSON Lines ({e})") from None
+        return read_jsonl(path)
     if path.suffix == ".parquet":
         return pl.read_parquet(path)
     raise DataError(f"config key {key}: {path} must be .jsonl (JSON Lines) or .parquet")
+
+
+def read_jsonl(path: Path) -> pl.DataFrame:
+    """JSON Lines, one object per line (UTF-8, a byte-order mark allowed, blank lines skipped);
+    a broken line is reported with its number."""
+    import json
+
+    rows = []
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    try:
+        return pl.DataFrame(rows, infer_schema_length=None)
+    except Exception as e:  # noqa: BLE001 - mixed types in a column: name the file
+        raise DataError(f"{path}: rows do not form a table ({e})") from None
+
+
+ROLES = ("planted", "background", "train")
 
 
 def check_columns(df: pl.DataFrame, required: tuple[str, ...], where: str) -> pl.DataFrame:
@@ -44,11 +72,19 @@ def check_columns(df: pl.DataFrame, required: tuple[str, ...], where: str) -> pl
     if missing:
         raise DataError(f"{where}: missing column(s) {missing}; required: {list(required)}, found: {df.columns}")
     out = df.with_columns(pl.col(c).cast(pl.Utf8) for c in required)
-    empty = out.filter(pl.any_horizontal(pl.col(c).is_null() for c in required)).height
-    if empty:
-        raise DataError(f"{where}: {empty} row(s) with an empty {'/'.join(required)} value")
+    empty = out.filter(pl.any_horizontal(pl.col(c).is_null() | (pl.col(c).str.strip_chars() == "") for c in required))
+    if empty.height:
+        first = empty.row(0, named=True)
+        raise DataError(
+            f"{where}: {empty.height} row(s) with an empty {'/'.join(required)} value, e.g. id {first.get('id')!r}"
+        )
     if not out["id"].is_unique().all():
-        raise DataError(f"{where}: column id has duplicate values")
+        dup = out.filter(pl.col("id").is_duplicated())["id"].unique().sort().to_list()
+        raise DataError(f"{where}: column id has duplicate values, e.g. {dup[:3]}")
+    if "role" in out.columns:
+        unknown = sorted(set(out["role"].cast(pl.Utf8).drop_nulls()) - set(ROLES))
+        if unknown or out["role"].null_count():
+            raise DataError(f"{where}: column role has values {unknown or [None]}; allowed: {', '.join(ROLES)}")
     return out
 
 

@@ -12,7 +12,7 @@ import tdabench
 from tdabench.codedeps import sources_digest
 from tdabench.data.sources import read_queries, read_train
 from tdabench.extraction import Extraction, ExtractionConfig
-from tdabench.models import TokenizeConfig, encode_all, load_model, model_fingerprint
+from tdabench.models import TokenizeConfig, encode_all, load_model, model_fingerprint, unlabelled
 from tdabench.pipeline.common import JobContext, set_threads
 from tdabench.progress import Progress
 from tdabench.store import GradientStoreWriter, estimate_bytes
@@ -56,7 +56,20 @@ def main(job: JobContext, mlrun) -> None:
         )
     estimate = estimate_bytes(df.height, stored, p.dtype)
 
+    if df.height == 0:
+        raise ValueError(
+            f"{split} shard {shard}: no examples ({tables[split].height} in the split, {p.shards} shards); "
+            "config key gradients.shards must not exceed the number of training examples"
+        )
     examples = encode_all(tokenizer, df["prompt"], df["response"], p.tokenize)
+    empty = unlabelled(examples)
+    if empty:
+        ids = [df["id"][i] for i in empty]
+        raise ValueError(
+            f"{len(empty)} {split} example(s) have no labelled token left after truncation to "
+            f"tokenize.max_length={p.tokenize.max_length} tokens, so their gradient would be zero: ids {ids[:10]}; "
+            "raise config key tokenize.max_length (or shorten their prompts)"
+        )
     n_trunc = sum(e.truncated for e in examples)
     if n_trunc:
         log.warning("%d of %d examples truncated to %d tokens", n_trunc, len(examples), p.tokenize.max_length)

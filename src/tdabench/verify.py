@@ -1,0 +1,88 @@
+"""`tdabench verify`: check every store and table of a results folder, list what cannot be trusted
+and the command that rebuilds it.
+
+HDF5 stores (gradients, similarity, projections) are checked against the checksums stored when
+they were written, for finite values and for their own format's invariants; parquet tables are
+read in full (their pages carry checksums) and checked for the columns their owner requires.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import polars as pl
+
+from tdabench.integrity import rebuild_hint, verify_hdf5
+
+# Parquet tables by file name: the columns their owner module requires.
+_TABLES = {
+    "train.parquet": ("tdabench.data.sources", "TRAIN_COLUMNS"),
+    "background.parquet": ("tdabench.data.sources", "TRAIN_COLUMNS"),
+    "queries.parquet": ("tdabench.data.sources", "QUERY_COLUMNS"),
+    "queries_all.parquet": ("tdabench.data.sources", "QUERY_COLUMNS"),
+    "metrics.parquet": ("tdabench.evaluate", "RESULTS_REQUIRED"),
+    "candidates.parquet": ("tdabench.evaluate", "RESULTS_REQUIRED"),
+    "costs.parquet": ("tdabench.costs", "COSTS_SCHEMA"),
+}
+
+
+def _required(path: Path) -> tuple[str, ...]:
+    import importlib
+
+    if path.parent.name == "selection":
+        from tdabench.selection import SELECTION_SCHEMA
+
+        return tuple(SELECTION_SCHEMA)
+    if path.name not in _TABLES:
+        return ()
+    module, name = _TABLES[path.name]
+    return tuple(getattr(importlib.import_module(module), name))
+
+
+def check_file(path: Path) -> list[str]:
+    """Problems of one file ([] when sound)."""
+    if path.suffix == ".h5":
+        problems = verify_hdf5(path)
+        if problems:
+            return problems
+        if path.parent.parent.name == "gradients" or path.parent.name == "gradients":
+            from tdabench.store import GradientStore
+
+            try:
+                GradientStore(path).close()
+            except ValueError as e:
+                return [str(e)]
+        if path.parent.name == "similarity":
+            from tdabench.similarity import load_similarity
+
+            try:
+                load_similarity(path)
+            except ValueError as e:
+                return [str(e)]
+        return []
+    if path.suffix == ".parquet":
+        try:
+            table = pl.read_parquet(path)
+        except Exception as e:  # noqa: BLE001 - any read error means the table cannot be trusted
+            return [f"{path}: unreadable parquet ({e})"]
+        missing = [c for c in _required(path) if c not in table.columns]
+        return [f"{path}: missing columns {missing}"] if missing else []
+    return []
+
+
+def verify(paths: Iterable[str | Path]) -> tuple[int, list[str]]:
+    """(files checked, problems) for the given files and folders (folders: recursively)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix in (".h5", ".parquet") and not f.name.startswith("."))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    problems = []
+    for f in files:
+        found = check_file(f)
+        problems += [f"{msg}; {rebuild_hint(f)}" for msg in found]
+    return len(files), problems

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 
 from workflow_helpers import SNAKEMAKE, copy_repo, job_stats, planned, snakemake, write_config
 
+CLI = str(Path(sys.executable).with_name("tdabench"))
 MICRO = {
     "dataset": {
         "synthetic": {"n_entities": 12, "background_facts_per_entity": 2, "planted_facts": 18},
@@ -404,3 +405,20 @@ def test_mlflow_runs_carry_source_tags_curves_and_tables(study):
     headline = json.loads(Path(client.download_artifacts(parent.info.run_id, "results/headline.json")).read_text())
     assert {"method", "top1", "mrr"} <= set(headline["columns"]) and headline["data"]
     assert '"type": "table"' in parent.data.tags["mlflow.loggedArtifacts"]
+
+
+def test_a_corrupted_shard_stops_its_readers_and_the_named_command_rebuilds_it(study):
+    """Run last: it corrupts the study's first training shard, then repairs it."""
+    root, _ = study
+    shard = "results/gradients/train/shard-0.h5"
+    with h5py.File(root / shard, "r+") as f:  # a bit of rot in one gradient
+        name = next(iter(f["grads"]))
+        f["grads"][name][0, 0] += 1.0
+    r = subprocess.run([CLI, "verify"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 1 and f"{shard}: dataset grads/{name} does not match its checksum" in r.stdout
+    r = snakemake(root, "--forcerun", "similarity", check=False)
+    assert r.returncode != 0
+    log = (root / "logs/similarity/paraphrased.log").read_text()
+    assert "does not match its checksum" in log and f"snakemake --cores all --force {shard}" in log
+    snakemake(root, "--force", shard)  # the command the message names; downstream follows
+    assert subprocess.run([CLI, "verify"], cwd=root, capture_output=True, text=True).returncode == 0

@@ -221,8 +221,10 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict:
         raise ConfigError(f"config file {path} does not exist")
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:  # its mark names the line and column
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping of config keys, got {type(raw).__name__}")
     if overrides:

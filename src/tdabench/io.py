@@ -52,8 +52,31 @@ def _remove(p: Path) -> None:
 
 
 def write_parquet(df, path: str | Path) -> None:
+    """Atomic, and read back before the rename: a table that does not come back whole never lands."""
+    import polars as pl
+
     with atomic_path(path) as tmp:
-        df.write_parquet(tmp)
+        try:
+            df.write_parquet(tmp)
+            back = pl.read_parquet(tmp)
+        except Exception as e:  # noqa: BLE001 - polars reports I/O errors as its own types
+            raise OSError(f"{path}: writing the table failed ({e})") from e
+        if back.shape != df.shape:
+            raise OSError(f"{path}: the written table reads back as {back.shape}, not {df.shape}")
+
+
+def read_parquet(path: str | Path):
+    """A parquet table; an unreadable one is an error naming it and the command that rebuilds it."""
+    import polars as pl
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return pl.read_parquet(path)
+    except Exception as e:  # noqa: BLE001 - corrupt pages, truncation: name the file
+        raise ValueError(
+            f"{path}: unreadable parquet table ({e}); rebuild it with: snakemake --cores all --force {path}"
+        ) from None
 
 
 def write_text(text: str, path: str | Path) -> None:
@@ -67,9 +90,7 @@ def write_json(obj, path: str | Path) -> None:
 
 def read_parquet_checked(path: str | Path, required, what: str):
     """A parquet table that must have the `required` columns (else a clear error naming the file)."""
-    import polars as pl
-
-    table = pl.read_parquet(path)
+    table = read_parquet(path)
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise ValueError(f"{path}: not a tdabench {what} (missing columns {missing})")

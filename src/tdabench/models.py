@@ -73,10 +73,11 @@ def build_tiny_model(cfg: TinyModelConfig, tokenizer, seed: int, max_positions: 
 def load_model(path: str | Path, gguf_file: str | None = None):
     """Load a causal LM and its tokenizer: a saved directory, a hub name (needs HF_HUB_OFFLINE=0
     the first time), or a GGUF file in a directory (dequantised to float32)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
+        check_causal(AutoConfig.from_pretrained(path, **kwargs), path)  # as saved: causal-LM classes rewrite it
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager", **kwargs)
     except OSError as e:
@@ -93,7 +94,6 @@ def load_model(path: str | Path, gguf_file: str | None = None):
             f"cannot load the model {str(path)!r}{' (' + gguf_file + ')' if gguf_file else ''}: "
             f"{str(e).rstrip('.')}.{hint}"
         ) from None
-    check_causal(model.config, path)
     if gguf_file:
         model = _without_quantizer(model)
     if tokenizer.pad_token_id is None:  # batching needs one; never a labelled position (labels are -100 there)

@@ -182,7 +182,8 @@ class GradientStoreWriter:
         """Rows first, then their done flags, then flush: a crash never marks unwritten rows done."""
         arrays = {}
         for c in self.components:
-            a = np.asarray(grads[c.name], dtype=self.dtype)  # float16 overflow becomes inf, caught here
+            with np.errstate(over="ignore"):  # float16 overflow becomes inf, refused just below
+                a = np.asarray(grads[c.name], dtype=self.dtype)
             if a.shape != (rows.stop - rows.start, self.stored_dim(c)):
                 raise ValueError(
                     f"{self.partial}: {c.name} rows have shape {a.shape}, expected "

@@ -207,7 +207,9 @@ def _write(df: pl.DataFrame, path: str | Path, required: tuple[str, ...]) -> Non
 
 
 def _read(path: str | Path, required: tuple[str, ...]) -> pl.DataFrame:
-    df = pl.read_parquet(path)
+    from tdabench.io import read_parquet
+
+    df = read_parquet(path)
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"{path}: not a tdabench benchmark table (missing column(s) {missing})")

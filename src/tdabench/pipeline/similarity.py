@@ -26,9 +26,13 @@ class Params:
 
 def main(job: JobContext, mlrun) -> None:
     p, setting = job.typed_params(Params), job.wildcards["setting"]
-    queries = read_queries(job.input["queries"]).filter(pl.col("setting") == setting)
+    everything = read_queries(job.input["queries"])
+    queries = everything.filter(pl.col("setting") == setting)
     if queries.height == 0:
-        raise ValueError(f"no queries of setting {setting!r} in {job.input['queries']}")
+        raise ValueError(
+            f"no queries of setting {setting!r} in {job.input['queries']} (it has "
+            f"{sorted(set(everything['setting']))}); fix config key dataset.settings or the query data"
+        )
     start = time.perf_counter()
     with GradientStore(job.input["train"]) as train, GradientStore(job.input["query_grads"]) as qstore:
         with Progress(total=len(train.components), desc=f"similarity {setting}", unit="components") as bar:

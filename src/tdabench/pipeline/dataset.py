@@ -57,7 +57,8 @@ def main_background(job: JobContext, mlrun) -> None:
 def main(job: JobContext, mlrun) -> None:
     p = job.typed_params(Params)
     if p.kind == "synthetic":
-        background = read_train(job.input["background"])
+        (background_path,) = job.input["background"]  # a one-file list: the input is empty for user data
+        background = read_train(background_path)
         train, queries = generate(SyntheticConfig(**p.synthetic, seed=p.seed), background)
     elif p.kind == "files":
         train, queries = load_files(p.files["train"], p.files["queries"])

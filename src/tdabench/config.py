@@ -44,19 +44,6 @@ def _types(schema: dict) -> set[str]:
     return set(t) if isinstance(t, list) else {t} if t else set()
 
 
-def coerce_integers(instance: Any, schema: dict) -> Any:
-    """2.0 where the schema wants an integer becomes 2 (JSON schema calls it an integer, but
-    Python would then count with a float)."""
-    if isinstance(instance, float) and "integer" in _types(schema) and instance.is_integer():
-        return int(instance)
-    if isinstance(instance, dict):
-        props = schema.get("properties", {})
-        return {k: coerce_integers(v, props[k]) if k in props else v for k, v in instance.items()}
-    if isinstance(instance, list) and isinstance(schema.get("items"), dict):
-        return [coerce_integers(v, schema["items"]) for v in instance]
-    return instance
-
-
 def non_finite_keys(instance: Any, where: str = "") -> list[str]:
     """Keys holding inf or NaN (JSON schema's bounds let `.inf` pass `exclusiveMinimum: 0`)."""
     if isinstance(instance, float) and not math.isfinite(instance):
@@ -68,20 +55,26 @@ def non_finite_keys(instance: Any, where: str = "") -> list[str]:
     return []
 
 
-def coerce_strings(instance: Any, schema: dict) -> Any:
-    """Parse string values where the schema wants something else. Snakemake hands nested
-    `--config` values over as strings (`--config 'projection={dims: [128, 512]}'` gives
-    {"dims": ["128", "512"]}); YAML-parsing them gives what the user typed."""
-    if isinstance(instance, str) and "string" not in _types(schema) and "str" not in _types(schema):
+def coerce(instance: Any, schema: dict) -> Any:
+    """Values as the schema means them, before validation:
+    - a string where the schema wants something else is parsed as YAML: Snakemake hands nested
+      `--config` values over as strings (`--config 'projection={dims: [128, 512]}'` gives
+      {"dims": ["128", "512"]}), and parsing them gives what the user typed;
+    - 2.0 where the schema wants an integer becomes 2 (JSON schema calls it an integer, but Python
+      would then count with a float)."""
+    types = _types(schema)
+    if isinstance(instance, str) and not types & {"string", "str"}:
         try:
             instance = yaml.safe_load(instance)
         except yaml.YAMLError:
             return instance
+    if isinstance(instance, float) and "integer" in types and instance.is_integer():
+        return int(instance)
     if isinstance(instance, dict):
         props = schema.get("properties", {})
-        return {k: coerce_strings(v, props[k]) if k in props else v for k, v in instance.items()}
+        return {k: coerce(v, props[k]) if k in props else v for k, v in instance.items()}
     if isinstance(instance, list) and isinstance(schema.get("items"), dict):
-        return [coerce_strings(v, schema["items"]) for v in instance]
+        return [coerce(v, schema["items"]) for v in instance]
     return instance
 
 
@@ -128,7 +121,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
 def validate_config(config: dict, schema_path: str | Path = DEFAULT_SCHEMA) -> dict:
     """Validate `config`, fill defaults and check cross-key constraints. Returns a new dict."""
     schema = load_schema(schema_path)
-    filled = fill_defaults(coerce_integers(coerce_strings(copy.deepcopy(config or {}), schema), schema), schema)
+    filled = fill_defaults(coerce(copy.deepcopy(config or {}), schema), schema)
     bad = non_finite_keys(filled)
     if bad:
         raise ConfigError(

@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Python then caches just the modules it imports, which needs bytecode writing switched on.
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install run smollm2 test test-fast lint format dry-run report ui clean
+.PHONY: install run smollm2 test test-fast lint format docs docs-check dry-run report ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,14 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 	$(BIN)/snakefmt .
+
+# The README's result blocks, rendered from results/ (make run) and runs/smollm2/results/ (make smollm2).
+docs: $(STAMP)
+	$(BIN)/python -m tdabench.docs render
+
+# What CI checks after `make run`: the default-study block matches results/, stale flags are right.
+docs-check: $(STAMP)
+	$(BIN)/python -m tdabench.docs check
 
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n $(SNAKEMAKE_ARGS)

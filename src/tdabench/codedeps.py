@@ -66,3 +66,14 @@ def sources_digest(module: str) -> str:
         digest.update(Path(path).name.encode())
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()[:12]
+
+
+def study_digest(modules: list[str], src: str | Path = SRC) -> str:
+    """Short hash of every source file the given stage modules run: what a study's numbers depend
+    on (recorded with its results; the README flags a block whose digest is not this checkout's)."""
+    files = sorted({f for m in modules for f in stage_sources(m, src)})
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(Path(path).relative_to(Path(src).resolve()).as_posix().encode())
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:12]

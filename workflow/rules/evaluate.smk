@@ -71,6 +71,7 @@ rule summary:
     output:
         summary=report("results/summary.md", caption="../report/summary.rst", category="Summary"),
         config=report("results/config.yaml", caption="../report/config.rst", category="Configuration"),
+        provenance="results/provenance.json",
         plot_top1=report(
             "results/evaluation/top1_vs_dim.png", caption="../report/top1_vs_dim.rst", category="Select vs project"
         ),

@@ -13,7 +13,7 @@ import yaml
 
 from tdabench import tracking
 from tdabench.evaluate import headline, read_results, summary_markdown
-from tdabench.io import write_text
+from tdabench.io import write_json, write_text
 from tdabench.pipeline.common import JobContext
 from tdabench.plots import plot_greedy_curve, plot_metric_vs_cost, plot_metric_vs_dim, plot_single_heatmap
 
@@ -96,6 +96,23 @@ def log_curves(run, table: pl.DataFrame) -> None:
         )
 
 
+def provenance(study_config: dict) -> dict:
+    """What produced these results: commit, config hash and a digest of every stage's sources
+    (tdabench.docs flags README blocks whose code has changed since)."""
+    import tdabench
+    from tdabench.codedeps import study_digest
+    from tdabench.config import config_hash
+    from tdabench.pipeline.common import STAGES, stage_module
+
+    commit, dirty = tracking.git_commit(Path(tdabench.__file__).resolve().parents[2])
+    return {
+        "commit": commit,
+        "dirty": dirty,
+        "config_hash": config_hash(study_config),
+        "code_digest": study_digest(sorted({stage_module(r) for r in STAGES})),
+    }
+
+
 def main(job: JobContext, mlrun) -> None:
     p = job.typed_params(Params)
     order = {s: i for i, s in enumerate(p.settings)}
@@ -107,6 +124,7 @@ def main(job: JobContext, mlrun) -> None:
     plot_greedy_curve(table, job.output["plot_greedy"], "top1")
     plot_metric_vs_cost(table, job.output["plot_cost"], "top1")
     write_text(yaml.safe_dump(p.study_config, sort_keys=False), job.output["config"])
+    write_json(provenance(p.study_config), job.output["provenance"])
     here = Path(job.output["summary"]).parent
     candidates = read_results(job.input["candidates"])
     write_text(summary_markdown(table, [os.path.relpath(p, here) for p in plots], candidates), job.output["summary"])

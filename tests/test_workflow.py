@@ -407,6 +407,42 @@ def test_mlflow_runs_carry_source_tags_curves_and_tables(study):
     assert '"type": "table"' in parent.data.tags["mlflow.loggedArtifacts"]
 
 
+def test_readme_block_is_rendered_from_results_and_a_hand_edit_fails_the_check(study, tmp_path):
+    from tdabench import docs
+
+    root, _ = study
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\n<!-- tdabench:begin default-study -->\n<!-- tdabench:end default-study -->\n\ntail\n")
+    assert docs.render(readme, root) == ["default-study"]
+    text = readme.read_text()
+    assert text.startswith("# x\n") and text.endswith("\n\ntail\n")
+    assert "| full gradient | " in text and "training examples" in text
+    assert docs.check(readme, root, ["default-study"]) == []
+    full = next(line for line in text.splitlines() if line.startswith("| full gradient |"))
+    number = re.search(r"\d\.\d{3}", full.split("|")[3]).group(0)
+    edited = full.replace(number, f"{float(number) + 0.001:.3f}", 1)
+    readme.write_text(text.replace(full, edited))
+    problems = docs.check(readme, root, ["default-study"])
+    assert len(problems) == 1 and "block default-study differs" in problems[0] and edited in problems[0]
+    with pytest.raises(SystemExit):
+        docs.main(["check", "--readme", str(readme), "--root", str(root)])
+
+
+def test_stale_flags_follow_the_code_digest(tmp_path):  # no study needed
+    from tdabench import docs
+
+    digest = docs.current_digest()
+    readme = tmp_path / "README.md"
+
+    def block(code, flagged):
+        stale = "> **Stale:** old numbers\n" if flagged else ""
+        return f"<!-- tdabench:begin smollm2-study code={code} -->\n{stale}| t |\n<!-- tdabench:end smollm2-study -->\n"
+
+    for code, flagged, ok in [(digest, False, True), ("0ld", True, True), ("0ld", False, False), (digest, True, False)]:
+        readme.write_text(block(code, flagged))
+        assert (docs.check_stale_flags(readme) == []) == ok, (code, flagged)
+
+
 def test_a_corrupted_shard_stops_its_readers_and_the_named_command_rebuilds_it(study):
     """Run last: it corrupts the study's first training shard, then repairs it."""
     root, _ = study

@@ -133,8 +133,9 @@ def study_facts(results: Path) -> str:
         r = json.loads(report.read_text())
         if "planted_correct_train_prompt" in r:
             text += (
-                f" The fine-tuned model states {r['planted_correct_train_prompt']} of the planted facts when asked the "
-                f"training question and {r['planted_correct_paraphrased_prompt']} when asked the paraphrase"
+                f" The fine-tuned model states {r['planted_correct_train_prompt']} of the {roles.get('planted', 0)} "
+                f"planted facts when asked the training question and {r['planted_correct_paraphrased_prompt']} when "
+                "asked the paraphrase"
             )
             generated = queries.filter(pl.col("setting") == "model_generated")
             if "states_fact" in generated.columns and generated.height:
@@ -162,11 +163,13 @@ def render_table(block: Block, results: Path) -> str:
         first = next((r for r in picked if r is not None), None)
         if first is None:
             continue
-        n = sum(r["n_components"] for r in picked if r) / sum(1 for r in picked if r)
+        per_setting = [r["n_components"] for r, (_, p, _) in zip(picked, block.columns) if r and p == "metrics"]
         k = max(dims) if row.k == "max" else min(dims)
-        label = row.label.format(n=f"{n:.0f}", k=k)
-        corpus_dims = sorted({int(r["dim"]) for r, (_, p, _) in zip(picked, block.columns) if r and p == "metrics"})
-        dim = " / ".join(f"{d:,}" for d in corpus_dims) if corpus_dims and corpus_dims != [0] else ""
+        label = row.label.format(n=" / ".join(f"{n:.0f}" for n in per_setting), k=k)
+        corpus_dims = [int(r["dim"]) for r, (_, p, _) in zip(picked, block.columns) if r and p == "metrics"]
+        if len(set(corpus_dims)) == 1:  # one value for every setting; else per setting, in column order
+            corpus_dims = corpus_dims[:1]
+        dim = " / ".join(f"{d:,}" for d in corpus_dims) if any(corpus_dims) else ""
         cells = [_fmt(r["top1"], r["top1_sd"]) if r else "" for r in picked]
         lines.append(f"| {label} | {dim} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

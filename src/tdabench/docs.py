@@ -153,7 +153,8 @@ def render_table(block: Block, results: Path) -> str:
     heads = {p: headline(t) for p, t in tables.items() if not t.is_empty()}
     dims = sorted(set(tables["metrics"].filter(pl.col("k").is_not_null())["k"].to_list())) or [0]
     lines = [
-        study_facts(results) + " Top-1, mean ± sd over splits (projections: and seeds), from `results/summary.md`:",
+        study_facts(results)
+        + f" Top-1, mean ± sd over splits (projections: and seeds), from `{block.results}/summary.md`:",
         "",
         "| method | dim | " + " | ".join(c[0] for c in block.columns) + " |",
         "|---|---:|" + "---:|" * len(block.columns),

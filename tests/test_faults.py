@@ -632,3 +632,16 @@ def test_a_corrupt_table_input_is_named_with_its_rebuild_command(tmp_path):
     with pytest.raises(ValueError, match=r"sel.parquet: unreadable parquet table"):
         (tmp_path / "sel.parquet").write_bytes(b"not parquet")
         SelectionTable.read(tmp_path / "sel.parquet")
+
+
+def test_verify_of_a_folder_without_stores_or_tables_is_an_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([CLI, "verify", str(tmp_path / "empty")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no stores (.h5) or tables (.parquet) under" in r.stderr
+
+
+def test_a_table_without_rows_is_refused(tmp_path):
+    _, queries = good_pair(tmp_path)
+    pl.DataFrame(schema={"id": pl.Utf8, "prompt": pl.Utf8, "response": pl.Utf8}).write_parquet(tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"t.parquet: no rows"):
+        load_files(str(tmp_path / "t.parquet"), queries)

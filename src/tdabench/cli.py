@@ -232,6 +232,8 @@ def cmd_verify(args) -> None:
     from tdabench.verify import verify
 
     n, problems = verify(args.paths)
+    if n == 0:
+        raise UsageError(f"no stores (.h5) or tables (.parquet) under {', '.join(args.paths)}")
     for p in problems:
         print(p)
     if problems:
@@ -301,9 +303,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tdabench.config import ConfigError
-    from tdabench.integrity import CorruptFileError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     sub = f"{parser.prog} {args.command}"
@@ -314,11 +313,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{sub}: error: --similarity: no such file {similarity}\n")
     try:
         args.func(args)
-    except (UsageError, ConfigError, CorruptFileError, FileNotFoundError, KeyError) as e:
+    except (UsageError, FileNotFoundError, KeyError, ValueError) as e:  # ValueError: config, corrupt or wrong file
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         parser.exit(2, f"{sub}: error: {message}\n")
-    except ValueError as e:  # a file that is not what the argument says (e.g. a gradient store)
-        parser.exit(2, f"{sub}: error: {e}\n")
 
 
 if __name__ == "__main__":

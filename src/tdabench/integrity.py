@@ -76,6 +76,16 @@ class RunningCheck:
             )
 
 
+def read_checked(f: h5py.File, path: str | Path, name: str) -> np.ndarray:
+    """A whole dataset, checked for finite floats and against its stored checksum (when the file
+    has checksums: files of other code need not): one read, no second pass."""
+    data = f[name][()]
+    check = RunningCheck(path, f, name)
+    check.feed(np.asarray(data))
+    check.finish()
+    return data
+
+
 def _scan(f: h5py.File) -> tuple[dict[str, str], list[str]]:
     """({dataset: crc32 hex}, [datasets holding non-finite floats])."""
     sums, nonfinite = {}, []
@@ -96,13 +106,13 @@ def _scan(f: h5py.File) -> tuple[dict[str, str], list[str]]:
     return sums, nonfinite
 
 
-def seal_hdf5(path: str | Path, finite: bool = True) -> None:
-    """Read the just-written file back, refuse non-finite floats (when `finite`), store the
-    checksums of every dataset and fsync. Raises CorruptFileError naming the file and dataset."""
+def seal_hdf5(path: str | Path) -> None:
+    """Read the just-written file back, refuse non-finite floats, store the checksums of every
+    dataset and fsync. Raises CorruptFileError naming the file and dataset."""
     try:
         with h5py.File(path, "r+") as f:
             sums, nonfinite = _scan(f)
-            if finite and nonfinite:
+            if nonfinite:
                 raise CorruptFileError(f"{path}: non-finite values in dataset(s) {', '.join(nonfinite)}")
             f.attrs[CHECKSUMS] = json.dumps(sums, sort_keys=True)
     except (OSError, RuntimeError) as e:
@@ -110,7 +120,7 @@ def seal_hdf5(path: str | Path, finite: bool = True) -> None:
     fsync(path)
 
 
-def verify_hdf5(path: str | Path, finite: bool = True) -> list[str]:
+def verify_hdf5(path: str | Path) -> list[str]:
     """Problems of one sealed HDF5 file ([] when it is sound)."""
     try:
         with h5py.File(path, "r") as f:
@@ -118,7 +128,7 @@ def verify_hdf5(path: str | Path, finite: bool = True) -> list[str]:
             sums, nonfinite = _scan(f)
     except (OSError, RuntimeError, KeyError) as e:
         return [f"{path}: unreadable or truncated ({e})"]
-    problems = [f"{path}: non-finite values in {name}" for name in nonfinite] if finite else []
+    problems = [f"{path}: non-finite values in {name}" for name in nonfinite]
     if stored is None:
         return problems + [f"{path}: no checksums (written by other code or an older tdabench)"]
     stored = json.loads(stored)

@@ -25,7 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tdabench.integrity import CorruptFileError, open_hdf5, rebuild_hint, seal_hdf5, verify_hdf5
+from tdabench.integrity import CorruptFileError, open_hdf5, read_checked, seal_hdf5
 from tdabench.io import atomic_path
 
 FORMAT = "tdabench-projection/1"
@@ -105,13 +105,10 @@ class ProjectionWriter:
 def read_projections(path: str | Path, query_ids: Sequence[str]) -> list[Projected]:
     """Every (k, seed[, split]) of a projection file, query rows in the order of `query_ids`."""
     found: list[tuple[str, Projected]] = []
-    problems = verify_hdf5(path)
-    if problems:
-        raise CorruptFileError(f"{problems[0]}; {rebuild_hint(path)}")
     with open_hdf5(path) as f:
         if f.attrs.get("format") != FORMAT:
             raise ValueError(f"{path}: not a tdabench projection file (format {f.attrs.get('format')!r})")
-        row_of = {s.decode(): i for i, s in enumerate(f["query_ids"][:])}
+        row_of = {s.decode(): i for i, s in enumerate(read_checked(f, path, "query_ids"))}
         missing = [q for q in query_ids if q not in row_of]
         if missing:
             raise ValueError(f"{path}: {len(missing)} queries missing, e.g. {missing[:3]}")
@@ -129,8 +126,8 @@ def read_projections(path: str | Path, query_ids: Sequence[str]) -> list[Project
                             method,
                             int(a["k"]),
                             int(a["seed"]),
-                            obj["train"][:],
-                            obj["queries"][:][rows],
+                            read_checked(f, path, f"{name}/train"),
+                            read_checked(f, path, f"{name}/queries")[rows],
                             split=None if split < 0 else split,
                             components=tuple(json.loads(a["components"])),
                         ),

@@ -71,6 +71,8 @@ def check_columns(df: pl.DataFrame, required: tuple[str, ...], where: str) -> pl
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise DataError(f"{where}: missing column(s) {missing}; required: {list(required)}, found: {df.columns}")
+    if df.height == 0:
+        raise DataError(f"{where}: no rows")
     out = df.with_columns(pl.col(c).cast(pl.Utf8) for c in required)
     empty = out.filter(pl.any_horizontal(pl.col(c).is_null() | (pl.col(c).str.strip_chars() == "") for c in required))
     if empty.height:

@@ -9,7 +9,6 @@ import importlib
 import logging
 import sys
 import time
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,13 +67,7 @@ def typed(cls: type[T], data: dict, where: str = "params") -> T:
 def _convert(hint, value, where: str):
     if dataclasses.is_dataclass(hint):
         return typed(hint, value, where)
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            if dataclasses.is_dataclass(option) and isinstance(value, dict):
-                return typed(option, value, where)
-        return value
-    if origin is tuple and isinstance(value, (list, tuple)):
+    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
     return value
 

@@ -161,13 +161,12 @@ def render_table(block: Block, results: Path) -> str:
     ]
     for row in block.rows:
         picked = [_pick(heads[p], s, row, dims) if p in heads else None for _, p, s in block.columns]
-        first = next((r for r in picked if r is not None), None)
-        if first is None:
+        if not any(picked):
             continue
-        per_setting = [r["n_components"] for r, (_, p, _) in zip(picked, block.columns) if r and p == "metrics"]
+        corpus = [r for r, (_, p, _) in zip(picked, block.columns) if r and p == "metrics"]  # one per setting
         k = max(dims) if row.k == "max" else min(dims)
-        label = row.label.format(n=" / ".join(f"{n:.0f}" for n in per_setting), k=k)
-        corpus_dims = [int(r["dim"]) for r, (_, p, _) in zip(picked, block.columns) if r and p == "metrics"]
+        label = row.label.format(n=" / ".join(f"{r['n_components']:.0f}" for r in corpus), k=k)
+        corpus_dims = [int(r["dim"]) for r in corpus]
         if len(set(corpus_dims)) == 1:  # one value for every setting; else per setting, in column order
             corpus_dims = corpus_dims[:1]
         dim = " / ".join(f"{d:,}" for d in corpus_dims) if any(corpus_dims) else ""
@@ -182,10 +181,9 @@ def provenance(results: Path) -> dict:
 
 
 def current_digest() -> str:
-    from tdabench.codedeps import study_digest
-    from tdabench.pipeline.common import STAGES, stage_module
+    from tdabench.pipeline.common import code_digest
 
-    return study_digest(sorted({stage_module(r) for r in STAGES}))
+    return code_digest()
 
 
 def render_block(block: Block, root: Path) -> str:

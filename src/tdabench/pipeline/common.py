@@ -45,6 +45,13 @@ def stage_module(rule: str) -> str:
     return STAGES[rule].partition(":")[0]
 
 
+def code_digest() -> str:
+    """Digest of every source file the study's stages run (tdabench.codedeps.study_digest)."""
+    from tdabench.codedeps import study_digest
+
+    return study_digest(sorted({stage_module(rule) for rule in STAGES}))
+
+
 class ParamsError(ValueError):
     """A rule's params do not match its stage's typed Params (a workflow/library mismatch)."""
 

@@ -100,16 +100,15 @@ def provenance(study_config: dict) -> dict:
     """What produced these results: commit, config hash and a digest of every stage's sources
     (tdabench.docs flags README blocks whose code has changed since)."""
     import tdabench
-    from tdabench.codedeps import study_digest
     from tdabench.config import config_hash
-    from tdabench.pipeline.common import STAGES, stage_module
+    from tdabench.pipeline.common import code_digest
 
     commit, dirty = tracking.git_commit(Path(tdabench.__file__).resolve().parents[2])
     return {
         "commit": commit,
         "dirty": dirty,
         "config_hash": config_hash(study_config),
-        "code_digest": study_digest(sorted({stage_module(r) for r in STAGES})),
+        "code_digest": code_digest(),
     }
 
 

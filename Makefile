@@ -1,7 +1,8 @@
 # tdabench: `make run` installs (first time) and runs the whole study; `make test` runs the tests.
 # Variables: PYTHON (interpreter for the venv), TORCH (pip spec; e.g. TORCH='torch==2.13.0
 # --index-url https://download.pytorch.org/whl/cu126' for a GPU build), CORES, SNAKEMAKE_ARGS,
-# MLFLOW_DB (store `make ui` opens; `make smollm2` writes runs/smollm2/mlflow.db).
+# MLFLOW_DB (store `make ui` opens; `make smollm2` writes runs/smollm2/mlflow.db), MLFLOW_HOST and
+# MLFLOW_PORT (where `make mlflow-server` listens; 127.0.0.1 unless cluster nodes must reach it).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,6 +10,8 @@ TORCH ?= torch==2.13.0
 CORES ?= all
 SNAKEMAKE_ARGS ?=
 MLFLOW_DB ?= mlflow.db
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5000
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -18,7 +21,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Python then caches just the modules it imports, which needs bytecode writing switched on.
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install run smollm2 test test-fast lint format docs docs-check dry-run report ui clean
+.PHONY: install run smollm2 test test-fast lint format docs docs-check dry-run report ui mlflow-server clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -82,6 +85,14 @@ report: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(MLFLOW_DB) --host 127.0.0.1 --port 5000
+
+# A tracking server for cluster runs (jobs on other nodes log through it; artifacts are proxied
+# into mlflow-server/artifacts). Point the study at it with mlflow.tracking_uri (docs/running.md).
+# Binding another host than 127.0.0.1 needs --allowed-hosts for the names nodes use (MLflow 3).
+mlflow-server: $(STAMP)
+	mkdir -p mlflow-server
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow-server/mlflow.db \
+	  --artifacts-destination $(CURDIR)/mlflow-server/artifacts --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
 clean:
 	rm -rf results logs benchmarks mlflow.db mlartifacts .snakemake

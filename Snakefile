@@ -24,7 +24,7 @@ configfile: "config/config.yaml"
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 
-from tdabench.config import ConfigError, config_hash, validate_config
+from tdabench.config import NON_RESULT_KEYS, ConfigError, config_hash, validate_config
 
 # Schema validation (defaults filled, unknown keys and wrong types refused) plus cross-key
 # checks, before any job is scheduled. The schema ships with the package
@@ -38,6 +38,16 @@ config.update(_validated)
 
 
 report: "workflow/report/workflow.rst"
+
+
+# Bookkeeping and table work: run in the main Snakemake process, never submitted to a cluster.
+localrules:
+    all,
+    background,
+    dataset,
+    selection,
+    evaluate,
+    summary,
 
 
 include: "workflow/rules/common.smk"
@@ -55,15 +65,27 @@ rule all:
         "results/summary.md",
 
 
-# MLflow: one parent run per invocation that executes jobs. Snakemake calls onstart only then
-# (never for dry runs or when nothing is to be done), so those create no runs.
+# Before any job runs (Snakemake calls onstart only when jobs will execute: never for dry runs or
+# when nothing is to be done): the device must exist where jobs run locally (a submit host without
+# GPUs may still submit to a cluster), and the MLflow parent run of this invocation is opened.
 onstart:
+    if workflow.local_exec:
+        from tdabench.device import DeviceError, resolve_device
+
+        try:
+            resolve_device(config["device"])
+        except DeviceError as e:
+            raise WorkflowError(f"{e} (checked before any job runs, local executor)") from None
     if config["mlflow"]["enabled"]:
         from tdabench import tracking
 
         try:
             run_id = tracking.start_study(
-                config, workdir=os.getcwd(), repo=workflow.basedir, cfg_hash=config_hash(config)
+                config,
+                workdir=os.getcwd(),
+                repo=workflow.basedir,
+                cfg_hash=config_hash(config),
+                remote_jobs=not workflow.local_exec,
             )
         except tracking.TrackingError as e:
             raise WorkflowError(str(e)) from None

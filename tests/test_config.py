@@ -97,9 +97,14 @@ def test_shipped_profiles_validate_over_the_defaults(profile):
     from snakemake.utils import update_config  # how `snakemake --configfile` merges a profile
 
     config = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
-    update_config(config, yaml.safe_load((REPO_ROOT / "config" / "studies" / profile).read_text()))
+    layers = ["lima.yaml", "gpu.yaml"] if profile == "gpu.yaml" else [profile]  # gpu.yaml goes on top of a study
+    for layer in layers:
+        update_config(config, yaml.safe_load((REPO_ROOT / "config" / "studies" / layer).read_text()))
     config = validate_config(config)
     assert config["model"]["kind"] in ("gguf", "huggingface")
+    if profile == "gpu.yaml":
+        assert config["device"] == "cuda" and config["gradients"]["shards"] == 8
+        assert config["gradients"]["max_component_dim"] == 8192  # lima.yaml's keys survive the layer
 
 
 def _section(schema, dotted):

@@ -482,7 +482,14 @@ def test_training_stops_at_the_first_non_finite_loss_naming_epoch_and_step():
     model = tiny_llama()
     unlabelled = [Encoded([1, 2, 3], [-100, -100, -100], 3, True) for _ in range(4)]  # no loss at all: NaN
     cfg = TrainConfig(
-        epochs=1, batch_size=2, learning_rate=1e-3, weight_decay=0.0, warmup_fraction=0.0, label_smoothing=0.0, seed=0
+        epochs=1,
+        batch_size=2,
+        learning_rate=1e-3,
+        weight_decay=0.0,
+        warmup_fraction=0.0,
+        label_smoothing=0.0,
+        precision="float32",
+        seed=0,
     )
     with pytest.raises(FloatingPointError, match=r"the training loss is nan at epoch 1, step 1"):
         train(model, unlabelled, 0, cfg, progress=False)
@@ -499,7 +506,7 @@ def gradients_job(tmp_path, monkeypatch):
     model = build_tiny_model(TinyModelConfig(320, 16, 24, 2, 2), tokenizer, seed=0)
     monkeypatch.setattr(stage, "load_model", lambda path: (model, tokenizer))
 
-    def job(max_length=64, shards=1, shard=0, nan=False):
+    def job(max_length=64, shards=1, shard=0, nan=False, device="cpu"):
         train = pl.DataFrame(rows).with_columns(role=pl.lit("planted"))
         train.write_parquet(tmp_path / "train.parquet")
         train.drop("role").with_columns(source_id=pl.col("id"), setting=pl.lit("p")).write_parquet(
@@ -524,6 +531,7 @@ def gradients_job(tmp_path, monkeypatch):
             "verify": 0,
             "verify_tolerance": None,
             "tokenize": {"max_length": max_length, "loss_on": "response"},
+            "device": device,
         }
         out = tmp_path / "gradients" / "train" / f"shard-{shard}.h5"
         run_rule(
@@ -546,6 +554,16 @@ def test_examples_cut_to_no_labelled_token_are_an_error_listing_ids(gradients_jo
         ValueError, match=r"no labelled token left after truncation to tokenize.max_length=8 .*'t0', 't1'"
     ):
         job(max_length=8)
+    assert no_files(root / "gradients" / "train")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a host without CUDA")
+def test_a_gradients_job_asked_for_cuda_on_a_cpu_host_fails_at_its_start(gradients_job):
+    from tdabench.device import DeviceError
+
+    job, root = gradients_job
+    with pytest.raises(DeviceError, match=r"config key device is 'cuda:1', but CUDA is not available"):
+        job(device="cuda:1")
     assert no_files(root / "gradients" / "train")
 
 
@@ -597,6 +615,18 @@ def test_an_unreachable_mlflow_server_fails_fast(tmp_path):
     with pytest.raises(TrackingError, match=r"MLflow tracking server http://127.0.0.1:9 is not reachable"):
         start_study(config, workdir=tmp_path, repo=tmp_path, cfg_hash="x")
     assert time.perf_counter() - start < 15
+
+
+@pytest.mark.parametrize("uri", [None, "sqlite:////shared/mlflow.db", "file:///shared/mlruns"])
+def test_a_local_mlflow_store_is_refused_when_jobs_run_on_a_cluster(tmp_path, uri):
+    from tdabench.tracking import TrackingError, start_study
+
+    config = validate_config({"mlflow": {"tracking_uri": uri}})
+    with pytest.raises(
+        TrackingError, match=r"a local store, but jobs run through a cluster executor.*make mlflow-server"
+    ):
+        start_study(config, workdir=tmp_path, repo=tmp_path, cfg_hash="x", remote_jobs=True)
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the store is created
 
 
 def test_a_parent_run_left_running_by_a_killed_invocation_is_closed(tmp_path, monkeypatch):

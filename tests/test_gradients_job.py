@@ -69,6 +69,7 @@ def job(tmp_path, monkeypatch):
         "verify": 2,
         "verify_tolerance": None,
         "tokenize": {"max_length": 64, "loss_on": "response"},
+        "device": "cpu",
     }
     return JobContext(
         "gradients",

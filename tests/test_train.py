@@ -25,6 +25,7 @@ def fit(seed, epochs=40):
             weight_decay=0.0,
             warmup_fraction=0.05,
             label_smoothing=0.0,
+            precision="float32",
             seed=seed,
         ),
         progress=False,

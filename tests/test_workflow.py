@@ -15,9 +15,10 @@ from pathlib import Path
 import h5py
 import polars as pl
 import pytest
+import torch
 from mlflow import MlflowClient
 
-from workflow_helpers import SNAKEMAKE, copy_repo, job_stats, planned, snakemake, write_config
+from workflow_helpers import SNAKEMAKE, copy_repo, job_stats, mlflow_server, planned, snakemake, write_config
 
 CLI = str(Path(sys.executable).with_name("tdabench"))
 MICRO = {
@@ -235,6 +236,22 @@ def test_bad_config_fails_before_any_job(study, override, key):
     assert len(after) == len(before)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a host without CUDA")
+def test_cuda_without_cuda_fails_before_any_job_with_the_local_executor(tmp_path):
+    root = copy_repo(tmp_path / "cuda")
+    write_config(root, MICRO)
+    r = snakemake(root, "--config", "device=cuda", check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "config key device is 'cuda', but CUDA is not available" in out and "before any job runs" in out
+    assert not (root / "results").exists() and not (root / "logs").exists() and not (root / "mlflow.db").exists()
+
+
+def test_scheduling_keys_rerun_nothing(study):
+    root, _ = study
+    assert planned_with(root, {**MICRO, "resources": {"threads": 1, "mem_scale": 3.0, "model_parameters": 10**9}}) == {}
+
+
 def test_lint_reports_nothing(study):
     root, _ = study
     r = subprocess.run([SNAKEMAKE, "--lint"], cwd=root, capture_output=True, text=True, timeout=300)
@@ -293,20 +310,9 @@ def test_report_is_self_contained_with_plots_and_config(study):
     assert per_query.filter((pl.col("method") == "full") & (pl.col("split") == 0)).height == 9 * 2  # 2 settings
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.browser
 def test_mlflow_ui_and_report_in_a_real_browser(study, tmp_path):
     import os
-    import signal
-    import time
-    import urllib.request
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -318,35 +324,7 @@ def test_mlflow_ui_and_report_in_a_real_browser(study, tmp_path):
     client, all_runs = runs(root)
     parent = next(r for r in all_runs if r.data.tags.get("tdabench.kind") == "study")
     exp_id = parent.info.experiment_id
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("mlflow")),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )  # own process group: killed whole below
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()
-                time.sleep(1)
+    with mlflow_server(f"sqlite:///{root / 'mlflow.db'}", tmp_path / "server.log") as base:
         with sync_playwright() as pw:
             browser = pw.chromium.launch_persistent_context(
                 user_data_dir=str(tmp_path / "profile"),
@@ -374,20 +352,6 @@ def test_mlflow_ui_and_report_in_a_real_browser(study, tmp_path):
             page.get_by_text("Select vs project").first.wait_for(timeout=30_000)
             browser.close()
         assert (root / "results" / "mlflow_ui_parent.png").stat().st_size > 10_000
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        time.sleep(2)
-        try:  # the server's workers (uvicorn, huey consumers) must be gone too
-            os.killpg(server.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        log.close()
-    with pytest.raises(ProcessLookupError):
-        os.killpg(server.pid, 0)
 
 
 def test_mlflow_runs_carry_source_tags_curves_and_tables(study):

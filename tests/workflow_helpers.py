@@ -1,8 +1,14 @@
 """Running the workflow in a temporary copy of the repository (shared by the workflow tests)."""
 
+import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -51,3 +57,51 @@ def planned(cwd, *args) -> dict[str, int]:
 
 def write_config(root, cfg):
     (root / "config" / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(backend_uri: str, log_path: Path, artifacts: Path | None = None):
+    """A real `mlflow server` on 127.0.0.1 (a free port) until the block ends; yields its URL.
+    Its own process group, so its workers (uvicorn, huey consumers) are stopped with it."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if artifacts is not None:
+        cmd += ["--artifacts-destination", str(artifacts)]
+    log = open(log_path, "w")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"mlflow server did not start:\n{Path(log_path).read_text()}") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        time.sleep(2)
+        try:  # workers that outlived the main process
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        log.close()
+    try:  # nothing of the server is left running
+        os.killpg(server.pid, 0)
+    except ProcessLookupError:
+        return
+    raise AssertionError(f"processes of the mlflow server (group {server.pid}) are still running")

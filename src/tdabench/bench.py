@@ -100,17 +100,20 @@ def greedy_selection(names: list[str]) -> tuple[list[str], str]:
     return match_components(names, ["lm_head", "mlp@-1"]), "stand-in set lm_head + last MLP (no greedy result here)"
 
 
-def run_variant(variant: str, model_spec: str, samples: int, length: int, batch_size: int) -> dict:
+def run_variant(variant: str, model_spec: str, samples: int, length: int, batch_size: int, device: str = "cpu") -> dict:
     from tdabench.components import component_registry, match_components
+    from tdabench.device import resolve_device, synchronize
     from tdabench.extraction import Extraction, ExtractionConfig
     from tdabench.gradients import iter_batches, per_sample_loss
 
+    where = resolve_device(device)
     model, ids, mask, labels = build(model_spec, samples, length)
+    model.to(where)
+    ids, mask, labels = ids.to(where), mask.to(where), labels.to(where)
     names = [c.name for c in component_registry(model)]
     note = ""
-    if variant == "a_all":
-        comps = names
-    elif variant == "b_last_mlp":
+    comps = names  # a_all, and the coverage of the reference loop and the plain pass
+    if variant == "b_last_mlp":
         comps = match_components(names, ["mlp@-1"])
     elif variant == "b_greedy":
         comps, note = greedy_selection(names)
@@ -134,9 +137,11 @@ def run_variant(variant: str, model_spec: str, samples: int, length: int, batch_
     fn = {"c_reference_loop": reference, "d_plain_fwd_bwd": plain}.get(variant, ours)
     batches = list(iter_batches(samples, batch_size))
     fn(batches[0])  # warm-up
+    synchronize(where)
     start = time.perf_counter()
     for rows in batches:
         fn(rows)
+    synchronize(where)
     seconds = time.perf_counter() - start
     return {
         "variant": variant,
@@ -168,6 +173,8 @@ def gradients_main(args) -> None:
             str(args.batch_size),
             "--threads",
             str(args.threads),
+            "--device",
+            args.device,
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -175,9 +182,12 @@ def gradients_main(args) -> None:
     ref = next(r for r in results if r["variant"] == "c_reference_loop")["samples_per_s"]
     print(
         f"# tdabench.bench gradients --model {args.model} --samples {args.samples} --length {args.length} "
-        f"--batch-size {args.batch_size} --threads {args.threads}"
+        f"--batch-size {args.batch_size} --threads {args.threads} --device {args.device}"
     )
+    from tdabench.device import describe, resolve_device
+
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"# device {describe(resolve_device(args.device))}")
     print(f"{'variant':<18} {'samples/s':>10} {'x plain (d)':>11} {'x loop (c)':>10} {'peak RSS MB':>11}  components")
     for r in results:
         print(
@@ -397,13 +407,17 @@ def main(argv=None) -> None:
         p.add_argument("--length", type=int, default=40 if name != "store" else 64, help="tokens per sample (max)")
         p.add_argument("--batch-size", type=int, default=32 if name != "store" else 8)
         p.add_argument("--threads", type=int, default=torch.get_num_threads())
+        if name != "store":
+            p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (config key device)")
         if name == "store":
             p.add_argument("--max-component-dim", type=int, default=65536)
             p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.command == "_variant":
-        print(json.dumps(run_variant(args.variant, args.model, args.samples, args.length, args.batch_size)))
+        print(
+            json.dumps(run_variant(args.variant, args.model, args.samples, args.length, args.batch_size, args.device))
+        )
     elif args.command == "gradients":
         gradients_main(args)
     elif args.command == "greedy":

@@ -25,7 +25,7 @@ import yaml
 DEFAULT_SCHEMA = resources.files("tdabench") / "schemas" / "config.schema.yaml"
 
 # Keys that never change a result: excluded from the config hash.
-NON_RESULT_KEYS = ("mlflow",)
+NON_RESULT_KEYS = ("mlflow", "resources")  # where runs are logged, what jobs ask a scheduler for
 
 
 class ConfigError(ValueError):

@@ -18,6 +18,7 @@ import polars as pl
 import torch
 
 from tdabench.components import short_name
+from tdabench.device import synchronize
 from tdabench.extraction import Extraction
 from tdabench.io import read_parquet_checked, write_parquet
 from tdabench.models import Encoded
@@ -58,8 +59,10 @@ class TimedExtraction:
     def __call__(self, names: list[str]) -> tuple[dict[str, torch.Tensor], float]:
         """({name: [n, d]}, seconds) for the given components over all samples."""
         self.extraction(self.batches[0], names)  # warm-up (and the subset's extractor is built)
+        synchronize(self.extraction.device)
         start = time.perf_counter()
         parts = [self.extraction(b, names) for b in self.batches]
+        synchronize(self.extraction.device)  # (gradients come back to the host, which waits anyway)
         seconds = time.perf_counter() - start
         return {n: torch.cat([part[n] for part in parts]) for n in names}, seconds
 

@@ -2,8 +2,13 @@
 
 `Extraction` matches the configured component patterns against the model, builds the count
 sketches of components larger than `max_component_dim`, and runs `GradientExtractor` over padded
-batches (optionally under autocast). The gradients stage, the cost measurement and the benchmarks
-all call it, so a stored gradient, a timed gradient and a benchmarked gradient are the same thing.
+batches (optionally under autocast) on the model's device. The gradients stage, the cost
+measurement and the benchmarks all call it, so a stored gradient, a timed gradient and a
+benchmarked gradient are the same thing.
+
+Batches go to the device the model is on; gradients (and count sketches) are computed there and
+come back to the host per component. A batch that runs out of device memory is split in halves
+(logged), and later batches keep the smaller size (tdabench.device.halving).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from tdabench.components import Component, component_registry, match_components
+from tdabench.device import concat_rows, halving
 from tdabench.gradcheck import CheckReport, check_extractor
 from tdabench.gradients import GradientExtractor, iter_batches
 from tdabench.models import Encoded, collate
@@ -62,6 +68,8 @@ class Extraction:
         }
         self.autocast_dtype = getattr(torch, cfg.autocast) if cfg.autocast else None
         self._extractors: dict[tuple[str, ...], GradientExtractor] = {}
+        self.device = next(model.parameters()).device
+        self.max_rows: int | None = None  # set below batch_size after an out-of-memory split
 
     @property
     def stored_dims(self) -> list[int]:
@@ -87,19 +95,33 @@ class Extraction:
             yield rows, collate(list(examples[rows]), pad_id)
 
     def __call__(self, batch: dict[str, torch.Tensor], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """{component: [batch, stored dim] float32} of one padded batch."""
-        return self.extractor(names)(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        """{component: [batch, stored dim] float32, on the host} of one padded batch."""
+        extractor = self.extractor(names)
+
+        def run(rows: slice) -> dict[str, torch.Tensor]:
+            part = self.to_device(batch, rows)
+            grads = extractor(part["input_ids"], part["attention_mask"], part["labels"])
+            return {n: g.cpu() for n, g in grads.items()}
+
+        n = batch["input_ids"].shape[0]
+        parts, self.max_rows = halving(run, n, self.max_rows or n, "per-sample gradients")
+        return concat_rows(parts)
+
+    def to_device(self, batch: dict[str, torch.Tensor], rows: slice = slice(None)) -> dict[str, torch.Tensor]:
+        return {k: v[rows].to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def check(
         self, batch: dict[str, torch.Tensor], samples: int, tolerance: float | None
     ) -> tuple[dict[str, torch.Tensor], CheckReport]:
         """Gradients of `batch` checked on `samples` rows against a bs=1 loss.backward() loop
         (raises GradientCheckError on a mismatch; see tdabench.gradcheck)."""
-        return check_extractor(
+        part = self.to_device(batch)
+        grads, report = check_extractor(
             self.extractor(),
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["labels"],
+            part["input_ids"],
+            part["attention_mask"],
+            part["labels"],
             samples=samples,
             tolerance=tolerance,
         )
+        return {n: g.cpu() for n, g in grads.items()}, report

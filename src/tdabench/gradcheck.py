@@ -88,7 +88,11 @@ def reference_gradients(
                     loss.backward()
             for n in names:
                 g = params[n].grad
-                out[n].append(torch.zeros(params[n].numel()) if g is None else g.detach().reshape(-1).float().clone())
+                out[n].append(
+                    torch.zeros(params[n].numel(), device=params[n].device)
+                    if g is None
+                    else g.detach().reshape(-1).float().clone()
+                )
             model.zero_grad(set_to_none=True)
     finally:
         for n, p in params.items():
@@ -99,13 +103,14 @@ def reference_gradients(
 
 def relative_errors(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, float]:
     """Worst relative error per component over the rows of `ref` (see the module docstring)."""
-    total = torch.zeros(next(iter(ref.values())).shape[0], dtype=torch.float64)
+    first = next(iter(ref.values()))
+    total = torch.zeros(first.shape[0], dtype=torch.float64, device=first.device)
     for r in ref.values():
         total += r.double().pow(2).sum(1)
     floor = FLOOR * total.sqrt()  # [rows]
     errors = {}
     for n, r in ref.items():
-        diff = (got[n].double() - r.double()).norm(dim=1)
+        diff = (got[n].to(r.device).double() - r.double()).norm(dim=1)
         denom = torch.maximum(r.double().norm(dim=1), floor)
         err = torch.where(denom > 0, diff / denom.clamp(min=1e-300), torch.where(diff > 0, torch.inf, 0.0))
         errors[n] = float(err.max()) if torch.isfinite(got[n]).all() else float("nan")
@@ -124,7 +129,7 @@ def _diagnosis(extractor: GradientExtractor, rows: list[int], ref_losses: torch.
     """Why a check failed: the model's own batched loss differs from its bs=1 loss (it depends on
     padding or on the other samples), or a layer that the extractor computes wrongly."""
     if extractor.batch_losses is not None:
-        batched = extractor.batch_losses[rows].double()
+        batched = extractor.batch_losses[rows].double().cpu()
         gap = float(((batched - ref_losses).abs() / ref_losses.abs().clamp(min=1e-12)).max())
         if gap > LOSS_GAP:
             return (

@@ -170,6 +170,7 @@ class _Sink:
         self.cols = param.shape[1] if param.dim() == 2 else 1
         self.sketch = sketch
         self.shape = (batch, sketch.k if sketch else param.numel())
+        self.device = param.device
         self._out: torch.Tensor | None = None
 
     def add(self, first_row: int, block: torch.Tensor, samples: slice = slice(None)) -> None:
@@ -179,7 +180,7 @@ class _Sink:
             self._out = block  # the usual case: one contribution covering the whole tensor, no copy
             return
         if self._out is None:
-            self._out = torch.zeros(self.shape)
+            self._out = torch.zeros(self.shape, device=self.device)
         if self.sketch is None:
             self._out[samples, offset : offset + block.shape[1]] += block
         else:
@@ -190,7 +191,7 @@ class _Sink:
 
     @property
     def out(self) -> torch.Tensor:
-        return torch.zeros(self.shape) if self._out is None else self._out
+        return torch.zeros(self.shape, device=self.device) if self._out is None else self._out
 
 
 class _ParamUseTracer(TorchFunctionMode):

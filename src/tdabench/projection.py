@@ -85,16 +85,26 @@ class CountSketch:
         self.d, self.k = d, k
         self.rows = torch.randint(0, k, (d,), generator=gen, dtype=torch.int32)  # [d] output coordinate
         self.signs = torch.randint(0, 2, (d,), generator=gen, dtype=torch.int8) * 2 - 1  # [d] +-1
+        self._moved: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None  # copies on a GPU
 
     def add(self, out: torch.Tensor, offset: int, block: torch.Tensor, scale: float = 1.0) -> None:
         """out [n, k] += S restricted to input coordinates [offset, offset + block.shape[1])."""
         stop = offset + block.shape[1]
-        signs = self.signs[offset:stop].to(block.dtype) * scale
+        rows, signs = self._hash_on(block.device)
+        signs = signs[offset:stop].to(block.dtype) * scale
         # int64 indices: index_add_ is ~15x slower with int32 ones (kept int32 only to halve memory)
-        out.index_add_(1, self.rows[offset:stop].long(), block * signs)
+        out.index_add_(1, rows[offset:stop].long(), block * signs)
+
+    def _hash_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The hash arrays on `device` (copied there once, for sketches computed on a GPU)."""
+        if device == self.rows.device:
+            return self.rows, self.signs
+        if self._moved is None or self._moved[0] != device:
+            self._moved = (device, self.rows.to(device), self.signs.to(device))
+        return self._moved[1], self._moved[2]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(x.shape[0], self.k, dtype=torch.float32)
+        out = torch.zeros(x.shape[0], self.k, dtype=torch.float32, device=x.device)
         self.add(out, 0, x.to(torch.float32))
         return out
 

@@ -41,9 +41,13 @@ class TrackingError(RuntimeError):
     """The MLflow tracking store cannot be used; names the URI and what to do."""
 
 
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
     """Fail fast when an HTTP tracking server does not answer its health check."""
-    if not uri.startswith(("http://", "https://")):
+    if not is_server(uri):
         return
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
@@ -94,12 +98,14 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def ensure_experiment(uri: str, name: str, artifact_root: str | Path) -> str:
-    """Create the store (sqlite schema) and experiment once, before jobs run in parallel."""
+def ensure_experiment(uri: str, name: str, artifact_root: str | Path | None) -> str:
+    """Create the store (sqlite schema) and experiment once, before jobs run in parallel.
+    artifact_root None: the tracking server's default artifact location."""
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        exp_id = client.create_experiment(name, artifact_location=Path(artifact_root).resolve().as_uri())
+        location = Path(artifact_root).resolve().as_uri() if artifact_root is not None else None
+        exp_id = client.create_experiment(name, artifact_location=location)
     else:
         exp_id = exp.experiment_id
         if exp.lifecycle_stage == "deleted":  # deleted in the UI: bring it back rather than fail
@@ -125,12 +131,30 @@ def git_commit(repo: str | Path) -> tuple[str, bool]:
     return head.stdout.strip(), bool(dirty.stdout.strip())
 
 
-def start_study(config: dict, workdir: str | Path, repo: str | Path, cfg_hash: str) -> str:
-    """Open the parent run of this invocation and export its coordinates to jobs. Returns run id."""
+def check_remote_store(uri: str) -> None:
+    """Jobs of a cluster executor run on many nodes at once: a sqlite file (or file store) in the
+    workdir would be written concurrently over a shared filesystem, which sqlite's locking does not
+    survive. Refuse before anything is submitted."""
+    if not is_server(uri):
+        raise TrackingError(
+            f"mlflow.tracking_uri is {uri}, a local store, but jobs run through a cluster executor on "
+            "other nodes, which would write it concurrently over a shared filesystem. Start a tracking "
+            "server (make mlflow-server, on a host the nodes can reach) and pass "
+            '--config \'mlflow={"tracking_uri": "http://HOST:5000"}\', or set mlflow.enabled: false'
+        )
+
+
+def start_study(config: dict, workdir: str | Path, repo: str | Path, cfg_hash: str, remote_jobs: bool = False) -> str:
+    """Open the parent run of this invocation and export its coordinates to jobs. Returns run id.
+    remote_jobs: jobs run through a cluster executor (a local store is refused then)."""
     mlcfg = config["mlflow"]
     uri = mlcfg["tracking_uri"] or default_tracking_uri(workdir)
+    if remote_jobs:
+        check_remote_store(uri)
     check_reachable(uri)
-    exp_id = ensure_experiment(uri, mlcfg["experiment"], Path(workdir) / "mlartifacts")
+    # A server keeps artifacts where it was told to (mlflow server --artifacts-destination) and
+    # proxies uploads; a local store keeps them next to it in the workdir.
+    exp_id = ensure_experiment(uri, mlcfg["experiment"], None if is_server(uri) else Path(workdir) / "mlartifacts")
     workdir = str(Path(workdir).resolve())
     close_stale_studies(_client(uri), exp_id, workdir)
     commit, dirty = git_commit(repo)

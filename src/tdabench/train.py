@@ -4,11 +4,13 @@ Training loss: causal-LM cross-entropy averaged over the batch's labelled tokens
 and EOS by default; see tdabench.models), optionally with label smoothing, which keeps a small
 model from becoming infinitely sure of memorised text (attribution always uses the plain loss).
 AdamW, linear warm-up, cosine decay, seeded shuffling: the same config and seed give the same
-weights on the same machine.
+weights on the same machine. Batches go to the model's device; `precision: bfloat16` runs the
+forward pass under bf16 autocast (weights and optimiser state stay fp32).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tdabench.device import DeviceError, halving, supports_bf16
 from tdabench.models import Encoded, collate, encode_prompt
 from tdabench.progress import Progress
 
@@ -31,6 +34,7 @@ class TrainConfig:
     weight_decay: float
     warmup_fraction: float
     label_smoothing: float
+    precision: str  # float32 | bfloat16 (forward under autocast)
     seed: int
 
 
@@ -42,6 +46,17 @@ def lr_lambda(total_steps: int, warmup_steps: int):
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return f
+
+
+def precision_context(device: torch.device, precision: str):
+    """Autocast for `precision` on `device` (bf16 only where the hardware has it)."""
+    if precision == "float32":
+        return contextlib.nullcontext()
+    if precision != "bfloat16":
+        raise ValueError(f"training precision {precision!r}: allowed float32, bfloat16")
+    if device.type == "cuda" and not supports_bf16(device):
+        raise DeviceError(f"precision bfloat16: {device} does not support bf16; use precision: float32")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def lm_loss(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0) -> torch.Tensor:
@@ -63,6 +78,7 @@ def train(
     total = steps_per_epoch * cfg.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, max(1, round(cfg.warmup_fraction * total))))
+    device = next(model.parameters()).device
     model.train()
     curve, step = [], 0
     bar = Progress(total=total, desc=desc, unit="steps", disable=not progress)
@@ -71,7 +87,9 @@ def train(
         losses = []
         for start in range(0, len(order), cfg.batch_size):
             batch = collate([examples[i] for i in order[start : start + cfg.batch_size]], pad_id)
-            loss = lm_loss(model, batch, cfg.label_smoothing)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with precision_context(device, cfg.precision):
+                loss = lm_loss(model, batch, cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"{desc}: the training loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
@@ -104,24 +122,32 @@ def greedy_answers(
 ) -> list[str]:
     """The model's greedy-decoded response to each prompt (left-padded batches)."""
     pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
     out: list[str] = []
+    rows = batch_size  # lowered for the rest of the run after an out-of-memory split
     for start in Progress(range(0, len(prompts), batch_size), desc="generate", unit="batches", disable=not progress):
         ids = [encode_prompt(tokenizer, p, max_length) for p in prompts[start : start + batch_size]]
-        width = max(map(len, ids))
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, seq in enumerate(ids):
-            input_ids[i, width - len(seq) :] = torch.tensor(seq)
-            mask[i, width - len(seq) :] = 1
-        gen = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        out += tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+
+        def answer(chunk: slice, ids=ids) -> list[str]:
+            seqs = ids[chunk]
+            width = max(map(len, seqs))
+            input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for i, seq in enumerate(seqs):
+                input_ids[i, width - len(seq) :] = torch.tensor(seq)
+                mask[i, width - len(seq) :] = 1
+            gen = model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            return tokenizer.batch_decode(gen[:, width:].cpu(), skip_special_tokens=True)
+
+        parts, rows = halving(answer, len(ids), rows, "generate")
+        out += [a for part in parts for a in part]
     return out
 
 

@@ -1,7 +1,9 @@
 # Shared helpers: what every rule repeats, code dependencies of each stage, the file lists rules
-# expand. Threads and resources live in the workflow profile (profiles/default/config.yaml).
+# expand, and what each job asks the scheduler for (threads, mem_mb, runtime, gpu).
 
+from tdabench import resources as estimates
 from tdabench.codedeps import stage_sources
+from tdabench.device import wants_gpu
 from tdabench.pipeline.common import stage_module
 
 # Every rule runs its stage through one script (tdabench.pipeline.common.STAGES maps rule -> entry
@@ -11,7 +13,15 @@ ENV = "../../envs/tdabench.yaml"
 
 # Keys of config sections that feed one library dataclass (only these rerun a rule).
 EXTRACTION_KEYS = ("components", "batch_size", "max_component_dim", "sketch_seed", "autocast")
-TRAIN_KEYS = ("epochs", "batch_size", "learning_rate", "weight_decay", "warmup_fraction", "label_smoothing")
+TRAIN_KEYS = (
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "warmup_fraction",
+    "label_smoothing",
+    "precision",
+)
 
 
 def stage_code(rule):
@@ -84,3 +94,49 @@ wildcard_constraints:
     shard=r"\d+",
     setting=r"[a-z_]+",
     method=r"[a-z_]+",
+
+
+CLUSTER_THREADS = 8  # threads of a model job on a cluster when resources.threads is not set
+
+
+def max_threads():
+    """Most threads of any job: resources.threads, else the invocation's --cores (locally), else
+    CLUSTER_THREADS (a cluster executor has no --cores). Snakemake also caps at --cores locally."""
+    cap = config["resources"]["threads"]
+    if cap:
+        return cap
+    cores = workflow.resource_settings.cores
+    return cores if isinstance(cores, int) and not workflow.resource_settings.nodes else CLUSTER_THREADS
+
+
+def model_resources(name, rows=lambda wildcards, input: 0):
+    """Resources of the model-running rule `name`. Memory and runtime come from the model's size, the rows
+    one job handles (`rows(wildcards, input)`) and the attempt; gpu is added when device is cuda."""
+
+    def get(key):
+        return lambda wildcards, input, attempt: estimates.estimate(name, config, rows(wildcards, input), attempt)[key]
+
+    res = {"mem_mb": get("mem_mb"), "runtime": get("runtime")}
+    if wants_gpu(config["device"]) and name in estimates.GPU_RULES:
+        res["gpu"] = config["resources"]["gpus"]
+    return res
+
+
+def io_resources():
+    """Resources of a store- and table-reading job, which grow with its input size."""
+
+    def get(key):
+        return lambda wildcards, input, attempt: estimates.estimate_io(config, input.size_mb, attempt)[key]
+
+    return {"mem_mb": get("mem_mb"), "runtime": get("runtime")}
+
+
+def rows_of(name):
+    """rows(wildcards, input) of the table named `name` among a rule's inputs."""
+    return lambda wildcards, input: estimates.table_rows(input[name], config)
+
+
+def shard_rows(wildcards, input):
+    """Rows of one gradients job: its split's table over the split's shards."""
+    table = input.train if wildcards.split == "train" else input.queries
+    return -(-estimates.table_rows(table, config) // n_shards(wildcards.split))

@@ -13,9 +13,10 @@ rule costs:
         "benchmarks/costs.tsv"
     conda:
         ENV
-    # All cores (Snakemake scales this down to --cores): timings are only comparable when no other
-    # job shares the machine.
-    threads: 256
+    # All the cores a job may have: timings are only comparable when no other job shares the machine.
+    threads: max_threads()
+    resources:
+        **model_resources("costs"),
     params:
         model=model_param(attributed_model()),
         settings=config["dataset"]["settings"],
@@ -23,6 +24,7 @@ rule costs:
         costs=keys("projection", ("methods", "dims", "nonzeros", "select_kind")),
         extraction=keys("gradients", EXTRACTION_KEYS),
         tokenize=config["tokenize"],
+        device=config["device"],
     script:
         STAGE
 
@@ -48,6 +50,8 @@ rule evaluate:
         "benchmarks/evaluate.tsv"
     conda:
         ENV
+    resources:
+        **io_resources(),
     params:
         settings=config["dataset"]["settings"],
         recall_at=config["evaluation"]["recall_at"],
@@ -101,6 +105,6 @@ rule summary:
         ENV
     params:
         settings=config["dataset"]["settings"],
-        study_config={key: value for key, value in config.items() if key != "mlflow"},
+        study_config={key: value for key, value in config.items() if key not in NON_RESULT_KEYS},
     script:
         STAGE

@@ -12,12 +12,16 @@ rule pretrain:
         "benchmarks/pretrain.tsv"
     conda:
         ENV
+    threads: max_threads()
+    resources:
+        **model_resources("pretrain", rows_of("background")),
     params:
         kind=config["dataset"]["kind"],
         model=config["model"]["tiny"],
         tokenize=config["tokenize"],
         train=training("pretrain"),
         seed=config["seed"],
+        device=config["device"],
     script:
         STAGE
 
@@ -34,6 +38,9 @@ rule convert:
         "benchmarks/convert.tsv"
     conda:
         ENV
+    threads: max_threads()
+    resources:
+        **model_resources("convert"),
     params:
         gguf=config["model"]["gguf"],
     script:
@@ -56,11 +63,15 @@ rule finetune:
         "benchmarks/finetune.tsv"
     conda:
         ENV
+    threads: max_threads()
+    resources:
+        **model_resources("finetune", rows_of("train")),
     params:
         base=model_param(base_model()),
         tokenize=config["tokenize"],
         train=training("finetune"),
         eval_batch_size=config["finetune"]["eval_batch_size"],
+        device=config["device"],
     script:
         STAGE
 
@@ -79,10 +90,14 @@ rule generate:
         "benchmarks/generate.tsv"
     conda:
         ENV
+    threads: max_threads()
+    resources:
+        **model_resources("generate", rows_of("queries")),
     params:
         model=model_param(attributed_model()),
         max_length=config["tokenize"]["max_length"],
         max_new_tokens=config["dataset"]["generate_max_tokens"],
         batch_size=config["finetune"]["eval_batch_size"],
+        device=config["device"],
     script:
         STAGE

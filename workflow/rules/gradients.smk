@@ -13,6 +13,9 @@ rule gradients:
         "benchmarks/gradients/{split}-{shard}.tsv"
     conda:
         ENV
+    threads: max_threads()
+    resources:
+        **model_resources("gradients", shard_rows),
     params:
         model=model_param(attributed_model()),
         shards=lambda wc: n_shards(wc.split),
@@ -22,5 +25,6 @@ rule gradients:
         verify=config["gradients"]["verify"],
         verify_tolerance=config["gradients"]["verify_tolerance"],
         tokenize=config["tokenize"],
+        device=config["device"],
     script:
         STAGE

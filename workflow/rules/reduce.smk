@@ -17,6 +17,8 @@ rule similarity:
         "benchmarks/similarity/{setting}.tsv"
     conda:
         ENV
+    resources:
+        **io_resources(),
     params:
         block_rows=config["similarity"]["block_rows"],
         dtype=config["similarity"]["dtype"],
@@ -37,6 +39,8 @@ rule selection:
         "benchmarks/selection/{setting}.tsv"
     conda:
         ENV
+    resources:
+        **io_resources(),
     params:
         selection_fraction=config["selection"]["selection_fraction"],
         n_splits=config["selection"]["n_splits"],
@@ -61,6 +65,8 @@ rule projection:
         "benchmarks/projection/{method}.tsv"
     conda:
         ENV
+    resources:
+        **io_resources(),
     params:
         dims=config["projection"]["dims"],
         seeds=config["projection"]["seeds"],
@@ -84,6 +90,8 @@ rule project_selected:
         "benchmarks/projection/select_then_project-{setting}.tsv"
     conda:
         ENV
+    resources:
+        **io_resources(),
     params:
         dims=config["projection"]["dims"],
         seeds=config["projection"]["seeds"],

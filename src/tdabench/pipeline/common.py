@@ -137,6 +137,17 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
 
 
+def job_device(spec: str, mlrun: tracking.Run):
+    """The torch device of config value `device` on this job's host (DeviceError if it cannot be
+    used: no silent CPU fallback), logged and tagged on the job's MLflow run."""
+    from tdabench.device import describe, resolve_device
+
+    device = resolve_device(spec)
+    log.info("device: %s (config device: %s)", describe(device), spec)
+    mlrun.set_tags({"tdabench.device": describe(device)})
+    return device
+
+
 def run_rule(job: JobContext) -> None:
     """Run the stage entry point registered for `job.rule` (see STAGES)."""
     module, _, function = STAGES[job.rule].partition(":")

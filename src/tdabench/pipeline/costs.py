@@ -12,7 +12,7 @@ from tdabench.costs import CostsConfig, TimedExtraction, costs_table, measure_se
 from tdabench.data.sources import read_queries
 from tdabench.extraction import Extraction, ExtractionConfig
 from tdabench.models import TokenizeConfig, encode_all, load_model
-from tdabench.pipeline.common import JobContext, set_threads
+from tdabench.pipeline.common import JobContext, job_device, set_threads
 from tdabench.selection import SelectionTable
 
 log = logging.getLogger(__name__)
@@ -26,12 +26,15 @@ class Params:
     costs: CostsConfig  # projection: methods, dims, nonzeros, select_kind
     extraction: ExtractionConfig  # gradients: components, batch_size, max_component_dim, sketch_seed, autocast
     tokenize: TokenizeConfig
+    device: str  # config device
 
 
 def main(job: JobContext, mlrun) -> None:
     set_threads(job.threads)
     p = job.typed_params(Params)
+    device = job_device(p.device, mlrun)
     model, tokenizer = load_model(p.model)
+    model.to(device)
     extraction = Extraction(model, p.extraction)
     queries = read_queries(job.input["queries"])
     rows = []

@@ -10,7 +10,7 @@ import polars as pl
 from tdabench.data.sources import read_queries, read_train
 from tdabench.io import atomic_path, write_json
 from tdabench.models import TokenizeConfig, encode_all, load_model
-from tdabench.pipeline.common import JobContext, set_threads
+from tdabench.pipeline.common import JobContext, job_device, set_threads
 from tdabench.train import TrainConfig, greedy_answers, states_fact, train
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ class Params:
     tokenize: TokenizeConfig
     train: TrainConfig  # finetune (its training keys + seed)
     eval_batch_size: int  # finetune.eval_batch_size
+    device: str  # config device (auto | cpu | cuda | cuda:N)
 
 
 def fact_report(
@@ -54,9 +55,11 @@ def fact_report(
 def main(job: JobContext, mlrun) -> None:
     set_threads(job.threads)
     p = job.typed_params(Params)
+    device = job_device(p.device, mlrun)
     train_df = read_train(job.input["train"])
     queries = read_queries(job.input["queries"])
     model, tokenizer = load_model(p.base)
+    model.to(device)
     examples = encode_all(tokenizer, train_df["prompt"], train_df["response"], p.tokenize)
     n_trunc = sum(e.truncated for e in examples)
     if n_trunc:
@@ -75,7 +78,7 @@ def main(job: JobContext, mlrun) -> None:
     mlrun.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float))})
     mlrun.log_metrics({"final_train_loss": curve[-1]["loss"]})
     with atomic_path(job.output["model"], directory=True) as tmp:
-        model.save_pretrained(tmp)
+        model.cpu().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     write_json(report, job.output["report"])
     mlrun.log_artifact(job.output["report"])

@@ -10,7 +10,7 @@ import polars as pl
 
 from tdabench.data.sources import read_queries, write_queries
 from tdabench.models import load_model
-from tdabench.pipeline.common import JobContext, set_threads
+from tdabench.pipeline.common import JobContext, job_device, set_threads
 from tdabench.train import greedy_answers, states_fact
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ class Params:
     max_length: int  # tokenize.max_length
     max_new_tokens: int  # dataset.generate_max_tokens
     batch_size: int  # finetune.eval_batch_size
+    device: str  # config device
 
 
 def main(job: JobContext, mlrun) -> None:
@@ -39,6 +40,7 @@ def main(job: JobContext, mlrun) -> None:
             f"setting model_generated needs paraphrased queries to answer; {job.input['queries']} has none"
         )
     model, tokenizer = load_model(p.model)
+    model.to(job_device(p.device, mlrun))
     answers = greedy_answers(
         model, tokenizer, para["prompt"].to_list(), p.max_length, p.max_new_tokens, p.batch_size, progress=True
     )

@@ -13,7 +13,7 @@ from tdabench.codedeps import sources_digest
 from tdabench.data.sources import read_queries, read_train
 from tdabench.extraction import Extraction, ExtractionConfig
 from tdabench.models import TokenizeConfig, encode_all, load_model, model_fingerprint, unlabelled
-from tdabench.pipeline.common import JobContext, set_threads
+from tdabench.pipeline.common import JobContext, job_device, set_threads
 from tdabench.progress import Progress
 from tdabench.store import GradientStoreWriter, estimate_bytes
 from tdabench.tracking import file_manifest
@@ -31,6 +31,7 @@ class Params:
     verify: int
     verify_tolerance: float | None
     tokenize: TokenizeConfig
+    device: str  # config device
 
 
 def shard_rows(n: int, shard: int, n_shards: int) -> slice:
@@ -44,7 +45,9 @@ def main(job: JobContext, mlrun) -> None:
     split, shard = job.wildcards["split"], int(job.wildcards["shard"])
     tables = {"train": read_train(job.input["train"]), "queries": read_queries(job.input["queries"])}
     df = tables[split][shard_rows(tables[split].height, shard, p.shards)]
+    device = job_device(p.device, mlrun)
     model, tokenizer = load_model(p.model)
+    model.to(device)
     extraction = Extraction(model, p.extraction)
     stored = extraction.stored_dims
     total = estimate_bytes(sum(t.height for t in tables.values()), stored, p.dtype)
@@ -147,6 +150,7 @@ def main(job: JobContext, mlrun) -> None:
             "n_truncated": n_trunc,
             **check_metrics,
             **{f"n_path_{k}": v for k, v in extractor.path_counts().items()},
+            "batch_rows": extraction.max_rows or p.extraction.batch_size,
         }
     )
     mlrun.log_dict({n: asdict(path) for n, path in extractor.paths.items()}, "gradient_paths.json")

@@ -9,7 +9,7 @@ from tdabench.data.sources import read_train
 from tdabench.data.synthetic import vocabulary_corpus
 from tdabench.io import atomic_path, write_json
 from tdabench.models import TinyModelConfig, TokenizeConfig, build_tiny_model, encode_all, train_tokenizer
-from tdabench.pipeline.common import JobContext, set_threads
+from tdabench.pipeline.common import JobContext, job_device, set_threads
 from tdabench.train import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -22,11 +22,13 @@ class Params:
     tokenize: TokenizeConfig
     train: TrainConfig  # pretrain (+ seed)
     seed: int
+    device: str  # config device
 
 
 def main(job: JobContext, mlrun) -> None:
     set_threads(job.threads)
     p = job.typed_params(Params)
+    device = job_device(p.device, mlrun)
     background = read_train(job.input["background"])
     texts = background["prompt"].to_list() + background["response"].to_list()
     # The tokenizer's "general corpus": for the synthetic benchmark every template's words and every
@@ -34,6 +36,7 @@ def main(job: JobContext, mlrun) -> None:
     general = vocabulary_corpus() if p.kind == "synthetic" else []
     tokenizer = train_tokenizer(texts + general, p.model.vocab_size)
     model = build_tiny_model(p.model, tokenizer, seed=p.seed, max_positions=2 * p.tokenize.max_length)
+    model.to(device)
     examples = encode_all(tokenizer, background["prompt"], background["response"], p.tokenize)
     curve = []
     if p.train.epochs:
@@ -47,6 +50,6 @@ def main(job: JobContext, mlrun) -> None:
         curve[-1]["loss"] if curve else "-",
     )
     with atomic_path(job.output["model"], directory=True) as tmp:
-        model.save_pretrained(tmp)
+        model.cpu().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     write_json({"loss_curve": curve, "n_background": len(examples), "train": asdict(p.train)}, job.output["report"])

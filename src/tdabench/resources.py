@@ -1,0 +1,160 @@
+"""What each job asks the scheduler for: memory and runtime that grow with the model's parameter
+count, the data size and the attempt (so `--retries` helps), and threads under one cap.
+
+Estimates, not measurements: they are sized from the cost of one training / gradient token
+measured on a 2-core CPU (`CPU_FLOPS`, from the SmolLM2 study's benchmarks/*.tsv), so on a GPU or a
+larger node they are generous upper bounds. `resources.mem_scale` / `runtime_scale` scale them,
+`--set-resources RULE:mem_mb=...` overrides one rule. The formulas are in docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MB = 2**20
+BASE_MB = 1500  # python + torch + transformers, before any model
+CPU_FLOPS = 4e10  # effective FLOP/s of fwd+bwd on 2 CPU cores (SmolLM2-135M fine-tune: ~4.7e10)
+MIN_RUNTIME = 10  # minutes: start-up, imports, self-checks
+HUB_PARAMETERS = 1_000_000_000  # assumed for a hub name that is not on disk (set resources.model_parameters)
+MODEL_RULES = ("pretrain", "convert", "finetune", "generate", "gradients", "costs")
+GPU_RULES = ("pretrain", "finetune", "generate", "gradients", "costs")  # convert dequantises on the CPU
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    parameters: int
+    layers: int
+    source: str  # where the count came from (logged by `tdabench resources`)
+
+
+def tiny_parameters(tiny: dict) -> int:
+    """Parameter count of the tiny Llama (untied head) built by tdabench.models.build_tiny_model."""
+    v, h, i, n = tiny["vocab_size"], tiny["hidden_size"], tiny["intermediate_size"], tiny["num_layers"]
+    return 2 * v * h + n * (4 * h * h + 3 * h * i + 2 * h) + h
+
+
+def _layers(config_json: dict) -> int:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config_json.get(key), int):
+            return config_json[key]
+    return 1
+
+
+def checkpoint_parameters(folder: Path) -> int:
+    """Exact parameter count from the safetensors headers (no weights are read)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            total += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
+    return total
+
+
+def gguf_size(path: Path) -> ModelSize:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = reader.fields.get("general.architecture")
+    name = bytes(arch.parts[arch.data[0]]).decode() if arch else ""
+    blocks = reader.fields.get(f"{name}.block_count")
+    layers = int(blocks.parts[blocks.data[0]][0]) if blocks else 1
+    return ModelSize(sum(int(t.n_elements) for t in reader.tensors), layers, f"GGUF {path.name}")
+
+
+@functools.lru_cache(maxsize=8)
+def _model_size(model_json: str, override: int | None) -> ModelSize:
+    model = json.loads(model_json)
+    kind = model["kind"]
+    if kind == "tiny":
+        size = ModelSize(tiny_parameters(model["tiny"]), model["tiny"]["num_layers"], "model.tiny")
+    elif kind == "gguf":
+        from tdabench.models import gguf_location
+
+        g = model["gguf"]
+        try:
+            folder, file = gguf_location(g["path"], g["package"], g["file"])
+            size = gguf_size(folder / file)
+        except (FileNotFoundError, ImportError, ValueError) as e:
+            size = ModelSize(HUB_PARAMETERS, 24, f"assumed ({e})")
+    else:
+        folder = Path(model["name_or_path"] or "")
+        config = folder / "config.json"
+        if config.is_file() and any(folder.glob("*.safetensors")):
+            size = ModelSize(checkpoint_parameters(folder), _layers(json.loads(config.read_text())), str(folder))
+        else:
+            size = ModelSize(HUB_PARAMETERS, 24, "assumed (not a local checkpoint)")
+    if override:
+        size = ModelSize(override, size.layers, "resources.model_parameters")
+    return size
+
+
+def model_size(config: dict) -> ModelSize:
+    """Parameter count and depth of the study's model, read from its config without loading it."""
+    return _model_size(json.dumps(config["model"], sort_keys=True), config["resources"]["model_parameters"])
+
+
+def stored_dims(size: ModelSize, max_component_dim: int | None) -> int:
+    """Upper bound of one sample's stored gradient (every weight, or ~7 sketched matrices a layer)."""
+    if max_component_dim is None:
+        return size.parameters
+    return min(size.parameters, max_component_dim * (7 * size.layers + 1))
+
+
+def estimate(rule: str, config: dict, rows: int, attempt: int = 1) -> dict[str, int]:
+    """{mem_mb, runtime} of one job of `rule` over `rows` examples (runtime in minutes)."""
+    size = model_size(config)
+    p, length = size.parameters, config["tokenize"]["max_length"]
+    tokens = rows * length  # an upper bound: examples are padded to at most max_length
+    grads = config["gradients"]
+    if rule in ("pretrain", "finetune"):
+        mem = 24 * p  # fp32 weights, gradient, two AdamW moments, + activations margin
+        flops = 6 * p * tokens * config[rule]["epochs"] + 2 * p * tokens  # + the fact check
+    elif rule == "convert":
+        mem, flops = 16 * p, 0
+    elif rule == "generate":
+        new = config["dataset"]["generate_max_tokens"]
+        mem, flops = 8 * p, 2 * p * rows * (length + new) * 4  # decoding runs far below peak
+    elif rule == "gradients":  # weights + a load copy + count-sketch hashes (5 B a weight) + batch outputs
+        mem = 16 * p + 3 * grads["batch_size"] * stored_dims(size, grads["max_component_dim"]) * 4
+        flops = 6 * p * tokens * 2  # + the self-check loop and the per-sample products
+    elif rule == "costs":
+        n = config["evaluation"]["cost_samples"]
+        variants = 4 + len(config["projection"]["methods"]) * len(config["projection"]["dims"])
+        mem = 16 * p + 3 * n * stored_dims(size, grads["max_component_dim"]) * 4
+        flops = 6 * p * n * length * variants * len(config["dataset"]["settings"])
+    else:
+        raise ValueError(f"no model-based estimate for rule {rule!r}")
+    res = config["resources"]
+    mem_mb = math.ceil(attempt * res["mem_scale"] * (BASE_MB + mem / MB))
+    minutes = math.ceil(attempt * res["runtime_scale"] * max(MIN_RUNTIME, 2 * flops / CPU_FLOPS / 60))
+    return {"mem_mb": mem_mb, "runtime": minutes}
+
+
+def estimate_io(config: dict, input_mb: float, attempt: int = 1) -> dict[str, int]:
+    """{mem_mb, runtime} of a job that reads stores/tables of `input_mb` (similarity, projections,
+    selection, evaluation): they read in blocks, so memory grows slower than the data."""
+    res = config["resources"]
+    mem_mb = math.ceil(attempt * res["mem_scale"] * (BASE_MB + 0.5 * input_mb))
+    minutes = math.ceil(attempt * res["runtime_scale"] * max(MIN_RUNTIME, input_mb / 100))  # ~100 MB/min
+    return {"mem_mb": mem_mb, "runtime": minutes}
+
+
+def table_rows(path: str | Path, config: dict) -> int:
+    """Rows of a parquet table from its footer, or (before it exists: Snakemake evaluates resources
+    again once a job's inputs are there) the synthetic benchmark's size, else 10,000."""
+    if Path(path).is_file():
+        import polars as pl
+
+        return int(pl.scan_parquet(path).select(pl.len()).collect().item())
+    syn = config["dataset"]["synthetic"]
+    if config["dataset"]["kind"] == "synthetic":
+        return syn["n_entities"] * syn["background_facts_per_entity"] + 2 * syn["planted_facts"]
+    return 10_000

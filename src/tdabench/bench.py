@@ -1,16 +1,22 @@
 """Benchmarks that print numbers (never asserted in tests).
 
-python -m tdabench.bench gradients [--model tiny|llama-135m|PATH] [--samples N] [--batch-size B]
-    samples/s and peak RSS, on the same samples, of
+python -m tdabench.bench gradients [--model tiny|llama-135m|PATH] [--samples N] [--batch-size B] [--peers]
+    samples/s, on the same batches, of
       (a) our extractor, all components
       (b) our extractor, a selection (the last layer's MLP; a greedy-selected set)
       (c) the reference-style loop: bs=1, loss.backward(), clone every .grad
       (d) a plain batched forward+backward (the floor no per-sample extractor can beat)
-    each variant in its own process, so each peak RSS is its own.
+      peers (--peers): torch.func vmap(grad), Opacus GradSampleModule (when installed)
+    all in one process, interleaved batch by batch (tdabench.benchkit): medians and interquartile
+    ranges over rounds, each ratio taken per round; agreement and coverage against the bs=1 loop.
 python -m tdabench.bench store --model llama-135m --samples 64 --max-component-dim 65536
     write a gradient store with the dimension cap: peak RSS, file size against the estimate.
-python -m tdabench.bench greedy [--components 113 --queries 988 --candidates 5]
-    greedy forward selection run to the end on a random similarity store of the published size.
+python -m tdabench.bench greedy [--components 113 --queries 988 --candidates 5] [--rounds 5]
+    greedy forward selection run to the end on a random similarity store of the published size,
+    the three objectives interleaved.
+python -m tdabench.bench projections [--dim 1048576] [--k 4096 8192] [--samples 32] [--rounds 5]
+    dense projections (ours: gaussian, rademacher, sjlt) against TRAK's BasicProjector (when the
+    `traker` package is installed), interleaved; speed-up over TRAK per round.
 python -m tdabench.bench architectures [--jobs 2] [--output docs/architectures.md] [TYPE ...]
     every causal-LM architecture of transformers, built tiny: per-sample gradients vs the bs=1
     loop (tdabench.architectures); writes the markdown table.
@@ -19,17 +25,15 @@ python -m tdabench.bench architectures [--jobs 2] [--output docs/architectures.m
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from tdabench.benchkit import Contender, fmt, interleave, load, machine, peak_rss_mb, rates
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -66,12 +70,13 @@ def build(model_spec: str, samples: int, length: int, seed: int = 0):
             num_attention_heads=tiny.num_heads,
             num_key_value_heads=tiny.num_heads,
             tie_word_embeddings=False,
+            attn_implementation="eager",  # as the study loads models (and vmap with padding needs it)
         )
         model = LlamaForCausalLM(config)
     elif model_spec in MODELS:
-        model = LlamaForCausalLM(LlamaConfig(**MODELS[model_spec]))
+        model = LlamaForCausalLM(LlamaConfig(**MODELS[model_spec], attn_implementation="eager"))
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_spec, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_spec, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
@@ -100,104 +105,115 @@ def greedy_selection(names: list[str]) -> tuple[list[str], str]:
     return match_components(names, ["lm_head", "mlp@-1"]), "stand-in set lm_head + last MLP (no greedy result here)"
 
 
-def run_variant(variant: str, model_spec: str, samples: int, length: int, batch_size: int, device: str = "cpu") -> dict:
+def gradient_contenders(model, ids, mask, labels, batch_size: int, peers: bool) -> list[Contender]:
+    """Every contender of the gradients benchmark; round r processes batch r (cycling)."""
     from tdabench.components import component_registry, match_components
-    from tdabench.device import resolve_device, synchronize
     from tdabench.extraction import Extraction, ExtractionConfig
     from tdabench.gradients import iter_batches, per_sample_loss
 
-    where = resolve_device(device)
-    model, ids, mask, labels = build(model_spec, samples, length)
-    model.to(where)
-    ids, mask, labels = ids.to(where), mask.to(where), labels.to(where)
+    batches = list(iter_batches(ids.shape[0], batch_size))
     names = [c.name for c in component_registry(model)]
-    note = ""
-    comps = names  # a_all, and the coverage of the reference loop and the plain pass
-    if variant == "b_last_mlp":
-        comps = match_components(names, ["mlp@-1"])
-    elif variant == "b_greedy":
-        comps, note = greedy_selection(names)
 
-    extraction = Extraction(model, ExtractionConfig(tuple(comps), batch_size, None, 0, None))
+    def rows(r):
+        return batches[r % len(batches)]
 
-    def ours(rows):
-        extraction({"input_ids": ids[rows], "attention_mask": mask[rows], "labels": labels[rows]})
+    def units(r):
+        return rows(r).stop - rows(r).start
 
-    def reference(rows):  # what the paper's reference code does: one sample at a time
-        for b in range(rows.start, rows.stop):
+    def ours(comps):
+        extraction = Extraction(model, ExtractionConfig(tuple(comps), batch_size, None, 0, None))
+        return lambda r: extraction(
+            {"input_ids": ids[rows(r)], "attention_mask": mask[rows(r)], "labels": labels[rows(r)]}
+        )
+
+    def reference(r):  # what the paper's reference code does: one sample at a time
+        for b in range(rows(r).start, rows(r).stop):
             keep = mask[b].bool()
             model.zero_grad(set_to_none=True)
             per_sample_loss(model(input_ids=ids[b, keep][None]).logits, labels[b, keep][None]).sum().backward()
             [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
 
-    def plain(rows):
+    def plain(r):
         model.zero_grad(set_to_none=True)
-        per_sample_loss(model(input_ids=ids[rows], attention_mask=mask[rows]).logits, labels[rows]).sum().backward()
+        logits = model(input_ids=ids[rows(r)], attention_mask=mask[rows(r)]).logits
+        per_sample_loss(logits, labels[rows(r)]).sum().backward()
 
-    fn = {"c_reference_loop": reference, "d_plain_fwd_bwd": plain}.get(variant, ours)
-    batches = list(iter_batches(samples, batch_size))
-    fn(batches[0])  # warm-up
-    synchronize(where)
-    start = time.perf_counter()
-    for rows in batches:
-        fn(rows)
-    synchronize(where)
-    seconds = time.perf_counter() - start
-    return {
-        "variant": variant,
-        "samples_per_s": samples / seconds,
-        "seconds": seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "note": note,
-        "n_components": len(comps) if variant.startswith(("a", "b")) else len(names),
-    }
+    greedy, note = greedy_selection(names)
+    contenders = [
+        Contender("a_all", ours(names), units, f"{len(names)} tensors"),
+        Contender("b_last_mlp", ours(match_components(names, ["mlp@-1"])), units, "last layer's MLP"),
+        Contender("b_greedy", ours(greedy), units, note),
+        Contender("c_reference_loop", reference, units, f"{len(names)} tensors"),
+        Contender("d_plain_fwd_bwd", plain, units, "no per-sample gradients"),
+    ]
+    if peers:
+        from tdabench.peers import available
+
+        for name, make in available().items():
+            fn = make(model)
+            contenders.append(
+                Contender(f"peer_{name}", lambda r, fn=fn: fn(ids[rows(r)], mask[rows(r)], labels[rows(r)]), units)
+            )
+    return contenders
+
+
+def agreement(model, contender_fns: dict[str, object], ids, mask, labels, samples: int = 2) -> dict[str, tuple]:
+    """{contender: (tensors covered, worst relative error)} on `samples` rows of the first batch,
+    against the bs=1 loss.backward() loop (tdabench.gradcheck)."""
+    from tdabench.gradcheck import pick_samples, reference_gradients, relative_errors
+
+    names = [n for n, _ in model.named_parameters()]
+    picked = pick_samples(mask, samples)
+    ref, _ = reference_gradients(model, ids, mask, labels, names, picked)
+    out = {}
+    for name, fn in contender_fns.items():
+        got = {n: g.detach().cpu() for n, g in fn(ids, mask, labels).items()}
+        covered = [n for n in names if n in got]
+        errors = relative_errors({n: got[n][picked] for n in covered}, {n: ref[n].cpu() for n in covered})
+        out[name] = (len(covered), max(errors.values(), default=float("nan")))
+    return out
 
 
 def gradients_main(args) -> None:
-    variants = ["a_all", "b_last_mlp", "b_greedy", "c_reference_loop", "d_plain_fwd_bwd"]
-    results = []
-    for v in variants:
-        cmd = [
-            sys.executable,
-            "-m",
-            "tdabench.bench",
-            "_variant",
-            v,
-            "--model",
-            args.model,
-            "--samples",
-            str(args.samples),
-            "--length",
-            str(args.length),
-            "--batch-size",
-            str(args.batch_size),
-            "--threads",
-            str(args.threads),
-            "--device",
-            args.device,
-        ]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    floor = next(r for r in results if r["variant"] == "d_plain_fwd_bwd")["samples_per_s"]
-    ref = next(r for r in results if r["variant"] == "c_reference_loop")["samples_per_s"]
+    from tdabench.device import describe, resolve_device, synchronize
+    from tdabench.extraction import Extraction, ExtractionConfig
+
+    where = resolve_device(args.device)
+    model, ids, mask, labels = build(args.model, args.samples, args.length)
+    model.to(where)
+    ids, mask, labels = ids.to(where), mask.to(where), labels.to(where)
+    contenders = gradient_contenders(model, ids, mask, labels, args.batch_size, args.peers)
     print(
         f"# tdabench.bench gradients --model {args.model} --samples {args.samples} --length {args.length} "
-        f"--batch-size {args.batch_size} --threads {args.threads} --device {args.device}"
+        f"--batch-size {args.batch_size} --rounds {args.rounds} --threads {args.threads} --device {args.device}"
+        + (" --peers" if args.peers else "")
     )
-    from tdabench.device import describe, resolve_device
+    print(f"# {machine()}; device {describe(where)}; load average {load()} at start")
+    first = slice(0, min(args.batch_size, args.samples))
+    extraction = Extraction(model, ExtractionConfig(("all",), args.batch_size, None, 0, None))
+    fns = {"a_all": lambda i, m, lab: extraction({"input_ids": i, "attention_mask": m, "labels": lab})}
+    if args.peers:
+        from tdabench.peers import available
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
-    print(f"# device {describe(resolve_device(args.device))}")
-    print(f"{'variant':<18} {'samples/s':>10} {'x plain (d)':>11} {'x loop (c)':>10} {'peak RSS MB':>11}  components")
-    for r in results:
-        print(
-            f"{r['variant']:<18} {r['samples_per_s']:>10.1f} {r['samples_per_s'] / floor:>11.2f} "
-            f"{r['samples_per_s'] / ref:>10.2f} {r['peak_rss_mb']:>11.0f}  {r['n_components']} {r['note']}"
-        )
-    by = {r["variant"]: r["samples_per_s"] for r in results}
+        fns |= {f"peer_{name}": make(model) for name, make in available().items()}
+    checks = agreement(model, fns, ids[first], mask[first], labels[first])
+    n_tensors = len(list(model.parameters()))
+    seconds = interleave(contenders, args.rounds, warmup=1, sync=lambda: synchronize(where))
+    per_s = rates(contenders, seconds)
+    floor, loop = per_s["d_plain_fwd_bwd"], per_s["c_reference_loop"]
+    print(f"# {args.rounds} rounds (one batch of every contender each, order rotating) after 1 warm-up round")
+    print(f"# median [interquartile range] over rounds; ratios taken per round; load average {load()} at end")
+    head = f"{'contender':<18} {'samples/s':>22} {'x plain (d)':>19} {'x loop (c)':>19}  tensors  rel. err vs bs=1"
+    print(head)
+    for c in contenders:
+        tensors, err = checks.get(c.name, (None, None))
+        check = f"{tensors}/{n_tensors}  {err:.1e}" if tensors is not None else c.note
+        rate = per_s[c.name]
+        print(f"{c.name:<18} {fmt(rate, 1):>22} {fmt(rate / floor):>19} {fmt(rate / loop):>19}  {check}")
+    a = per_s["a_all"]
     print(
-        f"# (a)/(d) = {by['a_all'] / floor:.2f}   last-MLP/(a) = {by['b_last_mlp'] / by['a_all']:.2f}   "
-        f"(a)/(c) = {by['a_all'] / ref:.2f}"
+        f"# (a)/(d) = {fmt(a / floor)}   last-MLP/(a) = {fmt(per_s['b_last_mlp'] / a)}   (a)/(c) = {fmt(a / loop)}"
+        f"   peak RSS of the process {peak_rss_mb():.0f} MB"
     )
 
 
@@ -260,13 +276,57 @@ def greedy_main(args) -> None:
         attrs={},
         candidates=cands,
     )
-    for objective in ("top1", "mrr", "rho"):
-        start = time.perf_counter()
-        steps = greedy_forward(sim, np.arange(q), objective)
+    contenders = [
+        Contender(objective, lambda r, o=objective: greedy_forward(sim, np.arange(q), o), lambda r: q)
+        for objective in ("top1", "mrr", "rho")
+    ]
+    seconds = interleave(contenders, args.rounds, warmup=1)
+    print(f"# tdabench.bench greedy --components {c} --queries {q} --candidates {b} --rounds {args.rounds}")
+    print(f"# {machine()}; load average {load()}; greedy run to the end ({c} steps)")
+    for contender in contenders:
+        print(f"greedy {contender.name:<4}: {fmt(seconds[contender.name], 3)} s (median [IQR] over rounds)")
+
+
+def projections_main(args) -> None:
+    """Dense projections of [samples, dim] float32 rows to each k: ours (gaussian, rademacher,
+    sjlt) against TRAK's BasicProjector (when `traker` is installed), interleaved."""
+    import importlib.util
+
+    from tdabench.projection import ProjectionConfig, project_component
+
+    x = torch.randn(args.samples, args.dim, generator=torch.Generator().manual_seed(0))
+    trak = importlib.util.find_spec("trak") is not None
+    print(
+        f"# tdabench.bench projections --dim {args.dim} --samples {args.samples} --k {' '.join(map(str, args.k))} "
+        f"--rounds {args.rounds} --trak-block-size {args.trak_block_size}"
+    )
+    print(f"# {machine()}; load average {load()} at start" + ("" if trak else "; TRAK not installed"))
+    for k in args.k:
+        contenders = [
+            Contender(
+                f"ours_{kind}",
+                lambda r, kind=kind, k=k: project_component(x, 0, ProjectionConfig(kind, k)),
+                lambda r: 1,
+            )
+            for kind in ("gaussian", "rademacher", "sjlt")
+        ]
+        if trak:
+            from trak.projectors import BasicProjector, ProjectionType
+
+            for kind in (ProjectionType.normal, ProjectionType.rademacher):
+                proj = BasicProjector(args.dim, k, 0, kind, "cpu", block_size=args.trak_block_size)
+                contenders.append(
+                    Contender(f"trak_basic_{kind.value}", lambda r, p=proj: p.project(x, model_id=0), lambda r: 1)
+                )
+        seconds = interleave(contenders, args.rounds, warmup=1)
+        base = seconds.get("trak_basic_normal")
         print(
-            f"greedy {objective:<4}: {len(steps)} steps over {c} components x {q} queries x {b} candidates "
-            f"in {time.perf_counter() - start:.2f} s"
+            f"k = {k}: seconds per call, median [IQR]" + ("; speed-up = TRAK gaussian time / this time" if trak else "")
         )
+        for c in contenders:
+            speedup = f"   x{fmt(base / seconds[c.name])}" if base is not None else ""
+            print(f"  {c.name:<24} {fmt(seconds[c.name], 3):>24}{speedup}")
+    print(f"# load average {load()} at end; peak RSS {peak_rss_mb():.0f} MB")
 
 
 def checks_main(args) -> None:
@@ -389,6 +449,14 @@ def main(argv=None) -> None:
     g.add_argument("--queries", type=int, default=988)
     g.add_argument("--candidates", type=int, default=5)
     g.add_argument("--threads", type=int, default=torch.get_num_threads())
+    g.add_argument("--rounds", type=int, default=5)
+    pr = sub.add_parser("projections")
+    pr.add_argument("--dim", type=int, default=2**20, help="input dimension D")
+    pr.add_argument("--samples", type=int, default=32)
+    pr.add_argument("--k", type=int, nargs="+", default=[4096, 8192])
+    pr.add_argument("--rounds", type=int, default=5)
+    pr.add_argument("--trak-block-size", type=int, default=100, help="TRAK BasicProjector's block_size (its default)")
+    pr.add_argument("--threads", type=int, default=torch.get_num_threads())
     c = sub.add_parser("checks")
     c.add_argument("--results", default="results")
     c.add_argument("--benchmarks", default="benchmarks")
@@ -398,28 +466,26 @@ def main(argv=None) -> None:
     a.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     a.add_argument("--output", default=None, help="write the markdown table here (e.g. docs/architectures.md)")
     a.add_argument("--threads", type=int, default=1)
-    for name in ("gradients", "store", "_variant"):
+    for name in ("gradients", "store"):
         p = sub.add_parser(name)
-        if name == "_variant":
-            p.add_argument("variant")
         p.add_argument("--model", default="tiny", help="tiny (the default study's shape), llama-135m, or a local path")
         p.add_argument("--samples", type=int, default=256 if name != "store" else 64)
         p.add_argument("--length", type=int, default=40 if name != "store" else 64, help="tokens per sample (max)")
         p.add_argument("--batch-size", type=int, default=32 if name != "store" else 8)
         p.add_argument("--threads", type=int, default=torch.get_num_threads())
-        if name != "store":
+        if name == "gradients":
             p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (config key device)")
+            p.add_argument("--rounds", type=int, default=10, help="timed rounds after one warm-up round")
+            p.add_argument("--peers", action="store_true", help="add torch.func, Opacus (when installed)")
         if name == "store":
             p.add_argument("--max-component-dim", type=int, default=65536)
             p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.command == "_variant":
-        print(
-            json.dumps(run_variant(args.variant, args.model, args.samples, args.length, args.batch_size, args.device))
-        )
-    elif args.command == "gradients":
+    if args.command == "gradients":
         gradients_main(args)
+    elif args.command == "projections":
+        projections_main(args)
     elif args.command == "greedy":
         greedy_main(args)
     elif args.command == "architectures":

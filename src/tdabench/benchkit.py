@@ -1,0 +1,78 @@
+"""Benchmarks that hold still: every contender runs in the same process, interleaved round by round
+(the order rotates each round, so none always follows the same one), after warm-up rounds. Load
+on a shared machine then lands on every contender alike; each ratio is taken per round (both
+sides measured seconds apart) and reported as a median with its interquartile range.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Contender:
+    name: str
+    run: Callable[[int], object]  # round index -> one unit of work (e.g. one batch)
+    units: Callable[[int], int]  # round index -> samples that unit handles
+    note: str = ""
+
+
+def interleave(
+    contenders: Sequence[Contender], rounds: int, warmup: int = 1, sync: Callable[[], None] = lambda: None
+) -> dict[str, np.ndarray]:
+    """Seconds per round of every contender ({name: [rounds]}), interleaved and rotated."""
+    for w in range(warmup):
+        for c in contenders:
+            c.run(w)
+    seconds: dict[str, list[float]] = {c.name: [] for c in contenders}
+    n = len(contenders)
+    for r in range(rounds):
+        for c in list(contenders[r % n :]) + list(contenders[: r % n]):
+            sync()
+            start = time.perf_counter()
+            c.run(r)
+            sync()
+            seconds[c.name].append(time.perf_counter() - start)
+    return {k: np.array(v) for k, v in seconds.items()}
+
+
+def rates(contenders: Sequence[Contender], seconds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Samples per second of every contender in every round."""
+    return {c.name: np.array([c.units(r) for r in range(len(seconds[c.name]))]) / seconds[c.name] for c in contenders}
+
+
+def spread(values: np.ndarray) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile)."""
+    q1, med, q3 = np.percentile(values, [25, 50, 75])
+    return float(med), float(q1), float(q3)
+
+
+def fmt(values: np.ndarray, digits: int = 2) -> str:
+    med, q1, q3 = spread(values)
+    return f"{med:.{digits}f} [{q1:.{digits}f}-{q3:.{digits}f}]"
+
+
+def load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def machine() -> str:
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads"
+    )
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,39 @@
+"""The benchmark commands run, interleave their contenders, and check peers against the loop
+(their numbers are printed, never asserted)."""
+
+import numpy as np
+
+from tdabench.bench import main
+from tdabench.benchkit import Contender, interleave, spread
+
+
+def test_interleave_rotates_the_order_and_times_every_round():
+    order = []
+    contenders = [Contender(n, lambda r, n=n: order.append((r, n)), lambda r: 1) for n in "abc"]
+    seconds = interleave(contenders, rounds=4, warmup=1)
+    assert order[:3] == [(0, "a"), (0, "b"), (0, "c")]  # warm-up, not timed
+    assert [n for _, n in order[3:]] == list("abcbcacababc")
+    assert {k: len(v) for k, v in seconds.items()} == {"a": 4, "b": 4, "c": 4}
+    assert spread(np.array([1.0, 2.0, 3.0, 4.0, 100.0])) == (3.0, 2.0, 4.0)
+
+
+def test_the_gradients_benchmark_runs_every_contender_and_its_peers_agree_with_the_loop(capsys):
+    from tdabench.bench import main
+
+    main(["gradients", "--samples", "6", "--length", "12", "--batch-size", "3", "--rounds", "2", "--peers"])
+    out = capsys.readouterr().out
+    for name in ("a_all", "b_last_mlp", "b_greedy", "c_reference_loop", "d_plain_fwd_bwd", "peer_torch_func"):
+        assert f"\n{name} " in out, out
+    for line in out.splitlines():  # ours and every peer: coverage and error against the bs=1 loop
+        if line.startswith(("a_all", "peer_")):
+            covered, total = line.split()[-2].split("/")
+            assert float(line.split()[-1]) < 1e-4 and int(covered) >= 1 and int(total) == 39, line
+    assert "# (a)/(d) = " in out
+
+
+def test_projection_and_greedy_benchmarks_run(capsys):
+    main(["projections", "--dim", "4096", "--samples", "4", "--k", "64", "--rounds", "2"])
+    main(["greedy", "--components", "6", "--queries", "20", "--rounds", "2"])
+    out = capsys.readouterr().out
+    for name in ("ours_gaussian", "ours_rademacher", "ours_sjlt", "greedy top1", "greedy mrr", "greedy rho"):
+        assert name in out, out

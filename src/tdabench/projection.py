@@ -119,14 +119,20 @@ def project_component(
     out = torch.zeros(n, k, dtype=torch.float32)
     scale = k**-0.5 if cfg.normalized else 1.0
     if cfg.kind in ("gaussian", "rademacher"):
+        # Every chunk is drawn into one reused buffer and scaled in place: the same numbers as a
+        # fresh tensor per chunk (normal_ / randint(out=) consume the generator alike), without a
+        # new [chunk, k] allocation and its page faults, or the temporaries of `2b - 1` and `b * s`.
+        buffer = torch.empty(min(CHUNK, d), k)
         for j, start in enumerate(range(0, d, CHUNK)):
             stop = min(start + CHUNK, d)
+            block = buffer[: stop - start]  # [chunk, k]
             gen = _generator(cfg.seed, component_index, j)
             if cfg.kind == "gaussian":
-                block = torch.randn(stop - start, k, generator=gen)  # [chunk, k]
+                block.normal_(generator=gen)
             else:
-                block = torch.randint(0, 2, (stop - start, k), generator=gen, dtype=torch.float32) * 2 - 1
-            out += x[:, start:stop] @ (block * scale)
+                torch.randint(0, 2, block.shape, generator=gen, out=block)
+                block.mul_(2).sub_(1)
+            out += x[:, start:stop] @ block.mul_(scale)
     elif cfg.kind == "sjlt":  # sum of `nonzeros` independent count sketches
         scale = cfg.nonzeros**-0.5 if cfg.normalized else 1.0
         for rep in range(cfg.nonzeros):

@@ -105,8 +105,10 @@ def greedy_selection(names: list[str]) -> tuple[list[str], str]:
     return match_components(names, ["lm_head", "mlp@-1"]), "stand-in set lm_head + last MLP (no greedy result here)"
 
 
-def gradient_contenders(model, ids, mask, labels, batch_size: int, peers: bool) -> list[Contender]:
-    """Every contender of the gradients benchmark; round r processes batch r (cycling)."""
+def gradient_contenders(model, ids, mask, labels, batch_size: int, peers: bool) -> tuple[list[Contender], dict]:
+    """Every contender of the gradients benchmark (round r processes batch r, cycling), and the
+    per-sample functions among them ({name: fn(ids, mask, labels)}: ours on every tensor and each
+    peer, built once) for the agreement check."""
     from tdabench.components import component_registry, match_components
     from tdabench.extraction import Extraction, ExtractionConfig
     from tdabench.gradients import iter_batches, per_sample_loss
@@ -120,11 +122,12 @@ def gradient_contenders(model, ids, mask, labels, batch_size: int, peers: bool) 
     def units(r):
         return rows(r).stop - rows(r).start
 
-    def ours(comps):
+    def per_sample(comps):
         extraction = Extraction(model, ExtractionConfig(tuple(comps), batch_size, None, 0, None))
-        return lambda r: extraction(
-            {"input_ids": ids[rows(r)], "attention_mask": mask[rows(r)], "labels": labels[rows(r)]}
-        )
+        return lambda i, m, lab: extraction({"input_ids": i, "attention_mask": m, "labels": lab})
+
+    def on_batch(fn):
+        return lambda r: fn(ids[rows(r)], mask[rows(r)], labels[rows(r)])
 
     def reference(r):  # what the paper's reference code does: one sample at a time
         for b in range(rows(r).start, rows(r).stop):
@@ -139,22 +142,20 @@ def gradient_contenders(model, ids, mask, labels, batch_size: int, peers: bool) 
         per_sample_loss(logits, labels[rows(r)]).sum().backward()
 
     greedy, note = greedy_selection(names)
-    contenders = [
-        Contender("a_all", ours(names), units, f"{len(names)} tensors"),
-        Contender("b_last_mlp", ours(match_components(names, ["mlp@-1"])), units, "last layer's MLP"),
-        Contender("b_greedy", ours(greedy), units, note),
-        Contender("c_reference_loop", reference, units, f"{len(names)} tensors"),
-        Contender("d_plain_fwd_bwd", plain, units, "no per-sample gradients"),
-    ]
+    fns = {"a_all": per_sample(names)}
     if peers:
         from tdabench.peers import available
 
-        for name, make in available().items():
-            fn = make(model)
-            contenders.append(
-                Contender(f"peer_{name}", lambda r, fn=fn: fn(ids[rows(r)], mask[rows(r)], labels[rows(r)]), units)
-            )
-    return contenders
+        fns |= {f"peer_{name}": make(model) for name, make in available().items()}
+    contenders = [
+        Contender("a_all", on_batch(fns["a_all"]), units, f"{len(names)} tensors"),
+        Contender("b_last_mlp", on_batch(per_sample(match_components(names, ["mlp@-1"]))), units, "last layer's MLP"),
+        Contender("b_greedy", on_batch(per_sample(greedy)), units, note),
+        Contender("c_reference_loop", reference, units, f"{len(names)} tensors"),
+        Contender("d_plain_fwd_bwd", plain, units, "no per-sample gradients"),
+    ]
+    contenders += [Contender(name, on_batch(fn), units) for name, fn in fns.items() if name.startswith("peer_")]
+    return contenders, fns
 
 
 def agreement(model, contender_fns: dict[str, object], ids, mask, labels, samples: int = 2) -> dict[str, tuple]:
@@ -176,13 +177,12 @@ def agreement(model, contender_fns: dict[str, object], ids, mask, labels, sample
 
 def gradients_main(args) -> None:
     from tdabench.device import describe, resolve_device, synchronize
-    from tdabench.extraction import Extraction, ExtractionConfig
 
     where = resolve_device(args.device)
     model, ids, mask, labels = build(args.model, args.samples, args.length)
     model.to(where)
     ids, mask, labels = ids.to(where), mask.to(where), labels.to(where)
-    contenders = gradient_contenders(model, ids, mask, labels, args.batch_size, args.peers)
+    contenders, fns = gradient_contenders(model, ids, mask, labels, args.batch_size, args.peers)
     print(
         f"# tdabench.bench gradients --model {args.model} --samples {args.samples} --length {args.length} "
         f"--batch-size {args.batch_size} --rounds {args.rounds} --threads {args.threads} --device {args.device}"
@@ -190,12 +190,6 @@ def gradients_main(args) -> None:
     )
     print(f"# {machine()}; device {describe(where)}; load average {load()} at start")
     first = slice(0, min(args.batch_size, args.samples))
-    extraction = Extraction(model, ExtractionConfig(("all",), args.batch_size, None, 0, None))
-    fns = {"a_all": lambda i, m, lab: extraction({"input_ids": i, "attention_mask": m, "labels": lab})}
-    if args.peers:
-        from tdabench.peers import available
-
-        fns |= {f"peer_{name}": make(model) for name, make in available().items()}
     checks = agreement(model, fns, ids[first], mask[first], labels[first])
     n_tensors = len(list(model.parameters()))
     seconds = interleave(contenders, args.rounds, warmup=1, sync=lambda: synchronize(where))

@@ -2,7 +2,9 @@
 # Variables: PYTHON (interpreter for the venv), TORCH (pip spec; e.g. TORCH='torch==2.13.0
 # --index-url https://download.pytorch.org/whl/cu126' for a GPU build), CORES, SNAKEMAKE_ARGS,
 # MLFLOW_DB (store `make ui` opens; `make smollm2` writes runs/smollm2/mlflow.db), MLFLOW_HOST and
-# MLFLOW_PORT (where `make mlflow-server` listens; 127.0.0.1 unless cluster nodes must reach it).
+# MLFLOW_PORT (where `make mlflow-server` listens; 127.0.0.1 unless cluster nodes must reach it),
+# MLFLOW_ALLOWED_HOSTS (Host headers it answers, e.g. 'head01:*,127.0.0.1:*'; replaces MLflow 3's
+# default of localhost and private IP addresses).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,6 +14,7 @@ SNAKEMAKE_ARGS ?=
 MLFLOW_DB ?= mlflow.db
 MLFLOW_HOST ?= 127.0.0.1
 MLFLOW_PORT ?= 5000
+MLFLOW_ALLOWED_HOSTS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -88,11 +91,11 @@ ui: $(STAMP)
 
 # A tracking server for cluster runs (jobs on other nodes log through it; artifacts are proxied
 # into mlflow-server/artifacts). Point the study at it with mlflow.tracking_uri (docs/running.md).
-# Binding another host than 127.0.0.1 needs --allowed-hosts for the names nodes use (MLflow 3).
 mlflow-server: $(STAMP)
 	mkdir -p mlflow-server
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow-server/mlflow.db \
-	  --artifacts-destination $(CURDIR)/mlflow-server/artifacts --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+	  --artifacts-destination $(CURDIR)/mlflow-server/artifacts --host $(MLFLOW_HOST) --port $(MLFLOW_PORT) \
+	  $(if $(MLFLOW_ALLOWED_HOSTS),--allowed-hosts $(MLFLOW_ALLOWED_HOSTS))
 
 clean:
 	rm -rf results logs benchmarks mlflow.db mlartifacts .snakemake

@@ -140,8 +140,8 @@ def test_every_job_logged_to_the_tracking_server_with_artifacts(cluster_study, m
     device = {r.data.tags.get("tdabench.device") for r in jobs if r.data.tags["tdabench.rule"] == "gradients"}
     assert device == {"cpu"}
     # Artifacts went through the server into its artifact store and come back through its API.
-    summary = next(r for r in jobs if r.data.tags["tdabench.rule"] == "finetune")
-    local = client.download_artifacts(summary.info.run_id, "finetune_report.json", str(tmp_path))
+    finetune = next(r for r in jobs if r.data.tags["tdabench.rule"] == "finetune")
+    local = client.download_artifacts(finetune.info.run_id, "finetune_report.json", str(tmp_path))
     report = json.loads(Path(local).read_text())
     assert report == json.loads((root / "results/models/finetune_report.json").read_text())
     assert any((server_root / "art").rglob("finetune_report.json"))

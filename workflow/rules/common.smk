@@ -3,7 +3,6 @@
 
 from tdabench import resources as estimates
 from tdabench.codedeps import stage_sources
-from tdabench.device import wants_gpu
 from tdabench.pipeline.common import stage_module
 
 # Every rule runs its stage through one script (tdabench.pipeline.common.STAGES maps rule -> entry
@@ -117,7 +116,9 @@ def model_resources(name, rows=lambda wildcards, input: 0):
         return lambda wildcards, input, attempt: estimates.estimate(name, config, rows(wildcards, input), attempt)[key]
 
     res = {"mem_mb": get("mem_mb"), "runtime": get("runtime")}
-    if wants_gpu(config["device"]) and name in estimates.GPU_RULES:
+    # An explicit cuda[:N] asks for a GPU (tdabench.device.wants_gpu; not imported here: the
+    # Snakefile is parsed by every invocation and every cluster job, and that module imports torch).
+    if config["device"].startswith("cuda") and name in estimates.GPU_RULES:
         res["gpu"] = config["resources"]["gpus"]
     return res
 

@@ -4,12 +4,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from tdabench.components import component_registry
 from tdabench.gradcheck import GradientCheckError, check_extractor, relative_errors
 from tdabench.gradients import HOOK, LOOP, VMAP, GradientExtractor, per_sample_gradients, per_sample_loss
+from tdabench.projection import CountSketch
 
 from helpers import VOCAB, padded_batch, tiny_llama
 
@@ -234,28 +236,79 @@ class TinyLM(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.mode, self.embed, self.mix, self.head = mode, nn.Embedding(VOCAB, 8), nn.Linear(8, 8), nn.Linear(8, VOCAB)
+        if mode == "stray-subclass":  # a parameter class of its own (as quantised or sharded ones have)
+            self.embed.weight = TaggedParameter(self.embed.weight.detach().clone())
+        self.kept = [self.embed.weight]  # a reference outside the module tree (not a registered parameter)
 
     def forward(self, input_ids, attention_mask=None, use_cache=None):
         h = self.embed(input_ids)
         if self.mode == "in-place":
             h *= 2.0
+        if self.mode == "raise":
+            raise RuntimeError("a forward that fails half-way")
         h = torch.tanh(self.mix(h)).cumsum(1)  # causal: position t sees tokens <= t
-        return SimpleNamespace(logits=h @ self.embed.weight.T if self.mode == "stray" else self.head(h))
+        if self.mode in ("stray", "stray-subclass"):
+            return SimpleNamespace(logits=h @ self.embed.weight.T)
+        if self.mode == "stray-kept":
+            return SimpleNamespace(logits=F.linear(h, self.kept[0]))
+        return SimpleNamespace(logits=self.head(h))
+
+
+class TaggedParameter(nn.Parameter):
+    pass
 
 
 @pytest.mark.filterwarnings("ignore:unknown architecture")
 @pytest.mark.parametrize(
-    "mode, reason", [("stray", "outside its module's forward"), ("in-place", "output is modified in place")]
+    "mode, reason",
+    [
+        ("stray", "outside its module's forward"),
+        ("stray-kept", "outside its module's forward"),  # used through a reference kept elsewhere
+        ("stray-subclass", "outside its module's forward"),  # watched by a mode, not by its class
+        ("in-place", "output is modified in place"),
+    ],
 )
 def test_parameter_uses_hooks_cannot_see_fall_back_to_the_loop(mode, reason):
     model = TinyLM(mode)
     ids, mask, labels = padded_batch([9, 5, 12, 7], [3, 2, 6, 1])
+    classes = {n: type(p) for n, p in model.named_parameters()}
     extract = GradientExtractor(model)
     got = extract(ids, mask, labels)
     assert extract.plan["embed.weight"].path == HOOK
     assert extract.paths["embed.weight"].path == LOOP and reason in extract.paths["embed.weight"].reason
     assert extract.paths["mix.weight"].path == HOOK  # it reads the scaled value: hooking it is exact
     assert max_rel_error(got, reference(model, ids, mask, labels, extract.names)) < 1e-5
+    assert {n: type(p) for n, p in model.named_parameters()} == classes  # watching left no trace
+
+
+@pytest.mark.filterwarnings("ignore:unknown architecture")
+def test_parameters_are_plain_again_after_a_forward_that_raises():
+    model = TinyLM("raise")
+    with pytest.raises(RuntimeError, match="half-way"):
+        GradientExtractor(model)(*padded_batch([9, 5], [3, 2]))
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_output_buffers_get_exactly_the_fresh_result(tie):
+    """Gradients written into caller buffers (reused batch after batch, as the gradients stage
+    does) are bitwise those of a call without them: dense, sketched and tied (two contributions)."""
+    model = tiny_llama(tie=tie)
+    names = [c.name for c in component_registry(model)]
+    sketches = {"model.layers.1.mlp.down_proj.weight": CountSketch(16 * 24, 40, seed=3, key=1)}
+    extract = GradientExtractor(model, sketches=sketches)
+    dims = {n: sketches[n].k if n in sketches else dict(model.named_parameters())[n].numel() for n in names}
+    buffers = {n: torch.full((4, d), float("nan")) for n, d in dims.items()}  # unwritten elements would show
+    for lengths, prompts in (([9, 5, 12, 7], [3, 2, 6, 1]), ([6, 11], [2, 4])):
+        batch = padded_batch(lengths, prompts)
+        want = extract(*batch)
+        out = {n: b[: len(lengths)] for n, b in buffers.items()}
+        got = extract(*batch, out=out)
+        for n in names:
+            assert got[n].data_ptr() == out[n].data_ptr()  # written in place, not into new memory
+            assert torch.equal(got[n], want[n]), n
+    with pytest.raises(ValueError, match=r"expected a contiguous float32 \(2, 384\)"):
+        extract(*padded_batch([6, 11], [2, 4]), out={"model.layers.0.mlp.up_proj.weight": torch.zeros(2, 383)})
 
 
 def test_self_check_passes_on_a_stock_model_and_returns_the_batch():

@@ -122,9 +122,15 @@ def gradient_contenders(model, ids, mask, labels, batch_size: int, peers: bool) 
     def units(r):
         return rows(r).stop - rows(r).start
 
-    def per_sample(comps):
+    def per_sample(comps):  # as the gradients stage runs it: into output buffers reused batch after batch
         extraction = Extraction(model, ExtractionConfig(tuple(comps), batch_size, None, 0, None))
-        return lambda i, m, lab: extraction({"input_ids": i, "attention_mask": m, "labels": lab})
+        buffers = extraction.buffers(batch_size)
+
+        def fn(i, m, lab):
+            out = {n: b[: i.shape[0]] for n, b in buffers.items()}
+            return extraction({"input_ids": i, "attention_mask": m, "labels": lab}, out=out)
+
+        return fn
 
     def on_batch(fn):
         return lambda r: fn(ids[rows(r)], mask[rows(r)], labels[rows(r)])

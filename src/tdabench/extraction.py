@@ -94,18 +94,37 @@ class Extraction:
         for rows in iter_batches(len(examples), self.cfg.batch_size):
             yield rows, collate(list(examples[rows]), pad_id)
 
-    def __call__(self, batch: dict[str, torch.Tensor], names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """{component: [batch, stored dim] float32, on the host} of one padded batch."""
+    def __call__(
+        self,
+        batch: dict[str, torch.Tensor],
+        names: Sequence[str] | None = None,
+        out: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """{component: [batch, stored dim] float32, on the host} of one padded batch.
+
+        out: optional {component: contiguous float32 [batch, stored dim] host tensor} to write into
+        and return (see `buffers`): gradients go straight there rather than into new memory.
+        """
         extractor = self.extractor(names)
+        on_host = self.device.type == "cpu"
 
         def run(rows: slice) -> dict[str, torch.Tensor]:
             part = self.to_device(batch, rows)
-            grads = extractor(part["input_ids"], part["attention_mask"], part["labels"])
-            return {n: g.cpu() for n, g in grads.items()}
+            into = {n: out[n][rows] for n in extractor.names} if out is not None and on_host else None
+            grads = extractor(part["input_ids"], part["attention_mask"], part["labels"], out=into)
+            if out is None:
+                return {n: g.cpu() for n, g in grads.items()}
+            return {n: out[n][rows].copy_(g) if not on_host else g for n, g in grads.items()}
 
         n = batch["input_ids"].shape[0]
         parts, self.max_rows = halving(run, n, self.max_rows or n, "per-sample gradients")
-        return concat_rows(parts)
+        return concat_rows(parts) if out is None else {n: out[n] for n in extractor.names}
+
+    def buffers(self, rows: int, names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Host output buffers for `rows` samples, to reuse batch after batch ({component: [rows,
+        stored dim]}; pass `{n: b[:size]}` as `out`). What a call wrote stays valid until the next."""
+        dims = dict(zip(self.names, self.stored_dims))
+        return {n: torch.empty(rows, dims[n]) for n in (self.names if names is None else names)}
 
     def to_device(self, batch: dict[str, torch.Tensor], rows: slice = slice(None)) -> dict[str, torch.Tensor]:
         return {k: v[rows].to(self.device, non_blocking=True) for k, v in batch.items()}

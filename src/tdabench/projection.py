@@ -87,13 +87,16 @@ class CountSketch:
         self.signs = torch.randint(0, 2, (d,), generator=gen, dtype=torch.int8) * 2 - 1  # [d] +-1
         self._moved: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None  # copies on a GPU
 
-    def add(self, out: torch.Tensor, offset: int, block: torch.Tensor, scale: float = 1.0) -> None:
-        """out [n, k] += S restricted to input coordinates [offset, offset + block.shape[1])."""
+    def add(
+        self, out: torch.Tensor, offset: int, block: torch.Tensor, scale: float = 1.0, overwrite: bool = False
+    ) -> None:
+        """out [n, k] += S restricted to input coordinates [offset, offset + block.shape[1]).
+        overwrite: `block` is scratch, signed in place (no block-sized temporary)."""
         stop = offset + block.shape[1]
         rows, signs = self._hash_on(block.device)
         signs = signs[offset:stop].to(block.dtype) * scale
         # int64 indices: index_add_ is ~15x slower with int32 ones (kept int32 only to halve memory)
-        out.index_add_(1, rows[offset:stop].long(), block * signs)
+        out.index_add_(1, rows[offset:stop].long(), block.mul_(signs) if overwrite else block * signs)
 
     def _hash_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The hash arrays on `device` (copied there once, for sketches computed on a GPU)."""

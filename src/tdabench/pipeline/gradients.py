@@ -119,6 +119,7 @@ def main(job: JobContext, mlrun) -> None:
         )
     extractor = extraction.extractor()
     log.info("%s", extractor.describe_paths())
+    buffers = extraction.buffers(p.extraction.batch_size)  # every batch is written into these, then stored
     with GradientStoreWriter(
         job.output["store"], df["id"].to_list(), extraction.components, p.dtype, attrs, extraction.sketch_info
     ) as store:
@@ -129,7 +130,8 @@ def main(job: JobContext, mlrun) -> None:
             if i == 0 and first is not None:
                 grads = first
             else:
-                grads = {n: g.numpy() for n, g in extraction(batch).items()}
+                out = {n: b[: rows.stop - rows.start] for n, b in buffers.items()}
+                grads = {n: g.numpy() for n, g in extraction(batch, out=out).items()}
             store.write(rows, grads)
             computed += rows.stop - rows.start
     seconds = time.perf_counter() - start

@@ -22,10 +22,18 @@ def test_the_gradients_benchmark_runs_every_contender_and_its_peers_agree_with_t
 
     main(["gradients", "--samples", "6", "--length", "12", "--batch-size", "3", "--rounds", "2", "--peers"])
     out = capsys.readouterr().out
-    for name in ("a_all", "b_last_mlp", "b_greedy", "c_reference_loop", "d_plain_fwd_bwd", "peer_torch_func"):
+    for name in (
+        "a_all",
+        "b_last_mlp",
+        "b_greedy",
+        "b_linear",
+        "c_reference_loop",
+        "d_plain_fwd_bwd",
+        "peer_torch_func",
+    ):
         assert f"\n{name} " in out, out
     for line in out.splitlines():  # ours and every peer: coverage and error against the bs=1 loop
-        if line.startswith(("a_all", "peer_")):
+        if line.startswith(("a_all", "b_linear", "peer_")):
             covered, total = line.split()[-2].split("/")
             assert float(line.split()[-1]) < 1e-4 and int(covered) >= 1 and int(total) == 39, line
     assert "# (a)/(d) = " in out
@@ -37,3 +45,24 @@ def test_projection_and_greedy_benchmarks_run(capsys):
     out = capsys.readouterr().out
     for name in ("ours_gaussian", "ours_rademacher", "ours_sjlt", "greedy top1", "greedy mrr", "greedy rho"):
         assert name in out, out
+
+
+def test_store_benchmark_interleaves_writing_and_completes_the_store(capsys):
+    main(
+        [
+            "store",
+            "--samples",
+            "5",
+            "--length",
+            "10",
+            "--batch-size",
+            "2",
+            "--max-component-dim",
+            "256",
+            "--rounds",
+            "2",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert "\nextract " in out and "\nextract_and_write " in out, out
+    assert "store of 5/5 rows" in out, out  # completed (and sealed) though 2 rounds write only 2 batches

@@ -99,6 +99,26 @@ def test_gaussian_blocks_longer_than_a_chunk_are_consistent():
     torch.testing.assert_close(whole, x @ p, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_chunks_drawn_in_threads_give_the_projection_drawn_in_order(monkeypatch, kind):
+    import tdabench.projection as P
+
+    monkeypatch.setattr(P, "CHUNK", 16)  # 8 chunks, the last one short
+    x = torch.randn(3, 16 * 7 + 5, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # (the draws may use up to the job's threads)
+    try:
+        monkeypatch.setattr(P, "MAX_DRAW_THREADS", 1)
+        in_order = project_component(x, 2, ProjectionConfig(kind, 5, seed=3))
+        monkeypatch.setattr(P, "MAX_DRAW_THREADS", 4)
+        threaded = project_component(x, 2, ProjectionConfig(kind, 5, seed=3))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(in_order, threaded)
+    explicit = project_component(torch.eye(x.shape[1]), 2, ProjectionConfig(kind, 5, seed=3))  # [D, k]
+    torch.testing.assert_close(threaded, x @ explicit, rtol=1e-5, atol=1e-5)
+
+
 def mean_inner_product(cfg_of_seed, dims, x, y, n_seeds):
     """Average over seeds of <Px, Py> for vectors split into components of `dims`."""
     est = []

@@ -3,14 +3,16 @@
 python -m tdabench.bench gradients [--model tiny|llama-135m|PATH] [--samples N] [--batch-size B] [--peers]
     samples/s, on the same batches, of
       (a) our extractor, all components
-      (b) our extractor, a selection (the last layer's MLP; a greedy-selected set)
+      (b) our extractor, a selection (the last layer's MLP; a greedy-selected set; the nn.Linear
+          weights, which is what Bergson's hooks cover)
       (c) the reference-style loop: bs=1, loss.backward(), clone every .grad
       (d) a plain batched forward+backward (the floor no per-sample extractor can beat)
-      peers (--peers): torch.func vmap(grad), Opacus GradSampleModule (when installed)
+      peers (--peers): torch.func vmap(grad), Opacus GradSampleModule, Bergson's hooks (when installed)
     all in one process, interleaved batch by batch (tdabench.benchkit): medians and interquartile
     ranges over rounds, each ratio taken per round; agreement and coverage against the bs=1 loop.
-python -m tdabench.bench store --model llama-135m --samples 64 --max-component-dim 65536
-    write a gradient store with the dimension cap: peak RSS, file size against the estimate.
+python -m tdabench.bench store --model llama-135m --samples 64 --max-component-dim 65536 [--rounds R]
+    write a gradient store with the dimension cap, interleaved round by round with the same
+    extraction without the store: samples/s of both, peak RSS, file size against the estimate.
 python -m tdabench.bench greedy [--components 113 --queries 988 --candidates 5] [--rounds 5]
     greedy forward selection run to the end on a random similarity store of the published size,
     the three objectives interleaved.
@@ -26,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -148,7 +149,9 @@ def gradient_contenders(model, ids, mask, labels, batch_size: int, peers: bool) 
         per_sample_loss(logits, labels[rows(r)]).sum().backward()
 
     greedy, note = greedy_selection(names)
-    fns = {"a_all": per_sample(names)}
+    linear = [f"{m}.weight" for m, module in model.named_modules() if type(module) is torch.nn.Linear]
+    linear = [n for n in linear if n in names]  # (a head tied to the embedding is the embedding's tensor)
+    fns = {"a_all": per_sample(names), "b_linear": per_sample(linear)}
     if peers:
         from tdabench.peers import available
 
@@ -157,6 +160,7 @@ def gradient_contenders(model, ids, mask, labels, batch_size: int, peers: bool) 
         Contender("a_all", on_batch(fns["a_all"]), units, f"{len(names)} tensors"),
         Contender("b_last_mlp", on_batch(per_sample(match_components(names, ["mlp@-1"]))), units, "last layer's MLP"),
         Contender("b_greedy", on_batch(per_sample(greedy)), units, note),
+        Contender("b_linear", on_batch(fns["b_linear"]), units, f"{len(linear)} nn.Linear weights (as Bergson)"),
         Contender("c_reference_loop", reference, units, f"{len(names)} tensors"),
         Contender("d_plain_fwd_bwd", plain, units, "no per-sample gradients"),
     ]
@@ -215,10 +219,13 @@ def gradients_main(args) -> None:
         f"# (a)/(d) = {fmt(a / floor)}   last-MLP/(a) = {fmt(per_s['b_last_mlp'] / a)}   (a)/(c) = {fmt(a / loop)}"
         f"   peak RSS of the process {peak_rss_mb():.0f} MB"
     )
+    if "peer_bergson" in per_s:  # the same tensors on both sides
+        print(f"# at Bergson's coverage: (b_linear)/bergson = {fmt(per_s['b_linear'] / per_s['peer_bergson'])}")
 
 
 def store_main(args) -> None:
-    """Gradient store of a big model with the dimension cap: peak RSS and size vs estimate."""
+    """Gradient store of a big model with the dimension cap, interleaved with the same extraction
+    without the store: samples/s of both, the cost of writing, peak RSS, file size vs estimate."""
     from tdabench.extraction import Extraction, ExtractionConfig
     from tdabench.gradients import iter_batches
     from tdabench.store import GradientStoreWriter, estimate_bytes
@@ -229,27 +236,53 @@ def store_main(args) -> None:
     comps, info = extraction.components, extraction.sketch_info
     stored = extraction.stored_dims
     estimate = estimate_bytes(args.samples, stored, args.dtype)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "store.h5"
-        start = time.perf_counter()
-        with GradientStoreWriter(path, [f"s{i}" for i in range(args.samples)], comps, args.dtype, {}, info) as w:
-            for rows in iter_batches(args.samples, args.batch_size):
-                g = extraction({"input_ids": ids[rows], "attention_mask": mask[rows], "labels": labels[rows]})
-                w.write(rows, {n: v.numpy() for n, v in g.items()})
-        seconds = time.perf_counter() - start
-        size = path.stat().st_size
-    params = sum(c.numel for c in comps)
+    batches = list(iter_batches(args.samples, args.batch_size))
+    rounds = args.rounds or max(6, len(batches))
+    buffers = extraction.buffers(args.batch_size)
+
+    def extract(r):
+        rows = batches[r % len(batches)]
+        batch = {"input_ids": ids[rows], "attention_mask": mask[rows], "labels": labels[rows]}
+        return rows, extraction(batch, out={n: b[: rows.stop - rows.start] for n, b in buffers.items()})
+
     print(
         f"# tdabench.bench store --model {args.model} --samples {args.samples} --length {args.length} "
-        f"--batch-size {args.batch_size} --max-component-dim {cap} --dtype {args.dtype}"
+        f"--batch-size {args.batch_size} --max-component-dim {cap} --dtype {args.dtype} --rounds {rounds}"
     )
+    print(f"# {machine()}; load average {load()} at start")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "store.h5"
+        with GradientStoreWriter(path, [f"s{i}" for i in range(args.samples)], comps, args.dtype, {}, info) as w:
+
+            def extract_and_write(r):
+                rows, grads = extract(r)
+                w.write(rows, {n: v.numpy() for n, v in grads.items()})
+
+            units = lambda r: batches[r % len(batches)].stop - batches[r % len(batches)].start  # noqa: E731
+            contenders = [
+                Contender("extract", extract, units, "per-sample gradients, sketched, into reused buffers"),
+                Contender("extract_and_write", extract_and_write, units, "the same, then written to the store"),
+            ]
+            seconds = interleave(contenders, rounds - 1, warmup=1)
+            for r, rows in enumerate(batches):  # rows no round reached, so the store is complete
+                if not w.done[rows].all():
+                    extract_and_write(r)
+            written = int(w.done.sum())
+        size = path.stat().st_size if path.exists() else float("nan")
+    per_s = rates(contenders, seconds)
+    params = sum(c.numel for c in comps)
+    print(f"# {rounds - 1} rounds after 1 warm-up round; median [interquartile range]; load average {load()} at end")
     print(f"parameters {params:,} in {len(comps)} components, {len(info)} sketched to {cap:,} dims")
     print(f"stored dims per sample {sum(stored):,}; full gradient would be {params * 4 * args.samples / 1e9:.2f} GB")
-    print(f"store size {size / 1e6:.1f} MB, estimate {estimate / 1e6:.1f} MB, ratio {size / estimate:.3f}")
+    for c in contenders:
+        print(f"{c.name:<18} {fmt(per_s[c.name]):>22} samples/s  {c.note}")
+    ratio = fmt(seconds["extract_and_write"] / seconds["extract"])
+    print(f"# extraction and writing take x{ratio} the extraction's time (per round)")
     print(
-        f"time {seconds:.1f} s ({args.samples / seconds:.2f} samples/s), "
-        f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 / 1024:.2f} GiB"
+        f"store of {written}/{args.samples} rows: {size / 1e6:.1f} MB, estimate {estimate / 1e6:.1f} MB, "
+        f"ratio {size / estimate:.3f}"
     )
+    print(f"peak RSS of the process {peak_rss_mb() / 1024:.2f} GiB")
 
 
 def greedy_main(args) -> None:
@@ -478,6 +511,7 @@ def main(argv=None) -> None:
             p.add_argument("--rounds", type=int, default=10, help="timed rounds after one warm-up round")
             p.add_argument("--peers", action="store_true", help="add torch.func, Opacus (when installed)")
         if name == "store":
+            p.add_argument("--rounds", type=int, default=None, help="timed rounds + 1 warm-up (default: batches)")
             p.add_argument("--max-component-dim", type=int, default=65536)
             p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     args = parser.parse_args(argv)

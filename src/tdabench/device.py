@@ -24,11 +24,6 @@ class DeviceError(RuntimeError):
     """The configured device cannot be used on this host; names the device and the fix."""
 
 
-def wants_gpu(spec: str) -> bool:
-    """Whether a config `device` value asks for a GPU explicitly (the scheduler must provide one)."""
-    return spec.startswith("cuda")
-
-
 def resolve_device(spec: str) -> torch.device:
     """The torch device of config value `spec` on this host (see the module docstring)."""
     if not DEVICE_PATTERN.match(spec or ""):

@@ -18,12 +18,14 @@ re-weights components by their share of the dimensions: by parameter count when 
 from __future__ import annotations
 
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 CHUNK = 8192  # columns of a Gaussian block generated at once (fixed: results never depend on memory)
+MAX_DRAW_THREADS = 4  # chunks drawn at once, at most (each holds a [CHUNK, k] buffer); same result for any
 
 
 @dataclass(frozen=True)
@@ -122,20 +124,37 @@ def project_component(
     out = torch.zeros(n, k, dtype=torch.float32)
     scale = k**-0.5 if cfg.normalized else 1.0
     if cfg.kind in ("gaussian", "rademacher"):
-        # Every chunk is drawn into one reused buffer and scaled in place: the same numbers as a
-        # fresh tensor per chunk (normal_ / randint(out=) consume the generator alike), without a
-        # new [chunk, k] allocation and its page faults, or the temporaries of `2b - 1` and `b * s`.
-        buffer = torch.empty(min(CHUNK, d), k)
-        for j, start in enumerate(range(0, d, CHUNK)):
-            stop = min(start + CHUNK, d)
-            block = buffer[: stop - start]  # [chunk, k]
+        # Drawing the D x k numbers is most of the time, and one generator draws on one core. Each
+        # chunk has a generator of its own, so chunks are drawn ahead in worker threads (torch lets
+        # go of the GIL) while this thread adds them up in chunk order: the same numbers and the
+        # same sums as drawing them one after another. Each draw goes into a reused buffer and is
+        # scaled in place (no new [chunk, k] allocation, no temporaries of `2b - 1` or `b * s`).
+        starts = list(range(0, d, CHUNK))
+        ahead = min(len(starts), MAX_DRAW_THREADS, torch.get_num_threads())  # the job's thread budget
+        buffers = [torch.empty(min(CHUNK, d), k) for _ in range(ahead)]
+
+        def draw(j: int) -> torch.Tensor:
+            block = buffers[j % ahead][: min(CHUNK, d - starts[j])]  # [chunk, k]
             gen = _generator(cfg.seed, component_index, j)
             if cfg.kind == "gaussian":
                 block.normal_(generator=gen)
             else:
                 torch.randint(0, 2, block.shape, generator=gen, out=block)
                 block.mul_(2).sub_(1)
-            out += x[:, start:stop] @ block.mul_(scale)
+            return block.mul_(scale)
+
+        if ahead == 1:
+            for j, start in enumerate(starts):
+                block = draw(j)
+                out += x[:, start : start + block.shape[0]] @ block
+            return out
+        with ThreadPoolExecutor(ahead) as pool:
+            pending = [pool.submit(draw, j) for j in range(ahead)]
+            for j, start in enumerate(starts):
+                block = pending[j].result()
+                out += x[:, start : start + block.shape[0]] @ block
+                if j + ahead < len(starts):  # its buffer is free again
+                    pending.append(pool.submit(draw, j + ahead))
     elif cfg.kind == "sjlt":  # sum of `nonzeros` independent count sketches
         scale = cfg.nonzeros**-0.5 if cfg.normalized else 1.0
         for rep in range(cfg.nonzeros):

@@ -116,8 +116,8 @@ def model_resources(name, rows=lambda wildcards, input: 0):
         return lambda wildcards, input, attempt: estimates.estimate(name, config, rows(wildcards, input), attempt)[key]
 
     res = {"mem_mb": get("mem_mb"), "runtime": get("runtime")}
-    # An explicit cuda[:N] asks for a GPU (tdabench.device.wants_gpu; not imported here: the
-    # Snakefile is parsed by every invocation and every cluster job, and that module imports torch).
+    # An explicit cuda[:N] asks for a GPU (checked here, not through tdabench.device: the Snakefile
+    # is parsed by every invocation and every cluster job, and that module imports torch).
     if config["device"].startswith("cuda") and name in estimates.GPU_RULES:
         res["gpu"] = config["resources"]["gpus"]
     return res

@@ -207,13 +207,13 @@ def gradients_main(args) -> None:
     floor, loop = per_s["d_plain_fwd_bwd"], per_s["c_reference_loop"]
     print(f"# {args.rounds} rounds (one batch of every contender each, order rotating) after 1 warm-up round")
     print(f"# median [interquartile range] over rounds; ratios taken per round; load average {load()} at end")
-    head = f"{'contender':<18} {'samples/s':>22} {'x plain (d)':>19} {'x loop (c)':>19}  tensors  rel. err vs bs=1"
+    head = f"{'contender':<18} {'samples/s':>22} {'x plain (d)':>19} {'x loop (c)':>22}  tensors  rel. err vs bs=1"
     print(head)
     for c in contenders:
         tensors, err = checks.get(c.name, (None, None))
         check = f"{tensors}/{n_tensors}  {err:.1e}" if tensors is not None else c.note
         rate = per_s[c.name]
-        print(f"{c.name:<18} {fmt(rate, 1):>22} {fmt(rate / floor):>19} {fmt(rate / loop):>19}  {check}")
+        print(f"{c.name:<18} {fmt(rate, 1):>22} {fmt(rate / floor, 3):>19} {fmt(rate / loop, 3):>22}  {check}")
     a = per_s["a_all"]
     print(
         f"# (a)/(d) = {fmt(a / floor)}   last-MLP/(a) = {fmt(per_s['b_last_mlp'] / a)}   (a)/(c) = {fmt(a / loop)}"
@@ -508,7 +508,7 @@ def main(argv=None) -> None:
         p.add_argument("--threads", type=int, default=torch.get_num_threads())
         if name == "gradients":
             p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (config key device)")
-            p.add_argument("--rounds", type=int, default=10, help="timed rounds after one warm-up round")
+            p.add_argument("--rounds", type=int, default=20, help="timed rounds after one warm-up round")
             p.add_argument("--peers", action="store_true", help="add torch.func, Opacus (when installed)")
         if name == "store":
             p.add_argument("--rounds", type=int, default=None, help="timed rounds + 1 warm-up (default: batches)")

@@ -1,11 +1,13 @@
 """Benchmarks that hold still: every contender runs in the same process, interleaved round by round
 (the order rotates each round, so none always follows the same one), after warm-up rounds. Load
-on a shared machine then lands on every contender alike; each ratio is taken per round (both
+on a shared machine then lands on every contender alike; the garbage collector runs between
+timings, never inside one (as timeit does); each ratio is taken per round (both
 sides measured seconds apart) and reported as a median with its interquartile range.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import resource
@@ -36,11 +38,16 @@ def interleave(
     n = len(contenders)
     for r in range(rounds):
         for c in list(contenders[r % n :]) + list(contenders[: r % n]):
-            sync()
-            start = time.perf_counter()
-            c.run(r)
-            sync()
-            seconds[c.name].append(time.perf_counter() - start)
+            gc.collect()  # as timeit does: no collection (of whatever came before) inside a timing
+            gc.disable()
+            try:
+                sync()
+                start = time.perf_counter()
+                c.run(r)
+                sync()
+                seconds[c.name].append(time.perf_counter() - start)
+            finally:
+                gc.enable()
     return {k: np.array(v) for k, v in seconds.items()}
 
 

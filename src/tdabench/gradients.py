@@ -14,14 +14,15 @@ Each component (one parameter tensor) takes one of three paths:
   weight gradients.
 * **vmap** — the parameter belongs to other leaf modules (norms; subclasses of the stock layers
   whose forward is their own: scaled word embeddings, offset position embeddings, ...). torch.func
-  maps a vector-Jacobian product of *that module's own forward* over the samples, fed with the
-  hooked input and output gradient. Before it is trusted, the mapped forward must reproduce the
-  output the module produced in the batch (the "primal check").
+  maps *that module's own forward* over the samples, on the hooked input, each sample with its own
+  copy of the parameters; one backward pass fed with the hooked output gradient then gives every
+  sample's gradient (all such modules of a batch in one vmap call). Before it is trusted, the
+  mapped forward must reproduce the output the module produced in the batch (the "primal check").
 * **loop** — anything else: one backward pass per sample (exact, slow).
 
 A planned hook/vmap component falls back to the loop at run time when the pass shows that hooks
-cannot split it by sample: the parameter is used outside its module's forward (a tracer sees every
-torch call that touches it), the module is called in a way that is not one row per sample, the
+cannot split it by sample: the parameter is used outside its module's forward (it is watched by
+class during the pass: every torch call that takes it is seen), the module is called in a way that is not one row per sample, the
 vmapped forward fails or does not reproduce the batch output. `GradientExtractor.paths` says which
 component took which path and why; `tdabench.gradcheck` compares the result with a bs=1 loop.
 

@@ -23,8 +23,9 @@ Each component (one parameter tensor) takes one of three paths:
 A planned hook/vmap component falls back to the loop at run time when the pass shows that hooks
 cannot split it by sample: the parameter is used outside its module's forward (it is watched by
 class during the pass: every torch call that takes it is seen), the module is called in a way
-that is not one row per sample, the vmapped forward fails or does not reproduce the batch output. `GradientExtractor.paths` says which
-component took which path and why; `tdabench.gradcheck` compares the result with a bs=1 loop.
+that is not one row per sample, the vmapped forward fails or does not reproduce the batch output.
+`GradientExtractor.paths` says which component took which path and why; `tdabench.gradcheck`
+compares the result with a bs=1 loop.
 
 Only the selected parameters require grad, so autograd does no work below the lowest selected
 layer and never materialises a summed `.grad`. Large components can be count-sketched on the fly

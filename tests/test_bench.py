@@ -66,3 +66,17 @@ def test_store_benchmark_interleaves_writing_and_completes_the_store(capsys):
     out = capsys.readouterr().out
     assert "\nextract " in out and "\nextract_and_write " in out, out
     assert "store of 5/5 rows" in out, out  # completed (and sealed) though 2 rounds write only 2 batches
+
+
+def test_counts_below_one_are_refused_before_anything_runs(capsys):
+    import pytest
+
+    for argv in (["gradients", "--rounds", "0"], ["projections", "--k", "-5"], ["greedy", "--queries", "x"]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        assert "must be an integer >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--rounds must be >= 2"):
+        main(["store", "--rounds", "1", "--samples", "2"])
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        interleave([Contender("a", lambda r: None, lambda r: 1)], rounds=0)

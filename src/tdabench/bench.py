@@ -238,6 +238,8 @@ def store_main(args) -> None:
     estimate = estimate_bytes(args.samples, stored, args.dtype)
     batches = list(iter_batches(args.samples, args.batch_size))
     rounds = args.rounds or max(6, len(batches))
+    if rounds < 2:
+        raise SystemExit("bench store: --rounds must be >= 2 (one warm-up round, then timed ones)")
     buffers = extraction.buffers(args.batch_size)
 
     def extract(r):
@@ -258,7 +260,9 @@ def store_main(args) -> None:
                 rows, grads = extract(r)
                 w.write(rows, {n: v.numpy() for n, v in grads.items()})
 
-            units = lambda r: batches[r % len(batches)].stop - batches[r % len(batches)].start  # noqa: E731
+            def units(r):
+                return batches[r % len(batches)].stop - batches[r % len(batches)].start
+
             contenders = [
                 Contender("extract", extract, units, "per-sample gradients, sketched, into reused buffers"),
                 Contender("extract_and_write", extract_and_write, units, "the same, then written to the store"),
@@ -268,7 +272,7 @@ def store_main(args) -> None:
                 if not w.done[rows].all():
                     extract_and_write(r)
             written = int(w.done.sum())
-        size = path.stat().st_size if path.exists() else float("nan")
+        size = path.stat().st_size  # (the writer renames its partial file into place only when complete)
     per_s = rates(contenders, seconds)
     params = sum(c.numel for c in comps)
     print(f"# {rounds - 1} rounds after 1 warm-up round; median [interquartile range]; load average {load()} at end")
@@ -472,47 +476,60 @@ def architectures_main(args) -> None:
         raise SystemExit("some architectures are wrong or crash the extractor (see the table)")
 
 
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1 (counts, sizes, rounds, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, not {text!r}")
+    return value
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m tdabench.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("greedy")
-    g.add_argument("--components", type=int, default=113)
-    g.add_argument("--queries", type=int, default=988)
-    g.add_argument("--candidates", type=int, default=5)
-    g.add_argument("--threads", type=int, default=torch.get_num_threads())
-    g.add_argument("--rounds", type=int, default=5)
+    g.add_argument("--components", type=positive, default=113)
+    g.add_argument("--queries", type=positive, default=988)
+    g.add_argument("--candidates", type=positive, default=5)
+    g.add_argument("--threads", type=positive, default=torch.get_num_threads())
+    g.add_argument("--rounds", type=positive, default=5)
     pr = sub.add_parser("projections")
-    pr.add_argument("--dim", type=int, default=2**20, help="input dimension D")
-    pr.add_argument("--samples", type=int, default=32)
-    pr.add_argument("--k", type=int, nargs="+", default=[4096, 8192])
-    pr.add_argument("--rounds", type=int, default=5)
-    pr.add_argument("--trak-block-size", type=int, default=100, help="TRAK BasicProjector's block_size (its default)")
-    pr.add_argument("--threads", type=int, default=torch.get_num_threads())
+    pr.add_argument("--dim", type=positive, default=2**20, help="input dimension D")
+    pr.add_argument("--samples", type=positive, default=32)
+    pr.add_argument("--k", type=positive, nargs="+", default=[4096, 8192])
+    pr.add_argument("--rounds", type=positive, default=5)
+    pr.add_argument(
+        "--trak-block-size", type=positive, default=100, help="TRAK BasicProjector's block_size (its default)"
+    )
+    pr.add_argument("--threads", type=positive, default=torch.get_num_threads())
     c = sub.add_parser("checks")
     c.add_argument("--results", default="results")
     c.add_argument("--benchmarks", default="benchmarks")
-    c.add_argument("--threads", type=int, default=torch.get_num_threads())
+    c.add_argument("--threads", type=positive, default=torch.get_num_threads())
     a = sub.add_parser("architectures")
     a.add_argument("types", nargs="*", help="model types (keys of the causal-LM mapping); default: all")
-    a.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
+    a.add_argument("--jobs", type=positive, default=min(2, os.cpu_count() or 1), help="worker processes")
     a.add_argument("--output", default=None, help="write the markdown table here (e.g. docs/architectures.md)")
-    a.add_argument("--threads", type=int, default=1)
+    a.add_argument("--threads", type=positive, default=1)
     for name in ("gradients", "store"):
         p = sub.add_parser(name)
         p.add_argument("--model", default="tiny", help="tiny (the default study's shape), llama-135m, or a local path")
-        p.add_argument("--samples", type=int, default=256 if name != "store" else 64)
-        p.add_argument("--length", type=int, default=40 if name != "store" else 64, help="tokens per sample (max)")
-        p.add_argument("--batch-size", type=int, default=32 if name != "store" else 8)
-        p.add_argument("--threads", type=int, default=torch.get_num_threads())
+        p.add_argument("--samples", type=positive, default=256 if name != "store" else 64)
+        p.add_argument("--length", type=positive, default=40 if name != "store" else 64, help="tokens per sample (max)")
+        p.add_argument("--batch-size", type=positive, default=32 if name != "store" else 8)
+        p.add_argument("--threads", type=positive, default=torch.get_num_threads())
         if name == "gradients":
             p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (config key device)")
-            p.add_argument("--rounds", type=int, default=20, help="timed rounds after one warm-up round")
+            p.add_argument("--rounds", type=positive, default=20, help="timed rounds after one warm-up round")
             p.add_argument("--peers", action="store_true", help="add torch.func, Opacus (when installed)")
         if name == "store":
-            p.add_argument("--rounds", type=int, default=None, help="timed rounds + 1 warm-up (default: batches)")
-            p.add_argument("--max-component-dim", type=int, default=65536)
+            p.add_argument("--rounds", type=positive, default=None, help="timed rounds + 1 warm-up (default: batches)")
+            p.add_argument("--max-component-dim", type=positive, default=65536)
             p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

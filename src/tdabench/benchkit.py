@@ -31,6 +31,8 @@ def interleave(
     contenders: Sequence[Contender], rounds: int, warmup: int = 1, sync: Callable[[], None] = lambda: None
 ) -> dict[str, np.ndarray]:
     """Seconds per round of every contender ({name: [rounds]}), interleaved and rotated."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1 (timed rounds after the warm-up), not {rounds}")
     for w in range(warmup):
         for c in contenders:
             c.run(w)

@@ -135,7 +135,7 @@ def _stock_grad(
 
     x: the layer's input [batch, ..., d_in] (ids for an embedding), g: the gradient of its output
     [batch, ..., d_out]. Writing into a caller's buffer (no fresh allocation per batch) spares the
-    page faults of first touching new memory, which cost as much as the products themselves.
+    page faults of first touching new memory (on the default model: 7.6 -> 4.6-5.6 ms per batch).
     """
     batch = g.shape[0]
     if attr == "bias":

@@ -18,6 +18,7 @@ re-weights components by their share of the dimensions: by parameter count when 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -143,18 +144,19 @@ def project_component(
                 block.mul_(2).sub_(1)
             return block.mul_(scale)
 
-        if ahead == 1:
-            for j, start in enumerate(starts):
-                block = draw(j)
-                out += x[:, start : start + block.shape[0]] @ block
-            return out
-        with ThreadPoolExecutor(ahead) as pool:
-            pending = [pool.submit(draw, j) for j in range(ahead)]
-            for j, start in enumerate(starts):
-                block = pending[j].result()
-                out += x[:, start : start + block.shape[0]] @ block
-                if j + ahead < len(starts):  # its buffer is free again
-                    pending.append(pool.submit(draw, j + ahead))
+        def drawn() -> Iterator[torch.Tensor]:  # the blocks in chunk order
+            if ahead == 1:  # (no thread for a component of one chunk, or a one-thread job)
+                yield from map(draw, range(len(starts)))
+                return
+            with ThreadPoolExecutor(ahead) as pool:
+                pending = [pool.submit(draw, j) for j in range(ahead)]
+                for j in range(len(starts)):
+                    yield pending[j].result()
+                    if j + ahead < len(starts):  # block j has been added: its buffer is free again
+                        pending.append(pool.submit(draw, j + ahead))
+
+        for block, start in zip(drawn(), starts):  # (drawn first: its pool closes when it ends)
+            out += x[:, start : start + block.shape[0]] @ block
     elif cfg.kind == "sjlt":  # sum of `nonzeros` independent count sketches
         scale = cfg.nonzeros**-0.5 if cfg.normalized else 1.0
         for rep in range(cfg.nonzeros):

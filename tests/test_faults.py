@@ -595,7 +595,7 @@ def test_a_setting_missing_from_the_queries_is_named(tmp_path):
             "queries": str(tmp_path / "queries.parquet"),
         },
         {"similarity": str(tmp_path / "s.h5")},
-        {"block_rows": 4, "dtype": "float64"},
+        {"block_rows": 4, "dtype": "float64", "layout": "dense", "candidates": None},
         {"setting": "model_generated"},
     )
     with pytest.raises(

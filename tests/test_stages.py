@@ -73,9 +73,9 @@ def case(tmp_path_factory):
 
     job(
         "similarity",
-        {"train": [p["tstore"]], "query_grads": [p["qstore"]], "queries": p["queries"]},
+        {"train": [p["tstore"]], "query_grads": [p["qstore"]], "queries": p["queries"], "train_table": p["train"]},
         {"similarity": p["sim"]},
-        {"block_rows": 5, "dtype": "float64"},
+        {"block_rows": 5, "dtype": "float64", "layout": "dense", "candidates": 10},
         setting="paraphrased",
     )
     job("selection", {"similarity": p["sim"]}, {"selection": p["sel"]}, SELECTION, setting="paraphrased")

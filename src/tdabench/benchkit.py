@@ -11,6 +11,7 @@ import gc
 import os
 import platform
 import resource
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,3 +86,37 @@ def machine() -> str:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """Resident set size of this process now (Linux /proc; NaN elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return float("nan")
+
+
+class PeakRss:
+    """Highest resident set size while the block runs, sampled every `every` s in a thread
+    (peak_rss_mb() is the process's all-time peak: it cannot tell contenders apart)."""
+
+    def __init__(self, every: float = 0.01):
+        self.every, self.peak_mb = every, float("nan")
+        self._stop = threading.Event()
+
+    def __enter__(self) -> PeakRss:
+        self.peak_mb = rss_mb()
+
+        def sample():
+            while not self._stop.wait(self.every):
+                self.peak_mb = max(self.peak_mb, rss_mb())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())

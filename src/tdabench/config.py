@@ -147,6 +147,12 @@ def check_consistency(config: dict) -> None:
             "config key dataset.huggingface: kind huggingface needs dataset.huggingface.train "
             "and at least one entry in dataset.huggingface.queries"
         )
+    sim = config["similarity"]
+    if sim["layout"] == "candidates" and not config["evaluation"]["candidates"]:
+        raise ConfigError(
+            "config key similarity.layout: candidates ranks each query within its evaluation.candidates "
+            "BM25 candidates; set evaluation.candidates (b >= 2) or use layout dense"
+        )
     if model["kind"] == "huggingface" and not model["name_or_path"]:
         raise ConfigError("config key model.name_or_path: kind huggingface needs a hub name or a local directory")
     if model["kind"] == "gguf" and not (model["gguf"]["file"] and (model["gguf"]["path"] or model["gguf"]["package"])):
@@ -191,6 +197,8 @@ def check_consistency(config: dict) -> None:
             f"{n_train} training examples; use at most {n_train}"
         )
     n_queries = syn["planted_facts"] * len(data["settings"])
+    if sim["source"] != "cache" and not config["projection"]["methods"]:
+        return  # nothing reads a gradient cache (auto: the similarity store streams if it is too large)
     itemsize = {"float32": 4, "float16": 2}[config["gradients"]["dtype"]]
     gb = (n_train + n_queries) * dim * itemsize / 1e9
     if gb > config["gradients"]["max_cache_gb"]:

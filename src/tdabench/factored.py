@@ -65,3 +65,17 @@ def pair_dots(
         wb = torch.bmm(gb.transpose(1, 2), xb)
         return (wa * wb).sum((1, 2))
     raise ValueError(f"how must be {FACTORED!r} or {MATERIALISED!r}, not {how!r}")
+
+
+def cross_dots(
+    xa: torch.Tensor, ga: torch.Tensor, xb: torch.Tensor, gb: torch.Tensor, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """⟨grad_a[i], grad_b[j]⟩ for every i, j in factored form -> [A, B] in `dtype`.
+
+    xa: [A, Ta, d_in], ga: [A, Ta, d_out]; xb: [B, Tb, d_in], gb: [B, Tb, d_out]. Two matrix
+    products over all tokens at once, [A·Ta, B·Tb] each.
+    """
+    (a, ta, _), (b, tb, _) = xa.shape, xb.shape
+    inputs = xa.reshape(a * ta, -1).to(dtype) @ xb.reshape(b * tb, -1).to(dtype).T  # [A·Ta, B·Tb]
+    outputs = ga.reshape(a * ta, -1).to(dtype) @ gb.reshape(b * tb, -1).to(dtype).T
+    return (inputs * outputs).view(a, ta, b, tb).sum((1, 3))

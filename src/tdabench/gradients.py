@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -117,6 +117,15 @@ class ComponentPath:
     reason: str
 
 
+@dataclass
+class Factors:
+    """A linear weight's per-sample gradient left unformed: grad[s] = g[s]ᵀ x[s] (Conv1D: x[s]ᵀ g[s]).
+    Calls of the layer are concatenated along tokens (the gradient sums over calls)."""
+
+    x: torch.Tensor  # [batch, tokens, d_in] layer inputs
+    g: torch.Tensor  # [batch, tokens, d_out] gradients of its outputs (zero where no loss reaches)
+
+
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     """Parameter id -> every (module, attribute) holding it (tied weights have several)."""
     owners: dict[int, list[tuple[nn.Module, str]]] = defaultdict(list)
@@ -158,6 +167,13 @@ def _stock_grad(
     return out
 
 
+def _factors(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Factors:
+    """One layer's calls in a pass -> their inputs and output gradients joined along tokens."""
+    if len(parts) == 1:
+        return Factors(*parts[0])
+    return Factors(torch.cat([x for x, _ in parts], 1), torch.cat([g for _, g in parts], 1))
+
+
 def _row_blocks(n_rows: int, step: int) -> Iterator[tuple[int, int]]:
     for r0 in range(0, n_rows, step):
         yield r0, min(r0 + step, n_rows)
@@ -184,6 +200,7 @@ class _Sink:
             )
         self.dest = dest
         self.filled = False  # dest holds a contribution already (later ones are added)
+        self.factors: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # kept instead of formed
 
     def whole(self) -> torch.Tensor | None:
         """The dense output, to write the first full contribution straight into; None when one is
@@ -354,6 +371,16 @@ class GradientExtractor:
                 return ComponentPath(wanted, "; ".join(reasons))
         raise AssertionError(name)
 
+    def factorable(self, name: str) -> bool:
+        """Whether `name` can come back as `Factors`: an unsketched weight held only by stock
+        Linear/Conv1D layers (planned for the hook path)."""
+        owners = self.owners[id(self.params[name])]
+        return (
+            self.plan[name].path == HOOK
+            and name not in self.sketches
+            and all(attr == "weight" and stock_layer(m) in (nn.Linear, Conv1D) for m, attr in owners)
+        )
+
     def path_counts(self) -> dict[str, int]:
         counts = {HOOK: 0, VMAP: 0, LOOP: 0}
         for p in self.paths.values():
@@ -380,16 +407,24 @@ class GradientExtractor:
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         out: Mapping[str, torch.Tensor] | None = None,
-    ) -> dict[str, torch.Tensor]:
+        factored: Collection[str] = (),
+    ) -> dict[str, torch.Tensor | Factors]:
         """input_ids, attention_mask, labels: [batch, length] (labels == -100 are ignored).
         Returns {component name: [batch, numel or sketch k] float32}, in the order of `names`.
 
         out: optional {component: contiguous float32 [batch, numel or k] on the model's device} to
         write into (and return): buffers reused across batches, or rows of the final destination.
+        factored: components (each `factorable`) to return as `Factors` rather than formed; one
+        that falls back to the loop in this pass comes back formed.
         """
         model, params = self.model, self.params
         out = out or {}
+        refused = [n for n in factored if n not in self.names or not self.factorable(n)]
+        if refused:
+            raise ValueError(f"components {refused[:5]} cannot be returned factored (see GradientExtractor.factorable)")
         sinks = {n: _Sink(input_ids.shape[0], params[n], self.sketches.get(n), out.get(n)) for n in self.names}
+        for n in factored:
+            sinks[n].factors = []
         saved = {n: p.requires_grad for n, p in params.items()}
         was_training = model.training
         model.eval()
@@ -399,6 +434,7 @@ class GradientExtractor:
             fallback = self._batched_pass(batched, sinks, input_ids, attention_mask, labels) if batched else {}
             for n, reason in fallback.items():
                 self.paths[n] = ComponentPath(LOOP, reason)
+                sinks[n].factors = None  # the loop forms it
             looped = [n for n in self.names if self.plan[n].path == LOOP or n in fallback]
             if looped:
                 self._loop_pass(looped, sinks, input_ids, attention_mask, labels)
@@ -406,7 +442,7 @@ class GradientExtractor:
             for n, p in params.items():
                 p.requires_grad_(saved[n])
             model.train(was_training)
-        return {n: sinks[n].out for n in self.names}
+        return {n: _factors(sinks[n].factors) if sinks[n].factors else sinks[n].out for n in self.names}
 
     def _only_requires_grad(self, names: Sequence[str]) -> None:
         for p in self.params.values():
@@ -493,9 +529,12 @@ class GradientExtractor:
     def _stock_into(self, sink: _Sink, module, like, attr, x, g) -> None:
         """Add a stock layer's per-sample gradient of `attr` to `sink`: straight into its output
         for the first contribution; a sketched one in row blocks through one reused scratch buffer."""
+        batch = g.shape[0]
+        if sink.factors is not None:  # factorable: a stock Linear/Conv1D weight
+            sink.factors.append((x.reshape(batch, -1, x.shape[-1]), g.reshape(batch, -1, g.shape[-1])))
+            return
         param = getattr(module, attr)
         n_rows, cols = (1, param.numel()) if attr == "bias" else param.shape
-        batch = g.shape[0]
         target = sink.whole()
         if target is not None:
             _stock_grad(module, like, attr, x, g, 0, n_rows, target)

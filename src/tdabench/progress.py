@@ -44,6 +44,11 @@ class Progress:
         self.bar.update(n)
         self._tick(n)
 
+    def set_total(self, total: int) -> None:
+        """For a bar whose length is known only once the work is planned."""
+        self.total = self.bar.total = total
+        self.bar.refresh()
+
     def set_postfix(self, **kwargs) -> None:
         self.bar.set_postfix(**kwargs)
 

@@ -23,8 +23,9 @@ BASE_MB = 1500  # python + torch + transformers, before any model
 CPU_FLOPS = 4e10  # effective FLOP/s of fwd+bwd on 2 CPU cores (SmolLM2-135M fine-tune: ~4.7e10)
 MIN_RUNTIME = 10  # minutes: start-up, imports, self-checks
 HUB_PARAMETERS = 1_000_000_000  # assumed for a hub name that is not on disk (set resources.model_parameters)
-MODEL_RULES = ("pretrain", "convert", "finetune", "generate", "gradients", "costs")
-GPU_RULES = ("pretrain", "finetune", "generate", "gradients", "costs")  # convert dequantises on the CPU
+MODEL_RULES = ("pretrain", "convert", "finetune", "generate", "gradients", "similarity_stream", "costs")
+# convert dequantises on the CPU
+GPU_RULES = ("pretrain", "finetune", "generate", "gradients", "similarity_stream", "costs")
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,13 @@ def stored_dims(size: ModelSize, max_component_dim: int | None) -> int:
     return min(size.parameters, max_component_dim * (7 * size.layers + 1))
 
 
+def cache_bytes(config: dict, n_samples: int) -> int:
+    """Estimated gradient cache of `n_samples` examples (an upper bound: every weight counted)."""
+    grads = config["gradients"]
+    itemsize = {"float32": 4, "float16": 2}[grads["dtype"]]
+    return n_samples * stored_dims(model_size(config), grads["max_component_dim"]) * itemsize
+
+
 def estimate(rule: str, config: dict, rows: int, attempt: int = 1) -> dict[str, int]:
     """{mem_mb, runtime} of one job of `rule` over `rows` examples (runtime in minutes)."""
     size = model_size(config)
@@ -125,6 +133,12 @@ def estimate(rule: str, config: dict, rows: int, attempt: int = 1) -> dict[str, 
     elif rule == "gradients":  # weights + a load copy + count-sketch hashes (5 B a weight) + batch outputs
         mem = 16 * p + 3 * grads["batch_size"] * stored_dims(size, grads["max_component_dim"]) * 4
         flops = 6 * p * tokens * 2  # + the self-check loop and the per-sample products
+    elif rule == "similarity_stream":  # rows: training examples; queries about as many
+        sim = config["similarity"]
+        held = rows * stored_dims(size, sim["max_component_dim"]) * 4  # every query's gradient
+        chunks = max(1, math.ceil(held / (sim["memory_gb"] * 1e9)))
+        mem = 16 * p + min(held, sim["memory_gb"] * 1e9) + 3 * grads["batch_size"] * held / max(rows, 1)
+        flops = 6 * p * (rows + chunks * rows / sim["shards"]) * length * 2
     elif rule == "costs":
         n = config["evaluation"]["cost_samples"]
         variants = 4 + len(config["projection"]["methods"]) * len(config["projection"]["dims"])

@@ -12,6 +12,9 @@ File format (tdabench-similarity/1):
     component_layer   int64  [C]      optional: decoder layer, -1 for none
     component_dim     int64  [C]      optional: stored gradient dimension (a count-sketch size when
                                       the component was capped); defaults to component_params
+    component_method  string [C]      optional: "exact" or "countsketch" (of component_dim dims)
+    component_way     string [C]      optional: how the dots were computed: "cache" (from a gradient
+                                      store), "materialised" or "factored" (streamed from the model)
     query_ids         string [Q]
     train_ids         string [T]
     ground_truth      int64  [Q]      index into train_ids of each query's source example
@@ -21,13 +24,24 @@ File format (tdabench-similarity/1):
   or, for the candidate protocol:
     candidates        int64  [Q, b]   indices into train_ids, in ranking order
     dot               float  [C, Q, b]   for those pairs only
-    attrs (all optional): format, setting, model_fingerprint
+    attrs (all optional): format, setting, model_fingerprint, source ("cache" | "stream"), layout
+        ("dense" | "candidates")
+
+Streamed stores (tdabench.streaming) are written through `SimilarityWriter`: a partial file with a
+`done` mask per unit of work, resumed by a rerun with the same header, sealed and renamed when
+complete. Jobs over disjoint training shards write full-shape stores holding zeros outside their
+shard; `merge_similarity` sums them (exact: every number comes from one shard, the rest add 0).
+In the candidate layout train_sqnorm is only computed for training examples that are some query's
+candidate (0 for the others, which no score reads).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
@@ -37,6 +51,7 @@ from tdabench.integrity import CorruptFileError, open_hdf5, read_checked, seal_h
 from tdabench.io import atomic_path
 from tdabench.store import STR, GradientStore
 
+log = logging.getLogger(__name__)
 FORMAT = "tdabench-similarity/1"
 REQUIRED = (
     "components",
@@ -65,10 +80,22 @@ class Similarity:
     attrs: dict
     candidates: np.ndarray | None = None  # [Q, b] indices into train_ids
     component_dim: np.ndarray | None = None  # [C] stored dims; None = component_params
+    component_method: list[str] | None = None  # [C] exact | countsketch; None: from component_dim
+    component_way: list[str] | None = None  # [C] cache | materialised | factored; None: unknown
 
     def __post_init__(self):
         if self.component_dim is None:
             self.component_dim = np.asarray(self.component_params)
+        if self.component_method is None:
+            self.component_method = [
+                "exact" if d == p else "countsketch" for d, p in zip(self.component_dim, self.component_params)
+            ]
+        if self.component_way is None:
+            self.component_way = ["unknown"] * len(self.components)
+
+    def provenance(self) -> str:
+        """One line: how the components were computed, e.g. "210 exact (from the stream: materialised 210)"."""
+        return describe_provenance(self.component_method, self.component_dim, self.component_way, self.attrs)
 
     @property
     def n_columns(self) -> int:
@@ -105,6 +132,34 @@ class Similarity:
     def component_index(self, names: Sequence[str]) -> np.ndarray:
         where = {n: i for i, n in enumerate(self.components)}
         return np.array([where[n] for n in names], dtype=np.int64)
+
+
+def describe_provenance(methods: Sequence[str], dims: Sequence[int], ways: Sequence[str], attrs: dict) -> str:
+    kinds: dict[str, int] = {}
+    for m, d in zip(methods, dims):
+        key = m if m == "exact" else f"{m} {int(d)}"
+        kinds[key] = kinds.get(key, 0) + 1
+    counted: dict[str, int] = {}
+    for w in ways:
+        counted[w] = counted.get(w, 0) + 1
+    how = ", ".join(f"{w} {n}" for w, n in counted.items())
+    layout = attrs.get("layout", "dense")
+    what = ", ".join(f"{n} {k}" for k, n in kinds.items())
+    return f"{what} components, {layout} layout (from the {attrs.get('source', 'cache')}: {how})"
+
+
+def read_provenance(path: str | Path) -> str:
+    """`Similarity.provenance` of a store, read from its metadata only (not its dot products)."""
+    with open_hdf5(path) as f:
+        n_c = f["components"].shape[0]
+        params = f["component_params"][()]
+        dims = f["component_dim"][()] if "component_dim" in f else params
+
+        def strings(key, default):
+            return [v.decode() if isinstance(v, bytes) else str(v) for v in f[key][()]] if key in f else default
+
+        methods = strings("component_method", ["exact" if d == p else "countsketch" for d, p in zip(dims, params)])
+        return describe_provenance(methods, dims, strings("component_way", ["unknown"] * n_c), dict(f.attrs))
 
 
 def cosine_from_sums(dot: np.ndarray, q_sqnorm: np.ndarray, t_sqnorm: np.ndarray) -> np.ndarray:
@@ -163,7 +218,13 @@ def build_similarity(
             f.create_dataset(
                 "component_params", data=np.array([int(np.prod(c["shape"])) for c in info], dtype=np.int64)
             )
-            f.create_dataset("component_dim", data=np.array([train.dim(c["name"]) for c in info], dtype=np.int64))
+            dims = [train.dim(c["name"]) for c in info]
+            f.attrs["source"] = "cache"
+            f.attrs["layout"] = "dense" if candidates is None else "candidates"
+            f.create_dataset("component_dim", data=np.array(dims, dtype=np.int64))
+            methods = ["exact" if d == int(np.prod(c["shape"])) else "countsketch" for c, d in zip(info, dims)]
+            f.create_dataset("component_method", data=np.array(methods, dtype=object), dtype=STR)
+            f.create_dataset("component_way", data=np.array(["cache"] * len(info), dtype=object), dtype=STR)
             f.create_dataset("component_family", data=np.array([c["family"] for c in info], dtype=object), dtype=STR)
             f.create_dataset(
                 "component_layer",
@@ -241,6 +302,8 @@ def load_similarity(path: str | Path) -> Similarity:
             attrs=dict(f.attrs),
             candidates=candidates,
             component_dim=read("component_dim") if "component_dim" in f else None,
+            component_method=strings("component_method") if "component_method" in f else None,
+            component_way=strings("component_way") if "component_way" in f else None,
         )
     validate_similarity(sim, path)
     return sim
@@ -277,9 +340,183 @@ def validate_similarity(sim: Similarity, path: str | Path = "<similarity store>"
     for name in ("query_sqnorm", "train_sqnorm"):
         if (getattr(sim, name) < 0).any():
             raise bad(name, "holds negative squared norms")
+    for name in ("component_method", "component_way"):
+        if len(getattr(sim, name)) != n_c:
+            raise bad(name, f"has {len(getattr(sim, name))} entries, expected {n_c} (components)")
     if (sim.component_params <= 0).any():
         raise bad("component_params", "holds non-positive parameter counts")
     if ((sim.ground_truth < 0) | (sim.ground_truth >= n_t)).any():
         raise bad("ground_truth", f"holds indices outside [0, {n_t}) (train_ids)")
     if sim.candidates is not None and ((sim.candidates < 0) | (sim.candidates >= n_t)).any():
         raise bad("candidates", f"holds indices outside [0, {n_t}) (train_ids)")
+
+
+@dataclass
+class Header:
+    """Everything of a similarity store but its numbers: what a streamed job writes first."""
+
+    components: list[str]
+    component_params: list[int]
+    component_family: list[str]
+    component_layer: list[int]  # -1 for none
+    component_dim: list[int]
+    component_method: list[str]  # exact | countsketch
+    component_way: list[str]  # materialised | factored | cache
+    query_ids: list[str]
+    train_ids: list[str]
+    ground_truth: np.ndarray  # [Q]
+    candidates: np.ndarray | None  # [Q, b] or None (dense layout)
+    attrs: dict = field(default_factory=dict)  # setting, model_fingerprint, source, layout, ...
+
+    @property
+    def n_columns(self) -> int:
+        return len(self.train_ids) if self.candidates is None else self.candidates.shape[1]
+
+    def write(self, f: h5py.File) -> None:
+        f.attrs["format"] = FORMAT
+        for k, v in self.attrs.items():
+            f.attrs[k] = v
+        for name in ("components", "component_family", "component_method", "component_way", "query_ids", "train_ids"):
+            f.create_dataset(name, data=np.array(getattr(self, name), dtype=object), dtype=STR)
+        for name in ("component_params", "component_layer", "component_dim"):
+            f.create_dataset(name, data=np.asarray(getattr(self, name), dtype=np.int64))
+        f.create_dataset("ground_truth", data=np.asarray(self.ground_truth, dtype=np.int64))
+        if self.candidates is not None:
+            f.create_dataset("candidates", data=np.asarray(self.candidates, dtype=np.int64))
+
+    def key(self) -> str:
+        """What a partial file must have been started with to be resumed."""
+        meta = {k: getattr(self, k) for k in ("components", "component_dim", "component_way", "query_ids", "train_ids")}
+        meta["attrs"] = {k: str(v) for k, v in sorted(self.attrs.items())}
+        meta["candidates"] = None if self.candidates is None else np.asarray(self.candidates).tolist()
+        meta["ground_truth"] = np.asarray(self.ground_truth).tolist()
+        return json.dumps(meta, sort_keys=True, default=int)
+
+
+class SimilarityWriter:
+    """A similarity store written unit by unit into `.<name>.partial` (every dataset allocated,
+    zero-filled); `done[u]` is set when unit u is in. A rerun with the same header resumes; on
+    success the file is sealed and renamed into place, after an error it stays for the rerun."""
+
+    def __init__(self, path: str | Path, header: Header, n_units: int, dtype: str = "float64", resume: bool = True):
+        self.path, self.header, self.n_units, self.dtype, self.resume = Path(path), header, n_units, dtype, resume
+        self.partial = self.path.with_name(f".{self.path.name}.partial")
+        self.file: h5py.File | None = None
+
+    @property
+    def done(self) -> np.ndarray:
+        return self.file["done"][()]
+
+    def __enter__(self) -> SimilarityWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.resume and self.partial.exists():
+            try:
+                f = h5py.File(self.partial, "r+")
+                if f.attrs.get("resume_key") == self.header.key() and f["done"].shape == (self.n_units,):
+                    self.file = f
+                    log.info("resuming %s: %d of %d units done", self.partial, f["done"][()].sum(), self.n_units)
+                    return self
+                f.close()
+                log.info("ignoring %s: written with other settings", self.partial)
+            except (OSError, KeyError) as e:
+                log.info("ignoring unreadable %s (%s)", self.partial, e)
+        self.partial.unlink(missing_ok=True)
+        h = self.header
+        n_c, n_q = len(h.components), len(h.query_ids)
+        self.file = f = h5py.File(self.partial, "w")
+        h.write(f)
+        f.attrs["resume_key"] = h.key()
+        f.create_dataset("query_sqnorm", shape=(n_c, n_q), dtype=self.dtype, fillvalue=0)
+        f.create_dataset("train_sqnorm", shape=(n_c, len(h.train_ids)), dtype=self.dtype, fillvalue=0)
+        f.create_dataset("dot", shape=(n_c, n_q, h.n_columns), dtype=self.dtype, fillvalue=0)
+        f.create_dataset("done", data=np.zeros(self.n_units, dtype=bool))
+        f.flush()
+        return self
+
+    def write(
+        self,
+        unit: int,
+        queries: slice,
+        dot: np.ndarray,
+        columns: slice | np.ndarray = slice(None),
+        query_sqnorm: np.ndarray | None = None,
+        train_rows: np.ndarray | slice | None = None,
+        train_sqnorm: np.ndarray | None = None,
+    ) -> None:
+        """Unit `unit`: dot [C, queries, columns], optional query_sqnorm [C, queries] and
+        train_sqnorm [C, train_rows] (train_rows increasing), then mark it done."""
+        f = self.file
+        f["dot"][:, queries, columns] = dot
+        if query_sqnorm is not None:
+            f["query_sqnorm"][:, queries] = query_sqnorm
+        if train_sqnorm is not None:
+            f["train_sqnorm"][:, train_rows] = train_sqnorm
+        f["done"][unit] = True
+        f.flush()  # a unit is either wholly in the file and marked, or redone
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        f, self.file = self.file, None
+        if exc_type is not None:
+            f.close()
+            return  # keep the partial file: a rerun resumes from its done mask
+        missing = int((~f["done"][()]).sum())
+        if missing:
+            f.close()
+            raise RuntimeError(f"{self.partial}: {missing} of {self.n_units} units were never written")
+        del f["done"]
+        del f.attrs["resume_key"]
+        f.close()
+        seal_hdf5(self.partial)  # read back: finite, checksums stored, fsynced
+        os.replace(self.partial, self.path)
+
+
+def write_similarity(sim: Similarity, path: str | Path, dtype: str = "float64") -> None:
+    """Write `sim` whole (atomically, sealed)."""
+    header = Header(
+        sim.components,
+        [int(p) for p in sim.component_params],
+        sim.component_family,
+        [int(x) for x in sim.component_layer],
+        [int(d) for d in sim.component_dim],
+        sim.component_method,
+        sim.component_way,
+        sim.query_ids,
+        sim.train_ids,
+        sim.ground_truth,
+        sim.candidates,
+        {k: v for k, v in sim.attrs.items() if k != "format"},
+    )
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            header.write(f)
+            for name in ("query_sqnorm", "train_sqnorm", "dot"):
+                f.create_dataset(name, data=getattr(sim, name).astype(dtype))
+        seal_hdf5(tmp)
+
+
+def merge_similarity(parts: Sequence[str | Path], out: str | Path, dtype: str = "float64") -> Similarity:
+    """Sum similarity stores written over disjoint training shards (each holds zeros outside its
+    shard, so the sum is exact) into `out`; refuses parts that differ in anything but numbers."""
+    if not parts:
+        raise ValueError("merge_similarity: no parts given")
+    first = load_similarity(parts[0])
+    same = ("components", "component_dim", "component_method", "query_ids", "train_ids")
+    ways = [{w} for w in first.component_way]  # shards may choose differently: "factored+materialised"
+    for p in parts[1:]:
+        sim = load_similarity(p)
+        for seen, w in zip(ways, sim.component_way):
+            seen.add(w)
+        for name in same:
+            if list(getattr(sim, name)) != list(getattr(first, name)):
+                raise ValueError(f"{p}: {name} differs from {parts[0]}'s; parts of one store must share it")
+        if not np.array_equal(sim.ground_truth, first.ground_truth) or (
+            (sim.candidates is None) != (first.candidates is None)
+            or (sim.candidates is not None and not np.array_equal(sim.candidates, first.candidates))
+        ):
+            raise ValueError(f"{p}: ground_truth or candidates differ from {parts[0]}'s")
+        for name in ("dot", "query_sqnorm", "train_sqnorm"):
+            setattr(first, name, getattr(first, name) + getattr(sim, name))
+    first.component_way = ["+".join(sorted(w)) for w in ways]
+    first.attrs = {k: v for k, v in first.attrs.items() if k not in ("shard",)} | {"n_shards": len(parts)}
+    write_similarity(first, out, dtype)
+    return first

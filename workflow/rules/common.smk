@@ -62,6 +62,21 @@ def model_param(ref):
     return lambda wildcards, input: input.model[0] if local(ref) else ref
 
 
+def stream_extraction():
+    """ExtractionConfig of a streamed similarity job: gradients' keys, capped by similarity's own
+    max_component_dim (null: exact), so the cache may be sketched while the store is exact."""
+    return {**keys("gradients", EXTRACTION_KEYS), "max_component_dim": config["similarity"]["max_component_dim"]}
+
+
+def similarity_source():
+    """cache | stream: similarity.source, with auto resolved against the estimated gradient cache."""
+    source = config["similarity"]["source"]
+    if source != "auto":
+        return source
+    n = estimates.table_rows("results/data/train.parquet", config) + estimates.table_rows(query_table(), config)
+    return "stream" if estimates.cache_bytes(config, n) > config["gradients"]["max_cache_gb"] * 1e9 else "cache"
+
+
 def query_table():
     """All queries: the data's, plus model-generated ones when that setting is requested."""
     if "model_generated" in config["dataset"]["settings"]:
@@ -91,6 +106,7 @@ def selected_projections():
 wildcard_constraints:
     split="train|queries",
     shard=r"\d+",
+    part=r"\d+",
     setting=r"[a-z_]+",
     method=r"[a-z_]+",
 

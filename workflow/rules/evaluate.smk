@@ -72,6 +72,7 @@ rule summary:
         code=stage_code("summary"),
         metrics="results/evaluation/metrics.parquet",
         candidates="results/evaluation/candidates.parquet",
+        similarity=expand("results/similarity/{setting}.h5", setting=config["dataset"]["settings"]),
     output:
         summary=report("results/summary.md", caption="../report/summary.rst", category="Summary"),
         config=report("results/config.yaml", caption="../report/config.rst", category="Configuration"),

@@ -2,28 +2,88 @@
 # selection queries, and random projections of the full gradient.
 
 
-rule similarity:
-    """Per-component query x train dot products and squared norms for one query setting."""
-    input:
-        code=stage_code("similarity"),
-        train=gradient_shards("train"),
-        query_grads=gradient_shards("queries"),
-        queries=query_table(),
-    output:
-        similarity="results/similarity/{setting}.h5",
-    log:
-        "logs/similarity/{setting}.log",
-    benchmark:
-        "benchmarks/similarity/{setting}.tsv"
-    conda:
-        ENV
-    resources:
-        **io_resources(),
-    params:
-        block_rows=config["similarity"]["block_rows"],
-        dtype=config["similarity"]["dtype"],
-    script:
-        STAGE
+if similarity_source() == "cache":
+
+    rule similarity:
+        """Per-component query x train dot products and squared norms for one query setting, from the gradient cache."""
+        input:
+            code=stage_code("similarity"),
+            train=gradient_shards("train"),
+            query_grads=gradient_shards("queries"),
+            train_table="results/data/train.parquet",
+            queries=query_table(),
+        output:
+            similarity="results/similarity/{setting}.h5",
+        log:
+            "logs/similarity/{setting}.log",
+        benchmark:
+            "benchmarks/similarity/{setting}.tsv"
+        conda:
+            ENV
+        resources:
+            **io_resources(),
+        params:
+            block_rows=config["similarity"]["block_rows"],
+            dtype=config["similarity"]["dtype"],
+            layout=config["similarity"]["layout"],
+            candidates=config["evaluation"]["candidates"],
+        script:
+            STAGE
+
+else:
+
+    rule similarity_stream:
+        """One training shard of a setting's similarity store, streamed straight from the model (exact, no cache)."""
+        input:
+            model=local(attributed_model()),
+            code=stage_code("similarity_stream"),
+            train="results/data/train.parquet",
+            queries=query_table(),
+        output:
+            part="results/similarity/{setting}/part-{part}.h5",
+        log:
+            "logs/similarity/{setting}-part-{part}.log",
+        benchmark:
+            "benchmarks/similarity/{setting}-part-{part}.tsv"
+        conda:
+            ENV
+        threads: max_threads()
+        resources:
+            **model_resources("similarity_stream", rows_of("train")),
+        params:
+            model=model_param(attributed_model()),
+            extraction=stream_extraction(),
+            dtype=config["similarity"]["dtype"],
+            layout=config["similarity"]["layout"],
+            candidates=config["evaluation"]["candidates"],
+            memory_gb=config["similarity"]["memory_gb"],
+            shards=config["similarity"]["shards"],
+            verify=config["gradients"]["verify"],
+            verify_tolerance=config["gradients"]["verify_tolerance"],
+            tokenize=config["tokenize"],
+            device=config["device"],
+        script:
+            STAGE
+
+    rule similarity_merge:
+        """A setting's streamed similarity store: its shards summed (exact)."""
+        input:
+            code=stage_code("similarity_merge"),
+            parts=expand("results/similarity/{{setting}}/part-{part}.h5", part=range(config["similarity"]["shards"])),
+        output:
+            similarity="results/similarity/{setting}.h5",
+        log:
+            "logs/similarity/{setting}-merge.log",
+        benchmark:
+            "benchmarks/similarity/{setting}-merge.tsv"
+        conda:
+            ENV
+        resources:
+            **io_resources(),
+        params:
+            dtype=config["similarity"]["dtype"],
+        script:
+            STAGE
 
 
 rule selection:

@@ -31,6 +31,8 @@ STAGES = {
     "generate": "tdabench.pipeline.generate:main",
     "gradients": "tdabench.pipeline.gradients:main",
     "similarity": "tdabench.pipeline.similarity:main",
+    "similarity_stream": "tdabench.pipeline.similarity:main_stream",
+    "similarity_merge": "tdabench.pipeline.similarity:main_merge",
     "selection": "tdabench.pipeline.selection:main",
     "projection": "tdabench.pipeline.projection:main",
     "project_selected": "tdabench.pipeline.projection:main_selected",

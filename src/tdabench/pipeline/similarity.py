@@ -1,18 +1,26 @@
-"""Stage `similarity`: per-component dot products and norms for one query setting."""
+"""Stage `similarity`: per-component dot products and norms for one query setting, from the
+gradient cache (`main`) or streamed straight from the model (`main_stream`, one job per training
+shard, then `main_merge`). `similarity.source` in the config picks which (tdabench.streaming)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
-from tdabench.data.sources import read_queries
-from tdabench.pipeline.common import JobContext
+from tdabench.data.bm25 import bm25_scores, top_candidates
+from tdabench.data.sources import read_queries, read_train
+from tdabench.extraction import Extraction, ExtractionConfig
+from tdabench.models import TokenizeConfig, encode_all, load_model, model_fingerprint, unlabelled
+from tdabench.pipeline.common import JobContext, job_device, set_threads
 from tdabench.progress import Progress
-from tdabench.similarity import build_similarity
+from tdabench.similarity import build_similarity, merge_similarity
 from tdabench.store import GradientStore
+from tdabench.streaming import Streamer, StreamSpec, header
 from tdabench.tracking import file_manifest
 
 log = logging.getLogger(__name__)
@@ -22,19 +30,65 @@ log = logging.getLogger(__name__)
 class Params:
     block_rows: int  # similarity.block_rows
     dtype: str  # similarity.dtype
+    layout: str  # similarity.layout
+    candidates: int | None  # evaluation.candidates: b of the candidate layout
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    model: str
+    extraction: ExtractionConfig  # gradients' keys, with similarity.max_component_dim as the cap
+    dtype: str
+    layout: str
+    candidates: int | None
+    memory_gb: float
+    shards: int
+    verify: int
+    verify_tolerance: float | None
+    tokenize: TokenizeConfig
+    device: str
+
+
+def setting_queries(path: str, setting: str) -> tuple[pl.DataFrame, np.ndarray]:
+    """The whole query table and the rows of `setting` in it (increasing)."""
+    everything = read_queries(path)
+    rows = np.flatnonzero((everything["setting"] == setting).to_numpy())
+    if len(rows) == 0:
+        raise ValueError(
+            f"no queries of setting {setting!r} in {path} (it has {sorted(set(everything['setting']))}); "
+            "fix config key dataset.settings or the query data"
+        )
+    return everything, rows
+
+
+def ground_truth(train: pl.DataFrame, sources: list[str]) -> np.ndarray:
+    index = {s: i for i, s in enumerate(train["id"].to_list())}
+    unknown = sorted({s for s in sources if s not in index})
+    if unknown:
+        raise KeyError(f"source ids not among the training examples: {unknown[:5]}")
+    return np.array([index[s] for s in sources], dtype=np.int64)
+
+
+def bm25_candidates(queries: pl.DataFrame, train: pl.DataFrame, sources: np.ndarray, b: int | None) -> np.ndarray:
+    """The published protocol's candidates: per query the top b training examples by BM25 over
+    training prompts, the source forced in (the evaluation stage's `candidates` protocol)."""
+    if not b:
+        raise ValueError("config key similarity.layout: candidates needs evaluation.candidates (b) set")
+    scores = bm25_scores(queries["prompt"].to_list(), train["prompt"].to_list())
+    return top_candidates(scores, sources, min(b, train.height))
 
 
 def main(job: JobContext, mlrun) -> None:
     p, setting = job.typed_params(Params), job.wildcards["setting"]
-    everything = read_queries(job.input["queries"])
-    queries = everything.filter(pl.col("setting") == setting)
-    if queries.height == 0:
-        raise ValueError(
-            f"no queries of setting {setting!r} in {job.input['queries']} (it has "
-            f"{sorted(set(everything['setting']))}); fix config key dataset.settings or the query data"
-        )
+    everything, rows = setting_queries(job.input["queries"], setting)
+    queries = everything[rows]
     start = time.perf_counter()
     with GradientStore(job.input["train"]) as train, GradientStore(job.input["query_grads"]) as qstore:
+        candidates = None
+        if p.layout == "candidates":
+            table = pl.DataFrame({"id": train.sample_ids, "prompt": read_train(job.input["train_table"])["prompt"]})
+            gt = ground_truth(table, queries["source_id"].to_list())
+            candidates = bm25_candidates(queries, table, gt, p.candidates)
         with Progress(total=len(train.components), desc=f"similarity {setting}", unit="components") as bar:
             build_similarity(
                 train,
@@ -45,6 +99,7 @@ def main(job: JobContext, mlrun) -> None:
                 setting,
                 p.block_rows,
                 p.dtype,
+                candidates=candidates,
                 progress=bar,
             )
         n_train, n_comp = len(train), len(train.components)
@@ -52,3 +107,96 @@ def main(job: JobContext, mlrun) -> None:
     log.info("%d queries x %d train x %d components in %.1f s", queries.height, n_train, n_comp, seconds)
     mlrun.log_metrics({"n_queries": queries.height, "n_train": n_train, "n_components": n_comp, "seconds": seconds})
     mlrun.log_dict(file_manifest([job.output["similarity"]]), "manifest.json")
+
+
+def main_stream(job: JobContext, mlrun) -> None:
+    """One training shard of a setting's similarity store, streamed from the model."""
+    set_threads(job.threads)
+    p = job.typed_params(StreamParams)
+    setting, shard = job.wildcards["setting"], int(job.wildcards["part"])
+    everything, rows = setting_queries(job.input["queries"], setting)
+    train = read_train(job.input["train"])
+    gt = ground_truth(train, everything[rows]["source_id"].to_list())
+    candidates = bm25_candidates(everything[rows], train, gt, p.candidates) if p.layout == "candidates" else None
+
+    device = job_device(p.device, mlrun)
+    model, tokenizer = load_model(p.model)
+    model.to(device)
+    extraction = Extraction(model, p.extraction)
+    encoded_queries = encode_all(tokenizer, everything["prompt"], everything["response"], p.tokenize)
+    encoded_train = encode_all(tokenizer, train["prompt"], train["response"], p.tokenize)
+    for name, table, encoded in (("query", everything, encoded_queries), ("training", train, encoded_train)):
+        empty = unlabelled(encoded)
+        if empty:
+            raise ValueError(
+                f"{len(empty)} {name} example(s) have no labelled token left after truncation to "
+                f"tokenize.max_length={p.tokenize.max_length}: ids {[table['id'][i] for i in empty][:10]}; "
+                "raise config key tokenize.max_length"
+            )
+    check = {}
+    if p.verify:  # the extractor against a bs=1 loss.backward() loop, before anything is written
+        first = next(iter(extraction.batches(encoded_train, tokenizer.pad_token_id)))[1]
+        _, report = extraction.check(first, p.verify, p.verify_tolerance)
+        check = {"verify_max_error": report.worst, "verify_seconds": report.seconds}
+        log.info("self-check: worst relative error %.2e over %d samples", report.worst, len(report.samples))
+
+    spec = StreamSpec(p.layout, p.memory_gb, shard, p.shards, p.dtype)
+    attrs = {"setting": setting, "model_fingerprint": model_fingerprint(p.model), "shard": shard, "n_shards": p.shards}
+    streamer = Streamer(extraction, tokenizer.pad_token_id, spec)
+
+    def make_header(ways):
+        counts = Counter(ways.values())
+        log.info("ways (tdabench.factored.choose): %s", ", ".join(f"{w} {n}" for w, n in sorted(counts.items())))
+        for name, way in ways.items():
+            log.debug("  %s: %s", name, way)
+        return header(extraction, ways, everything[rows]["id"].to_list(), train["id"].to_list(), gt, candidates, attrs)
+
+    with Progress(desc=f"similarity {setting} shard {shard}", unit="units") as bar:
+        report = streamer.run(
+            encoded_queries, encoded_train, job.output["part"], make_header, candidates, bar, query_rows=rows
+        )
+    log.info(
+        "%s layout: %d units (%d resumed), %d samples through the model, %.1f s; mean %.0f tokens, "
+        "%.1f pairs per sample%s",
+        p.layout,
+        report.n_units,
+        report.units_resumed,
+        report.samples_computed,
+        report.seconds,
+        report.tokens,
+        report.pairs_per_sample,
+        f", {report.chunk_queries} queries per chunk" if report.chunk_queries else "",
+    )
+    counts = Counter(report.ways.values())
+    mlrun.log_metrics(
+        {
+            "n_queries": len(rows),
+            "n_train": train.height,
+            "n_components": len(report.ways),
+            "n_factored": counts.get("factored", 0),
+            "n_materialised": counts.get("materialised", 0),
+            "n_units": report.n_units,
+            "units_resumed": report.units_resumed,
+            "samples_computed": report.samples_computed,
+            "seconds": report.seconds,
+            "seconds_per_query": report.seconds / max(len(rows), 1),
+            "pairs_per_sample": report.pairs_per_sample,
+            **check,
+        }
+    )
+    mlrun.log_dict(report.ways, "component_ways.json")
+    mlrun.log_dict(file_manifest([job.output["part"]]), "manifest.json")
+
+
+def main_merge(job: JobContext, mlrun) -> None:
+    """Sum the shards of a streamed store (exact: each number comes from one shard)."""
+    p = job.typed_params(MergeParams)
+    sim = merge_similarity(list(job.input["parts"]), job.output["similarity"], p.dtype)
+    log.info("merged %d shard(s): %s", len(job.input["parts"]), sim.provenance())
+    mlrun.log_metrics({"n_parts": len(job.input["parts"]), "n_components": len(sim.components)})
+    mlrun.log_dict(file_manifest([job.output["similarity"]]), "manifest.json")
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    dtype: str  # similarity.dtype

@@ -16,6 +16,7 @@ from tdabench.evaluate import headline, read_results, summary_markdown
 from tdabench.io import write_json, write_text
 from tdabench.pipeline.common import JobContext
 from tdabench.plots import plot_greedy_curve, plot_metric_vs_cost, plot_metric_vs_dim, plot_single_heatmap
+from tdabench.similarity import read_provenance
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,12 @@ def main(job: JobContext, mlrun) -> None:
     write_json(provenance(p.study_config), job.output["provenance"])
     here = Path(job.output["summary"]).parent
     candidates = read_results(job.input["candidates"])
-    write_text(summary_markdown(table, [os.path.relpath(p, here) for p in plots], candidates), job.output["summary"])
+    stores = [f"- {setting}: {read_provenance(path)}" for setting, path in zip(p.settings, job.input["similarity"])]
+    text = summary_markdown(table, [os.path.relpath(p, here) for p in plots], candidates)
+    text += "\n## Similarity stores\n\n" + "\n".join(stores) + "\n"
+    write_text(text, job.output["summary"])
+    for line in stores:
+        log.info("similarity store %s", line[2:])
     metrics = headline_metrics(table)
     if not candidates.is_empty():  # e.g. paraphrased.candidates.greedy.top1
         metrics |= {

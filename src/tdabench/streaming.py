@@ -1,0 +1,371 @@
+"""The similarity store streamed straight from the model: exact per-component dot products and
+squared norms with no gradient cache, at any model size (`similarity.source: stream`).
+
+Layouts (tdabench.similarity):
+* dense — every query against every training example of this job's shard. Queries are taken in
+  chunks whose representations fit `memory_gb`; the shard's training examples stream past each
+  chunk once, so a chunk costs one pass over the shard (larger chunks: fewer passes).
+* candidates — each query against its candidates only. A unit is a few queries plus the union of
+  their candidates in this shard (about one batch, within `memory_gb`), computed in one batched
+  pass (a shared candidate once).
+
+Each component is represented one of two ways, chosen once per job by `plan_ways` from the
+multiply-adds of tdabench.factored: materialised (its per-sample gradient, or count sketch, from
+`Extraction`) or factored (a linear layer's inputs and output gradients, never forming the
+d_out x d_in gradient). Dot products accumulate in float64 either way.
+
+Resume and shards: units go through `SimilarityWriter` (a partial file with a done mask), so a
+killed job resumes where it stopped. A shard job fills only the pairs whose training example lies
+in its rows and leaves the rest 0, so `merge_similarity` sums shards exactly; query squared norms
+are written by shard 0 only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tdabench.extraction import Extraction
+from tdabench.factored import FACTORED, MATERIALISED, choose, cross_dots, pair_dots
+from tdabench.gradients import Factors, iter_batches
+from tdabench.models import Encoded, collate
+from tdabench.similarity import Header, SimilarityWriter
+
+log = logging.getLogger(__name__)
+LAYOUTS = ("dense", "candidates")
+Rep = torch.Tensor | Factors  # one component of a batch of samples: [n, dim] or Factors
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    layout: str  # dense | candidates
+    memory_gb: float  # representations held at once: a dense chunk of queries, a candidate unit
+    shard: int = 0  # this job's training shard (0-based) ...
+    shards: int = 1  # ... of this many near-equal contiguous shards
+    dtype: str = "float64"  # storage dtype of the store
+
+
+@dataclass
+class StreamReport:
+    ways: dict[str, str]  # component -> materialised | factored
+    tokens: float  # mean tokens per sample, as the choice of ways assumed
+    pairs_per_sample: float
+    n_units: int
+    units_resumed: int = 0  # already done in a partial file
+    samples_computed: int = 0  # forward/backward passes of one sample, summed
+    seconds: float = 0.0
+    chunk_queries: int | None = None  # dense: queries held per chunk
+    extra: dict = field(default_factory=dict)
+
+
+def shard_rows(n: int, shard: int, n_shards: int) -> slice:
+    """Contiguous rows of shard `shard` (0-based) out of `n_shards` near-equal shards."""
+    return slice(shard * n // n_shards, (shard + 1) * n // n_shards)
+
+
+# --- dot products of representations (float64) ---------------------------------------------
+
+
+def as_float64(rep: Rep) -> Rep:
+    return Factors(rep.x.double(), rep.g.double()) if isinstance(rep, Factors) else rep.double()
+
+
+def self_dots(rep: Rep) -> torch.Tensor:
+    """Squared norm of each sample's gradient -> [n] float64."""
+    if isinstance(rep, Factors):
+        return pair_dots(rep.x, rep.g, rep.x, rep.g)
+    r = rep.double()
+    return torch.einsum("nd,nd->n", r, r)  # no [n, d] temporary
+
+
+def gram(a: Rep, b: Rep) -> torch.Tensor:
+    """Every pair's dot product -> [A, B] float64."""
+    if isinstance(a, Factors):
+        return cross_dots(a.x, a.g, b.x, b.g)
+    return a.double() @ b.double().T
+
+
+def aligned(a: Rep, ia: torch.Tensor, b: Rep, ib: torch.Tensor) -> torch.Tensor:
+    """⟨a[ia[p]], b[ib[p]]⟩ for every p -> [P] float64."""
+    if isinstance(a, Factors):
+        return pair_dots(a.x[ia], a.g[ia], b.x[ib], b.g[ib])
+    return (a[ia].double() * b[ib].double()).sum(1)
+
+
+def take(rep: Rep, rows: torch.Tensor) -> Rep:
+    """Rows `rows` of a batch's representation."""
+    return Factors(rep.x[rows], rep.g[rows]) if isinstance(rep, Factors) else rep[rows]
+
+
+def concat(reps: Sequence[Rep]) -> Rep:
+    """Batches of one component -> one; Factors are zero-padded to the longest (a zero output
+    gradient adds nothing)."""
+    if len(reps) == 1:
+        return reps[0]
+    if not isinstance(reps[0], Factors):
+        return torch.cat(list(reps))
+    t = max(r.x.shape[1] for r in reps)
+
+    def pad(z: torch.Tensor) -> torch.Tensor:  # [n, tokens, d] -> [n, t, d]
+        return F.pad(z, (0, 0, 0, t - z.shape[1]))
+
+    return Factors(torch.cat([pad(r.x) for r in reps]), torch.cat([pad(r.g) for r in reps]))
+
+
+# --- planning ----------------------------------------------------------------------------------
+
+
+def plan_ways(extraction: Extraction, tokens: float, pairs_per_sample: float) -> dict[str, str]:
+    """Per component: factored where it is possible (a stock Linear/Conv1D weight, unsketched) and
+    `tdabench.factored.choose` finds it cheaper, else materialised."""
+    can = set(extraction.factorable())
+    ways = {}
+    for c in extraction.components:
+        if c.name in can:
+            d_a, d_b = c.shape  # [d_out, d_in] (Conv1D: [d_in, d_out]); the rule is symmetric
+            ways[c.name] = choose(round(tokens), d_b, d_a, pairs_per_sample)
+        else:
+            ways[c.name] = MATERIALISED
+    return ways
+
+
+def bytes_per_sample(extraction: Extraction, ways: dict[str, str], tokens: float) -> float:
+    """float32 bytes one sample's representation holds."""
+    dims = dict(zip(extraction.names, extraction.stored_dims))
+    total = 0.0
+    for c in extraction.components:
+        total += tokens * sum(c.shape) if ways[c.name] == FACTORED else dims[c.name]
+    return 4 * total
+
+
+def header(
+    extraction: Extraction,
+    ways: dict[str, str],
+    query_ids: Sequence[str],
+    train_ids: Sequence[str],
+    ground_truth: np.ndarray,
+    candidates: np.ndarray | None,
+    attrs: dict,
+) -> Header:
+    comps = extraction.components
+    return Header(
+        components=[c.name for c in comps],
+        component_params=[c.numel for c in comps],
+        component_family=[c.family for c in comps],
+        component_layer=[-1 if c.layer is None else c.layer for c in comps],
+        component_dim=list(extraction.stored_dims),
+        component_method=["countsketch" if c.name in extraction.sketch_info else "exact" for c in comps],
+        component_way=[ways[c.name] for c in comps],
+        query_ids=list(query_ids),
+        train_ids=list(train_ids),
+        ground_truth=np.asarray(ground_truth, dtype=np.int64),
+        candidates=None if candidates is None else np.asarray(candidates, dtype=np.int64),
+        attrs={"source": "stream", "layout": "dense" if candidates is None else "candidates", **attrs},
+    )
+
+
+# --- the streamed store -----------------------------------------------------------------------
+
+
+class Streamer:
+    """Writes one (shard of a) similarity store from the model, unit by unit, resumably."""
+
+    def __init__(self, extraction: Extraction, pad_id: int, spec: StreamSpec):
+        if spec.layout not in LAYOUTS:
+            raise ValueError(f"similarity.layout must be one of {LAYOUTS}, not {spec.layout!r}")
+        if not 0 <= spec.shard < spec.shards:
+            raise ValueError(f"shard {spec.shard} is not among 0..{spec.shards - 1}")
+        self.extraction, self.pad_id, self.spec = extraction, pad_id, spec
+        self.names = extraction.names
+        self.factored: list[str] = []
+
+    def represent(self, examples: Sequence[Encoded], reuse: bool = False) -> Iterator[tuple[slice, dict[str, Rep]]]:
+        """(rows, {component: representation}) per padded batch of `examples`. reuse: materialised
+        gradients go into buffers reused batch after batch (valid until the next batch)."""
+        buffers = {}
+        if reuse:
+            formed = [n for n in self.names if n not in self.factored]
+            buffers = self.extraction.buffers(self.extraction.cfg.batch_size, formed)
+        for rows, batch in self.extraction.batches(examples, self.pad_id):
+            size = rows.stop - rows.start
+            out = {n: b[:size] for n, b in buffers.items()}
+            yield rows, self.extraction(batch, out=out, factored=self.factored)
+
+    def run(
+        self,
+        queries: Sequence[Encoded],
+        train: Sequence[Encoded],
+        out: str | Path,
+        make_header,
+        candidates: np.ndarray | None = None,
+        progress=None,
+        query_rows: np.ndarray | None = None,
+    ) -> StreamReport:
+        """Stream the store of `queries` x `train` (or their `candidates` [Q, b]) into `out`.
+
+        make_header(ways) -> Header (the components' ways are only known once planned here).
+        query_rows: the store's queries as increasing rows of `queries` (default: all); the dense
+        layout batches the whole of `queries` as a gradients job does and keeps these rows.
+        """
+        query_rows = np.arange(len(queries)) if query_rows is None else np.asarray(query_rows, dtype=np.int64)
+        if len(query_rows) and (np.diff(query_rows) <= 0).any():
+            raise ValueError("query_rows must be increasing")
+        if (candidates is None) != (self.spec.layout == "dense"):
+            raise ValueError(f"layout {self.spec.layout!r} with candidates={'none' if candidates is None else 'given'}")
+        start = time.perf_counter()
+        t_rows = shard_rows(len(train), self.spec.shard, self.spec.shards)
+        lengths = [len(queries[r].input_ids) for r in query_rows] + [len(e.input_ids) for e in train[t_rows]]
+        tokens = float(np.mean(lengths)) if lengths else 1.0
+        if candidates is None:
+            report = self._dense(queries, query_rows, train, t_rows, tokens, out, make_header, progress)
+        else:
+            chosen = [queries[r] for r in query_rows]
+            report = self._candidates(chosen, train, t_rows, candidates, tokens, out, make_header, progress)
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def _plan(self, tokens: float, pairs_per_sample: float) -> dict[str, str]:
+        ways = plan_ways(self.extraction, tokens, pairs_per_sample)
+        self.factored = [n for n, w in ways.items() if w == FACTORED]
+        return ways
+
+    def _dense(self, queries, query_rows, train, t_rows, tokens, out, make_header, progress) -> StreamReport:
+        n_t, bs = t_rows.stop - t_rows.start, self.extraction.cfg.batch_size
+        # Query batches as a gradients job batches the whole query table (so the per-sample
+        # gradients, and the store, agree with the cached path's); those holding none are skipped.
+        batches = [
+            (rows, query_rows[(query_rows >= rows.start) & (query_rows < rows.stop)])
+            for rows in iter_batches(len(queries), bs)
+        ]
+        batches = [(rows, mine) for rows, mine in batches if len(mine)]
+        position = {int(r): i for i, r in enumerate(query_rows)}  # table row -> store query index
+        # Whole batches per chunk, as many as the budget holds (at least one); the size is that of
+        # materialised representations (an upper bound), the ways then follow from the pairs.
+        per_query = bytes_per_sample(self.extraction, dict.fromkeys(self.names, MATERIALISED), tokens)
+        per_chunk = max(1, int(self.spec.memory_gb * 1e9 // (per_query * bs)))
+        chunks = [batches[i : i + per_chunk] for i in range(0, len(batches), per_chunk)]
+        chunk = min(per_chunk * bs, len(query_rows))
+        pps = (chunk * n_t + chunk + n_t) / (chunk + n_t)  # cross pairs plus every sample's norm
+        ways = self._plan(tokens, pps)
+        report = StreamReport(ways, tokens, pps, len(chunks), chunk_queries=chunk)
+        _start(progress, len(chunks))
+        with SimilarityWriter(out, make_header(ways), len(chunks), self.spec.dtype) as writer:
+            done = writer.done
+            report.units_resumed = int(done.sum())
+            for u, part in enumerate(chunks):
+                if done[u]:
+                    _tick(progress)
+                    continue
+                q0 = position[int(part[0][1][0])]
+                q1 = position[int(part[-1][1][-1])] + 1  # the chunk's queries: store rows [q0, q1)
+                held = self._hold(queries, part, position, q0, q1)  # {component: [chunk, ...]}
+                report.samples_computed += sum(rows.stop - rows.start for rows, _ in part)
+                q_sq = np.zeros((len(self.names), q1 - q0))
+                t_sq = np.zeros((len(self.names), n_t))
+                dot = np.zeros((len(self.names), q1 - q0, n_t))  # [C, chunk, shard rows]
+                for ci, n in enumerate(self.names):
+                    q_sq[ci] = self_dots(held[n]).numpy()
+                for rows, reps in self.represent(train[t_rows], reuse=True):
+                    for ci, n in enumerate(self.names):
+                        t = as_float64(reps[n])  # converted once, used for norms and every query
+                        t_sq[ci, rows] = self_dots(t).numpy()
+                        dot[ci, :, rows] = gram(held[n], t).numpy()
+                report.samples_computed += n_t
+                writer.write(
+                    u,
+                    slice(q0, q1),
+                    dot,
+                    columns=t_rows,
+                    query_sqnorm=q_sq if self.spec.shard == 0 else None,
+                    train_rows=t_rows,
+                    train_sqnorm=t_sq,
+                )
+                _tick(progress)
+        return report
+
+    def _hold(self, queries, part, position, q0: int, q1: int) -> dict[str, Rep]:
+        """A chunk's query representations, one tensor (or Factors) per component, rows in store
+        order [q0, q1): whole table batches computed, the setting's rows kept."""
+        held: dict[str, list[Rep]] = {n: [] for n in self.names}
+        dense: dict[str, torch.Tensor] = {}
+        for rows, mine in part:
+            reps = self.extraction(collate(list(queries[rows]), self.pad_id), factored=self.factored)
+            local = torch.as_tensor(mine - rows.start)
+            at = [position[int(r)] - q0 for r in mine]  # consecutive
+            for n, r in reps.items():
+                if isinstance(r, Factors):
+                    held[n].append(take(r, local))
+                else:  # into one preallocated [chunk, dim] block: no second copy when joining
+                    block = dense.setdefault(n, torch.empty(q1 - q0, r.shape[1]))
+                    block[at[0] : at[-1] + 1] = r[local]
+        return {n: dense[n] if n in dense else concat(held[n]) for n in self.names}
+
+    def _candidates(self, queries, train, t_rows, candidates, tokens, out, make_header, progress) -> StreamReport:
+        n_q, b = candidates.shape
+        if n_q != len(queries):
+            raise ValueError(f"candidates has {n_q} rows for {len(queries)} queries")
+        mine = (candidates >= t_rows.start) & (candidates < t_rows.stop)  # [Q, b] pairs of this shard
+        # Ways from the pairs per sample of one-batch units (a unit: u queries and their candidates),
+        # then units as large as a batch and the memory budget allow (at least one query).
+        per_unit = max(1, self.extraction.cfg.batch_size // (1 + b))
+        pps = (per_unit * b + per_unit * (1 + b)) / (per_unit * (1 + b))  # pairs and norms, no sharing
+        ways = self._plan(tokens, pps)
+        per_sample = bytes_per_sample(self.extraction, ways, tokens)
+        per_unit = max(1, min(per_unit, int(self.spec.memory_gb * 1e9 // (per_sample * (1 + b)))))
+        units = [(q0, min(q0 + per_unit, n_q)) for q0 in range(0, n_q, per_unit)]
+        samples = sum((q1 - q0) + len(np.unique(candidates[q0:q1][mine[q0:q1]])) for q0, q1 in units)
+        pairs = int(mine.sum()) + samples
+        report = StreamReport(ways, tokens, pairs / max(samples, 1), len(units))
+        _start(progress, len(units))
+        with SimilarityWriter(out, make_header(ways), len(units), self.spec.dtype) as writer:
+            done = writer.done
+            report.units_resumed = int(done.sum())
+            for u, (q0, q1) in enumerate(units):
+                if done[u]:
+                    _tick(progress)
+                    continue
+                nq, cand, ok = q1 - q0, candidates[q0:q1], mine[q0:q1]
+                needed = np.unique(cand[ok])  # this shard's training rows the unit needs, once each
+                examples = [*queries[q0:q1], *(train[t] for t in needed)]
+                parts = list(self.represent(examples))
+                column = {t: nq + i for i, t in enumerate(needed)}  # training row -> position in the unit
+                qi, ji = np.nonzero(ok)
+                ia = torch.as_tensor(qi)
+                ib = torch.as_tensor([column[t] for t in cand[qi, ji]], dtype=torch.long)
+                q_sq = np.zeros((len(self.names), nq))
+                t_sq = np.zeros((len(self.names), len(needed)))
+                dot = np.zeros((len(self.names), nq, b))  # [C, unit queries, b]
+                for ci, n in enumerate(self.names):
+                    rep = concat([reps[n] for _, reps in parts])
+                    norms = self_dots(rep).numpy()
+                    q_sq[ci], t_sq[ci] = norms[:nq], norms[nq:]
+                    if len(qi):
+                        dot[ci, qi, ji] = aligned(rep, ia, rep, ib).numpy()
+                report.samples_computed += len(examples)
+                writer.write(
+                    u,
+                    slice(q0, q1),
+                    dot,
+                    query_sqnorm=q_sq if self.spec.shard == 0 else None,
+                    train_rows=needed if len(needed) else None,
+                    train_sqnorm=t_sq if len(needed) else None,
+                )
+                _tick(progress)
+        return report
+
+
+def _start(progress, total: int) -> None:
+    if progress is not None and hasattr(progress, "set_total"):
+        progress.set_total(total)
+
+
+def _tick(progress) -> None:
+    if progress is not None:
+        progress.update(1)

@@ -1,0 +1,260 @@
+"""The streamed similarity store against the cached one (gradient store -> build_similarity), in
+both layouts, factored and materialised, sharded and merged, and resumed after a kill."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tdabench.components import component_registry
+from tdabench.extraction import Extraction, ExtractionConfig
+from tdabench.factored import FACTORED, MATERIALISED
+from tdabench.models import Encoded
+from tdabench.similarity import build_similarity, load_similarity, merge_similarity
+from tdabench.store import GradientStore, GradientStoreWriter
+from tdabench.streaming import Streamer, StreamSpec, header, shard_rows
+
+from helpers import VOCAB, tiny_llama
+
+COMPONENTS = ("q", "v", "down", "lm_head", "norm")  # linear weights, the tied-free head, RMSNorm (vmap)
+N_TRAIN, N_QUERY, B = 11, 7, 4
+
+
+def examples(n, seed):
+    g = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length, prompt = int(g.integers(5, 12)), int(g.integers(1, 4))
+        ids = [int(t) for t in g.integers(1, VOCAB, length)]
+        out.append(Encoded(ids, [-100] * prompt + ids[prompt:], prompt, False))
+    return out
+
+
+def cfg(batch_size=4, cap=None):
+    return ExtractionConfig(COMPONENTS, batch_size, cap, 0, None)
+
+
+def setup(cap=None, batch_size=4):
+    model = tiny_llama()
+    train, queries = examples(N_TRAIN, 1), examples(N_QUERY, 2)
+    gt = np.random.default_rng(3).integers(0, N_TRAIN, N_QUERY)
+    return Extraction(model, cfg(batch_size, cap)), train, queries, gt
+
+
+def candidates_of(gt, seed=4):
+    g = np.random.default_rng(seed)
+    cand = np.stack([g.choice(N_TRAIN, B, replace=False) for _ in gt])
+    missing = ~(cand == gt[:, None]).any(1)
+    cand[missing, -1] = gt[missing]
+    return cand
+
+
+def cached_store(extraction, train, queries, gt, path, candidates=None):
+    """The cached path: gradient stores of both splits, then build_similarity."""
+    stores = {}
+    for split, exs in (("train", train), ("queries", queries)):
+        ids = [f"{split}{i}" for i in range(len(exs))]
+        p = path.parent / f"{split}.h5"
+        with GradientStoreWriter(
+            p, ids, extraction.components, "float32", {"model_fingerprint": "m"}, extraction.sketch_info
+        ) as w:
+            for rows, batch in extraction.batches(exs, 0):
+                w.write(rows, {n: g.numpy() for n, g in extraction(batch).items()})
+        stores[split] = p
+    with GradientStore(stores["train"]) as t, GradientStore(stores["queries"]) as q:
+        build_similarity(t, q, q.sample_ids, [f"train{i}" for i in gt], path, "s", candidates=candidates)
+    return load_similarity(path)
+
+
+def streamed_store(
+    extraction, train, queries, gt, path, layout="dense", candidates=None, memory_gb=1.0, shard=0, shards=1, ways=None
+):
+    streamer = Streamer(extraction, 0, StreamSpec(layout, memory_gb, shard, shards))
+    if ways is not None:  # force one way where it is possible
+        import tdabench.streaming as s
+
+        real = s.plan_ways
+        s.plan_ways = lambda ex, t, p: {n: (ways if n in ex.factorable() else MATERIALISED) for n in ex.names}
+    try:
+        report = streamer.run(
+            queries,
+            train,
+            path,
+            lambda w: header(
+                extraction,
+                w,
+                [f"queries{i}" for i in range(len(queries))],
+                [f"train{i}" for i in range(len(train))],
+                gt,
+                candidates,
+                {"setting": "s"},
+            ),
+            candidates,
+        )
+    finally:
+        if ways is not None:
+            s.plan_ways = real
+    return report
+
+
+def assert_same_numbers(got, want, rtol=1e-9):
+    """Norms to `rtol`; each dot to `rtol` of the product of its two norms (a dot near 0 is the
+    difference of large terms: the factored form does not round the gradient to float32 first)."""
+    assert got.components == want.components and got.query_ids == want.query_ids
+    for name in ("query_sqnorm", "train_sqnorm"):
+        np.testing.assert_allclose(getattr(got, name), getattr(want, name), rtol=rtol)
+    scale = np.sqrt(want.query_sqnorm[:, :, None] * want.train_sqnorm[:, None, :])  # [C, Q, T]
+    if want.candidates is not None:
+        scale = np.take_along_axis(scale, want.candidates[None], axis=2)
+    assert (np.abs(got.dot - want.dot) <= rtol * scale + 1e-300).all()
+
+
+@pytest.mark.parametrize("way", [MATERIALISED, FACTORED])
+@pytest.mark.parametrize("memory_gb", [1.0, 1e-9])  # everything in one chunk; one query per chunk
+def test_dense_stream_equals_the_cached_store(tmp_path, way, memory_gb):
+    extraction, train, queries, gt = setup()
+    want = cached_store(extraction, train, queries, gt, tmp_path / "cached.h5")
+    report = streamed_store(extraction, train, queries, gt, tmp_path / "s.h5", memory_gb=memory_gb, ways=way)
+    got = load_similarity(tmp_path / "s.h5")
+    assert_same_numbers(got, want, rtol=1e-6 if way == FACTORED else 1e-9)
+    np.testing.assert_allclose(got.scores(), want.scores(), atol=1e-9 if way == MATERIALISED else 1e-6)
+    factorable = set(extraction.factorable())
+    assert factorable and not any("norm" in n for n in factorable)  # RMSNorm weights are never factored
+    assert got.component_way == [way if n in factorable else MATERIALISED for n in got.components]
+    assert got.component_method == ["exact"] * len(got.components) and got.attrs["source"] == "stream"
+    assert report.n_units == (1 if memory_gb == 1.0 else 2)  # at least one whole batch of 4 per chunk
+    assert report.samples_computed == report.n_units * N_TRAIN + N_QUERY
+
+
+def test_candidate_stream_equals_the_cached_store_and_sketches_are_recorded(tmp_path):
+    extraction, train, queries, gt = setup(cap=100)
+    cand = candidates_of(gt)
+    want = cached_store(extraction, train, queries, gt, tmp_path / "cached.h5", candidates=cand)
+    streamed_store(extraction, train, queries, gt, tmp_path / "s.h5", "candidates", cand)
+    got = load_similarity(tmp_path / "s.h5")
+    np.testing.assert_array_equal(got.candidates, cand)
+    np.testing.assert_allclose(got.dot, want.dot, rtol=1e-6, atol=1e-10)
+    np.testing.assert_allclose(got.query_sqnorm, want.query_sqnorm, rtol=1e-6)
+    used = np.unique(cand)  # candidate layout: norms of training examples no query needs stay 0
+    np.testing.assert_allclose(got.train_sqnorm[:, used], want.train_sqnorm[:, used], rtol=1e-6)
+    assert (got.train_sqnorm[:, np.setdiff1d(np.arange(N_TRAIN), used)] == 0).all()
+    np.testing.assert_allclose(got.scores(), want.scores(), atol=1e-6)
+    sketched = set(extraction.sketch_info)
+    assert sketched and got.component_method == ["countsketch" if n in sketched else "exact" for n in got.components]
+    assert "countsketch 100" in got.provenance()
+
+
+@pytest.mark.parametrize("layout", ["dense", "candidates"])
+def test_shards_merge_to_the_unsharded_store(tmp_path, layout):
+    extraction, train, queries, gt = setup()
+    cand = candidates_of(gt) if layout == "candidates" else None
+    streamed_store(extraction, train, queries, gt, tmp_path / "whole.h5", layout, cand)
+    parts = [tmp_path / f"part-{i}.h5" for i in range(3)]
+    for i, p in enumerate(parts):
+        streamed_store(extraction, train, queries, gt, p, layout, cand, shard=i, shards=3)
+    merged = merge_similarity(parts, tmp_path / "merged.h5")
+    whole = load_similarity(tmp_path / "whole.h5")
+    # Shards batch other samples together than the whole run, so float32 gradients may differ in
+    # the last bits; the sum itself adds only zeros.
+    assert_same_numbers(load_similarity(tmp_path / "merged.h5"), whole, rtol=1e-5)
+    assert merged.attrs["n_shards"] == 3
+    for i, p in enumerate(parts):  # each part holds only its own training columns
+        part, rows = load_similarity(p), shard_rows(N_TRAIN, i, 3)
+        outside = np.setdiff1d(np.arange(N_TRAIN), np.arange(N_TRAIN)[rows])
+        assert (part.train_sqnorm[:, outside] == 0).all()
+        if layout == "dense":
+            assert (part.dot[:, :, outside] == 0).all() and (part.dot[:, :, rows] != 0).any()
+        assert (part.query_sqnorm == 0).all() == (i > 0)
+
+
+KILL = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+import test_streaming as t
+import tdabench.streaming as s
+calls = {{"n": 0}}
+real = s.SimilarityWriter.write
+def write(self, unit, *a, **k):
+    if calls["n"] == {kill_after}:
+        os._exit(17)  # killed between two units
+    calls["n"] += 1
+    real(self, unit, *a, **k)
+s.SimilarityWriter.write = write
+extraction, train, queries, gt = t.setup()
+cand = t.candidates_of(gt) if {layout!r} == "candidates" else None
+r = t.streamed_store(extraction, train, queries, gt, {path!r}, {layout!r}, cand, memory_gb={memory_gb})
+print("resumed", r.units_resumed, "of", r.n_units)
+"""
+
+
+@pytest.mark.parametrize("layout", ["dense", "candidates"])
+def test_a_killed_stream_resumes_to_the_same_file_contents(tmp_path, layout):
+    memory_gb = 1e-9  # one batch per chunk: several units
+    extraction, train, queries, gt = setup()
+    cand = candidates_of(gt) if layout == "candidates" else None
+    streamed_store(extraction, train, queries, gt, tmp_path / "straight.h5", layout, cand, memory_gb=memory_gb)
+    path = tmp_path / "resumed.h5"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    tests = os.path.dirname(__file__)
+    script = KILL.format(tests=tests, path=str(path), layout=layout, memory_gb=memory_gb, kill_after=1)
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert killed.returncode == 17, killed.stderr
+    assert not path.exists() and (tmp_path / ".resumed.h5.partial").exists()
+    script = KILL.format(tests=tests, path=str(path), layout=layout, memory_gb=memory_gb, kill_after=-1)
+    resumed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed 1 of" in resumed.stdout
+    a, b = load_similarity(path), load_similarity(tmp_path / "straight.h5")
+    for name in ("dot", "query_sqnorm", "train_sqnorm"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert not (tmp_path / ".resumed.h5.partial").exists()
+
+
+def test_factored_components_come_back_as_inputs_and_output_gradients():
+    extraction, train, queries, gt = setup()
+    batch = next(iter(extraction.batches(train, 0)))[1]
+    names = extraction.factorable()
+    formed = extraction(batch)
+    factored = extraction(batch, factored=names)
+    shapes = {c.name: c.shape for c in component_registry(extraction.model)}
+    for n in extraction.names:
+        if n in names:  # g[s]^T x[s] is the per-sample gradient
+            f = factored[n]
+            grad = torch.einsum("sto,sti->soi", f.g, f.x).reshape(len(f.g), -1)
+            assert tuple(f.x.shape[2:]) == (shapes[n][1],)
+            torch.testing.assert_close(grad, formed[n], rtol=1e-5, atol=1e-7)
+        else:
+            torch.testing.assert_close(factored[n], formed[n])
+    with pytest.raises(ValueError, match="cannot be returned factored"):
+        extraction(batch, factored=["model.norm.weight"])
+
+
+def test_a_settings_queries_streamed_from_the_whole_table_match_the_cached_store(tmp_path):
+    """The default study's case: the cache batched every query, the store holds one setting's.
+    Batching as the gradients job did gives the same per-sample gradients: cosines to 1e-9."""
+    extraction, train, queries, gt = setup()
+    rows = np.array([2, 3, 4, 6])
+    want_all = cached_store(extraction, train, queries, gt, tmp_path / "cached.h5")
+    with GradientStore(tmp_path / "train.h5") as t, GradientStore(tmp_path / "queries.h5") as q:
+        ids = [f"queries{i}" for i in rows]
+        build_similarity(t, q, ids, [f"train{i}" for i in gt[rows]], tmp_path / "subset.h5", "s")
+    want = load_similarity(tmp_path / "subset.h5")
+    streamer = Streamer(extraction, 0, StreamSpec("dense", 1.0))
+    streamer.run(
+        queries,
+        train,
+        tmp_path / "s.h5",
+        lambda w: header(
+            extraction, w, [f"queries{i}" for i in rows], [f"train{i}" for i in range(N_TRAIN)], gt[rows], None, {}
+        ),
+        query_rows=rows,
+    )
+    got = load_similarity(tmp_path / "s.h5")
+    assert got.query_ids == want.query_ids
+    assert_same_numbers(got, want, rtol=1e-9)
+    np.testing.assert_allclose(got.scores(), want.scores(), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(want.dot, want_all.dot[:, rows], rtol=1e-12, atol=1e-20)

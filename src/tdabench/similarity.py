@@ -94,7 +94,7 @@ class Similarity:
             self.component_way = ["unknown"] * len(self.components)
 
     def provenance(self) -> str:
-        """One line: how the components were computed, e.g. "210 exact (from the stream: materialised 210)"."""
+        """One line, e.g. "210 exact components, dense layout, streamed from the model (materialised 210)"."""
         return describe_provenance(self.component_method, self.component_dim, self.component_way, self.attrs)
 
     @property
@@ -142,10 +142,11 @@ def describe_provenance(methods: Sequence[str], dims: Sequence[int], ways: Seque
     counted: dict[str, int] = {}
     for w in ways:
         counted[w] = counted.get(w, 0) + 1
-    how = ", ".join(f"{w} {n}" for w, n in counted.items())
-    layout = attrs.get("layout", "dense")
     what = ", ".join(f"{n} {k}" for k, n in kinds.items())
-    return f"{what} components, {layout} layout (from the {attrs.get('source', 'cache')}: {how})"
+    where = f"{what} components, {attrs.get('layout', 'dense')} layout"
+    if attrs.get("source") != "stream":
+        return f"{where}, from the gradient cache"
+    return f"{where}, streamed from the model ({', '.join(f'{w} {n}' for w, n in counted.items())})"
 
 
 def read_provenance(path: str | Path) -> str:

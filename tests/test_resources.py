@@ -84,3 +84,14 @@ def test_io_jobs_grow_with_their_input():
     small, big = resources.estimate_io(cfg, 10), resources.estimate_io(cfg, 100_000)
     assert big["mem_mb"] > small["mem_mb"] and big["runtime"] > small["runtime"]
     assert resources.estimate_io(cfg, 10, attempt=2)["mem_mb"] >= 2 * small["mem_mb"] - 2
+
+
+def test_streamed_similarity_jobs_grow_with_their_budget_and_shrink_with_shards():
+    def est(**sim):
+        cfg = study_config(resources={"model_parameters": 10**9}, similarity=sim)
+        return resources.estimate("similarity_stream", cfg, 1000)
+
+    small, big = est(memory_gb=4), est(memory_gb=64)
+    assert big["mem_mb"] - small["mem_mb"] == pytest.approx(60e9 / 2**20, rel=0.01)  # the held queries
+    assert big["runtime"] < small["runtime"]  # fewer passes over the training examples
+    assert est(memory_gb=4, shards=8)["runtime"] < small["runtime"]

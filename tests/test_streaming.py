@@ -258,3 +258,10 @@ def test_a_settings_queries_streamed_from_the_whole_table_match_the_cached_store
     assert_same_numbers(got, want, rtol=1e-9)
     np.testing.assert_allclose(got.scores(), want.scores(), rtol=0, atol=1e-9)
     np.testing.assert_allclose(want.dot, want_all.dot[:, rows], rtol=1e-12, atol=1e-20)
+
+
+def test_more_shards_than_training_examples_is_refused_before_writing(tmp_path):
+    extraction, train, queries, gt = setup()
+    with pytest.raises(ValueError, match="similarity.shards"):
+        streamed_store(extraction, train[:2], queries, gt % 2, tmp_path / "s.h5", shard=0, shards=3)
+    assert not list(tmp_path.iterdir())

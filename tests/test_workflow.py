@@ -407,6 +407,34 @@ def test_stale_flags_follow_the_code_digest(tmp_path):  # no study needed
         assert (docs.check_stale_flags(readme) == []) == ok, (code, flagged)
 
 
+def test_streamed_similarity_in_shards_gives_the_cached_stores(study):
+    """similarity.source stream: two training shards per setting, merged; no gradient job reruns,
+    and the stores equal the cached ones (the same batches, the same count sketches)."""
+    from tdabench.similarity import load_similarity
+
+    root, _ = study
+    settings = ("paraphrased", "model_generated")
+    cached = {s: load_similarity(root / f"results/similarity/{s}.h5") for s in settings}
+    cfg = {**MICRO, "similarity": {"source": "stream", "shards": 2, "max_component_dim": 600}}
+    write_config(root, cfg)
+    try:
+        stats = planned(root)
+        assert stats["similarity_stream"] == 4 and stats["similarity_merge"] == 2
+        assert not {"gradients", "pretrain", "finetune", "similarity"} & set(stats)
+        snakemake(root)
+    finally:
+        write_config(root, MICRO)
+    for s in settings:
+        got = load_similarity(root / f"results/similarity/{s}.h5")
+        assert got.attrs["source"] == "stream" and got.attrs["n_shards"] == 2
+        assert got.component_method == cached[s].component_method  # embed and lm_head sketched alike
+        assert abs(got.scores() - cached[s].scores()).max() < 1e-9
+        for c in range(len(got.components)):
+            assert abs(got.scores([c]) - cached[s].scores([c])).max() < 1e-9
+        assert (root / f"results/similarity/{s}/part-1.h5").exists()
+    assert "streamed from the model" in (root / "results/summary.md").read_text()
+
+
 def test_a_corrupted_shard_stops_its_readers_and_the_named_command_rebuilds_it(study):
     """Run last: it corrupts the study's first training shard, then repairs it."""
     root, _ = study

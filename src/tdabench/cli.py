@@ -3,6 +3,9 @@
     tdabench evaluate   --similarity FILE [--components PATTERN ...] [--queries SPEC] [--out F.json]
     tdabench components --similarity FILE --out F.parquet [--queries SPEC]
     tdabench greedy     --similarity FILE --objective {top1,mrr,rho} [--selection-fraction F --seed N] --out F.parquet
+    tdabench agree      A.h5 B.h5 [--queries SPEC] [--selection-fraction F --seed N] [--steps N] [--out F.json]
+                        two stores of the same queries (e.g. sketched vs exact, cached vs streamed):
+                        cosine differences, full-gradient and per-component metrics, greedy choices
     tdabench config     [--config FILE]        print the validated config with every default
 
 The similarity store format is documented in tdabench.similarity (and the README); both the dense
@@ -103,6 +106,7 @@ def cmd_evaluate(args) -> None:
     result = {
         "similarity": args.similarity,
         "layout": "dense" if sim.candidates is None else f"candidates (b={sim.n_columns})",
+        "provenance": sim.provenance(),
         "n_queries": int(len(queries)),
         "components": [sim.components[c] for c in comps],
         "params": int(sim.component_params[comps].sum()),
@@ -135,6 +139,8 @@ def cmd_components(args) -> None:
                 "layer": int(sim.component_layer[c]),
                 "params": int(sim.component_params[c]),
                 "dim": int(sim.component_dim[c]),
+                "method": sim.component_method[c],
+                "way": sim.component_way[c],
                 "top1": m["top1"],
                 "mrr": m["mrr"],
                 "rho": float(score_agreement(scores, full)),
@@ -186,6 +192,95 @@ def cmd_greedy(args) -> None:
             }
         )
     _write_table(rows, args.out)
+
+
+def agreement(a, b, queries: np.ndarray, selection: np.ndarray, objective: str, steps: int, ks) -> dict:
+    """How far two similarity stores of the same queries and training examples agree: cosines,
+    full-gradient and per-component metrics on `queries`, and the first `steps` greedy choices
+    made on `selection`. Components are matched by name (those both stores have)."""
+    from tdabench.metrics import retrieval_metrics, source_ranks
+    from tdabench.selection import greedy_forward
+
+    if a.query_ids != b.query_ids or a.train_ids != b.train_ids:
+        raise UsageError("the stores hold different queries or training examples; agree compares one study's stores")
+    if (a.candidates is None) != (b.candidates is None) or (
+        a.candidates is not None and not np.array_equal(a.candidates, b.candidates)
+    ):
+        raise UsageError("the stores score different columns (layout or candidates differ)")
+    common = [n for n in a.components if n in set(b.components)]
+    if not common:
+        raise UsageError("the stores have no component in common")
+    ca, cb = a.component_index(common), b.component_index(common)
+    targets = a.targets(queries)
+
+    def metrics(sim, comps):
+        m = retrieval_metrics(source_ranks(sim.scores(comps, queries), targets), ks)
+        return {"top1": m["top1"], "mrr": m["mrr"]}
+
+    per_a = [metrics(a, [i])["top1"] for i in ca]
+    per_b = [metrics(b, [i])["top1"] for i in cb]
+    cos_diff = [float(np.abs(a.scores([i], queries) - b.scores([j], queries)).max()) for i, j in zip(ca, cb)]
+    ranks_a, ranks_b = (np.argsort(np.argsort(-np.array(v), kind="stable")) for v in (per_a, per_b))
+    greedy = {}
+    for name, sim, comps in (("a", a, ca), ("b", b, cb)):
+        sub = _restrict(sim, comps)
+        picked = [sub.components[s.component] for s in greedy_forward(sub, selection, objective)[:steps]]
+        greedy[name] = picked
+    return {
+        "n_queries": int(len(queries)),
+        "n_components": len(common),
+        "a": a.provenance(),
+        "b": b.provenance(),
+        "max_abs_cosine_diff": {
+            "full": float(np.abs(a.scores(ca, queries) - b.scores(cb, queries)).max()),
+            "per_component": max(cos_diff),
+        },
+        "full": {"a": metrics(a, ca), "b": metrics(b, cb)},
+        "per_component_top1": {
+            "spearman": float(np.corrcoef(ranks_a, ranks_b)[0, 1]) if len(common) > 1 else 1.0,
+            "mean_abs_diff": float(np.mean(np.abs(np.array(per_a) - np.array(per_b)))),
+            "best_a": [common[int(np.argmax(per_a))], max(per_a)],
+            "best_b": [common[int(np.argmax(per_b))], max(per_b)],
+        },
+        "greedy": {**greedy, "objective": objective, "same_first": sum(x == y for x, y in zip(*greedy.values()))},
+    }
+
+
+def _restrict(sim, comps: np.ndarray):
+    """`sim` with only the components `comps` (in that order)."""
+    from dataclasses import replace
+
+    return replace(
+        sim,
+        components=[sim.components[c] for c in comps],
+        component_params=sim.component_params[comps],
+        component_family=[sim.component_family[c] for c in comps],
+        component_layer=sim.component_layer[comps],
+        query_sqnorm=sim.query_sqnorm[comps],
+        train_sqnorm=sim.train_sqnorm[comps],
+        dot=sim.dot[comps],
+        component_dim=sim.component_dim[comps],
+        component_method=[sim.component_method[c] for c in comps],
+        component_way=[sim.component_way[c] for c in comps],
+    )
+
+
+def cmd_agree(args) -> None:
+    from tdabench.selection import split_queries
+
+    a, b = _sim(args.a), _sim(args.b)
+    queries = _queries(a, args.queries, args.seed)
+    if args.selection_fraction is None:
+        selection = queries
+    else:
+        selection, _ = split_queries(a.query_ids, args.selection_fraction, args.seed)
+    result = {"a_file": args.a, "b_file": args.b}
+    result |= agreement(a, b, queries, selection, args.objective, args.steps, args.k)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
 
 
 def cmd_config(args) -> None:
@@ -287,6 +382,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output table (.parquet or .csv)")
     p.set_defaults(func=cmd_greedy)
 
+    p = sub.add_parser("agree", help="do two similarity stores of the same queries agree? (JSON)")
+    p.add_argument("a", help="a similarity store (e.g. sketched, or cached)")
+    p.add_argument("b", help="another store of the same queries (e.g. exact, or streamed)")
+    p.add_argument("--queries", help="a fraction in (0, 1] (seeded subset), comma-separated ids, or @FILE")
+    p.add_argument("--seed", type=int, default=0, help="seed of --queries fractions and the split (default 0)")
+    p.add_argument("--k", type=positive_int, nargs="+", default=DEFAULT_KS, help="recall@k cut-offs")
+    p.add_argument("--objective", choices=["top1", "mrr", "rho"], default="mrr", help="of greedy selection")
+    p.add_argument(
+        "--selection-fraction", type=float, help="greedy chooses on this share of the queries (default: all)"
+    )
+    p.add_argument("--steps", type=positive_int, default=5, help="greedy choices compared (default 5)")
+    p.add_argument("--out", help="write the JSON here instead of stdout")
+    p.set_defaults(func=cmd_agree)
+
     p = sub.add_parser("config", help="print the validated config, defaults filled")
     p.add_argument("--config", help="config file (default: the schema defaults)")
     p.set_defaults(func=cmd_config)
@@ -311,6 +420,10 @@ def main(argv: list[str] | None = None) -> None:
     similarity = getattr(args, "similarity", None)
     if similarity is not None and not Path(similarity).is_file():
         parser.exit(2, f"{sub}: error: --similarity: no such file {similarity}\n")
+    if args.command == "agree":
+        for path in (args.a, args.b):
+            if not Path(path).is_file():
+                parser.exit(2, f"{sub}: error: no such file {path}\n")
     try:
         args.func(args)
     except (UsageError, FileNotFoundError, KeyError, ValueError) as e:  # ValueError: config, corrupt or wrong file

@@ -78,7 +78,7 @@ BLOCKS = {
             ("paraphrased, BM25 top-10", "candidates", "paraphrased"),
         ),
         (
-            Row("full (sketched)", "full"),
+            Row("full gradient (exact)", "full"),
             Row("greedy selection (≈{n} components)", "greedy"),
             Row("best single component", "best_single"),
             Row("select-then-project k={k}", "select_then_project", "select_then_project", "max"),

@@ -185,18 +185,22 @@ class Streamer:
         self.extraction, self.pad_id, self.spec = extraction, pad_id, spec
         self.names = extraction.names
         self.factored: list[str] = []
+        # Representations and dot products stay where the model is (a GPU's memory, then), only
+        # the dot products come back to the host.
+        self.device = extraction.device
+        self.on_device = self.device.type != "cpu"
 
     def represent(self, examples: Sequence[Encoded], reuse: bool = False) -> Iterator[tuple[slice, dict[str, Rep]]]:
         """(rows, {component: representation}) per padded batch of `examples`. reuse: materialised
         gradients go into buffers reused batch after batch (valid until the next batch)."""
         buffers = {}
-        if reuse:
+        if reuse and not self.on_device:
             formed = [n for n in self.names if n not in self.factored]
             buffers = self.extraction.buffers(self.extraction.cfg.batch_size, formed)
         for rows, batch in self.extraction.batches(examples, self.pad_id):
             size = rows.stop - rows.start
             out = {n: b[:size] for n, b in buffers.items()}
-            yield rows, self.extraction(batch, out=out, factored=self.factored)
+            yield rows, self.extraction(batch, out=out, factored=self.factored, on_device=self.on_device)
 
     def run(
         self,
@@ -221,6 +225,11 @@ class Streamer:
             raise ValueError(f"layout {self.spec.layout!r} with candidates={'none' if candidates is None else 'given'}")
         start = time.perf_counter()
         t_rows = shard_rows(len(train), self.spec.shard, self.spec.shards)
+        if t_rows.stop == t_rows.start:
+            raise ValueError(
+                f"config key similarity.shards: shard {self.spec.shard} of {self.spec.shards} holds no training "
+                f"example ({len(train)} in all); use at most {len(train)} shards"
+            )
         lengths = [len(queries[r].input_ids) for r in query_rows] + [len(e.input_ids) for e in train[t_rows]]
         tokens = float(np.mean(lengths)) if lengths else 1.0
         if candidates is None:
@@ -271,12 +280,12 @@ class Streamer:
                 t_sq = np.zeros((len(self.names), n_t))
                 dot = np.zeros((len(self.names), q1 - q0, n_t))  # [C, chunk, shard rows]
                 for ci, n in enumerate(self.names):
-                    q_sq[ci] = self_dots(held[n]).numpy()
+                    q_sq[ci] = self_dots(held[n]).cpu().numpy()
                 for rows, reps in self.represent(train[t_rows], reuse=True):
                     for ci, n in enumerate(self.names):
                         t = as_float64(reps[n])  # converted once, used for norms and every query
-                        t_sq[ci, rows] = self_dots(t).numpy()
-                        dot[ci, :, rows] = gram(held[n], t).numpy()
+                        t_sq[ci, rows] = self_dots(t).cpu().numpy()
+                        dot[ci, :, rows] = gram(held[n], t).cpu().numpy()
                 report.samples_computed += n_t
                 writer.write(
                     u,
@@ -296,14 +305,15 @@ class Streamer:
         held: dict[str, list[Rep]] = {n: [] for n in self.names}
         dense: dict[str, torch.Tensor] = {}
         for rows, mine in part:
-            reps = self.extraction(collate(list(queries[rows]), self.pad_id), factored=self.factored)
-            local = torch.as_tensor(mine - rows.start)
+            batch = collate(list(queries[rows]), self.pad_id)
+            reps = self.extraction(batch, factored=self.factored, on_device=self.on_device)
+            local = torch.as_tensor(mine - rows.start, device=self.device)
             at = [position[int(r)] - q0 for r in mine]  # consecutive
             for n, r in reps.items():
                 if isinstance(r, Factors):
                     held[n].append(take(r, local))
                 else:  # into one preallocated [chunk, dim] block: no second copy when joining
-                    block = dense.setdefault(n, torch.empty(q1 - q0, r.shape[1]))
+                    block = dense.setdefault(n, torch.empty(q1 - q0, r.shape[1], device=self.device))
                     block[at[0] : at[-1] + 1] = r[local]
         return {n: dense[n] if n in dense else concat(held[n]) for n in self.names}
 
@@ -337,17 +347,17 @@ class Streamer:
                 parts = list(self.represent(examples))
                 column = {t: nq + i for i, t in enumerate(needed)}  # training row -> position in the unit
                 qi, ji = np.nonzero(ok)
-                ia = torch.as_tensor(qi)
-                ib = torch.as_tensor([column[t] for t in cand[qi, ji]], dtype=torch.long)
+                ia = torch.as_tensor(qi, device=self.device)
+                ib = torch.as_tensor([column[t] for t in cand[qi, ji]], dtype=torch.long, device=self.device)
                 q_sq = np.zeros((len(self.names), nq))
                 t_sq = np.zeros((len(self.names), len(needed)))
                 dot = np.zeros((len(self.names), nq, b))  # [C, unit queries, b]
                 for ci, n in enumerate(self.names):
                     rep = concat([reps[n] for _, reps in parts])
-                    norms = self_dots(rep).numpy()
+                    norms = self_dots(rep).cpu().numpy()
                     q_sq[ci], t_sq[ci] = norms[:nq], norms[nq:]
                     if len(qi):
-                        dot[ci, qi, ji] = aligned(rep, ia, rep, ib).numpy()
+                        dot[ci, qi, ji] = aligned(rep, ia, rep, ib).cpu().numpy()
                 report.samples_computed += len(examples)
                 writer.write(
                     u,

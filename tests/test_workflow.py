@@ -407,6 +407,21 @@ def test_stale_flags_follow_the_code_digest(tmp_path):  # no study needed
         assert (docs.check_stale_flags(readme) == []) == ok, (code, flagged)
 
 
+def test_auto_streams_when_the_cache_would_not_fit_and_nothing_then_builds_it(study):
+    root, _ = study
+    cfg = {
+        **MICRO,
+        "gradients": {**MICRO["gradients"], "max_cache_gb": 1e-6},
+        "similarity": {"source": "auto"},
+        "projection": {**MICRO["projection"], "methods": []},
+    }
+    stats = planned_with(root, cfg)
+    assert stats["similarity_stream"] == 2 and stats["similarity_merge"] == 2
+    assert not {"gradients", "projection", "project_selected"} & set(stats)
+    # The same with room for the cache: auto keeps the cached path (nothing of it to redo)
+    assert "similarity_stream" not in planned_with(root, {**cfg, "gradients": MICRO["gradients"]})
+
+
 def test_streamed_similarity_in_shards_gives_the_cached_stores(study):
     """similarity.source stream: two training shards per setting, merged; no gradient job reruns,
     and the stores equal the cached ones (the same batches, the same count sketches)."""

@@ -275,18 +275,10 @@ class Streamer:
                 q0 = position[int(part[0][1][0])]
                 q1 = position[int(part[-1][1][-1])] + 1  # the chunk's queries: store rows [q0, q1)
                 held = self._hold(queries, part, position, q0, q1)  # {component: [chunk, ...]}
-                report.samples_computed += sum(rows.stop - rows.start for rows, _ in part)
-                q_sq = np.zeros((len(self.names), q1 - q0))
-                t_sq = np.zeros((len(self.names), n_t))
-                dot = np.zeros((len(self.names), q1 - q0, n_t))  # [C, chunk, shard rows]
-                for ci, n in enumerate(self.names):
-                    q_sq[ci] = self_dots(held[n]).cpu().numpy()
-                for rows, reps in self.represent(train[t_rows], reuse=True):
-                    for ci, n in enumerate(self.names):
-                        t = as_float64(reps[n])  # converted once, used for norms and every query
-                        t_sq[ci, rows] = self_dots(t).cpu().numpy()
-                        dot[ci, :, rows] = gram(held[n], t).cpu().numpy()
-                report.samples_computed += n_t
+                report.samples_computed += sum(rows.stop - rows.start for rows, _ in part) + n_t
+                q_sq = np.stack([self_dots(held[n]).cpu().numpy() for n in self.names])  # [C, chunk]
+                t_sq, dot = self._pass(held, train[t_rows])
+                del held  # before the next chunk is held: one chunk at a time
                 writer.write(
                     u,
                     slice(q0, q1),
@@ -298,6 +290,19 @@ class Streamer:
                 )
                 _tick(progress)
         return report
+
+    def _pass(self, held: dict[str, Rep], train: Sequence[Encoded]) -> tuple[np.ndarray, np.ndarray]:
+        """One pass of `train` against a held chunk -> (train_sqnorm [C, T], dot [C, chunk, T])."""
+        first = held[self.names[0]]
+        n_q = first.x.shape[0] if isinstance(first, Factors) else first.shape[0]
+        t_sq = np.zeros((len(self.names), len(train)))
+        dot = np.zeros((len(self.names), n_q, len(train)))
+        for rows, reps in self.represent(train, reuse=True):
+            for ci, n in enumerate(self.names):
+                t = as_float64(reps[n])  # converted once, used for norms and every query
+                t_sq[ci, rows] = self_dots(t).cpu().numpy()
+                dot[ci, :, rows] = gram(held[n], t).cpu().numpy()
+        return t_sq, dot
 
     def _hold(self, queries, part, position, q0: int, q1: int) -> dict[str, Rep]:
         """A chunk's query representations, one tensor (or Factors) per component, rows in store
@@ -314,7 +319,8 @@ class Streamer:
                     held[n].append(take(r, local))
                 else:  # into one preallocated [chunk, dim] block: no second copy when joining
                     block = dense.setdefault(n, torch.empty(q1 - q0, r.shape[1], device=self.device))
-                    block[at[0] : at[-1] + 1] = r[local]
+                    torch.index_select(r, 0, local, out=block[at[0] : at[-1] + 1])
+            del reps  # before the next batch's are made: one batch of gradients at a time
         return {n: dense[n] if n in dense else concat(held[n]) for n in self.names}
 
     def _candidates(self, queries, train, t_rows, candidates, tokens, out, make_header, progress) -> StreamReport:

@@ -355,7 +355,8 @@ def similarity_main(args) -> None:
     print(
         f"# tdabench.bench similarity --model {args.model} --lengths {' '.join(map(str, args.lengths))} "
         f"--candidates {' '.join(map(str, args.candidates))} --queries-per-round {args.queries_per_round} "
-        f"--train {args.train} --dense-queries {args.dense_queries} --batch-size {args.batch_size} "
+        f"--train {args.train} --dense-queries {args.dense_queries} --dense-train {args.dense_train} "
+        f"--batch-size {args.batch_size} "
         f"--rounds {args.rounds} --memory-gb {args.memory_gb} --max-cache-gb {args.max_cache_gb}"
     )
     print(f"# {machine()}; load average {load()} at start")
@@ -394,8 +395,9 @@ def _similarity_at(args, length: int) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
 
-        def stream(cand, rows, force=None):
+        def stream(cand, rows, force=None, pool=train, truth=gt):
             layout = "dense" if cand is None else "candidates"
+            ids = train_ids[: len(pool)]
 
             def run(r):
                 qr = rows(r)
@@ -407,27 +409,46 @@ def _similarity_at(args, length: int) -> None:
                 c = None if cand is None else cand[qr]
                 return streamer.run(
                     [queries[i] for i in qr],
-                    train,
+                    pool,
                     path,
-                    lambda w: header(extraction, w, [f"q{i}" for i in qr], train_ids, gt[qr], c, {}),
+                    lambda w: header(extraction, w, [f"q{i}" for i in qr], ids, truth[qr], c, {}),
                     c,
                 )
 
             return run
 
-        def reference(cand, rows):
+        def reference(cand, rows, pool=train):
             def run(r):
-                return reference_similarity(model, extraction.names, queries, train, rows(r), cand)
+                return reference_similarity(model, extraction.names, queries, pool, rows(r), cand)
 
             return run
 
         def units(r):
             return per
 
+        def check(cand, pool, truth, rows):
+            """The streamed store against the reference loop's dot products on `rows`."""
+            from tdabench.similarity import load_similarity
+
+            stream(cand, lambda r: rows, pool=pool, truth=truth)(0)
+            layout = "dense" if cand is None else "candidates"
+            sim = load_similarity(Path(tmp) / f"{layout}-None.h5")
+            ref = reference_similarity(model, extraction.names, queries, pool, rows, cand)
+            worst = 0.0
+            for qi, q in enumerate(rows):
+                cols = range(len(pool)) if cand is None else cand[q]
+                for j, t in enumerate(cols):
+                    scale = np.sqrt(np.array(ref[("q", q)]) * np.array(ref[("t", int(t))]))
+                    got = sim.dot[:, qi, j if cand is not None else t]
+                    worst = max(worst, float((np.abs(got - np.array(ref[(q, int(t))])) / scale).max()))
+            print(f"# {layout}: streamed dot products vs the reference loop's, worst |diff| / (|a| |b|) = {worst:.1e}")
+
         for b in args.candidates:
             cand = np.stack([rng.choice(args.train, b, replace=False) for _ in range(n_q)])
             miss = ~(cand == gt[:, None]).any(1)
             cand[miss, -1] = gt[miss]
+            if b == args.candidates[0]:
+                check(cand, train, gt, np.arange(1))
             pps = (per * b + per * (1 + b)) / (per * (1 + b))  # pairs (and norms) per sample, no sharing
             ways = plan_ways(extraction, tokens, pps)
             n_f = sum(w == FACTORED for w in ways.values())
@@ -446,16 +467,23 @@ def _similarity_at(args, length: int) -> None:
         def dense_units(r):
             return args.dense_queries
 
+        pool = train[: args.dense_train]
+        truth = gt % len(pool)
         contenders = [
-            Contender("stream", stream(None, dense_rows), dense_units, f"memory_gb {args.memory_gb}"),
-            Contender("reference_loop", reference(None, dense_rows), dense_units, "bs=1, clone grads, dot per pair"),
+            Contender(
+                "stream", stream(None, dense_rows, pool=pool, truth=truth), dense_units, f"memory_gb {args.memory_gb}"
+            ),
+            Contender(
+                "reference_loop", reference(None, dense_rows, pool), dense_units, "bs=1, clone grads, dot per pair"
+            ),
         ]
-        cache = estimate_bytes(args.dense_queries + args.train, extraction.stored_dims, "float32")
+        check(None, pool, truth, np.arange(args.dense_queries))
+        cache = estimate_bytes(args.dense_queries + len(pool), extraction.stored_dims, "float32")
         if cache <= args.max_cache_gb * 1e9:
 
             def cached(r):
                 paths = {}
-                for split, exs in (("train", train), ("queries", queries[: args.dense_queries])):
+                for split, exs in (("train", pool), ("queries", queries[: args.dense_queries])):
                     paths[split] = Path(tmp) / f"{split}.h5"
                     names = [f"{split}{i}" for i in range(len(exs))]
                     meta = {"model_fingerprint": "m"}
@@ -463,14 +491,14 @@ def _similarity_at(args, length: int) -> None:
                         for rows, batch in extraction.batches(exs, 0):
                             w.write(rows, {n: g.numpy() for n, g in extraction(batch).items()})
                 with GradientStore(paths["train"]) as t_, GradientStore(paths["queries"]) as q_:
-                    sources = [f"train{i}" for i in gt[: args.dense_queries]]
+                    sources = [f"train{i}" for i in truth[: args.dense_queries]]
                     build_similarity(t_, q_, q_.sample_ids, sources, Path(tmp) / "cached.h5", "s")
 
             note = f"gradient store of {cache / 1e9:.2f} GB, then build_similarity"
             contenders.append(Contender("cache_then_similarity", cached, dense_units, note))
         else:
             print(f"# dense: cache-then-similarity left out: its cache would take {cache / 1e9:.1f} GB")
-        title = f"dense layout, {args.dense_queries} queries x {args.train} training examples"
+        title = f"dense layout, {args.dense_queries} queries x {len(pool)} training examples"
         _report(title, contenders, rounds, "reference_loop")
 
 
@@ -746,7 +774,8 @@ def main(argv=None) -> None:
     sm.add_argument("--batch-size", type=positive, default=8)
     sm.add_argument("--rounds", type=positive, default=2, help="timed rounds after one warm-up round")
     sm.add_argument("--memory-gb", type=float, default=4.0, help="similarity.memory_gb of the dense layout")
-    sm.add_argument("--max-cache-gb", type=float, default=4.0, help="largest cache cache-then-similarity may write")
+    sm.add_argument("--dense-train", type=positive, default=8, help="training examples of the dense layout")
+    sm.add_argument("--max-cache-gb", type=float, default=6.0, help="largest cache cache-then-similarity may write")
     sm.add_argument("--threads", type=positive, default=torch.get_num_threads())
     a = sub.add_parser("architectures")
     a.add_argument("types", nargs="*", help="model types (keys of the causal-LM mapping); default: all")

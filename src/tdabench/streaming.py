@@ -99,6 +99,15 @@ def aligned(a: Rep, ia: torch.Tensor, b: Rep, ib: torch.Tensor) -> torch.Tensor:
     return (a[ia].double() * b[ib].double()).sum(1)
 
 
+def unit_dots(rep: Rep, ia: torch.Tensor, ib: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Squared norms [n] and the pairs' dot products [P] of one unit's samples, float64.
+    Materialised: one n x n matrix product (no [P, dim] copies); factored: only the pairs."""
+    if isinstance(rep, Factors):
+        return self_dots(rep).cpu().numpy(), aligned(rep, ia, rep, ib).cpu().numpy()
+    g = gram(rep, rep)  # [n, n]
+    return torch.diagonal(g).cpu().numpy(), g[ia, ib].cpu().numpy()
+
+
 def take(rep: Rep, rows: torch.Tensor) -> Rep:
     """Rows `rows` of a batch's representation."""
     return Factors(rep.x[rows], rep.g[rows]) if isinstance(rep, Factors) else rep[rows]
@@ -359,11 +368,9 @@ class Streamer:
                 t_sq = np.zeros((len(self.names), len(needed)))
                 dot = np.zeros((len(self.names), nq, b))  # [C, unit queries, b]
                 for ci, n in enumerate(self.names):
-                    rep = concat([reps[n] for _, reps in parts])
-                    norms = self_dots(rep).cpu().numpy()
+                    norms, pairs = unit_dots(concat([reps[n] for _, reps in parts]), ia, ib)
                     q_sq[ci], t_sq[ci] = norms[:nq], norms[nq:]
-                    if len(qi):
-                        dot[ci, qi, ji] = aligned(rep, ia, rep, ib).cpu().numpy()
+                    dot[ci, qi, ji] = pairs
                 report.samples_computed += len(examples)
                 writer.write(
                     u,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -93,10 +93,3 @@ def halving(run: Callable[[slice], T], n: int, start_rows: int, what: str) -> tu
             continue
         start = chunk.stop
     return out, rows
-
-
-def concat_rows(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """{name: [rows, d]} dicts of consecutive row chunks -> one dict (no copy for one chunk)."""
-    if len(parts) == 1:
-        return parts[0]
-    return {n: torch.cat([p[n] for p in parts]) for n in parts[0]}

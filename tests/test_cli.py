@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from tdabench.cli import main
+from tdabench.similarity import load_similarity
 
 from helpers import brute_force_ranks
 
@@ -100,8 +101,11 @@ def test_components_table_matches_direct_computation(case, tmp_path):
     out = tmp_path / "components.parquet"
     main(["components", "--similarity", str(path), "--out", str(out)])
     table = pl.read_parquet(out)
-    assert table.columns[:6] == ["component", "family", "layer", "params", "dim", "top1"]
+    assert table.columns[:8] == ["component", "family", "layer", "params", "dim", "method", "way", "top1"]
     assert {"mrr", "rho"} <= set(table.columns)
+    sim = load_similarity(path)  # how each component was computed comes from the store
+    assert table["method"].to_list() == list(sim.component_method)
+    assert table["way"].to_list() == list(sim.component_way)
     full = [direct_scores_flat(qg, tg, list(range(N_C)), cands)]
     for c, row in enumerate(table.iter_rows(named=True)):
         ranks = direct_ranks(qg, tg, gt, [c], range(N_Q), cands)

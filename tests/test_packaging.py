@@ -2,6 +2,7 @@
 
 import math
 import re
+import textwrap
 import tomllib
 from pathlib import Path
 
@@ -27,8 +28,10 @@ def test_every_rule_runs_a_registered_stage_in_the_conda_env_with_log_benchmark_
     local = set(re.findall(r"^    (\w+),$", snakefile.split("localrules:", 1)[1].split("\n\n", 1)[0], re.M))
     names = []
     for smk in (REPO / "workflow" / "rules").glob("*.smk"):
-        for rule in re.split(r"\nrule ", "\n" + smk.read_text())[1:]:
-            name = rule.split(":")[0]
+        # rules at any indentation (some sit under `if` by similarity.source): the rule's lines
+        # up to the next one indented no deeper than `rule`, dedented
+        for m in re.finditer(r"^( *)rule (\w+):\n((?:\1 .*\n|\s*\n)*)", smk.read_text(), re.M):
+            name, rule = m.group(2), textwrap.dedent(m.group(0))[len("rule ") :]
             names.append(name)
             assert "conda:\n        ENV" in rule and "script:\n        STAGE" in rule, name
             assert f'code=stage_code("{name}")' in rule, name  # the rule's own stage module's sources

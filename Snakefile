@@ -25,6 +25,7 @@ SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 
 from tdabench.config import NON_RESULT_KEYS, ConfigError, config_hash, validate_config
+from tdabench.numerics import NumericsError, check_host
 
 # Schema validation (defaults filled, unknown keys and wrong types refused) plus cross-key
 # checks, before any job is scheduled. The schema ships with the package
@@ -35,6 +36,12 @@ except ConfigError as e:
     raise WorkflowError(str(e)) from None
 config.clear()
 config.update(_validated)
+# numerics: portable needs a CPU that runs the pinned AVX2 kernels (checked where the Snakefile is
+# parsed: the submit host and, on a cluster, every job's node; jobs pin the kernels themselves).
+try:
+    check_host(config["numerics"])
+except NumericsError as e:
+    raise WorkflowError(str(e)) from None
 
 
 report: "workflow/report/workflow.rst"

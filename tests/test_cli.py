@@ -205,20 +205,51 @@ def test_bad_arguments_are_clear(tmp_path):
         assert r.returncode != 0 and message in r.stderr
 
 
-def test_compare_ignores_timings_and_finds_a_changed_number(tmp_path):
-    from tdabench.cli import COMPARED, compare_results
+def _results_folder(root, weight=0.0, top1=0.5, seconds=0.1):
+    """A results folder with one output of several stages: data, a fine-tuned model, a similarity
+    store and the metrics table."""
+    import h5py
+    import numpy as np
+    from safetensors.numpy import save_file
 
-    table = pl.DataFrame({"method": ["full", "greedy"], "top1": [0.25, 0.5], "seconds_per_sample": [0.1, 0.2]})
-    for name, t in (("a", table), ("b", table.with_columns(pl.col("seconds_per_sample") * 3))):
-        for rel in COMPARED:
-            (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
-            t.write_parquet(tmp_path / name / rel)
-    assert compare_results(tmp_path / "a", tmp_path / "b") == []
-    table.with_columns(top1=pl.Series([0.25, 0.51])).write_parquet(tmp_path / "b" / COMPARED[0])
-    problems = compare_results(tmp_path / "a", tmp_path / "b")
-    assert len(problems) == 1 and "column top1 differs" in problems[0]
+    (root / "data").mkdir(parents=True)
+    pl.DataFrame({"id": ["t0", "t1"], "prompt": ["a", "b"]}).write_parquet(root / "data" / "train.parquet")
+    (root / "models" / "finetuned").mkdir(parents=True)
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    w[1, 2] += weight
+    save_file({"w": w, "b": np.ones(3, dtype=np.float32)}, str(root / "models" / "finetuned" / "model.safetensors"))
+    (root / "similarity").mkdir()
+    with h5py.File(root / "similarity" / "paraphrased.h5", "w") as f:
+        f["dot"] = np.linspace(0, 1, 12).reshape(3, 4) + weight
+        f.attrs["checksums"] = "ignored"
+    (root / "evaluation").mkdir()
+    pl.DataFrame(
+        {"method": ["full", "greedy"], "top1": [0.25, top1], "seconds_per_sample": [seconds, 0.2]}
+    ).write_parquet(root / "evaluation" / "metrics.parquet")
+
+
+def test_compare_names_the_first_stage_whose_outputs_differ_and_by_how_much(tmp_path, capsys):
+    from tdabench.compare import compare_stages, first_difference
+
+    _results_folder(tmp_path / "a")
+    _results_folder(tmp_path / "b", seconds=0.3)  # timings never match: ignored
+    reports = compare_stages(tmp_path / "a", tmp_path / "b")
+    assert [r.stage for r in reports] == ["data", "fine-tuned model", "similarity", "metrics"]
+    assert first_difference(reports) is None
+    main(["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert "same numbers" in capsys.readouterr().out
+
+    _results_folder(tmp_path / "c", weight=2**-10, top1=0.51)  # one weight moved, and all that follows
+    first = first_difference(compare_stages(tmp_path / "a", tmp_path / "c"))
+    assert first.stage == "fine-tuned model"
+    (model,) = first.differences
+    assert (model.n_diff, model.n_total, model.max_abs) == (1, 9, 2**-10) and "w" in model.note
     with pytest.raises(SystemExit):
-        main(["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+        main(["compare", str(tmp_path / "a"), str(tmp_path / "c")])
+    out = capsys.readouterr().out
+    assert "similarity: DIFFERS" in out and "12 of 12 values differ" in out
+    assert "metrics: DIFFERS" in out and "column top1: 1 of 2 values differ" in out
+    assert out.strip().splitlines()[-1].startswith("first difference: fine-tuned model (models/finetuned/")
 
 
 def test_agree_measures_two_stores_against_direct_cosines(tmp_path, capsys):

@@ -36,6 +36,8 @@ def test_every_rule_runs_a_registered_stage_in_the_conda_env_with_log_benchmark_
             assert "conda:\n        ENV" in rule and "script:\n        STAGE" in rule, name
             assert f'code=stage_code("{name}")' in rule, name  # the rule's own stage module's sources
             assert "log:" in rule, name
+            # the job runner pins the numerics mode before torch loads (workflow/scripts/stage.py)
+            assert 'params:\n        numerics=config["numerics"],' in rule, name
             if name != "summary":
                 assert "benchmark:" in rule, name
                 # a cluster executor submits it: it must say what it needs

@@ -25,6 +25,12 @@ python -m tdabench.bench similarity [--model llama-135m] [--lengths 64 256] [--c
     (bs=1 loss.backward() per sample, clone every grad, a float64 dot per pair), against the same
     stream with every component materialised, and (dense, where the cache fits) against
     cache-then-similarity; interleaved round by round, each round on other queries.
+python -m tdabench.bench numerics [--model tiny|llama-135m] [--samples N] [--length L] [--rounds R] [--study]
+    numerics: portable against native (tdabench.numerics). Each mode needs its own process (the
+    kernel pins are read when torch loads), so every round starts one worker per mode, order
+    rotating; a worker times fine-tuning steps and gradient extraction on the same examples
+    (lengths drawn up to L, batches padded as the mode pads them) after a warm-up. --study also
+    times the whole default study from scratch (snakemake in a temporary copy) in each mode.
 python -m tdabench.bench architectures [--jobs 2] [--output docs/architectures.md] [TYPE ...]
     every causal-LM architecture of transformers, built tiny: per-sample gradients vs the bs=1
     loop (tdabench.architectures); writes the markdown table.
@@ -38,6 +44,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tdabench.benchkit import Contender, PeakRss, fmt, interleave, load, machine, peak_rss_mb, rates
@@ -728,6 +735,135 @@ def architectures_main(args) -> None:
         raise SystemExit("some architectures are wrong or crash the extractor (see the table)")
 
 
+def numerics_worker(model_spec: str, samples: int, length: int, batch_size: int, threads: int) -> dict:
+    """One worker of `bench numerics`, in a process whose mode was pinned before torch loaded:
+    seconds of one pass of AdamW steps and of one extraction pass over the same examples."""
+    from tdabench import numerics
+    from tdabench.extraction import Extraction, ExtractionConfig
+    from tdabench.models import Encoded, collate
+    from tdabench.train import lm_loss
+
+    torch.set_num_threads(threads)
+    numerics.configure_torch(numerics.mode())
+    model, ids, mask, labels = build(model_spec, samples, length)
+    examples = []
+    for i in range(samples):
+        n = int(mask[i].sum())
+        examples.append(Encoded(ids[i, :n].tolist(), labels[i, :n].tolist(), n // 2, False))
+    batches = [collate(examples[s : s + batch_size], 0) for s in range(0, samples, batch_size)]
+    tokens = sum(int(b["input_ids"].numel()) for b in batches)
+
+    def train_pass():
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        for batch in batches:
+            opt.zero_grad(set_to_none=True)
+            lm_loss(model, batch).backward()
+            opt.step()
+        model.eval()
+
+    names = ["q", "k", "v", "o", "gate", "up", "down"] + (["lm_head"] if model_spec == "tiny" else [])
+    extraction = Extraction(model, ExtractionConfig(tuple(names), batch_size, None, 0, None))
+
+    def extract_pass():
+        for batch in batches:
+            extraction(batch)
+
+    out = {"mode": numerics.mode(), "kernel_level": torch.backends.cpu.get_cpu_capability(), "tokens": tokens}
+    for name, fn in (("train", train_pass), ("extract", extract_pass)):
+        fn()  # warm-up
+        start = time.perf_counter()
+        fn()
+        out[name] = time.perf_counter() - start
+    return out
+
+
+WORKER = (
+    "import json, sys; from tdabench import numerics; numerics.pin_environment(sys.argv[1]); "
+    "from tdabench.bench import numerics_worker; "
+    "print(json.dumps(numerics_worker(sys.argv[2], *map(int, sys.argv[3:]))))"
+)
+
+
+def _run_worker(mode: str, args) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    argv = [args.model, args.samples, args.length, args.batch_size, args.threads]
+    result = subprocess.run(
+        [sys.executable, "-c", WORKER, mode, *map(str, argv)], capture_output=True, text=True, check=False
+    )
+    if result.returncode:
+        raise SystemExit(f"numerics worker ({mode}) failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _study_seconds(mode: str, cores: int) -> float:
+    """Wall time of the whole default study from scratch in a temporary copy of this checkout."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    snakemake = str(Path(sys.executable).with_name("snakemake"))
+    with tempfile.TemporaryDirectory(prefix=f"tdabench-{mode}-") as tmp:
+        for name in ("Snakefile", "workflow", "config", "src"):
+            source = root / name
+            if source.is_dir():
+                shutil.copytree(source, Path(tmp) / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            else:
+                shutil.copy2(source, Path(tmp) / name)
+        start = time.perf_counter()
+        subprocess.run(
+            [snakemake, "--cores", str(cores), "--config", f"numerics={mode}", "--quiet"],
+            cwd=tmp,
+            check=True,
+            capture_output=True,
+        )
+        return time.perf_counter() - start
+
+
+def numerics_main(args) -> None:
+    modes = ("native", "portable")
+    print(
+        f"# tdabench.bench numerics --model {args.model} --samples {args.samples} --length {args.length} "
+        f"--batch-size {args.batch_size} --threads {args.threads} --rounds {args.rounds}"
+        + (" --study" if args.study else "")
+    )
+    print(f"# {machine()}; load average {load()} at start")
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for r in range(args.rounds):
+        for mode in modes[r % 2 :] + modes[: r % 2]:
+            runs[mode].append(_run_worker(mode, args))
+    print(
+        f"# {args.rounds} rounds, one fresh process per mode and round (order rotating); in each, one pass "
+        "after a warm-up pass; median [interquartile range]"
+    )
+    for mode in modes:
+        first = runs[mode][0]
+        print(f"# {mode}: {first['kernel_level']} kernels, {first['tokens']} tokens a pass (padding included)")
+    for what in ("train", "extract"):
+        seconds = {m: np.array([run[what] for run in runs[m]]) for m in modes}
+        ratio = seconds["portable"] / seconds["native"]
+        print(
+            f"{what:<8} native {fmt(seconds['native'])} s   portable {fmt(seconds['portable'])} s   "
+            f"portable/native x{fmt(ratio)}"
+        )
+    if args.study:
+        walls: dict[str, list[float]] = {m: [] for m in modes}
+        for r in range(args.rounds):
+            for mode in modes[r % 2 :] + modes[: r % 2]:
+                walls[mode].append(_study_seconds(mode, args.threads))
+        ratio = np.array(walls["portable"]) / np.array(walls["native"])
+        print(
+            f"study    native {fmt(np.array(walls['native']), 0)} s   portable "
+            f"{fmt(np.array(walls['portable']), 0)} s   portable/native x{fmt(ratio)}   "
+            f"(default study from scratch, --cores {args.threads})"
+        )
+    print(f"# load average {load()} at end")
+
+
 def positive(text: str) -> int:
     """argparse type: an integer >= 1 (counts, sizes, rounds, threads)."""
     try:
@@ -777,6 +913,14 @@ def main(argv=None) -> None:
     sm.add_argument("--dense-train", type=positive, default=8, help="training examples of the dense layout")
     sm.add_argument("--max-cache-gb", type=float, default=6.0, help="largest cache cache-then-similarity may write")
     sm.add_argument("--threads", type=positive, default=torch.get_num_threads())
+    nm = sub.add_parser("numerics")
+    nm.add_argument("--model", default="tiny", help="tiny (the default study's shape), llama-135m, or a local path")
+    nm.add_argument("--samples", type=positive, default=128)
+    nm.add_argument("--length", type=positive, default=40, help="tokens per sample (max)")
+    nm.add_argument("--batch-size", type=positive, default=32)
+    nm.add_argument("--rounds", type=positive, default=5)
+    nm.add_argument("--study", action="store_true", help="also time the default study from scratch in each mode")
+    nm.add_argument("--threads", type=positive, default=torch.get_num_threads())
     a = sub.add_parser("architectures")
     a.add_argument("types", nargs="*", help="model types (keys of the causal-LM mapping); default: all")
     a.add_argument("--jobs", type=positive, default=min(2, os.cpu_count() or 1), help="worker processes")
@@ -811,6 +955,8 @@ def main(argv=None) -> None:
         similarity_main(args)
     elif args.command == "checks":
         checks_main(args)
+    elif args.command == "numerics":
+        numerics_main(args)
     else:
         store_main(args)
 

@@ -7,6 +7,10 @@
                         two stores of the same queries (e.g. sketched vs exact, cached vs streamed):
                         cosine differences, full-gradient and per-component metrics, greedy choices
     tdabench config     [--config FILE]        print the validated config with every default
+    tdabench verify     PATH ...               check stores and tables against their checksums and formats
+    tdabench compare    A B [--show N]         two results folders, stage by stage in DAG order: the first
+                                               stage whose outputs differ, by how much, and how the runs'
+                                               recorded environments differ (tdabench.compare)
 
 The similarity store format is documented in tdabench.similarity (and the README); both the dense
 layout and the candidate layout are accepted. Metrics rank within the candidates when present.
@@ -294,35 +298,6 @@ def cmd_config(args) -> None:
     print(yaml.safe_dump(cfg, sort_keys=False), end="")
 
 
-# The tables a study's numbers live in (relative to a results folder); timing columns never match.
-COMPARED = ("evaluation/metrics.parquet", "evaluation/candidates.parquet", "evaluation/per_query.parquet")
-
-
-def compare_results(a: str | Path, b: str | Path, rtol: float = 1e-12) -> list[str]:
-    """Differences between two results folders' tables, timing columns left out; [] when the
-    numbers agree (floats to `rtol`: BM25 sums of earlier runs varied in the last bits)."""
-    problems = []
-    for rel in COMPARED:
-        pa, pb = Path(a) / rel, Path(b) / rel
-        if not (pa.exists() and pb.exists()):
-            problems.append(f"{rel}: missing in {pa.parent if not pa.exists() else pb.parent}")
-            continue
-        ta, tb = pl.read_parquet(pa), pl.read_parquet(pb)
-        if ta.columns != tb.columns or ta.height != tb.height:
-            problems.append(f"{rel}: columns or row count differ ({ta.shape} vs {tb.shape})")
-            continue
-        timing = [c for c in ta.columns if "seconds" in c]
-        floats = [c for c in ta.columns if ta[c].dtype.is_float() and c not in timing]
-        other = [c for c in ta.columns if c not in timing and c not in floats]
-        if not ta.select(other).equals(tb.select(other)):
-            problems.append(f"{rel}: non-float columns differ")
-        for c in floats:
-            x, y = ta[c].to_numpy(), tb[c].to_numpy()
-            if not np.allclose(x, y, rtol=rtol, atol=1e-12, equal_nan=True):
-                problems.append(f"{rel}: column {c} differs (max abs {np.nanmax(np.abs(x - y)):.3g})")
-    return problems
-
-
 def cmd_verify(args) -> None:
     from tdabench.verify import verify
 
@@ -337,12 +312,32 @@ def cmd_verify(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    problems = compare_results(args.a, args.b)
-    for p in problems:
-        print(p)
-    if problems:
-        raise SystemExit(1)
-    print(f"same numbers in {', '.join(COMPARED)} (timings ignored)")
+    from tdabench.compare import compare_stages, environment_differences, first_difference
+
+    for folder in (args.a, args.b):
+        if not Path(folder).is_dir():
+            raise UsageError(f"compare: {folder} is not a folder (give two results folders)")
+    reports = compare_stages(args.a, args.b)
+    if not reports:
+        raise UsageError(f"compare: no study outputs under {args.a} or {args.b} (results folders of `make run`)")
+    for r in reports:
+        status = "same" if r.same else f"DIFFERS ({len(r.differences)} difference(s))"
+        print(f"{r.stage}: {status}, {r.files} file(s)")
+        for d in r.differences[: args.show]:
+            print(f"    {d}")
+        if len(r.differences) > args.show:
+            print(f"    ... and {len(r.differences) - args.show} more")
+    env = environment_differences(args.a, args.b)
+    if env:
+        print("recorded environments differ (provenance.json):")
+        for line in env[: args.show * 4]:
+            print(f"    {line}")
+    first = first_difference(reports)
+    if first is None:
+        print(f"same numbers: every stage's outputs are identical (timings ignored) in {args.a} and {args.b}")
+        return
+    print(f"first difference: {first.stage} ({first.differences[0]}); later stages follow from it")
+    raise SystemExit(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -404,9 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="*", default=["results"], help="files or folders (default: results)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("compare", help="do two results folders hold the same numbers? (timings ignored)")
+    p = sub.add_parser(
+        "compare", help="do two results folders hold the same numbers? names the first stage where they part"
+    )
     p.add_argument("a", help="a results folder (e.g. results/)")
     p.add_argument("b", help="another results folder")
+    p.add_argument("--show", type=positive_int, default=3, help="differences listed per stage (default 3)")
     p.set_defaults(func=cmd_compare)
     return parser
 

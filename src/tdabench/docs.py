@@ -6,13 +6,12 @@
         exit 1 when a block's numbers differ from what its results folder gives now, or when a
         block's stale flag does not match whether the code changed since its results were made
 
-A block's begin marker records the commit, config hash and code digest of the run (from the
-run's `provenance.json`) and the kind of CPU it was rendered on; those and timing lines are not
-compared, everything else is. A block whose results were made by code other than this checkout's
-(the code digest differs) is flagged stale in the README itself, with the command that refreshes
-it. Float32 training rounds differently on another kind of CPU (other vector kernels), and the
-fine-tuned model and every number after it move with it: where the block comes from another CPU
-kind than the one checking, a difference is printed as a note, not a failure.
+A block's begin marker records the commit, config hash, code digest, numerics mode and CPU of
+the run (from the run's `provenance.json`); those and timing lines are not compared, everything
+else is, on any machine: under `numerics: portable` (the default) a study gives the same numbers
+on any x86-64 CPU with AVX2 at any thread count (tdabench.numerics). A block whose results were
+made by code other than this checkout's (the code digest differs) is flagged stale in the README
+itself, with the command that refreshes it.
 """
 
 from __future__ import annotations
@@ -183,25 +182,10 @@ def provenance(results: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def cpu_kind() -> str:
-    """What float32 results depend on besides code, config and seed: the CPU's vendor and the
-    vector kernels torch picks for it, e.g. 'GenuineIntel/AVX512' (one token, no spaces)."""
-    import platform
-
-    import torch
-
-    vendor = platform.machine()
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        vendor = re.search(r"^vendor_id\s*:\s*(\S+)", cpuinfo, re.M).group(1)
-    except (OSError, AttributeError):
-        pass
-    return f"{vendor}/{torch.backends.cpu.get_cpu_capability()}"
-
-
-def recorded_cpu(block_text: str) -> str | None:
-    found = re.search(r"cpu=(\S+)", block_text.splitlines()[0])
-    return found.group(1) if found else None
+def cpu_kind(prov: dict) -> str:
+    """The run's CPU vendor and the kernel level torch ran, e.g. 'AuthenticAMD/AVX2' (one token)."""
+    env = prov.get("environment", {})
+    return f"{env.get('cpu_vendor', 'unknown')}/{env.get('kernel_level', 'unknown')}"
 
 
 def current_digest() -> str:
@@ -217,7 +201,7 @@ def render_block(block: Block, root: Path) -> str:
     meta = (
         f" commit={prov.get('commit', 'unknown')[:12]}{'-dirty' if prov.get('dirty') else ''} "
         f"config={prov.get('config_hash', '?')} code={prov.get('code_digest', '?')} "
-        f"cpu={prov.get('cpu') or cpu_kind()} "
+        f"numerics={prov.get('numerics', '?')} cpu={cpu_kind(prov)} "
     )
     body = [f"<!-- tdabench:begin {block.name}{meta}-->"]
     if prov.get("code_digest") != current_digest():
@@ -279,12 +263,10 @@ def render(readme: Path, root: Path, names: list[str] | None = None) -> list[str
     return done
 
 
-def compare(readme: Path, root: Path, names: list[str]) -> tuple[list[str], list[str]]:
-    """(problems, notes): a block whose numbers differ from its results is a problem, or a note
-    where the block was rendered on another kind of CPU than this one (see the module doc)."""
-    problems, notes = [], []
+def check(readme: Path, root: Path, names: list[str]) -> list[str]:
+    """Problems: a block whose numbers differ from what its results folder gives now."""
+    problems = []
     found = blocks_in(readme.read_text())
-    here = cpu_kind()
     for name in names:
         if name not in found:
             problems.append(f"{readme}: no block {name}")
@@ -296,21 +278,11 @@ def compare(readme: Path, root: Path, names: list[str]) -> tuple[list[str], list
         want, got = comparable(render_block(block, root)), comparable(found[name][2])
         if want != got:
             diff = [f"  README: {g}\n  now:    {w}" for g, w in zip(got.splitlines(), want.splitlines()) if g != w]
-            there = recorded_cpu(found[name][2])
-            if there is not None and there != here:
-                notes.append(
-                    f"{readme}: block {name} differs from {block.results}/, but it was rendered on a {there} CPU and "
-                    f"this is a {here} one (float32 training rounds differently); not a failure:\n"
-                    + "\n".join(diff[:5])
-                )
-            else:
-                problems.append(f"{readme}: block {name} differs from {block.results}/:\n" + "\n".join(diff[:5]))
-    return problems, notes
-
-
-def check(readme: Path, root: Path, names: list[str]) -> list[str]:
-    """Problems only (see `compare`)."""
-    return compare(readme, root, names)[0]
+            problems.append(
+                f"{readme}: block {name} differs from {block.results}/ (`tdabench compare` against the run that "
+                "rendered it names the stage where they part):\n" + "\n".join(diff[:5])
+            )
+    return problems
 
 
 def check_stale_flags(readme: Path, skip: list[str] = ()) -> list[str]:
@@ -350,17 +322,13 @@ def main(argv=None) -> None:
         problems = check_stale_flags(readme)
     else:
         names = args.blocks or ["default-study"]
-        problems, notes = compare(readme, root, names)
-        problems += check_stale_flags(readme, skip=names)
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
+        problems = check(readme, root, names) + check_stale_flags(readme, skip=names)
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
         raise SystemExit(1)
     if args.command == "check":
-        matched = "match their results" if not notes else "match their results or differ only by CPU kind (notes above)"
-        print(f"{readme}: blocks {', '.join(names)} {matched}; stale flags are right")
+        print(f"{readme}: blocks {', '.join(names)} match their results; stale flags are right")
 
 
 if __name__ == "__main__":

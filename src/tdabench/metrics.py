@@ -64,10 +64,10 @@ def source_margins(scores: np.ndarray, ground_truth: np.ndarray) -> np.ndarray:
 
 def score_agreement(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """rho: cosine between score vectors over all scored pairs (last two axes) -> [...]."""
-    a = scores.reshape(*scores.shape[:-2], -1)
-    b = reference.reshape(-1)
-    denom = np.linalg.norm(a, axis=-1) * np.linalg.norm(b)
-    return np.divide(a @ b, denom, out=np.zeros(a.shape[:-1]), where=denom > 0)
+    a = scores.reshape(*scores.shape[:-2], -1).astype(np.float64)
+    b = reference.reshape(-1, 1).astype(np.float64)
+    denom = np.sqrt((a * a).sum(-1)) * np.sqrt((b * b).sum())
+    return np.divide(matmul64(a, b)[..., 0], denom, out=np.zeros(a.shape[:-1]), where=denom > 0)
 
 
 OBJECTIVES = ("top1", "mrr", "rho")
@@ -97,4 +97,15 @@ def cosine_scores(queries: np.ndarray, train: np.ndarray) -> np.ndarray:
     tn = np.linalg.norm(t, axis=1, keepdims=True)
     q = np.divide(q, qn, out=np.zeros_like(q), where=qn > 0)
     t = np.divide(t, tn, out=np.zeros_like(t), where=tn > 0)
-    return q @ t.T
+    return matmul64(q, t.T)
+
+
+def matmul64(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b of float64 arrays ([..., n, k] @ [k, m]) through torch's MKL, not numpy's BLAS: MKL's
+    kernels are pinned by `numerics: portable` (tdabench.numerics), while numpy's OpenBLAS picks
+    its own by CPU, so its products' last bits would follow the machine."""
+    import torch
+
+    return (
+        torch.from_numpy(np.asarray(a, dtype=np.float64)) @ torch.from_numpy(np.asarray(b, dtype=np.float64))
+    ).numpy()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from tdabench import numerics
+
 USER, ASSISTANT, EOS, PAD = "<|user|>", "<|assistant|>", "<|eos|>", "<|pad|>"
 DEFAULT_PREFIX = USER + "\n{prompt}\n" + ASSISTANT + "\n"
 IGNORE_INDEX = -100
@@ -231,8 +233,10 @@ def encode_prompt(tokenizer, prompt: str, max_length: int) -> list[int]:
 
 
 def collate(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids, attention_mask, labels, each [batch, max_len]."""
-    width = max(len(e.input_ids) for e in examples)
+    """Right-padded batch: input_ids, attention_mask, labels, each [batch, width]: the longest
+    example's length, rounded up to the active numerics mode's token multiple (tdabench.numerics)."""
+    multiple = numerics.token_multiple()
+    width = -(-max(len(e.input_ids) for e in examples) // multiple) * multiple
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)

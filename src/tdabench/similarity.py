@@ -49,6 +49,7 @@ import numpy as np
 
 from tdabench.integrity import CorruptFileError, open_hdf5, read_checked, seal_hdf5
 from tdabench.io import atomic_path
+from tdabench.metrics import matmul64
 from tdabench.store import STR, GradientStore
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,7 @@ def build_similarity(
                     stop = start + len(gt)
                     t_sq[ci, start:stop] = (gt * gt).sum(1)
                     if candidates is None:
-                        dot[ci, :, start:stop] = gq @ gt.T  # [Q, B]
+                        dot[ci, :, start:stop] = matmul64(gq, gt.T)  # [Q, B]
                     else:
                         q_idx, j_idx = np.nonzero((candidates >= start) & (candidates < stop))
                         pair_dots[q_idx, j_idx] = np.einsum("pd,pd->p", gq[q_idx], gt[candidates[q_idx, j_idx] - start])

@@ -33,6 +33,7 @@ SOURCE_TAGS = (
     "tdabench.config_hash",
 )
 MAX_PARAM_CHARS = 6000
+MAX_TAG_CHARS = 8000  # MLflow's limit on a tag value
 REACH_TIMEOUT_S = 10  # an unreachable server fails the invocation at start, not after MLflow's retries
 log = logging.getLogger(__name__)
 
@@ -247,8 +248,9 @@ class Run:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.active:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, v)
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:MAX_TAG_CHARS]) for k, v in tags.items()])
 
     def log_table(self, table, name: str) -> None:
         """A polars table as an MLflow table artifact (`name` ends in .json): previewable in the UI."""

@@ -11,6 +11,7 @@ rule background:
     conda:
         ENV
     params:
+        numerics=config["numerics"],
         kind=config["dataset"]["kind"],
         synthetic={
             key: config["dataset"]["synthetic"][key]
@@ -38,6 +39,7 @@ rule dataset:
     conda:
         ENV
     params:
+        numerics=config["numerics"],
         kind=config["dataset"]["kind"],
         synthetic=config["dataset"]["synthetic"],
         files=config["dataset"]["files"],

@@ -18,6 +18,7 @@ rule costs:
     resources:
         **model_resources("costs"),
     params:
+        numerics=config["numerics"],
         model=model_param(attributed_model()),
         settings=config["dataset"]["settings"],
         cost_samples=config["evaluation"]["cost_samples"],
@@ -53,6 +54,7 @@ rule evaluate:
     resources:
         **io_resources(),
     params:
+        numerics=config["numerics"],
         settings=config["dataset"]["settings"],
         recall_at=config["evaluation"]["recall_at"],
         candidates=config["evaluation"]["candidates"],
@@ -105,6 +107,7 @@ rule summary:
     conda:
         ENV
     params:
+        numerics=config["numerics"],
         settings=config["dataset"]["settings"],
         study_config={key: value for key, value in config.items() if key not in NON_RESULT_KEYS},
     script:

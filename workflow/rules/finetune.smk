@@ -16,6 +16,7 @@ rule pretrain:
     resources:
         **model_resources("pretrain", rows_of("background")),
     params:
+        numerics=config["numerics"],
         kind=config["dataset"]["kind"],
         model=config["model"]["tiny"],
         tokenize=config["tokenize"],
@@ -42,6 +43,7 @@ rule convert:
     resources:
         **model_resources("convert"),
     params:
+        numerics=config["numerics"],
         gguf=config["model"]["gguf"],
     script:
         STAGE
@@ -67,6 +69,7 @@ rule finetune:
     resources:
         **model_resources("finetune", rows_of("train")),
     params:
+        numerics=config["numerics"],
         base=model_param(base_model()),
         tokenize=config["tokenize"],
         train=training("finetune"),
@@ -94,6 +97,7 @@ rule generate:
     resources:
         **model_resources("generate", rows_of("queries")),
     params:
+        numerics=config["numerics"],
         model=model_param(attributed_model()),
         max_length=config["tokenize"]["max_length"],
         max_new_tokens=config["dataset"]["generate_max_tokens"],

@@ -17,6 +17,7 @@ rule gradients:
     resources:
         **model_resources("gradients", shard_rows),
     params:
+        numerics=config["numerics"],
         model=model_param(attributed_model()),
         shards=lambda wc: n_shards(wc.split),
         extraction=keys("gradients", EXTRACTION_KEYS),

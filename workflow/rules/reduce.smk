@@ -23,6 +23,7 @@ if similarity_source() == "cache":
         resources:
             **io_resources(),
         params:
+            numerics=config["numerics"],
             block_rows=config["similarity"]["block_rows"],
             dtype=config["similarity"]["dtype"],
             layout=config["similarity"]["layout"],
@@ -51,6 +52,7 @@ else:
         resources:
             **model_resources("similarity_stream", rows_of("train")),
         params:
+            numerics=config["numerics"],
             model=model_param(attributed_model()),
             extraction=stream_extraction(),
             dtype=config["similarity"]["dtype"],
@@ -81,6 +83,7 @@ else:
         resources:
             **io_resources(),
         params:
+            numerics=config["numerics"],
             dtype=config["similarity"]["dtype"],
         script:
             STAGE
@@ -102,6 +105,7 @@ rule selection:
     resources:
         **io_resources(),
     params:
+        numerics=config["numerics"],
         selection_fraction=config["selection"]["selection_fraction"],
         n_splits=config["selection"]["n_splits"],
         split_seed=config["selection"]["split_seed"],
@@ -128,6 +132,7 @@ rule projection:
     resources:
         **io_resources(),
     params:
+        numerics=config["numerics"],
         dims=config["projection"]["dims"],
         seeds=config["projection"]["seeds"],
         nonzeros=config["projection"]["nonzeros"],
@@ -153,6 +158,7 @@ rule project_selected:
     resources:
         **io_resources(),
     params:
+        numerics=config["numerics"],
         dims=config["projection"]["dims"],
         seeds=config["projection"]["seeds"],
         nonzeros=config["projection"]["nonzeros"],

@@ -4,6 +4,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))  # noqa: F821  (this checkout's tdabench)
+# The numerics mode's CPU kernel pins must be in the environment before torch is imported.
+from tdabench import numerics  # noqa: E402  (imports nothing heavy)
+
+numerics.pin_environment(snakemake.params.numerics)  # noqa: F821
 from tdabench.pipeline import common  # noqa: E402
 
 common.run_rule(common.JobContext.from_snakemake(snakemake))  # noqa: F821

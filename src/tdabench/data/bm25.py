@@ -5,6 +5,7 @@ Tokens: lower-cased word characters (`\\w+`), so "born?" and "born" are the same
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 
@@ -24,7 +25,8 @@ def bm25_scores(queries: list[str], documents: list[str], k1: float = 1.5, b: fl
     avg = lengths.mean() if len(docs) else 0.0
     df = Counter(t for d in docs for t in d)
     n = len(docs)
-    idf = {t: np.log(1 + (n - f + 0.5) / (f + 0.5)) for t, f in df.items()}
+    # math.log, not np.log: numpy's vector log differs in the last bit between AVX2 and AVX-512 CPUs
+    idf = {t: math.log(1 + (n - f + 0.5) / (f + 0.5)) for t, f in df.items()}
     norm = k1 * (1 - b + b * lengths / max(avg, 1e-9))  # [T]
     out = np.zeros((len(queries), n))
     for qi, q in enumerate(queries):

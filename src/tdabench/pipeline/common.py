@@ -6,15 +6,20 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import json
 import logging
+import os
+import re
 import sys
 import time
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
-from tdabench import tracking
+from tdabench import numerics, tracking
+from tdabench.io import write_json
 
 log = logging.getLogger("tdabench")
 T = TypeVar("T")
@@ -83,7 +88,9 @@ def _convert(hint, value, where: str):
 
 @dataclass
 class JobContext:
-    """A job as Snakemake describes it, as plain Python values (named inputs/outputs only)."""
+    """A job as Snakemake describes it, as plain Python values (named inputs/outputs only).
+    `numerics` (every rule's param of that name) is the job runner's, not the stage's: it is
+    applied before the stage runs (tdabench.numerics) and left out of `params`."""
 
     rule: str
     input: dict[str, Any] = field(default_factory=dict)
@@ -92,18 +99,26 @@ class JobContext:
     wildcards: dict[str, str] = field(default_factory=dict)
     threads: int = 1
     log: str | None = None
+    numerics: str = "native"
 
     @classmethod
     def from_snakemake(cls, smk) -> JobContext:
+        params = dict(smk.params.items())
         return cls(
             rule=smk.rule,
             input=dict(smk.input.items()),
             output=dict(smk.output.items()),
-            params=dict(smk.params.items()),
+            params={k: v for k, v in params.items() if k != "numerics"},
             wildcards=dict(smk.wildcards.items()),
             threads=int(smk.threads),
             log=str(smk.log[0]) if len(smk.log) else None,
+            numerics=params["numerics"],
         )
+
+    @property
+    def name(self) -> str:
+        """rule plus wildcard values, e.g. 'gradients-train-0' (names its environment record)."""
+        return "-".join([self.rule, *(re.sub(r"[^\w.]", "_", str(v)) for v in self.wildcards.values())])
 
     def typed_params(self, cls: type[T]) -> T:
         """The rule's params as the stage's typed Params dataclass (refuses missing/unknown keys)."""
@@ -134,9 +149,38 @@ def _log_to(path: str | None):
 
 
 def set_threads(n: int) -> None:
+    """A model stage's torch setup: the job's thread count, and the numerics mode's checks (the
+    pinned kernels took hold) and CUDA settings."""
     import torch
 
+    numerics.configure_torch(numerics.mode())
     torch.set_num_threads(max(1, n))
+
+
+ENVIRONMENT_DIR = "logs/environment"  # one JSON record per job (tdabench.numerics.environment)
+
+
+def record_environment(job: JobContext, mlrun: tracking.Run) -> dict | None:
+    """What a job that ran torch computed with (CPU, kernel level, pins, threads, versions, GPU):
+    written to logs/environment/<job>.json, where the summary collects it into
+    results/provenance.json, and tagged on the job's MLflow run. None for jobs without torch."""
+    if "torch" not in sys.modules:
+        return None
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_initialized() else None
+    record = {
+        "job": job.name,
+        "rule": job.rule,
+        "wildcards": job.wildcards,
+        "outputs": sorted(str(v) for v in job.output.values()),
+        "host": os.uname().nodename,
+        **numerics.environment(device),
+    }
+    Path(ENVIRONMENT_DIR).mkdir(parents=True, exist_ok=True)
+    write_json(record, Path(ENVIRONMENT_DIR) / f"{job.name}.json")
+    mlrun.set_tags({f"tdabench.env.{k}": json.dumps(v) if isinstance(v, dict) else str(v) for k, v in record.items()})
+    return record
 
 
 def job_device(spec: str, mlrun: tracking.Run):
@@ -161,10 +205,23 @@ def run(stage: Callable[[JobContext, tracking.Run], None], job: JobContext) -> N
     with _log_to(job.log):
         log.info("rule %s wildcards %s threads %d", job.rule, job.wildcards, job.threads)
         start = time.perf_counter()
-        with tracking.job_run(job.rule, job.params, job.wildcards) as mlrun:
+        with (
+            numerics.active(job.numerics),
+            tracking.job_run(job.rule, {**job.params, "numerics": job.numerics}, job.wildcards) as mlrun,
+        ):
             stage(job, mlrun)
             seconds = time.perf_counter() - start
             mlrun.log_metrics({"job_seconds": seconds})
+            env = record_environment(job, mlrun)
+        if env is not None:
+            log.info(
+                "numerics %s: %s kernels on %s, %d threads, pins %s",
+                env["numerics"],
+                env["kernel_level"],
+                env["cpu_model"],
+                env["threads"],
+                env["env"],
+            )
         log.info("done in %.1f s", seconds)
         where = "".join(f" {k}={v}" for k, v in job.wildcards.items())
         print(f"[tdabench] {job.rule}{where} done in {seconds:.1f} s", file=sys.__stderr__, flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -11,10 +12,10 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from tdabench import tracking
+from tdabench import numerics, tracking
 from tdabench.evaluate import headline, read_results, summary_markdown
 from tdabench.io import write_json, write_text
-from tdabench.pipeline.common import JobContext
+from tdabench.pipeline.common import ENVIRONMENT_DIR, JobContext
 from tdabench.plots import plot_greedy_curve, plot_metric_vs_cost, plot_metric_vs_dim, plot_single_heatmap
 from tdabench.similarity import read_provenance
 
@@ -97,9 +98,22 @@ def log_curves(run, table: pl.DataFrame) -> None:
         )
 
 
+def job_environments(folder: str | Path = ENVIRONMENT_DIR) -> dict[str, dict]:
+    """The environment records of the jobs whose outputs are still there ({job: record}); a record
+    whose outputs are gone belongs to a job this study no longer has."""
+    records = {}
+    for path in sorted(Path(folder).glob("*.json")):
+        record = json.loads(path.read_text())
+        if all(Path(o).exists() for o in record.get("outputs", [])):
+            records[record["job"]] = record
+    return records
+
+
 def provenance(study_config: dict) -> dict:
     """What produced these results: commit, config hash and a digest of every stage's sources
-    (tdabench.docs flags README blocks whose code has changed since)."""
+    (tdabench.docs flags README blocks whose code has changed since); the numerics mode, this
+    host's environment and each model job's (CPU, kernel level, pins, threads, versions, GPU), so
+    two runs that disagree show where their machines differ (`tdabench compare`)."""
     import tdabench
     from tdabench.config import config_hash
     from tdabench.pipeline.common import code_digest
@@ -110,7 +124,23 @@ def provenance(study_config: dict) -> dict:
         "dirty": dirty,
         "config_hash": config_hash(study_config),
         "code_digest": code_digest(),
+        "numerics": study_config["numerics"],
+        "environment": numerics.environment(),
+        "jobs": job_environments(),
     }
+
+
+def environment_tags(prov: dict) -> dict[str, str]:
+    """The parent run's tags of a provenance record: the host's environment and threads per job."""
+    env = prov["environment"]
+    tags = {f"tdabench.env.{k}": json.dumps(v) if isinstance(v, dict) else str(v) for k, v in env.items()}
+    threads = {name: job["threads"] for name, job in prov["jobs"].items()}
+    tags["tdabench.env.threads_per_job"] = json.dumps(threads, sort_keys=True)
+    hosts = {f"{job['cpu_model']} ({job['kernel_level']})" for job in prov["jobs"].values()}
+    tags["tdabench.env.job_cpus"] = "; ".join(sorted(hosts))
+    gpus = {job["gpu"] for job in prov["jobs"].values() if job.get("gpu")}
+    tags["tdabench.env.job_gpus"] = "; ".join(sorted(gpus)) or "none"
+    return tags
 
 
 def main(job: JobContext, mlrun) -> None:
@@ -124,7 +154,8 @@ def main(job: JobContext, mlrun) -> None:
     plot_greedy_curve(table, job.output["plot_greedy"], "top1")
     plot_metric_vs_cost(table, job.output["plot_cost"], "top1")
     write_text(yaml.safe_dump(p.study_config, sort_keys=False), job.output["config"])
-    write_json(provenance(p.study_config), job.output["provenance"])
+    prov = provenance(p.study_config)
+    write_json(prov, job.output["provenance"])
     here = Path(job.output["summary"]).parent
     candidates = read_results(job.input["candidates"])
     stores = [f"- {setting}: {read_provenance(path)}" for setting, path in zip(p.settings, job.input["similarity"])]
@@ -142,6 +173,8 @@ def main(job: JobContext, mlrun) -> None:
         }
     log_method_runs(mlrun, table)
     parent = tracking.parent()
+    parent.set_tags(environment_tags(prov))
+    parent.log_artifact(job.output["provenance"], "results")
     for run in (mlrun, parent):
         run.log_metrics(metrics)
         log_curves(run, table)

@@ -1,0 +1,177 @@
+"""The study's numbers as a function of config, code and seed only (config key `numerics`).
+
+Two things besides those decide float32 results on a CPU, and `portable` (the default) pins both:
+
+- **Which kernels run.** torch, MKL and oneDNN each pick vector kernels by the CPU (AVX2 or
+  AVX-512), which round differently. Portable exports the AVX2 level for all three before torch is
+  imported (`CPU_PINS`; MKL's conditional numerical reproducibility in its strict mode also keeps
+  matrix products the same at any thread count), so any x86-64 CPU with AVX2 runs the same code.
+- **How many threads share a reduction.** Measured on every aten operation of training, generation
+  and gradient extraction, at the default model size and at SmolLM2-135M's, 1 thread against 2
+  (`bench numerics` measures the cost): one operation gave other bits, torch's CPU softmax backward
+  (the attention's), for rows longer than one vector whose length is not a multiple of it (every
+  length >= 9 not a multiple of 8, at 2, 3 or 4 threads). Portable pads every batch to a multiple
+  of `PAD_MULTIPLE` tokens, so those rows never occur. The extra tokens are padding: masked out of
+  attention and unlabelled, they change no result beyond rounding.
+
+On CUDA, portable also asks torch for deterministic algorithms, a fixed cuBLAS workspace and no
+TF32. `native` keeps the host's fastest kernels and unpadded batches: results may then differ by
+CPU kind and by thread count.
+
+Jobs call `pin_environment` before torch is imported (workflow/scripts/stage.py) and
+`configure_torch` after; library code reads the active mode through `token_multiple`, which is
+native (no padding) unless a job set it. Nothing here imports torch at module level.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from contextlib import contextmanager
+from pathlib import Path
+
+MODES = ("portable", "native")
+DEFAULT = "portable"
+# Exported before torch is imported. ATEN: torch's own vector kernels; MKL_CBWR: MKL's code path
+# (STRICT: the same bits at any thread count for matrix products); ONEDNN: oneDNN's kernels.
+CPU_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+CUDA_PINS = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # deterministic cuBLAS (torch's documented setting)
+KERNEL_LEVEL = "AVX2"  # what torch.backends.cpu.get_cpu_capability() must report under portable
+PAD_MULTIPLE = 8  # tokens; the AVX2 vector holds 8 float32
+RECORDED_ENV = (*CPU_PINS, *CUDA_PINS, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE")
+
+_active = "native"  # the mode of this process (set by pin_environment / active)
+
+
+class NumericsError(RuntimeError):
+    """`numerics` cannot be honoured here; one line naming what is missing and the way out."""
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise NumericsError(f"config key numerics: {mode!r} is not one of {', '.join(MODES)}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (e.g. 'AMD EPYC 7B13'), or the machine type where it is not known."""
+    info = _cpuinfo()
+    found = re.search(r"^model name\s*:\s*(.+)$", info, re.M)
+    return found.group(1).strip() if found else platform.processor() or platform.machine()
+
+
+def cpu_vendor() -> str:
+    found = re.search(r"^vendor_id\s*:\s*(\S+)", _cpuinfo(), re.M)
+    return found.group(1) if found else platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    found = re.search(r"^flags\s*:\s*(.+)$", _cpuinfo(), re.M)
+    return set(found.group(1).split()) if found else set()
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def check_host(mode: str, flags: set[str] | None = None, machine: str | None = None) -> None:
+    """Refuse `portable` on a CPU that cannot run the pinned AVX2 kernels (one line, the way out)."""
+    check_mode(mode)
+    if mode != "portable":
+        return
+    machine = machine or platform.machine()
+    flags = cpu_flags() if flags is None else flags
+    if machine.lower() not in ("x86_64", "amd64") or "avx2" not in flags:
+        what = f"a {machine} CPU" if machine.lower() not in ("x86_64", "amd64") else "a CPU without AVX2"
+        raise NumericsError(
+            f"numerics: portable pins the AVX2 kernels of torch, MKL and oneDNN, and this machine has {what} "
+            f"({cpu_model()}); run with numerics: native (e.g. --config numerics=native), whose numbers may "
+            "differ from other machines'"
+        )
+
+
+def pin_environment(mode: str, environ=None) -> dict[str, str]:
+    """Export the pins of `mode` (call before torch is imported; a job's environment passes them on
+    to the libraries as they load) and make `mode` this process's. Returns what was set."""
+    global _active
+    check_host(mode)
+    environ = os.environ if environ is None else environ
+    pins = {**CPU_PINS, **CUDA_PINS} if mode == "portable" else {}
+    environ.update(pins)
+    _active = mode
+    return pins
+
+
+def configure_torch(mode: str) -> None:
+    """After torch is imported: check that the CPU pins took hold, and pin CUDA's algorithms."""
+    import torch
+
+    if mode != "portable":
+        return
+    level = torch.backends.cpu.get_cpu_capability()
+    if level != KERNEL_LEVEL:
+        raise NumericsError(
+            f"numerics: portable needs torch's {KERNEL_LEVEL} kernels, but this process runs {level} ones: "
+            f"torch was imported before tdabench.numerics.pin_environment (export "
+            f"ATEN_CPU_CAPABILITY={CPU_PINS['ATEN_CPU_CAPABILITY']} before starting Python)"
+        )
+    if torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op without one warns, not fails
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def token_multiple() -> int:
+    """Batches are padded to a multiple of this many tokens (1: no padding) in this process."""
+    return PAD_MULTIPLE if _active == "portable" else 1
+
+
+def mode() -> str:
+    return _active
+
+
+@contextmanager
+def active(mode: str):
+    """Run library code under `mode`'s padding (tests; jobs use pin_environment)."""
+    global _active
+    check_mode(mode)
+    before, _active = _active, mode
+    try:
+        yield
+    finally:
+        _active = before
+
+
+def environment(device=None) -> dict:
+    """What this process computes with, for provenance: the CPU, the kernel level torch runs, the
+    pins and thread variables in force, threads, library versions and the GPU (if one is used)."""
+    import numpy
+    import torch
+    import transformers
+
+    mkl = re.search(r"Math Kernel Library Version ([\w.]+)", torch.__config__.show())
+    gpu = None
+    if device is not None and getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(device)
+    return {
+        "numerics": _active,
+        "cpu_model": cpu_model(),
+        "cpu_vendor": cpu_vendor(),
+        "cpu_avx512": "avx512f" in cpu_flags(),
+        "kernel_level": torch.backends.cpu.get_cpu_capability(),
+        "env": {k: os.environ[k] for k in RECORDED_ENV if k in os.environ},
+        "threads": torch.get_num_threads(),
+        "token_multiple": token_multiple(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": numpy.__version__,
+        "mkl": mkl.group(1) if mkl else None,
+        "cuda": torch.version.cuda,
+        "gpu": gpu,
+    }

@@ -1,0 +1,139 @@
+"""numerics: portable pins the CPU kernels and pads batches so a training step gives the same bits
+at any thread count; native does neither; a CPU that cannot run the pins is refused in one line."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_gradients import max_rel_error, reference
+
+from tdabench import numerics
+from tdabench.config import ConfigError, validate_config
+from tdabench.gradients import per_sample_gradients
+from tdabench.models import Encoded, collate
+
+from helpers import VOCAB, tiny_llama
+
+HAS_AVX2 = "avx2" in numerics.cpu_flags()
+
+
+def test_unknown_mode_is_refused_by_the_schema_naming_the_key_and_the_choices():
+    with pytest.raises(ConfigError, match=r"numerics.*'fast'.*portable.*native"):
+        validate_config({"numerics": "fast"})
+    assert validate_config({})["numerics"] == "portable"
+
+
+@pytest.mark.parametrize(
+    ("flags", "machine", "lacks"),
+    [({"sse4_2", "avx"}, "x86_64", "a CPU without AVX2"), (set(), "aarch64", "a aarch64 CPU")],
+)
+def test_portable_without_avx2_is_one_line_naming_what_is_missing_and_native(flags, machine, lacks):
+    with pytest.raises(numerics.NumericsError) as err:
+        numerics.check_host("portable", flags=flags, machine=machine)
+    message = str(err.value)
+    assert "\n" not in message and lacks in message and "numerics=native" in message
+    numerics.check_host("native", flags=flags, machine=machine)  # native runs anywhere
+    numerics.check_host("portable", flags={"avx2"}, machine="x86_64")
+
+
+def test_portable_exports_the_pins_and_native_exports_nothing():
+    env = {}
+    with numerics.active("native"):  # pin_environment sets this process's mode; restored after
+        if HAS_AVX2:
+            assert numerics.pin_environment("portable", env) == env
+            assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["MKL_CBWR"].startswith("AVX2")
+            assert numerics.token_multiple() == numerics.PAD_MULTIPLE
+        env.clear()
+        assert numerics.pin_environment("native", env) == {} and env == {}
+        assert numerics.token_multiple() == 1
+
+
+def _capability(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="portable needs an AVX2 CPU")
+def test_pins_override_a_kernel_level_forced_in_the_environment_and_a_late_pin_is_caught():
+    pinned = (
+        "from tdabench import numerics; numerics.pin_environment('portable'); import torch; "
+        "numerics.configure_torch('portable'); print(torch.backends.cpu.get_cpu_capability())"
+    )
+    result = _capability(pinned, {"ATEN_CPU_CAPABILITY": "default"})
+    assert result.returncode == 0 and result.stdout.strip() == "AVX2", result.stderr
+    late = (
+        "import torch; torch.ones(3).sum(); from tdabench import numerics; "
+        "numerics.pin_environment('portable'); numerics.configure_torch('portable')"
+    )
+    result = _capability(late, {"ATEN_CPU_CAPABILITY": "default"})
+    assert result.returncode != 0 and "torch was imported before" in result.stderr
+
+
+def _examples(lengths: list[int]) -> list[Encoded]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for n in lengths:
+        ids = torch.randint(1, VOCAB, (n,), generator=g).tolist()
+        out.append(Encoded(ids, [-100] * (n // 2) + ids[n // 2 :], n // 2, False))
+    return out
+
+
+def test_portable_pads_batches_to_the_token_multiple_and_gradients_stay_exact():
+    model = tiny_llama()
+    examples = _examples([9, 5, 13, 7])
+    with numerics.active("native"):
+        assert collate(examples, 0)["input_ids"].shape == (4, 13)
+    with numerics.active("portable"):
+        batch = collate(examples, 0)
+    assert batch["input_ids"].shape == (4, 16) and int(batch["attention_mask"].sum()) == 34
+    names = [n for n, _ in model.named_parameters() if n.endswith("proj.weight")] + ["lm_head.weight"]
+    got = per_sample_gradients(model, batch["input_ids"], batch["attention_mask"], batch["labels"], names)
+    want = reference(model, batch["input_ids"], batch["attention_mask"], batch["labels"], names)
+    assert max_rel_error(got, want) < 1e-5
+
+
+STEP = """
+import hashlib, sys
+from tdabench import numerics
+numerics.pin_environment(sys.argv[1])  # before torch, as a job does
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from tdabench.config import validate_config
+from tdabench.models import Encoded, collate
+from tdabench.train import lm_loss
+
+torch.set_num_threads(int(sys.argv[2]))
+tiny = validate_config({})["model"]["tiny"]
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(
+    vocab_size=tiny["vocab_size"], hidden_size=tiny["hidden_size"], intermediate_size=tiny["intermediate_size"],
+    num_hidden_layers=tiny["num_layers"], num_attention_heads=tiny["num_heads"], attn_implementation="eager"))
+g = torch.Generator().manual_seed(3)
+examples = []
+for n in [37, 29, 38, 21] * 8:  # no length a multiple of 8
+    ids = torch.randint(1, tiny["vocab_size"], (n,), generator=g).tolist()
+    examples.append(Encoded(ids, [-100] * (n // 2) + ids[n // 2 :], n // 2, False))
+lm_loss(model, collate(examples, 0)).backward()
+digest = hashlib.sha256()
+for p in model.parameters():
+    digest.update(p.grad.numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def _step_digest(mode: str, threads: int) -> str:
+    """Digest of the parameter gradients of one training step of the default-size tiny model, in
+    a fresh process that pins `mode` as a job does, at `threads` threads."""
+    result = subprocess.run([sys.executable, "-c", STEP, mode, str(threads)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="portable needs an AVX2 CPU")
+def test_portable_training_step_is_thread_count_independent():
+    assert _step_digest("portable", 1) == _step_digest("portable", 2)
+    # The reason for the padding: unpadded (native), the same step rounds differently at 2 threads.
+    assert _step_digest("native", 1) != _step_digest("native", 2), (
+        "torch's CPU softmax backward no longer depends on the thread count: portable's padding may be dropped"
+    )

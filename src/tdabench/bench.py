@@ -808,19 +808,18 @@ def _study_seconds(mode: str, cores: int) -> float:
     root = Path(__file__).resolve().parents[2]
     snakemake = str(Path(sys.executable).with_name("snakemake"))
     with tempfile.TemporaryDirectory(prefix=f"tdabench-{mode}-") as tmp:
-        for name in ("Snakefile", "workflow", "config", "src"):
+        for name in ("Snakefile", "workflow", "config", "src", "envs"):
             source = root / name
             if source.is_dir():
                 shutil.copytree(source, Path(tmp) / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
             else:
                 shutil.copy2(source, Path(tmp) / name)
         start = time.perf_counter()
-        subprocess.run(
-            [snakemake, "--cores", str(cores), "--config", f"numerics={mode}", "--quiet"],
-            cwd=tmp,
-            check=True,
-            capture_output=True,
+        result = subprocess.run(
+            [snakemake, "--cores", str(cores), "--config", f"numerics={mode}"], cwd=tmp, capture_output=True, text=True
         )
+        if result.returncode:
+            raise SystemExit(f"the study ({mode}) failed:\n{result.stderr[-3000:]}")
         return time.perf_counter() - start
 
 

@@ -182,10 +182,13 @@ def provenance(results: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def cpu_kind(prov: dict) -> str:
-    """The run's CPU vendor and the kernel level torch ran, e.g. 'AuthenticAMD/AVX2' (one token)."""
-    env = prov.get("environment", {})
-    return f"{env.get('cpu_vendor', 'unknown')}/{env.get('kernel_level', 'unknown')}"
+def machine_meta(prov: dict) -> str:
+    """' numerics=portable cpu=AuthenticAMD/AVX2' (the run's mode, CPU vendor and the kernel level
+    torch ran), or '' for a run that recorded neither (before tdabench.numerics)."""
+    env = prov.get("environment")
+    if "numerics" not in prov or not env:
+        return ""
+    return f" numerics={prov['numerics']} cpu={env['cpu_vendor']}/{env['kernel_level']}"
 
 
 def current_digest() -> str:
@@ -200,8 +203,7 @@ def render_block(block: Block, root: Path) -> str:
     prov = provenance(results)
     meta = (
         f" commit={prov.get('commit', 'unknown')[:12]}{'-dirty' if prov.get('dirty') else ''} "
-        f"config={prov.get('config_hash', '?')} code={prov.get('code_digest', '?')} "
-        f"numerics={prov.get('numerics', '?')} cpu={cpu_kind(prov)} "
+        f"config={prov.get('config_hash', '?')} code={prov.get('code_digest', '?')}{machine_meta(prov)} "
     )
     body = [f"<!-- tdabench:begin {block.name}{meta}-->"]
     if prov.get("code_digest") != current_digest():

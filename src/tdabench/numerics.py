@@ -6,13 +6,18 @@ Two things besides those decide float32 results on a CPU, and `portable` (the de
   AVX-512), which round differently. Portable exports the AVX2 level for all three before torch is
   imported (`CPU_PINS`; MKL's conditional numerical reproducibility in its strict mode also keeps
   matrix products the same at any thread count), so any x86-64 CPU with AVX2 runs the same code.
-- **How many threads share a reduction.** Measured on every aten operation of training, generation
-  and gradient extraction, at the default model size and at SmolLM2-135M's, 1 thread against 2
-  (`bench numerics` measures the cost): one operation gave other bits, torch's CPU softmax backward
+- **How many threads share a reduction.** Measured on every aten operation of training and
+  gradient extraction (default model size and SmolLM2-135M's) and of generation (default size),
+  1 thread against 2 on the same inputs: one operation gave other bits, torch's CPU softmax backward
   (the attention's), for rows longer than one vector whose length is not a multiple of it (every
   length >= 9 not a multiple of 8, at 2, 3 or 4 threads). Portable pads every batch to a multiple
   of `PAD_MULTIPLE` tokens, so those rows never occur. The extra tokens are padding: masked out of
   attention and unlabelled, they change no result beyond rounding.
+
+Outside torch, numpy picks vector kernels by CPU too: its OpenBLAS products and its AVX-512 log
+and exp. So float64 products of stored gradients go through torch's pinned MKL
+(`tdabench.metrics.matmul64`) and BM25 takes `math.log`; numpy's sums and elementwise arithmetic
+round the same on any x86-64 CPU.
 
 On CUDA, portable also asks torch for deterministic algorithms, a fixed cuBLAS workspace and no
 TF32. `native` keeps the host's fastest kernels and unpadded batches: results may then differ by
@@ -32,7 +37,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 MODES = ("portable", "native")
-DEFAULT = "portable"
 # Exported before torch is imported. ATEN: torch's own vector kernels; MKL_CBWR: MKL's code path
 # (STRICT: the same bits at any thread count for matrix products); ONEDNN: oneDNN's kernels.
 CPU_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MAX_CPU_ISA": "AVX2"}

@@ -162,8 +162,9 @@ ENVIRONMENT_DIR = "logs/environment"  # one JSON record per job (tdabench.numeri
 
 def record_environment(job: JobContext, mlrun: tracking.Run) -> dict | None:
     """What a job that ran torch computed with (CPU, kernel level, pins, threads, versions, GPU):
-    written to logs/environment/<job>.json, where the summary collects it into
-    results/provenance.json, and tagged on the job's MLflow run. None for jobs without torch."""
+    tagged on the job's MLflow run and, for a workflow job (one with a log file), written to
+    logs/environment/<job>.json, where the summary collects it into results/provenance.json.
+    None for jobs without torch."""
     if "torch" not in sys.modules:
         return None
     import torch
@@ -177,8 +178,9 @@ def record_environment(job: JobContext, mlrun: tracking.Run) -> dict | None:
         "host": os.uname().nodename,
         **numerics.environment(device),
     }
-    Path(ENVIRONMENT_DIR).mkdir(parents=True, exist_ok=True)
-    write_json(record, Path(ENVIRONMENT_DIR) / f"{job.name}.json")
+    if job.log is not None:
+        Path(ENVIRONMENT_DIR).mkdir(parents=True, exist_ok=True)
+        write_json(record, Path(ENVIRONMENT_DIR) / f"{job.name}.json")
     mlrun.set_tags({f"tdabench.env.{k}": json.dumps(v) if isinstance(v, dict) else str(v) for k, v in record.items()})
     return record
 

@@ -76,7 +76,7 @@ def _numeric(name: str, a: np.ndarray, b: np.ndarray) -> Difference | None:
     if n == 0:
         return None
     max_abs = None
-    if a.dtype.kind in "fciub" and a.dtype.kind != "b":
+    if a.dtype.kind in "fciu":
         with np.errstate(invalid="ignore"):
             gaps = np.abs(a.astype(np.float64)[differ] - b.astype(np.float64)[differ])
         max_abs = float(np.nanmax(gaps)) if np.isfinite(gaps).any() else float("nan")
@@ -94,7 +94,7 @@ def _parquet(rel: str, pa: Path, pb: Path) -> Iterator[Difference]:
         if ta[c].dtype.is_numeric():
             found = _numeric(f"{rel} column {c}", ta[c].to_numpy(), tb[c].to_numpy())
         else:
-            n = int((ta[c].ne_missing(tb[c])).sum()) if ta[c].dtype != pl.Object else 0
+            n = int(ta[c].ne_missing(tb[c]).sum())
             found = Difference(f"{rel} column {c}", n, ta.height) if n else None
         if found:
             yield found

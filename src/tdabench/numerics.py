@@ -30,6 +30,7 @@ native (no padding) unless a job set it. Nothing here imports torch at module le
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import re
@@ -74,7 +75,8 @@ def cpu_flags() -> set[str]:
     return set(found.group(1).split()) if found else set()
 
 
-def _cpuinfo() -> str:
+@functools.cache
+def _cpuinfo() -> str:  # read once a process: the CPU does not change under it
     try:
         return Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -11,7 +11,17 @@ def test_defaults_fill_an_empty_config_and_match_the_shipped_file():
     assert filled["projection"]["dims"] == [256, 1024, 4096]
     assert filled["mlflow"]["enabled"] is True
     shipped = load_config(REPO_ROOT / "config" / "config.yaml")
-    assert shipped == filled  # config.yaml spells out exactly the schema defaults
+    assert shipped == filled  # config.yaml spells out exactly the schema defaults ...
+    raw = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    assert set(_leaves(raw)) == set(_leaves(filled))  # ... and every one of them
+
+
+def _leaves(node, path=()):
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaves(value, (*path, key))
+    else:
+        yield ".".join(path)
 
 
 def test_every_schema_property_has_a_description_or_is_an_object_of_them():
@@ -143,13 +153,13 @@ ALLOWED = {
 @pytest.mark.parametrize(
     "section,cls,extra",
     [
-        ("tokenize", "tdabench.models:TokenizeConfig", ()),
-        ("model.tiny", "tdabench.models:TinyModelConfig", ()),
+        ("tokenize", "tdabench.sections:TokenizeConfig", ()),
+        ("model.tiny", "tdabench.sections:TinyModelConfig", ()),
         ("dataset.synthetic", "tdabench.data.synthetic:SyntheticConfig", ("seed",)),
-        ("pretrain", "tdabench.train:TrainConfig", ("seed",)),
-        ("finetune", "tdabench.train:TrainConfig", ("seed",)),
-        ("gradients", "tdabench.extraction:ExtractionConfig", ()),
-        ("projection", "tdabench.costs:CostsConfig", ()),
+        ("pretrain", "tdabench.sections:TrainConfig", ("seed",)),
+        ("finetune", "tdabench.sections:TrainConfig", ("seed",)),
+        ("gradients", "tdabench.sections:ExtractionConfig", ()),
+        ("projection", "tdabench.sections:CostsConfig", ()),
     ],
 )
 def test_dataclasses_agree_with_the_schema_keys_types_and_defaults(section, cls, extra):
@@ -181,11 +191,11 @@ def test_dataclasses_agree_with_the_schema_keys_types_and_defaults(section, cls,
             assert f.default == props[f.name]["default"], f"{name}.{f.name} default differs from the schema"
 
 
-def test_scoring_defaults_are_the_evaluation_defaults():
-    from tdabench.evaluate import Scoring
+def test_schema_default_reads_one_key():
+    from tdabench.config import default
 
-    ev = validate_config({})["evaluation"]
-    assert Scoring() == Scoring(tuple(ev["recall_at"]), ev["bootstrap"], ev["bootstrap_seed"])
+    assert default("evaluation.recall_at") == validate_config({})["evaluation"]["recall_at"]
+    assert default("selection.objective") == validate_config({})["selection"]["objective"]
 
 
 def test_nested_command_line_values_parse_as_yaml():

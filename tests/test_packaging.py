@@ -2,7 +2,6 @@
 
 import math
 import re
-import textwrap
 import tomllib
 from pathlib import Path
 
@@ -19,33 +18,6 @@ def test_conda_env_lists_exactly_the_pyproject_dependencies():
     env = yaml.safe_load((REPO / "envs" / "tdabench.yaml").read_text())
     pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
     assert sorted(pip) == sorted(deps)
-
-
-def test_every_rule_runs_a_registered_stage_in_the_conda_env_with_log_benchmark_and_resources():
-    from tdabench.pipeline.common import STAGES
-
-    snakefile = (REPO / "Snakefile").read_text()
-    local = set(re.findall(r"^    (\w+),$", snakefile.split("localrules:", 1)[1].split("\n\n", 1)[0], re.M))
-    names = []
-    for smk in (REPO / "workflow" / "rules").glob("*.smk"):
-        # rules at any indentation (some sit under `if` by similarity.source): the rule's lines
-        # up to the next one indented no deeper than `rule`, dedented
-        for m in re.finditer(r"^( *)rule (\w+):\n((?:\1 .*\n|\s*\n)*)", smk.read_text(), re.M):
-            name, rule = m.group(2), textwrap.dedent(m.group(0))[len("rule ") :]
-            names.append(name)
-            assert "conda:\n        ENV" in rule and "script:\n        STAGE" in rule, name
-            assert f'code=stage_code("{name}")' in rule, name  # the rule's own stage module's sources
-            assert "log:" in rule, name
-            # the job runner pins the numerics mode before torch loads (workflow/scripts/stage.py)
-            assert 'params:\n        numerics=config["numerics"],' in rule, name
-            if name != "summary":
-                assert "benchmark:" in rule, name
-                # a cluster executor submits it: it must say what it needs
-                assert name in local or "resources:\n        **" in rule, f"{name}: neither local nor resources"
-    assert sorted(names) == sorted(STAGES)
-    assert {"background", "dataset", "summary"} <= local
-    common = (REPO / "workflow" / "rules" / "common.smk").read_text()
-    assert 'ENV = "../../envs/tdabench.yaml"' in common and 'STAGE = "../scripts/stage.py"' in common
 
 
 def test_readme_module_table_matches_the_tree():

@@ -7,10 +7,11 @@ import polars as pl
 import pytest
 
 from tdabench.components import describe
+from tdabench.contracts import ContractError
 from tdabench.costs import COSTS_SCHEMA, write_costs
 from tdabench.data.sources import write_queries, write_train
 from tdabench.evaluate import read_results
-from tdabench.pipeline.common import JobContext, ParamsError, run_rule
+from tdabench.pipeline.common import JobContext, run_rule
 from tdabench.projection_files import read_projections
 from tdabench.selection import SelectionTable
 from tdabench.store import GradientStoreWriter
@@ -170,7 +171,7 @@ def test_projection_files_hold_every_k_seed_and_split(case):
 
 
 def test_typed_params_refuse_a_missing_or_unknown_key(tmp_path):
-    with pytest.raises(ParamsError, match=r"missing \['budgets'\]"):
+    with pytest.raises(ContractError, match=r"missing \['budgets'\]"):
         run_rule(
             JobContext(
                 "selection",
@@ -180,7 +181,7 @@ def test_typed_params_refuse_a_missing_or_unknown_key(tmp_path):
                 {"setting": "s"},
             )
         )
-    with pytest.raises(ParamsError, match=r"unknown \['extra'\]"):
+    with pytest.raises(ContractError, match=r"unknown \['extra'\]"):
         run_rule(
             JobContext(
                 "selection",

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-DEFAULT_KS = [1, 5, 10]
+from tdabench.config import default
 
 
 class UsageError(Exception):
@@ -345,15 +345,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tdabench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    ks, objective = default("evaluation.recall_at"), default("selection.objective")  # the study's defaults
 
     def common(p, queries=True):
         p.add_argument("--similarity", required=True, help="similarity store (HDF5, tdabench-similarity/1)")
         if queries:
             p.add_argument("--queries", help="a fraction in (0, 1] (seeded subset), comma-separated ids, or @FILE")
         p.add_argument("--seed", type=int, default=0, help="seed of --queries fractions and splits (default 0)")
-        p.add_argument(
-            "--k", type=positive_int, nargs="+", default=DEFAULT_KS, help="recall@k cut-offs (default 1 5 10)"
-        )
+        p.add_argument("--k", type=positive_int, nargs="+", default=ks, help=f"recall@k cut-offs (default {ks})")
 
     p = sub.add_parser("evaluate", help="top-1, MRR, recall@k of a component subset (JSON)")
     common(p)
@@ -368,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("greedy", help="greedy forward selection run to the end, one row per step")
     common(p, queries=False)
-    p.add_argument("--objective", choices=["top1", "mrr", "rho"], default="mrr")
+    p.add_argument("--objective", choices=["top1", "mrr", "rho"], default=objective)
     p.add_argument(
         "--selection-fraction",
         type=float,
@@ -382,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", help="another store of the same queries (e.g. exact, or streamed)")
     p.add_argument("--queries", help="a fraction in (0, 1] (seeded subset), comma-separated ids, or @FILE")
     p.add_argument("--seed", type=int, default=0, help="seed of --queries fractions and the split (default 0)")
-    p.add_argument("--k", type=positive_int, nargs="+", default=DEFAULT_KS, help="recall@k cut-offs")
-    p.add_argument("--objective", choices=["top1", "mrr", "rho"], default="mrr", help="of greedy selection")
+    p.add_argument("--k", type=positive_int, nargs="+", default=ks, help="recall@k cut-offs")
+    p.add_argument("--objective", choices=["top1", "mrr", "rho"], default=objective, help="of greedy selection")
     p.add_argument(
         "--selection-fraction", type=float, help="greedy chooses on this share of the queries (default: all)"
     )

@@ -4,9 +4,9 @@ Light on purpose (no torch): the Snakefile imports it at parse time, so a bad co
 any job runs, with a message that names the offending key.
 
 One source of defaults: the schema (tdabench/schemas/config.schema.yaml, shipped with the
-package). Stages get typed views of the keys their rule passes (a `Params` dataclass per stage
-module, built by tdabench.pipeline.common.typed, which fills in nothing); library dataclasses
-that mirror a section either carry no defaults or the schema's (tests/test_config.py checks).
+package). Stages get typed views of the keys their rule passes (each stage's `Params` in
+tdabench.contracts, built by tdabench.contracts.typed, which fills in nothing); the dataclasses
+that mirror a section (tdabench.sections) carry no defaults (tests/test_config.py checks).
 """
 
 from __future__ import annotations
@@ -241,6 +241,14 @@ def deep_merge(base: dict, update: dict) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def default(path: str) -> Any:
+    """The schema's default of a config key, e.g. default("evaluation.recall_at")."""
+    node = validate_config({})
+    for key in path.split("."):
+        node = node[key]
+    return node
 
 
 def config_hash(config: dict) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -23,6 +22,7 @@ from tdabench.extraction import Extraction
 from tdabench.io import read_parquet_checked, write_parquet
 from tdabench.models import Encoded
 from tdabench.projection import ProjectionConfig, Projector, method_config
+from tdabench.sections import CostsConfig
 from tdabench.selection import SelectionTable
 
 log = logging.getLogger(__name__)
@@ -39,14 +39,6 @@ COSTS_SCHEMA = {
     "reduce_seconds": pl.Float64,
     "seconds_per_sample": pl.Float64,
 }
-
-
-@dataclass(frozen=True)
-class CostsConfig:
-    methods: tuple[str, ...]  # projection.methods
-    dims: tuple[int, ...]  # projection.dims
-    nonzeros: int  # projection.nonzeros
-    select_kind: str  # projection.select_kind
 
 
 class TimedExtraction:

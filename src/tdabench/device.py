@@ -65,10 +65,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError)
-
-
 def halving(run: Callable[[slice], T], n: int, start_rows: int, what: str) -> tuple[list[T], int]:
     """Run `run` over rows [0, n) in chunks of at most `start_rows`; a chunk that runs out of memory
     is retried in halves (logged), down to one row, after which the error is raised with a clear

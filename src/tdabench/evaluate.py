@@ -54,9 +54,9 @@ def _columns(sim: Similarity, dense: np.ndarray, queries: np.ndarray) -> np.ndar
 
 @dataclass(frozen=True)
 class Scoring:
-    ks: tuple[int, ...] = (1, 5, 10)
-    n_boot: int = 1000
-    boot_seed: int = 0
+    ks: tuple[int, ...]  # evaluation.recall_at
+    n_boot: int  # evaluation.bootstrap
+    boot_seed: int  # evaluation.bootstrap_seed
 
 
 def evaluate_split(

@@ -14,7 +14,6 @@ come back to the host per component. A batch that runs out of device memory is s
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -24,28 +23,7 @@ from tdabench.gradcheck import CheckReport, check_extractor
 from tdabench.gradients import Factors, GradientExtractor, iter_batches
 from tdabench.models import Encoded, collate
 from tdabench.projection import CountSketch, name_key
-
-
-@dataclass(frozen=True)
-class ExtractionConfig:
-    """The `gradients` keys that decide which numbers come out (config section `gradients`)."""
-
-    components: tuple[str, ...]
-    batch_size: int
-    max_component_dim: int | None
-    sketch_seed: int
-    autocast: str | None  # None | "bfloat16" | "float16"
-
-    @classmethod
-    def from_section(cls, section) -> ExtractionConfig:
-        """From a typed `gradients` section (or anything with these attributes)."""
-        return cls(
-            tuple(section.components),
-            section.batch_size,
-            section.max_component_dim,
-            section.sketch_seed,
-            section.autocast,
-        )
+from tdabench.sections import ExtractionConfig
 
 
 class Extraction:

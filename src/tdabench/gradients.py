@@ -41,6 +41,7 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,16 @@ VERIFIED: dict[type, type] = {}
 BLOCK_ELEMENTS = 1 << 24  # per-sample gradient elements materialised at once for a sketched component
 # vmap path: the replayed forward must match the batch output to this (max abs diff / max abs).
 PRIMAL_RTOL, PRIMAL_RTOL_AUTOCAST = 1e-4, 5e-2  # fp32 batch; bf16/fp16 batch (the replay runs in fp32)
+
+
+class Replay(NamedTuple):
+    """A module call whose per-sample gradients the vmap path computes by replaying its forward."""
+
+    module: nn.Module
+    todo: list[tuple[str, str]]  # (parameter attribute, component name)
+    inputs: tuple[torch.Tensor, ...]  # as the module saw them in the batch
+    output: torch.Tensor  # the batch output, [batch, ...]
+    out_grad: torch.Tensor  # dL/d(output), [batch, ...]
 
 
 def register_verified(cls: type, like: type) -> None:
@@ -505,7 +516,7 @@ class GradientExtractor:
         for module, _, y, version in records:
             if y._version != version:  # e.g. `embeds *= scale`: autograd would give dL/d(scaled), not dL/dy
                 give_up(module, "its output is modified in place")
-        replays: list[tuple] = []  # (module, todo, inputs, output, output gradient) for the vmap path
+        replays: list[Replay] = []  # for the vmap path
         for (module, inputs, y, _), g in zip(records, grads):
             todo = [(attr, n) for attr, n in wanted[module] if n not in fallback]
             if g is None or not todo:  # this call does not reach the loss, or nothing left to do here
@@ -521,7 +532,7 @@ class GradientExtractor:
                 for attr, n in todo:
                     self._stock_into(sinks[n], module, like, attr, x, g)
                 continue
-            replays.append((module, todo, inputs, y, g))
+            replays.append(Replay(module, todo, inputs, y, g))
         for module, problem in self._vmap_all(replays, sinks).items():
             give_up(module, problem)
         return fallback
@@ -592,9 +603,9 @@ class GradientExtractor:
         joint = [r for r in replays if self._replay_elements(r) <= BLOCK_ELEMENTS]
         single = [r for r in replays if self._replay_elements(r) > BLOCK_ELEMENTS]
         if joint:
-            batch = joint[0][4].shape[0]
+            batch = joint[0].out_grad.shape[0]
             leaves, argss, in_dims = [], [], []
-            for module, todo, inputs, _, _ in joint:
+            for module, todo, inputs, *_ in joint:
                 leaves.append(
                     {
                         a: getattr(module, a).detach().float().expand(batch, *getattr(module, a).shape).clone()
@@ -619,16 +630,15 @@ class GradientExtractor:
                             t.requires_grad_(True)
                     outs = vmap(forward, in_dims=([{a: 0 for a in leaf} for leaf in leaves], in_dims))(leaves, argss)
                     flat = [t for leaf in leaves for t in leaf.values()]
-                    grads = torch.autograd.grad(outs, flat, [r[4] for r in joint], allow_unused=True)
+                    grads = torch.autograd.grad(outs, flat, [r.out_grad for r in joint], allow_unused=True)
             except Exception:  # data-dependent control flow, in-place ops, ...: find out which, one by one
                 single, joint = replays, []
             else:
                 grads = iter(grads)
                 for replay, out in zip(joint, outs):
-                    module, todo, _, y, _ = replay
-                    got = {n: next(grads) for _, n in todo}
-                    if not self._replays_batch(out.detach(), y):
-                        problems[module] = "its forward on one sample does not reproduce its batch output"
+                    got = {n: next(grads) for _, n in replay.todo}
+                    if not self._replays_batch(out.detach(), replay.output):
+                        problems[replay.module] = "its forward on one sample does not reproduce its batch output"
                     elif not all(bool(torch.isfinite(v).all()) for v in got.values() if v is not None):
                         # A NaN in the output gradient where the module ignores it (padded positions
                         # of an embedding's padding row) leaks into this backward, not into a VJP
@@ -645,9 +655,8 @@ class GradientExtractor:
         return problems
 
     @staticmethod
-    def _replay_elements(replay) -> int:
-        module, todo, _, _, g = replay
-        return g.shape[0] * sum(getattr(module, a).numel() for a, _ in todo)
+    def _replay_elements(replay: Replay) -> int:
+        return replay.out_grad.shape[0] * sum(getattr(replay.module, a).numel() for a, _ in replay.todo)
 
     def _replays_batch(self, out: torch.Tensor, y: torch.Tensor, rows: slice = slice(None)) -> bool:
         """The primal check: does the per-sample replay `out` reproduce the batch output y[rows]?"""

@@ -16,19 +16,11 @@ from pathlib import Path
 import torch
 
 from tdabench import numerics
+from tdabench.sections import TinyModelConfig, TokenizeConfig
 
 USER, ASSISTANT, EOS, PAD = "<|user|>", "<|assistant|>", "<|eos|>", "<|pad|>"
 DEFAULT_PREFIX = USER + "\n{prompt}\n" + ASSISTANT + "\n"
 IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class TinyModelConfig:
-    vocab_size: int = 640
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -191,14 +183,6 @@ class Encoded:
     labels: list[int]
     n_prefix: int  # tokens of the prompt part (after truncation)
     truncated: bool
-
-
-@dataclass(frozen=True)
-class TokenizeConfig:
-    """Config section `tokenize`: how examples become token sequences."""
-
-    max_length: int
-    loss_on: str  # response | all
 
 
 def encode_all(tokenizer, prompts, responses, cfg: TokenizeConfig) -> list[Encoded]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,21 +20,7 @@ import torch.nn.functional as F
 from tdabench.device import DeviceError, halving, supports_bf16
 from tdabench.models import Encoded, collate, encode_prompt
 from tdabench.progress import Progress
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Config sections `pretrain` / `finetune` (their training keys) plus the study seed; no
-    defaults here, the schema holds them."""
-
-    epochs: int
-    batch_size: int
-    learning_rate: float
-    weight_decay: float
-    warmup_fraction: float
-    label_smoothing: float
-    precision: str  # float32 | bfloat16 (forward under autocast)
-    seed: int
+from tdabench.sections import TrainConfig
 
 
 def lr_lambda(total_steps: int, warmup_steps: int):

@@ -11,15 +11,7 @@ rule background:
     conda:
         ENV
     params:
-        numerics=config["numerics"],
-        kind=config["dataset"]["kind"],
-        synthetic={
-            key: config["dataset"]["synthetic"][key]
-            for key in ("n_entities", "background_facts_per_entity", "train_templates")
-        },
-        files=config["dataset"]["files"],
-        huggingface=config["dataset"]["huggingface"],
-        seed=config["seed"],
+        **stage_params("background"),
     script:
         STAGE
 
@@ -28,7 +20,7 @@ rule dataset:
     """The benchmark: training examples (background + planted) and queries with ground truth."""
     input:
         code=stage_code("dataset"),
-        background=["results/data/background.parquet"] if config["dataset"]["kind"] == "synthetic" else [],
+        background=plan.background(config),
     output:
         train="results/data/train.parquet",
         queries="results/data/queries.parquet",
@@ -39,11 +31,6 @@ rule dataset:
     conda:
         ENV
     params:
-        numerics=config["numerics"],
-        kind=config["dataset"]["kind"],
-        synthetic=config["dataset"]["synthetic"],
-        files=config["dataset"]["files"],
-        huggingface=config["dataset"]["huggingface"],
-        seed=config["seed"],
+        **stage_params("dataset"),
     script:
         STAGE

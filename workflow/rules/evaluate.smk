@@ -1,10 +1,10 @@
 rule costs:
     """Time to represent new samples with each method, all measured in one run on the same queries."""
     input:
-        model=local(attributed_model()),
+        model=local(ATTRIBUTED_MODEL),
         code=stage_code("costs"),
-        queries=query_table(),
-        selection=expand("results/selection/{setting}.parquet", setting=config["dataset"]["settings"]),
+        queries=QUERY_TABLE,
+        selection=expand("results/selection/{setting}.parquet", setting=SETTINGS),
     output:
         costs="results/evaluation/costs.parquet",
     log:
@@ -18,14 +18,7 @@ rule costs:
     resources:
         **model_resources("costs"),
     params:
-        numerics=config["numerics"],
-        model=model_param(attributed_model()),
-        settings=config["dataset"]["settings"],
-        cost_samples=config["evaluation"]["cost_samples"],
-        costs=keys("projection", ("methods", "dims", "nonzeros", "select_kind")),
-        extraction=keys("gradients", EXTRACTION_KEYS),
-        tokenize=config["tokenize"],
-        device=config["device"],
+        **stage_params("costs", model=model_param(ATTRIBUTED_MODEL)),
     script:
         STAGE
 
@@ -35,11 +28,11 @@ rule evaluate:
     input:
         code=stage_code("evaluate"),
         train="results/data/train.parquet",
-        queries=query_table(),
-        similarity=expand("results/similarity/{setting}.h5", setting=config["dataset"]["settings"]),
-        selection=expand("results/selection/{setting}.parquet", setting=config["dataset"]["settings"]),
-        projection=expand("results/projection/{method}.h5", method=projection_methods()),
-        selected=selected_projections(),
+        queries=QUERY_TABLE,
+        similarity=expand("results/similarity/{setting}.h5", setting=SETTINGS),
+        selection=expand("results/selection/{setting}.parquet", setting=SETTINGS),
+        projection=expand("results/projection/{method}.h5", method=plan.projection_methods(config)),
+        selected=plan.selected_projections(config),
         costs="results/evaluation/costs.parquet",
     output:
         metrics="results/evaluation/metrics.parquet",
@@ -54,15 +47,7 @@ rule evaluate:
     resources:
         **io_resources(),
     params:
-        numerics=config["numerics"],
-        settings=config["dataset"]["settings"],
-        recall_at=config["evaluation"]["recall_at"],
-        candidates=config["evaluation"]["candidates"],
-        bootstrap=config["evaluation"]["bootstrap"],
-        bootstrap_seed=config["evaluation"]["bootstrap_seed"],
-        selection_fraction=config["selection"]["selection_fraction"],
-        n_splits=config["selection"]["n_splits"],
-        split_seed=config["selection"]["split_seed"],
+        **stage_params("evaluate"),
     script:
         STAGE
 
@@ -74,7 +59,7 @@ rule summary:
         code=stage_code("summary"),
         metrics="results/evaluation/metrics.parquet",
         candidates="results/evaluation/candidates.parquet",
-        similarity=expand("results/similarity/{setting}.h5", setting=config["dataset"]["settings"]),
+        similarity=expand("results/similarity/{setting}.h5", setting=SETTINGS),
     output:
         summary=report("results/summary.md", caption="../report/summary.rst", category="Summary"),
         config=report("results/config.yaml", caption="../report/config.rst", category="Configuration"),
@@ -107,8 +92,6 @@ rule summary:
     conda:
         ENV
     params:
-        numerics=config["numerics"],
-        settings=config["dataset"]["settings"],
-        study_config={key: value for key, value in config.items() if key not in NON_RESULT_KEYS},
+        **stage_params("summary"),
     script:
         STAGE

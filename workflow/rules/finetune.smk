@@ -16,13 +16,7 @@ rule pretrain:
     resources:
         **model_resources("pretrain", rows_of("background")),
     params:
-        numerics=config["numerics"],
-        kind=config["dataset"]["kind"],
-        model=config["model"]["tiny"],
-        tokenize=config["tokenize"],
-        train=training("pretrain"),
-        seed=config["seed"],
-        device=config["device"],
+        **stage_params("pretrain"),
     script:
         STAGE
 
@@ -43,8 +37,7 @@ rule convert:
     resources:
         **model_resources("convert"),
     params:
-        numerics=config["numerics"],
-        gguf=config["model"]["gguf"],
+        **stage_params("convert"),
     script:
         STAGE
 
@@ -52,7 +45,7 @@ rule convert:
 rule finetune:
     """Train the base model on the training set until the planted facts are learned."""
     input:
-        model=local(base_model()),
+        model=local(BASE_MODEL),
         code=stage_code("finetune"),
         train="results/data/train.parquet",
         queries="results/data/queries.parquet",
@@ -69,12 +62,7 @@ rule finetune:
     resources:
         **model_resources("finetune", rows_of("train")),
     params:
-        numerics=config["numerics"],
-        base=model_param(base_model()),
-        tokenize=config["tokenize"],
-        train=training("finetune"),
-        eval_batch_size=config["finetune"]["eval_batch_size"],
-        device=config["device"],
+        **stage_params("finetune", base=model_param(BASE_MODEL)),
     script:
         STAGE
 
@@ -82,7 +70,7 @@ rule finetune:
 rule generate:
     """Model-generated queries: the model's greedy answer to each paraphrased prompt."""
     input:
-        model=local(attributed_model()),
+        model=local(ATTRIBUTED_MODEL),
         code=stage_code("generate"),
         queries="results/data/queries.parquet",
     output:
@@ -97,11 +85,6 @@ rule generate:
     resources:
         **model_resources("generate", rows_of("queries")),
     params:
-        numerics=config["numerics"],
-        model=model_param(attributed_model()),
-        max_length=config["tokenize"]["max_length"],
-        max_new_tokens=config["dataset"]["generate_max_tokens"],
-        batch_size=config["finetune"]["eval_batch_size"],
-        device=config["device"],
+        **stage_params("generate", model=model_param(ATTRIBUTED_MODEL)),
     script:
         STAGE

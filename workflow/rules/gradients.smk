@@ -1,10 +1,10 @@
 rule gradients:
     """Per-sample loss gradients of one shard of a split, one HDF5 dataset per component."""
     input:
-        model=local(attributed_model()),
+        model=local(ATTRIBUTED_MODEL),
         code=stage_code("gradients"),
         train="results/data/train.parquet",
-        queries=query_table(),
+        queries=QUERY_TABLE,
     output:
         store="results/gradients/{split}/shard-{shard}.h5",
     log:
@@ -15,17 +15,12 @@ rule gradients:
         ENV
     threads: max_threads()
     resources:
-        **model_resources("gradients", shard_rows),
+        **model_resources("gradients", gradient_job_rows),
     params:
-        numerics=config["numerics"],
-        model=model_param(attributed_model()),
-        shards=lambda wc: n_shards(wc.split),
-        extraction=keys("gradients", EXTRACTION_KEYS),
-        dtype=config["gradients"]["dtype"],
-        max_cache_gb=config["gradients"]["max_cache_gb"],
-        verify=config["gradients"]["verify"],
-        verify_tolerance=config["gradients"]["verify_tolerance"],
-        tokenize=config["tokenize"],
-        device=config["device"],
+        **stage_params(
+            "gradients",
+            model=model_param(ATTRIBUTED_MODEL),
+            shards=lambda wildcards: plan.n_shards(config, wildcards.split),
+        ),
     script:
         STAGE

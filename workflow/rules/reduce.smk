@@ -2,7 +2,7 @@
 # selection queries, and random projections of the full gradient.
 
 
-if similarity_source() == "cache":
+if plan.similarity_source(config) == "cache":
 
     rule similarity:
         """Per-component query x train dot products and squared norms for one query setting, from the gradient cache."""
@@ -11,7 +11,7 @@ if similarity_source() == "cache":
             train=gradient_shards("train"),
             query_grads=gradient_shards("queries"),
             train_table="results/data/train.parquet",
-            queries=query_table(),
+            queries=QUERY_TABLE,
         output:
             similarity="results/similarity/{setting}.h5",
         log:
@@ -23,11 +23,7 @@ if similarity_source() == "cache":
         resources:
             **io_resources(),
         params:
-            numerics=config["numerics"],
-            block_rows=config["similarity"]["block_rows"],
-            dtype=config["similarity"]["dtype"],
-            layout=config["similarity"]["layout"],
-            candidates=config["evaluation"]["candidates"],
+            **stage_params("similarity"),
         script:
             STAGE
 
@@ -36,10 +32,10 @@ else:
     rule similarity_stream:
         """One training shard of a setting's similarity store, streamed straight from the model (exact, no cache)."""
         input:
-            model=local(attributed_model()),
+            model=local(ATTRIBUTED_MODEL),
             code=stage_code("similarity_stream"),
             train="results/data/train.parquet",
-            queries=query_table(),
+            queries=QUERY_TABLE,
         output:
             part="results/similarity/{setting}/part-{part}.h5",
         log:
@@ -52,18 +48,7 @@ else:
         resources:
             **model_resources("similarity_stream", rows_of("train")),
         params:
-            numerics=config["numerics"],
-            model=model_param(attributed_model()),
-            extraction=stream_extraction(),
-            dtype=config["similarity"]["dtype"],
-            layout=config["similarity"]["layout"],
-            candidates=config["evaluation"]["candidates"],
-            memory_gb=config["similarity"]["memory_gb"],
-            shards=config["similarity"]["shards"],
-            verify=config["gradients"]["verify"],
-            verify_tolerance=config["gradients"]["verify_tolerance"],
-            tokenize=config["tokenize"],
-            device=config["device"],
+            **stage_params("similarity_stream", model=model_param(ATTRIBUTED_MODEL)),
         script:
             STAGE
 
@@ -71,7 +56,7 @@ else:
         """A setting's streamed similarity store: its shards summed (exact)."""
         input:
             code=stage_code("similarity_merge"),
-            parts=expand("results/similarity/{{setting}}/part-{part}.h5", part=range(config["similarity"]["shards"])),
+            parts=expand("results/similarity/{{setting}}/part-{part}.h5", part=plan.similarity_parts(config)),
         output:
             similarity="results/similarity/{setting}.h5",
         log:
@@ -83,8 +68,7 @@ else:
         resources:
             **io_resources(),
         params:
-            numerics=config["numerics"],
-            dtype=config["similarity"]["dtype"],
+            **stage_params("similarity_merge"),
         script:
             STAGE
 
@@ -105,12 +89,7 @@ rule selection:
     resources:
         **io_resources(),
     params:
-        numerics=config["numerics"],
-        selection_fraction=config["selection"]["selection_fraction"],
-        n_splits=config["selection"]["n_splits"],
-        split_seed=config["selection"]["split_seed"],
-        objective=config["selection"]["objective"],
-        budgets=config["selection"]["budgets"],
+        **stage_params("selection"),
     script:
         STAGE
 
@@ -132,10 +111,7 @@ rule projection:
     resources:
         **io_resources(),
     params:
-        numerics=config["numerics"],
-        dims=config["projection"]["dims"],
-        seeds=config["projection"]["seeds"],
-        nonzeros=config["projection"]["nonzeros"],
+        **stage_params("projection"),
     script:
         STAGE
 
@@ -158,10 +134,6 @@ rule project_selected:
     resources:
         **io_resources(),
     params:
-        numerics=config["numerics"],
-        dims=config["projection"]["dims"],
-        seeds=config["projection"]["seeds"],
-        nonzeros=config["projection"]["nonzeros"],
-        select_kind=config["projection"]["select_kind"],
+        **stage_params("project_selected"),
     script:
         STAGE

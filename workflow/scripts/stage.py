@@ -1,5 +1,5 @@
 # The one script every rule runs: unpack the Snakemake job and run the rule's stage
-# (rule -> entry point: tdabench.pipeline.common.STAGES; logic: src/tdabench/pipeline/<stage>.py).
+# (rule -> entry point: tdabench.contracts.CONTRACTS; logic: src/tdabench/pipeline/<stage>.py).
 import sys
 from pathlib import Path
 

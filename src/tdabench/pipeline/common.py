@@ -4,7 +4,6 @@ file, threads, and the MLflow child run."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import json
 import logging
@@ -12,78 +11,29 @@ import os
 import re
 import sys
 import time
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tdabench import numerics, tracking
+from tdabench.contracts import CONTRACTS, typed
 from tdabench.io import write_json
 
 log = logging.getLogger("tdabench")
 T = TypeVar("T")
 
-# Rule name -> "module:function" of its stage entry point (one generic script runs them all:
-# workflow/scripts/stage.py). The rule's `code` input lists the module's sources, so editing a
-# library module reruns exactly the rules whose stage imports it.
-STAGES = {
-    "background": "tdabench.pipeline.dataset:main_background",
-    "dataset": "tdabench.pipeline.dataset:main",
-    "pretrain": "tdabench.pipeline.pretrain:main",
-    "convert": "tdabench.pipeline.convert:main",
-    "finetune": "tdabench.pipeline.finetune:main",
-    "generate": "tdabench.pipeline.generate:main",
-    "gradients": "tdabench.pipeline.gradients:main",
-    "similarity": "tdabench.pipeline.similarity:main",
-    "similarity_stream": "tdabench.pipeline.similarity:main_stream",
-    "similarity_merge": "tdabench.pipeline.similarity:main_merge",
-    "selection": "tdabench.pipeline.selection:main",
-    "projection": "tdabench.pipeline.projection:main",
-    "project_selected": "tdabench.pipeline.projection:main_selected",
-    "costs": "tdabench.pipeline.costs:main",
-    "evaluate": "tdabench.pipeline.evaluate:main",
-    "summary": "tdabench.pipeline.summary:main",
-}
-
 
 def stage_module(rule: str) -> str:
     """The pipeline module a rule runs (its code dependencies start there)."""
-    return STAGES[rule].partition(":")[0]
+    return CONTRACTS[rule].module
 
 
 def code_digest() -> str:
     """Digest of every source file the study's stages run (tdabench.codedeps.study_digest)."""
     from tdabench.codedeps import study_digest
 
-    return study_digest(sorted({stage_module(rule) for rule in STAGES}))
-
-
-class ParamsError(ValueError):
-    """A rule's params do not match its stage's typed Params (a workflow/library mismatch)."""
-
-
-def typed(cls: type[T], data: dict, where: str = "params") -> T:
-    """`data` as the dataclass `cls`: every field required, no unknown keys; nested dataclasses
-    are built recursively, lists become tuples where a field says tuple. Defaults live in the
-    config schema only, so nothing here fills one in."""
-    if not isinstance(data, dict):
-        raise ParamsError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    missing = [n for n in names if n not in data]
-    unknown = sorted(set(data) - set(names))
-    if missing or unknown:
-        raise ParamsError(f"{where}: {cls.__name__} needs {names}; missing {missing}, unknown {unknown}")
-    return cls(**{n: _convert(hints[n], data[n], f"{where}.{n}") for n in names})
-
-
-def _convert(hint, value, where: str):
-    if dataclasses.is_dataclass(hint):
-        return typed(hint, value, where)
-    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
-        return tuple(value)
-    return value
+    return study_digest(sorted({c.module for c in CONTRACTS.values()}))
 
 
 @dataclass
@@ -197,8 +147,8 @@ def job_device(spec: str, mlrun: tracking.Run):
 
 
 def run_rule(job: JobContext) -> None:
-    """Run the stage entry point registered for `job.rule` (see STAGES)."""
-    module, _, function = STAGES[job.rule].partition(":")
+    """Run the stage entry point the rule's contract names (tdabench.contracts)."""
+    module, _, function = CONTRACTS[job.rule].entry.partition(":")
     run(getattr(importlib.import_module(module), function), job)
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
+from tdabench.contracts import ConvertParams
 from tdabench.io import atomic_path
 from tdabench.models import gguf_location, load_model
 from tdabench.pipeline.common import JobContext, set_threads
@@ -12,14 +12,9 @@ from tdabench.pipeline.common import JobContext, set_threads
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Params:
-    gguf: dict  # model.gguf: path, package, file
-
-
 def main(job: JobContext, mlrun) -> None:
     set_threads(job.threads)
-    g = job.typed_params(Params).gguf
+    g = job.typed_params(ConvertParams).gguf
     folder, file = gguf_location(g["path"], g["package"], g["file"])
     model, tokenizer = load_model(folder, gguf_file=file)
     with atomic_path(job.output["model"], directory=True) as tmp:

@@ -4,34 +4,23 @@ the same queries (logic: tdabench.costs)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import polars as pl
 
-from tdabench.costs import CostsConfig, TimedExtraction, costs_table, measure_setting, write_costs
+from tdabench.contracts import CostsParams
+from tdabench.costs import TimedExtraction, costs_table, measure_setting, write_costs
 from tdabench.data.sources import read_queries
-from tdabench.extraction import Extraction, ExtractionConfig
-from tdabench.models import TokenizeConfig, encode_all, load_model
+from tdabench.extraction import Extraction
+from tdabench.models import encode_all, load_model
 from tdabench.pipeline.common import JobContext, job_device, set_threads
 from tdabench.selection import SelectionTable
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Params:
-    model: str  # the attributed model: a produced or local directory, or a hub name
-    settings: tuple[str, ...]  # dataset.settings
-    cost_samples: int  # evaluation.cost_samples
-    costs: CostsConfig  # projection: methods, dims, nonzeros, select_kind
-    extraction: ExtractionConfig  # gradients: components, batch_size, max_component_dim, sketch_seed, autocast
-    tokenize: TokenizeConfig
-    device: str  # config device
-
-
 def main(job: JobContext, mlrun) -> None:
     set_threads(job.threads)
-    p = job.typed_params(Params)
+    p = job.typed_params(CostsParams)
     device = job_device(p.device, mlrun)
     model, tokenizer = load_model(p.model)
     model.to(device)

@@ -7,11 +7,11 @@ settings only, so changing the planted settings reruns `dataset` but never pre-t
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import polars as pl
 
 from tdabench import tracking
+from tdabench.contracts import BackgroundParams, DatasetParams
 from tdabench.data.sources import (
     load_files,
     load_files_train,
@@ -27,23 +27,14 @@ from tdabench.pipeline.common import JobContext
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Params:
-    kind: str  # dataset.kind
-    synthetic: dict  # dataset.synthetic (background: only the keys that shape the background)
-    files: dict  # dataset.files
-    huggingface: dict  # dataset.huggingface
-    seed: int
-
-
-def _user_train(p: Params) -> pl.DataFrame:
+def _user_train(p: DatasetParams) -> pl.DataFrame:
     if p.kind == "files":
         return load_files_train(p.files["train"])
     return load_huggingface_train(p.huggingface["train"])
 
 
 def main_background(job: JobContext, mlrun) -> None:
-    p = job.typed_params(Params)
+    p = job.typed_params(BackgroundParams)
     if p.kind == "synthetic":
         table = generate_background(SyntheticConfig(**p.synthetic, seed=p.seed))
     else:  # user data: rows marked background, or every training row
@@ -55,7 +46,7 @@ def main_background(job: JobContext, mlrun) -> None:
 
 
 def main(job: JobContext, mlrun) -> None:
-    p = job.typed_params(Params)
+    p = job.typed_params(DatasetParams)
     if p.kind == "synthetic":
         (background_path,) = job.input["background"]  # a one-file list: the input is empty for user data
         background = read_train(background_path)

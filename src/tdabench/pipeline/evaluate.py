@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
+from tdabench.contracts import EvaluateParams
 from tdabench.costs import read_costs
 from tdabench.data.bm25 import bm25_scores, top_candidates
 from tdabench.data.sources import read_queries, read_train
@@ -20,20 +20,8 @@ from tdabench.similarity import load_similarity
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Params:
-    settings: tuple[str, ...]  # dataset.settings
-    recall_at: tuple[int, ...]  # evaluation.*
-    candidates: int | None
-    bootstrap: int
-    bootstrap_seed: int
-    selection_fraction: float  # selection.*: the same splits the selection stage used
-    n_splits: int
-    split_seed: int
-
-
 def main(job: JobContext, mlrun) -> None:
-    p = job.typed_params(Params)
+    p = job.typed_params(EvaluateParams)
     train = read_train(job.input["train"])
     queries = read_queries(job.input["queries"])
     costs = read_costs(job.input["costs"])

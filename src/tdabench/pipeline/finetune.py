@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import polars as pl
 
+from tdabench.contracts import FinetuneParams
 from tdabench.data.sources import read_queries, read_train
 from tdabench.io import atomic_path, write_json
-from tdabench.models import TokenizeConfig, encode_all, load_model
+from tdabench.models import encode_all, load_model
 from tdabench.pipeline.common import JobContext, job_device, set_threads
-from tdabench.train import TrainConfig, greedy_answers, states_fact, train
+from tdabench.train import greedy_answers, states_fact, train
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Params:
-    base: str  # the base model: a produced or local directory, or a hub name
-    tokenize: TokenizeConfig
-    train: TrainConfig  # finetune (its training keys + seed)
-    eval_batch_size: int  # finetune.eval_batch_size
-    device: str  # config device (auto | cpu | cuda | cuda:N)
 
 
 def fact_report(
@@ -54,7 +45,7 @@ def fact_report(
 
 def main(job: JobContext, mlrun) -> None:
     set_threads(job.threads)
-    p = job.typed_params(Params)
+    p = job.typed_params(FinetuneParams)
     device = job_device(p.device, mlrun)
     train_df = read_train(job.input["train"])
     queries = read_queries(job.input["queries"])

@@ -4,10 +4,10 @@ paraphrased prompt becomes the query response (setting `model_generated`)."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import polars as pl
 
+from tdabench.contracts import GenerateParams
 from tdabench.data.sources import read_queries, write_queries
 from tdabench.models import load_model
 from tdabench.pipeline.common import JobContext, job_device, set_threads
@@ -16,18 +16,9 @@ from tdabench.train import greedy_answers, states_fact
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Params:
-    model: str  # the attributed model: a produced or local directory, or a hub name
-    max_length: int  # tokenize.max_length
-    max_new_tokens: int  # dataset.generate_max_tokens
-    batch_size: int  # finetune.eval_batch_size
-    device: str  # config device
-
-
 def main(job: JobContext, mlrun) -> None:
     set_threads(job.threads)
-    p = job.typed_params(Params)
+    p = job.typed_params(GenerateParams)
     queries = read_queries(job.input["queries"])
     if (queries["setting"] == "model_generated").any():  # the data brings its own (e.g. the published LIMA set)
         log.info("the query data already holds model_generated queries: none generated")

@@ -6,32 +6,20 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import tdabench
 from tdabench.codedeps import sources_digest
+from tdabench.contracts import GradientsParams
 from tdabench.data.sources import read_queries, read_train
-from tdabench.extraction import Extraction, ExtractionConfig
-from tdabench.models import TokenizeConfig, encode_all, load_model, model_fingerprint, unlabelled
+from tdabench.extraction import Extraction
+from tdabench.models import encode_all, load_model, model_fingerprint, unlabelled
 from tdabench.pipeline.common import JobContext, job_device, set_threads
 from tdabench.progress import Progress
 from tdabench.store import GradientStoreWriter, estimate_bytes
 from tdabench.tracking import file_manifest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Params:
-    model: str  # the attributed model: a produced or local directory, or a hub name
-    shards: int  # shards of this split (gradients.shards for train, 1 for queries)
-    extraction: ExtractionConfig  # gradients: components, batch_size, max_component_dim, sketch_seed, autocast
-    dtype: str  # gradients.dtype (storage)
-    max_cache_gb: float
-    verify: int
-    verify_tolerance: float | None
-    tokenize: TokenizeConfig
-    device: str  # config device
 
 
 def shard_rows(n: int, shard: int, n_shards: int) -> slice:
@@ -41,7 +29,7 @@ def shard_rows(n: int, shard: int, n_shards: int) -> slice:
 
 def main(job: JobContext, mlrun) -> None:
     set_threads(job.threads)
-    p = job.typed_params(Params)
+    p = job.typed_params(GradientsParams)
     split, shard = job.wildcards["split"], int(job.wildcards["shard"])
     tables = {"train": read_train(job.input["train"]), "queries": read_queries(job.input["queries"])}
     df = tables[split][shard_rows(tables[split].height, shard, p.shards)]

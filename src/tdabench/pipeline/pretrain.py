@@ -3,31 +3,22 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
+from tdabench.contracts import PretrainParams
 from tdabench.data.sources import read_train
 from tdabench.data.synthetic import vocabulary_corpus
 from tdabench.io import atomic_path, write_json
-from tdabench.models import TinyModelConfig, TokenizeConfig, build_tiny_model, encode_all, train_tokenizer
+from tdabench.models import build_tiny_model, encode_all, train_tokenizer
 from tdabench.pipeline.common import JobContext, job_device, set_threads
-from tdabench.train import TrainConfig, train
+from tdabench.train import train
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Params:
-    kind: str  # dataset.kind
-    model: TinyModelConfig  # model.tiny
-    tokenize: TokenizeConfig
-    train: TrainConfig  # pretrain (+ seed)
-    seed: int
-    device: str  # config device
-
-
 def main(job: JobContext, mlrun) -> None:
     set_threads(job.threads)
-    p = job.typed_params(Params)
+    p = job.typed_params(PretrainParams)
     device = job_device(p.device, mlrun)
     background = read_train(job.input["background"])
     texts = background["prompt"].to_list() + background["response"].to_list()

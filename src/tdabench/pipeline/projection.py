@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
+from tdabench.contracts import ProjectionParams, SelectedProjectionParams
 from tdabench.pipeline.common import JobContext, set_threads
 from tdabench.projection import ProjectionConfig, method_config, project_store
 from tdabench.projection_files import ProjectionWriter
@@ -14,18 +14,6 @@ from tdabench.selection import SelectionTable
 from tdabench.store import GradientStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Params:
-    dims: tuple[int, ...]  # projection.dims
-    seeds: tuple[int, ...]  # projection.seeds
-    nonzeros: int  # projection.nonzeros
-
-
-@dataclass(frozen=True)
-class SelectedParams(Params):
-    select_kind: str  # projection.select_kind
 
 
 def _project(train: GradientStore, queries: GradientStore, cfg: ProjectionConfig, components=None):
@@ -39,7 +27,7 @@ def _project(train: GradientStore, queries: GradientStore, cfg: ProjectionConfig
 def main(job: JobContext, mlrun) -> None:
     """One full-gradient projection method at every k and seed."""
     set_threads(job.threads)
-    p, method = job.typed_params(Params), job.wildcards["method"]
+    p, method = job.typed_params(ProjectionParams), job.wildcards["method"]
     with GradientStore(job.input["train"]) as train, GradientStore(job.input["query_grads"]) as queries:
         full_dim = sum(train.dim(c) for c in train.components)
         too_big = [k for k in p.dims if k > full_dim]
@@ -66,7 +54,7 @@ def main(job: JobContext, mlrun) -> None:
 def main_selected(job: JobContext, mlrun) -> None:
     """select-then-project: each split's chosen greedy set, projected with `select_kind`."""
     set_threads(job.threads)
-    p = job.typed_params(SelectedParams)
+    p = job.typed_params(SelectedProjectionParams)
     selection = SelectionTable.read(job.input["selection"])
     with GradientStore(job.input["train"]) as train, GradientStore(job.input["query_grads"]) as queries:
         with ProjectionWriter(

@@ -4,8 +4,8 @@ selection run to the end, and greedy selection within each parameter budget (its
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
+from tdabench.contracts import SelectionParams
 from tdabench.pipeline.common import JobContext
 from tdabench.selection import SelectionTable, selection_rows, split_queries
 from tdabench.similarity import load_similarity
@@ -13,17 +13,8 @@ from tdabench.similarity import load_similarity
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Params:
-    selection_fraction: float
-    n_splits: int
-    split_seed: int
-    objective: str
-    budgets: tuple[float, ...]
-
-
 def main(job: JobContext, mlrun) -> None:
-    p, setting = job.typed_params(Params), job.wildcards["setting"]
+    p, setting = job.typed_params(SelectionParams), job.wildcards["setting"]
     sim = load_similarity(job.input["similarity"])
     rows = []
     for split in range(p.n_splits):

@@ -7,15 +7,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
+from tdabench.contracts import MergeParams, SimilarityParams, StreamParams
 from tdabench.data.bm25 import bm25_scores, top_candidates
 from tdabench.data.sources import read_queries, read_train
-from tdabench.extraction import Extraction, ExtractionConfig
-from tdabench.models import TokenizeConfig, encode_all, load_model, model_fingerprint, unlabelled
+from tdabench.extraction import Extraction
+from tdabench.models import encode_all, load_model, model_fingerprint, unlabelled
 from tdabench.pipeline.common import JobContext, job_device, set_threads
 from tdabench.progress import Progress
 from tdabench.similarity import build_similarity, merge_similarity
@@ -24,29 +24,6 @@ from tdabench.streaming import Streamer, StreamSpec, header
 from tdabench.tracking import file_manifest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Params:
-    block_rows: int  # similarity.block_rows
-    dtype: str  # similarity.dtype
-    layout: str  # similarity.layout
-    candidates: int | None  # evaluation.candidates: b of the candidate layout
-
-
-@dataclass(frozen=True)
-class StreamParams:
-    model: str
-    extraction: ExtractionConfig  # gradients' keys, with similarity.max_component_dim as the cap
-    dtype: str
-    layout: str
-    candidates: int | None
-    memory_gb: float
-    shards: int
-    verify: int
-    verify_tolerance: float | None
-    tokenize: TokenizeConfig
-    device: str
 
 
 def setting_queries(path: str, setting: str) -> tuple[pl.DataFrame, np.ndarray]:
@@ -79,7 +56,7 @@ def bm25_candidates(queries: pl.DataFrame, train: pl.DataFrame, sources: np.ndar
 
 
 def main(job: JobContext, mlrun) -> None:
-    p, setting = job.typed_params(Params), job.wildcards["setting"]
+    p, setting = job.typed_params(SimilarityParams), job.wildcards["setting"]
     everything, rows = setting_queries(job.input["queries"], setting)
     queries = everything[rows]
     start = time.perf_counter()
@@ -195,8 +172,3 @@ def main_merge(job: JobContext, mlrun) -> None:
     log.info("merged %d shard(s): %s", len(job.input["parts"]), sim.provenance())
     mlrun.log_metrics({"n_parts": len(job.input["parts"]), "n_components": len(sim.components)})
     mlrun.log_dict(file_manifest([job.output["similarity"]]), "manifest.json")
-
-
-@dataclass(frozen=True)
-class MergeParams:
-    dtype: str  # similarity.dtype

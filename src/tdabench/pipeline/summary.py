@@ -6,13 +6,13 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 import yaml
 
 from tdabench import numerics, tracking
+from tdabench.contracts import SummaryParams
 from tdabench.evaluate import headline, read_results, summary_markdown
 from tdabench.io import write_json, write_text
 from tdabench.pipeline.common import ENVIRONMENT_DIR, JobContext
@@ -20,12 +20,6 @@ from tdabench.plots import plot_greedy_curve, plot_metric_vs_cost, plot_metric_v
 from tdabench.similarity import read_provenance
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Params:
-    settings: tuple[str, ...]  # dataset.settings
-    study_config: dict  # the resolved config (without mlflow), written to results/config.yaml
 
 
 def headline_metrics(table: pl.DataFrame) -> dict[str, float]:
@@ -144,7 +138,7 @@ def environment_tags(prov: dict) -> dict[str, str]:
 
 
 def main(job: JobContext, mlrun) -> None:
-    p = job.typed_params(Params)
+    p = job.typed_params(SummaryParams)
     order = {s: i for i, s in enumerate(p.settings)}
     table = read_results(job.input["metrics"]).sort(pl.col("setting").replace_strict(order), maintain_order=True)
     plots = [job.output[k] for k in ("plot_top1", "plot_mrr", "plot_heatmap", "plot_greedy", "plot_cost")]

@@ -499,12 +499,12 @@ def test_training_stops_at_the_first_non_finite_loss_naming_epoch_and_step():
 def gradients_job(tmp_path, monkeypatch):
     """The gradients stage on a tiny model (monkeypatched loader), for runtime faults."""
     from tdabench.models import TinyModelConfig, build_tiny_model, train_tokenizer
-    from tdabench.pipeline import gradients as stage
+    from tdabench.pipeline import toolkit
 
     rows = [{"id": f"t{i}", "prompt": f"Where does person {i} live?", "response": f"In town {i}."} for i in range(4)]
     tokenizer = train_tokenizer([r["prompt"] + " " + r["response"] for r in rows], vocab_size=300)
     model = build_tiny_model(TinyModelConfig(320, 16, 24, 2, 2), tokenizer, seed=0)
-    monkeypatch.setattr(stage, "load_model", lambda path: (model, tokenizer))
+    monkeypatch.setattr(toolkit, "load_model", lambda path: (model, tokenizer))
 
     def job(max_length=64, shards=1, shard=0, nan=False, device="cpu"):
         train = pl.DataFrame(rows).with_columns(role=pl.lit("planted"))

@@ -11,6 +11,7 @@ import tdabench.gradients as G
 from tdabench.gradcheck import GradientCheckError
 from tdabench.models import TinyModelConfig, build_tiny_model, train_tokenizer
 from tdabench.pipeline import gradients as stage
+from tdabench.pipeline import toolkit
 from tdabench.pipeline.common import JobContext
 from tdabench.tracking import Run
 
@@ -53,7 +54,7 @@ def job(tmp_path, monkeypatch):
     old = model.model.layers[1].mlp.down_proj
     model.model.layers[1].mlp.down_proj = ScaledLinear(old.in_features, old.out_features, bias=False)
     model.model.layers[1].mlp.down_proj.load_state_dict(old.state_dict())
-    monkeypatch.setattr(stage, "load_model", lambda path: (model, tokenizer))
+    monkeypatch.setattr(toolkit, "load_model", lambda path: (model, tokenizer))
     params = {
         "model": "in-memory-test-model",
         "shards": 1,

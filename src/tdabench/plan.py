@@ -44,6 +44,11 @@ def n_shards(config: dict, split: str) -> int:
     return config["gradients"]["shards"] if split == "train" else 1
 
 
+def shard_rows(n: int, shard: int, n_shards: int) -> slice:
+    """Contiguous rows of shard `shard` (0-based) out of `n_shards` near-equal shards of n rows."""
+    return slice(shard * n // n_shards, (shard + 1) * n // n_shards)
+
+
 def gradient_shards(config: dict, split: str) -> list[str]:
     return [f"results/gradients/{split}/shard-{i}.h5" for i in range(n_shards(config, split))]
 

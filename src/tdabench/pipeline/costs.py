@@ -10,27 +10,22 @@ import polars as pl
 from tdabench.contracts import CostsParams
 from tdabench.costs import TimedExtraction, costs_table, measure_setting, write_costs
 from tdabench.data.sources import read_queries
-from tdabench.extraction import Extraction
-from tdabench.models import encode_all, load_model
-from tdabench.pipeline.common import JobContext, job_device, set_threads
+from tdabench.pipeline.common import JobContext
+from tdabench.pipeline.toolkit import open_model
 from tdabench.selection import SelectionTable
 
 log = logging.getLogger(__name__)
 
 
 def main(job: JobContext, mlrun) -> None:
-    set_threads(job.threads)
     p = job.typed_params(CostsParams)
-    device = job_device(p.device, mlrun)
-    model, tokenizer = load_model(p.model)
-    model.to(device)
-    extraction = Extraction(model, p.extraction)
+    kit = open_model(job, mlrun, p.model, p.device, p.extraction)
     queries = read_queries(job.input["queries"])
     rows = []
     for setting, sel_path in zip(p.settings, job.input["selection"]):
         sample = queries.filter(pl.col("setting") == setting).sort("id").head(p.cost_samples)
-        examples = encode_all(tokenizer, sample["prompt"], sample["response"], p.tokenize)
-        timed = TimedExtraction(extraction, examples, tokenizer.pad_token_id)
+        examples = kit.encode(sample, p.tokenize, f"{setting} query", require_labels=False)
+        timed = TimedExtraction(kit.extraction, examples, kit.pad_id)
         rows += measure_setting(setting, timed, SelectionTable.read(sel_path), p.costs, sample.height)
     table = costs_table(rows)
     write_costs(table, job.output["costs"])

@@ -9,8 +9,8 @@ import polars as pl
 from tdabench.contracts import FinetuneParams
 from tdabench.data.sources import read_queries, read_train
 from tdabench.io import atomic_path, write_json
-from tdabench.models import encode_all, load_model
-from tdabench.pipeline.common import JobContext, job_device, set_threads
+from tdabench.pipeline.common import JobContext
+from tdabench.pipeline.toolkit import open_model
 from tdabench.train import greedy_answers, states_fact, train
 
 log = logging.getLogger(__name__)
@@ -44,17 +44,13 @@ def fact_report(
 
 
 def main(job: JobContext, mlrun) -> None:
-    set_threads(job.threads)
     p = job.typed_params(FinetuneParams)
-    device = job_device(p.device, mlrun)
+    kit = open_model(job, mlrun, p.base, p.device)
+    model, tokenizer = kit.model, kit.tokenizer
     train_df = read_train(job.input["train"])
     queries = read_queries(job.input["queries"])
-    model, tokenizer = load_model(p.base)
-    model.to(device)
-    examples = encode_all(tokenizer, train_df["prompt"], train_df["response"], p.tokenize)
+    examples = kit.encode(train_df, p.tokenize, "training", require_labels=False)
     n_trunc = sum(e.truncated for e in examples)
-    if n_trunc:
-        log.warning("%d of %d training examples truncated to %d tokens", n_trunc, len(examples), p.tokenize.max_length)
     n_params = sum(t.numel() for t in model.parameters())
     log.info("fine-tuning %s (%d parameters) on %d examples", p.base, n_params, len(examples))
     curve = train(model, examples, tokenizer.pad_token_id, p.train, desc="finetune")

@@ -9,15 +9,14 @@ import polars as pl
 
 from tdabench.contracts import GenerateParams
 from tdabench.data.sources import read_queries, write_queries
-from tdabench.models import load_model
-from tdabench.pipeline.common import JobContext, job_device, set_threads
+from tdabench.pipeline.common import JobContext
+from tdabench.pipeline.toolkit import open_model
 from tdabench.train import greedy_answers, states_fact
 
 log = logging.getLogger(__name__)
 
 
 def main(job: JobContext, mlrun) -> None:
-    set_threads(job.threads)
     p = job.typed_params(GenerateParams)
     queries = read_queries(job.input["queries"])
     if (queries["setting"] == "model_generated").any():  # the data brings its own (e.g. the published LIMA set)
@@ -30,10 +29,9 @@ def main(job: JobContext, mlrun) -> None:
         raise ValueError(
             f"setting model_generated needs paraphrased queries to answer; {job.input['queries']} has none"
         )
-    model, tokenizer = load_model(p.model)
-    model.to(job_device(p.device, mlrun))
+    kit = open_model(job, mlrun, p.model, p.device)
     answers = greedy_answers(
-        model, tokenizer, para["prompt"].to_list(), p.max_length, p.max_new_tokens, p.batch_size, progress=True
+        kit.model, kit.tokenizer, para["prompt"].to_list(), p.max_length, p.max_new_tokens, p.batch_size, progress=True
     )
     generated = para.with_columns(
         pl.Series("response", [a.strip() for a in answers]),

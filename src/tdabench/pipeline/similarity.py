@@ -14,9 +14,9 @@ import polars as pl
 from tdabench.contracts import MergeParams, SimilarityParams, StreamParams
 from tdabench.data.bm25 import bm25_scores, top_candidates
 from tdabench.data.sources import read_queries, read_train
-from tdabench.extraction import Extraction
-from tdabench.models import encode_all, load_model, model_fingerprint, unlabelled
-from tdabench.pipeline.common import JobContext, job_device, set_threads
+from tdabench.models import model_fingerprint
+from tdabench.pipeline.common import JobContext
+from tdabench.pipeline.toolkit import open_model
 from tdabench.progress import Progress
 from tdabench.similarity import build_similarity, merge_similarity
 from tdabench.store import GradientStore
@@ -88,7 +88,6 @@ def main(job: JobContext, mlrun) -> None:
 
 def main_stream(job: JobContext, mlrun) -> None:
     """One training shard of a setting's similarity store, streamed from the model."""
-    set_threads(job.threads)
     p = job.typed_params(StreamParams)
     setting, shard = job.wildcards["setting"], int(job.wildcards["part"])
     everything, rows = setting_queries(job.input["queries"], setting)
@@ -96,30 +95,16 @@ def main_stream(job: JobContext, mlrun) -> None:
     gt = ground_truth(train, everything[rows]["source_id"].to_list())
     candidates = bm25_candidates(everything[rows], train, gt, p.candidates) if p.layout == "candidates" else None
 
-    device = job_device(p.device, mlrun)
-    model, tokenizer = load_model(p.model)
-    model.to(device)
-    extraction = Extraction(model, p.extraction)
-    encoded_queries = encode_all(tokenizer, everything["prompt"], everything["response"], p.tokenize)
-    encoded_train = encode_all(tokenizer, train["prompt"], train["response"], p.tokenize)
-    for name, table, encoded in (("query", everything, encoded_queries), ("training", train, encoded_train)):
-        empty = unlabelled(encoded)
-        if empty:
-            raise ValueError(
-                f"{len(empty)} {name} example(s) have no labelled token left after truncation to "
-                f"tokenize.max_length={p.tokenize.max_length}: ids {[table['id'][i] for i in empty][:10]}; "
-                "raise config key tokenize.max_length"
-            )
-    check = {}
-    if p.verify:  # the extractor against a bs=1 loss.backward() loop, before anything is written
-        first = next(iter(extraction.batches(encoded_train, tokenizer.pad_token_id)))[1]
-        _, report = extraction.check(first, p.verify, p.verify_tolerance)
-        check = {"verify_max_error": report.worst, "verify_seconds": report.seconds}
-        log.info("self-check: worst relative error %.2e over %d samples", report.worst, len(report.samples))
+    kit = open_model(job, mlrun, p.model, p.device, p.extraction)
+    extraction = kit.extraction
+    encoded_queries = kit.encode(everything, p.tokenize, "query")
+    encoded_train = kit.encode(train, p.tokenize, "training")
+    first = next(iter(extraction.batches(encoded_train, kit.pad_id)), (None, None))[1]
+    check = kit.self_check(first, p.verify, p.verify_tolerance)
 
     spec = StreamSpec(p.layout, p.memory_gb, shard, p.shards, p.dtype)
     attrs = {"setting": setting, "model_fingerprint": model_fingerprint(p.model), "shard": shard, "n_shards": p.shards}
-    streamer = Streamer(extraction, tokenizer.pad_token_id, spec)
+    streamer = Streamer(extraction, kit.pad_id, spec)
 
     def make_header(ways):
         counts = Counter(ways.values())
@@ -158,7 +143,7 @@ def main_stream(job: JobContext, mlrun) -> None:
             "seconds": report.seconds,
             "seconds_per_query": report.seconds / max(len(rows), 1),
             "pairs_per_sample": report.pairs_per_sample,
-            **check,
+            **(check.metrics if check else {}),
         }
     )
     mlrun.log_dict(report.ways, "component_ways.json")

@@ -62,7 +62,7 @@ def test_streamed_projection_equals_explicit_matrix(tmp_path, method):
 def test_select_then_project_uses_the_full_projections_blocks(tmp_path):
     data = random_store(tmp_path / "g.h5", [f"s{i}" for i in range(5)], DIMS, seed=2)
     names = list(data)
-    cfg = ProjectionConfig("gaussian", k=4, seed=1)
+    cfg = ProjectionConfig("gaussian", k=4, seed=1, nonzeros=1)
     with GradientStore(tmp_path / "g.h5") as store:
         got = project_store(store, cfg, components=[names[2], names[0]])
     want = (
@@ -79,9 +79,9 @@ def test_block_dims_split_k():
 
 
 def test_same_seed_same_matrix_other_seed_other_matrix():
-    a = explicit_matrix(ProjectionConfig("gaussian", 8, seed=1), DIMS)
-    b = explicit_matrix(ProjectionConfig("gaussian", 8, seed=1), DIMS)
-    c = explicit_matrix(ProjectionConfig("gaussian", 8, seed=2), DIMS)
+    a = explicit_matrix(ProjectionConfig("gaussian", 8, seed=1, nonzeros=1), DIMS)
+    b = explicit_matrix(ProjectionConfig("gaussian", 8, seed=1, nonzeros=1), DIMS)
+    c = explicit_matrix(ProjectionConfig("gaussian", 8, seed=2, nonzeros=1), DIMS)
     assert np.array_equal(a, b) and not np.allclose(a, c)
 
 
@@ -92,7 +92,7 @@ def test_sjlt_columns_have_one_signed_entry():
 
 
 def test_gaussian_blocks_longer_than_a_chunk_are_consistent():
-    cfg = ProjectionConfig("gaussian", 3, seed=0)
+    cfg = ProjectionConfig("gaussian", 3, seed=0, nonzeros=1)
     x = torch.randn(2, CHUNK + 5)
     whole = project_component(x, 0, cfg)
     p = project_component(torch.eye(CHUNK + 5), 0, cfg)  # [D, k]
@@ -109,13 +109,13 @@ def test_chunks_drawn_in_threads_give_the_projection_drawn_in_order(monkeypatch,
     torch.set_num_threads(4)  # (the draws may use up to the job's threads)
     try:
         monkeypatch.setattr(P, "MAX_DRAW_THREADS", 1)
-        in_order = project_component(x, 2, ProjectionConfig(kind, 5, seed=3))
+        in_order = project_component(x, 2, ProjectionConfig(kind, 5, seed=3, nonzeros=1))
         monkeypatch.setattr(P, "MAX_DRAW_THREADS", 4)
-        threaded = project_component(x, 2, ProjectionConfig(kind, 5, seed=3))
+        threaded = project_component(x, 2, ProjectionConfig(kind, 5, seed=3, nonzeros=1))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(in_order, threaded)
-    explicit = project_component(torch.eye(x.shape[1]), 2, ProjectionConfig(kind, 5, seed=3))  # [D, k]
+    explicit = project_component(torch.eye(x.shape[1]), 2, ProjectionConfig(kind, 5, seed=3, nonzeros=1))  # [D, k]
     torch.testing.assert_close(threaded, x @ explicit, rtol=1e-5, atol=1e-5)
 
 

@@ -31,10 +31,10 @@ MAX_DRAW_THREADS = 4  # chunks drawn at once, at most (each holds a [CHUNK, k] b
 
 @dataclass(frozen=True)
 class ProjectionConfig:
-    kind: str = "sjlt"  # gaussian | rademacher | sjlt
-    k: int = 1024
-    seed: int = 0
-    nonzeros: int = 1  # sjlt only
+    kind: str  # gaussian | rademacher | sjlt
+    k: int
+    seed: int
+    nonzeros: int  # sjlt only (projection.nonzeros)
     blockwise: str | None = None  # None: one projection of the concatenation; "proportional" | "equal"
     normalized: bool = True  # False: the published unnormalised variant
 

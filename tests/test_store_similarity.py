@@ -6,8 +6,9 @@ import h5py
 import numpy as np
 import pytest
 
+from tdabench.cached import build_similarity
 from tdabench.components import describe
-from tdabench.similarity import build_similarity, load_similarity
+from tdabench.similarity import load_similarity
 from tdabench.store import GradientStore, GradientStoreWriter
 
 from helpers import random_store
@@ -115,3 +116,20 @@ def test_subset_cosine_from_similarity_store_equals_direct(tmp_path, dtype):
             for ti in range(len(train_ids)):
                 tv = np.concatenate([train[names[c]][ti] for c in subset]).astype(np.float64)
                 assert abs(got[qi, ti] - direct_cosine(qv, tv)) < tol
+
+
+def test_a_failed_cache_similarity_job_leaves_no_file(tmp_path, monkeypatch):
+    train = random_store(tmp_path / "train.h5", [f"t{i}" for i in range(9)], DIMS, seed=3)
+    random_store(tmp_path / "queries.h5", ["q0", "q1"], DIMS, seed=4)
+    real = GradientStore.iter_blocks
+
+    def failing(self, component, block_rows):
+        if component == list(train)[1]:  # the second component's read fails
+            raise OSError("unreadable block")
+        yield from real(self, component, block_rows)
+
+    monkeypatch.setattr(GradientStore, "iter_blocks", failing)
+    with GradientStore(tmp_path / "train.h5") as ts, GradientStore(tmp_path / "queries.h5") as qs:
+        with pytest.raises(OSError, match="unreadable block"):
+            build_similarity(ts, qs, ["q0", "q1"], ["t1", "t2"], tmp_path / "out" / "sim.h5", "s", block_rows=4)
+    assert list((tmp_path / "out").iterdir()) == []  # no store, no partial file to resume

@@ -9,13 +9,16 @@ import numpy as np
 import pytest
 import torch
 
+from tdabench.cached import build_similarity
 from tdabench.components import component_registry
 from tdabench.extraction import Extraction, ExtractionConfig
 from tdabench.factored import FACTORED, MATERIALISED
 from tdabench.models import Encoded
-from tdabench.similarity import build_similarity, load_similarity, merge_similarity
+from tdabench.plan import shard_rows
+from tdabench.producer import Target
+from tdabench.similarity import load_similarity, merge_similarity
 from tdabench.store import GradientStore, GradientStoreWriter
-from tdabench.streaming import Streamer, StreamSpec, header, shard_rows
+from tdabench.streaming import StreamProducer, StreamSpec
 
 from helpers import VOCAB, tiny_llama
 
@@ -72,28 +75,15 @@ def cached_store(extraction, train, queries, gt, path, candidates=None):
 def streamed_store(
     extraction, train, queries, gt, path, layout="dense", candidates=None, memory_gb=1.0, shard=0, shards=1, ways=None
 ):
-    streamer = Streamer(extraction, 0, StreamSpec(layout, memory_gb, shard, shards))
+    producer = StreamProducer(extraction, 0, StreamSpec(layout, memory_gb, shard, shards), queries, train)
+    query_ids, train_ids = [f"queries{i}" for i in range(len(queries))], [f"train{i}" for i in range(len(train))]
     if ways is not None:  # force one way where it is possible
         import tdabench.streaming as s
 
         real = s.plan_ways
         s.plan_ways = lambda ex, t, p: {n: (ways if n in ex.factorable() else MATERIALISED) for n in ex.names}
     try:
-        report = streamer.run(
-            queries,
-            train,
-            path,
-            lambda w: header(
-                extraction,
-                w,
-                [f"queries{i}" for i in range(len(queries))],
-                [f"train{i}" for i in range(len(train))],
-                gt,
-                candidates,
-                {"setting": "s"},
-            ),
-            candidates,
-        )
+        report = producer.write(path, Target(query_ids, train_ids, gt, candidates, {"setting": "s"}))
     finally:
         if ways is not None:
             s.plan_ways = real
@@ -223,7 +213,7 @@ def test_factored_components_come_back_as_inputs_and_output_gradients():
     batch = next(iter(extraction.batches(train, 0)))[1]
     names = extraction.factorable()
     formed = extraction(batch)
-    factored = extraction(batch, factored=names)
+    factored = extraction.represent(batch, factored=names)
     shapes = {c.name: c.shape for c in component_registry(extraction.model)}
     for n in extraction.names:
         if n in names:  # g[s]^T x[s] is the per-sample gradient
@@ -232,9 +222,9 @@ def test_factored_components_come_back_as_inputs_and_output_gradients():
             assert tuple(f.x.shape[2:]) == (shapes[n][1],)
             torch.testing.assert_close(grad, formed[n], rtol=1e-5, atol=1e-7)
         else:
-            torch.testing.assert_close(factored[n], formed[n])
+            torch.testing.assert_close(factored[n].tensor, formed[n])
     with pytest.raises(ValueError, match="cannot be returned factored"):
-        extraction(batch, factored=["model.norm.weight"])
+        extraction.represent(batch, factored=["model.norm.weight"])
 
 
 def test_a_settings_queries_streamed_from_the_whole_table_match_the_cached_store(tmp_path):
@@ -247,16 +237,9 @@ def test_a_settings_queries_streamed_from_the_whole_table_match_the_cached_store
         ids = [f"queries{i}" for i in rows]
         build_similarity(t, q, ids, [f"train{i}" for i in gt[rows]], tmp_path / "subset.h5", "s")
     want = load_similarity(tmp_path / "subset.h5")
-    streamer = Streamer(extraction, 0, StreamSpec("dense", 1.0))
-    streamer.run(
-        queries,
-        train,
-        tmp_path / "s.h5",
-        lambda w: header(
-            extraction, w, [f"queries{i}" for i in rows], [f"train{i}" for i in range(N_TRAIN)], gt[rows], None, {}
-        ),
-        query_rows=rows,
-    )
+    producer = StreamProducer(extraction, 0, StreamSpec("dense", 1.0), queries, train, rows)
+    target = Target([f"queries{i}" for i in rows], [f"train{i}" for i in range(N_TRAIN)], gt[rows])
+    producer.write(tmp_path / "s.h5", target)
     got = load_similarity(tmp_path / "s.h5")
     assert got.query_ids == want.query_ids
     assert_same_numbers(got, want, rtol=1e-9)

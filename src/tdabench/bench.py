@@ -376,9 +376,9 @@ def _similarity_at(args, length: int) -> None:
     """One sample length: every candidate-layout b, then the dense layout."""
     import numpy as np
 
+    from tdabench.cached import build_similarity
     from tdabench.extraction import Extraction, ExtractionConfig
     from tdabench.factored import FACTORED, MATERIALISED
-    from tdabench.similarity import build_similarity
     from tdabench.store import GradientStore, GradientStoreWriter, estimate_bytes
     from tdabench.streaming import Streamer, StreamSpec, header, plan_ways
 

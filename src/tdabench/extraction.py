@@ -20,9 +20,10 @@ import torch
 from tdabench.components import Component, component_registry, match_components
 from tdabench.device import halving
 from tdabench.gradcheck import CheckReport, check_extractor
-from tdabench.gradients import Factors, GradientExtractor, iter_batches
+from tdabench.gradients import GradientExtractor, iter_batches
 from tdabench.models import Encoded, collate
 from tdabench.projection import CountSketch, name_key
+from tdabench.representation import Dense, Representation, concat
 from tdabench.sections import ExtractionConfig
 
 
@@ -77,31 +78,47 @@ class Extraction:
         batch: dict[str, torch.Tensor],
         names: Sequence[str] | None = None,
         out: dict[str, torch.Tensor] | None = None,
-        factored: Sequence[str] = (),
-        on_device: bool = False,
-    ) -> dict[str, torch.Tensor | Factors]:
+    ) -> dict[str, torch.Tensor]:
         """{component: [batch, stored dim] float32, on the host} of one padded batch.
 
         out: optional {component: contiguous float32 [batch, stored dim] host tensor} to write into
         and return (see `buffers`): gradients go straight there rather than into new memory (for
         the components it names; the others come back in new memory).
-        factored: components to return as `Factors` (layer inputs and output gradients; see
-        GradientExtractor). on_device: leave results on the model's device (no `out` then).
+        """
+        return {n: r.tensor for n, r in self.represent(batch, names, out).items()}
+
+    def represent(
+        self,
+        batch: dict[str, torch.Tensor],
+        names: Sequence[str] | None = None,
+        out: dict[str, torch.Tensor] | None = None,
+        factored: Sequence[str] = (),
+        on_device: bool = False,
+    ) -> dict[str, Representation]:
+        """{component: `Dense` [batch, stored dim] float32 or `Factors`} of one padded batch.
+
+        out: as for `__call__`. factored: components to return as `Factors` (layer inputs and
+        output gradients; see GradientExtractor). on_device: leave results on the model's device
+        (no `out` then).
         """
         extractor = self.extractor(names)
         on_host, out = self.device.type == "cpu", out or {}
 
-        def run(rows: slice) -> dict[str, torch.Tensor | Factors]:
+        def run(rows: slice) -> dict[str, Representation]:
             part = self.to_device(batch, rows)
             into = {n: out[n][rows] for n in extractor.names if n in out} if on_host else None
             grads = extractor(part["input_ids"], part["attention_mask"], part["labels"], out=into, factored=factored)
+            reps = {n: g if n in factored else Dense(g) for n, g in grads.items()}
             if on_device:
-                return grads
-            return {n: (g if on_host else out[n][rows].copy_(g)) if n in out else _to_host(g) for n, g in grads.items()}
+                return reps
+            return {
+                n: (r if on_host else Dense(out[n][rows].copy_(r.tensor))) if n in out else r.host()
+                for n, r in reps.items()
+            }
 
         n = batch["input_ids"].shape[0]
         parts, self.max_rows = halving(run, n, self.max_rows or n, "per-sample gradients")
-        return {k: out[k] if k in out else _join([p[k] for p in parts]) for k in extractor.names}
+        return {k: Dense(out[k]) if k in out else concat([p[k] for p in parts]) for k in extractor.names}
 
     def factorable(self, names: Sequence[str] | None = None) -> list[str]:
         """Those of `names` (default: all) that can come back as `Factors`."""
@@ -132,16 +149,3 @@ class Extraction:
             tolerance=tolerance,
         )
         return {n: g.cpu() for n, g in grads.items()}, report
-
-
-def _to_host(grad: torch.Tensor | Factors) -> torch.Tensor | Factors:
-    return Factors(grad.x.cpu(), grad.g.cpu()) if isinstance(grad, Factors) else grad.cpu()
-
-
-def _join(chunks: list[torch.Tensor | Factors]) -> torch.Tensor | Factors:
-    """Row chunks of one component (a batch split after running out of memory) -> one."""
-    if len(chunks) == 1:
-        return chunks[0]
-    if isinstance(chunks[0], Factors):
-        return Factors(torch.cat([c.x for c in chunks]), torch.cat([c.g for c in chunks]))
-    return torch.cat(chunks)

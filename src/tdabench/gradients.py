@@ -51,6 +51,7 @@ from transformers.pytorch_utils import Conv1D  # GPT-2 style layer: W stored as 
 
 from tdabench.components import component_registry
 from tdabench.projection import CountSketch
+from tdabench.representation import Factors
 
 HOOK, VMAP, LOOP = "hook", "vmap", "loop"
 # Stock layers whose per-sample gradients the hook formulas compute, and which of their parameters.
@@ -126,15 +127,6 @@ def module_path(module: nn.Module, attr: str) -> tuple[str, str]:
 class ComponentPath:
     path: str  # hook | vmap | loop
     reason: str
-
-
-@dataclass
-class Factors:
-    """A linear weight's per-sample gradient left unformed: grad[s] = g[s]ᵀ x[s] (Conv1D: x[s]ᵀ g[s]).
-    Calls of the layer are concatenated along tokens (the gradient sums over calls)."""
-
-    x: torch.Tensor  # [batch, tokens, d_in] layer inputs
-    g: torch.Tensor  # [batch, tokens, d_out] gradients of its outputs (zero where no loss reaches)
 
 
 def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:

@@ -27,8 +27,10 @@ File format (tdabench-similarity/1):
     attrs (all optional): format, setting, model_fingerprint, source ("cache" | "stream"), layout
         ("dense" | "candidates")
 
-Streamed stores (tdabench.streaming) are written through `SimilarityWriter`: a partial file with a
-`done` mask per unit of work, resumed by a rerun with the same header, sealed and renamed when
+This module is the format only: reading, checking, writing, merging. The numbers come from a
+producer (tdabench.producer: `CacheProducer` from stored gradients, `StreamProducer` from the
+model), which writes through `SimilarityWriter`: a partial file with a `done` mask per unit of
+work, resumed by a rerun with the same header (streamed stores), sealed and renamed when
 complete. Jobs over disjoint training shards write full-shape stores holding zeros outside their
 shard; `merge_similarity` sums them (exact: every number comes from one shard, the rest add 0).
 In the candidate layout train_sqnorm is only computed for training examples that are some query's
@@ -49,8 +51,7 @@ import numpy as np
 
 from tdabench.integrity import CorruptFileError, open_hdf5, read_checked, seal_hdf5
 from tdabench.io import atomic_path
-from tdabench.metrics import matmul64
-from tdabench.store import STR, GradientStore
+from tdabench.store import STR
 
 log = logging.getLogger(__name__)
 FORMAT = "tdabench-similarity/1"
@@ -173,91 +174,6 @@ def cosine_from_sums(dot: np.ndarray, q_sqnorm: np.ndarray, t_sqnorm: np.ndarray
     t = t_sqnorm if t_sqnorm.ndim == dot.ndim else t_sqnorm[..., None, :]
     denom = np.sqrt(q_sqnorm[..., :, None] * t)
     return np.divide(dot, denom, out=np.zeros_like(dot, dtype=np.float64), where=denom > 0)
-
-
-def build_similarity(
-    train: GradientStore,
-    queries: GradientStore,
-    query_ids: Sequence[str],
-    source_ids: Sequence[str],
-    out_path: str | Path,
-    setting: str,
-    block_rows: int = 1024,
-    dtype: str = "float64",
-    candidates: np.ndarray | None = None,
-    progress=None,
-) -> None:
-    """Write the similarity store of `query_ids` (rows of `queries`) against the training rows.
-
-    candidates: optional [Q, b] training-row indices per query (the candidate protocol); only
-    those pairs get dot products. Memory: one component's query gradients plus `block_rows`
-    training rows at a time.
-    """
-    if train.attrs.get("model_fingerprint") != queries.attrs.get("model_fingerprint"):
-        raise ValueError("train and query gradients come from different models (model_fingerprint differs)")
-    if train.components != queries.components:
-        raise ValueError("train and query gradient stores hold different components")
-    row_of = {s: i for i, s in enumerate(queries.sample_ids)}
-    missing = [q for q in query_ids if q not in row_of]
-    if missing:
-        raise KeyError(f"query ids missing from the query gradient store: {missing[:5]}")
-    q_rows = np.array([row_of[q] for q in query_ids], dtype=np.int64)
-    train_index = {s: i for i, s in enumerate(train.sample_ids)}
-    unknown = sorted({s for s in source_ids if s not in train_index})
-    if unknown:
-        raise KeyError(f"source ids not among the training examples: {unknown[:5]}")
-    ground_truth = np.array([train_index[s] for s in source_ids], dtype=np.int64)
-
-    info = train.component_info
-    n_c, n_q, n_t = len(info), len(q_rows), len(train)
-    n_cols = n_t if candidates is None else candidates.shape[1]
-    with atomic_path(out_path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["setting"] = setting
-            f.attrs["model_fingerprint"] = train.attrs.get("model_fingerprint", "")
-            f.create_dataset("components", data=np.array([c["name"] for c in info], dtype=object), dtype=STR)
-            f.create_dataset(
-                "component_params", data=np.array([int(np.prod(c["shape"])) for c in info], dtype=np.int64)
-            )
-            dims = [train.dim(c["name"]) for c in info]
-            f.attrs["source"] = "cache"
-            f.attrs["layout"] = "dense" if candidates is None else "candidates"
-            f.create_dataset("component_dim", data=np.array(dims, dtype=np.int64))
-            methods = ["exact" if d == int(np.prod(c["shape"])) else "countsketch" for c, d in zip(info, dims)]
-            f.create_dataset("component_method", data=np.array(methods, dtype=object), dtype=STR)
-            f.create_dataset("component_way", data=np.array(["cache"] * len(info), dtype=object), dtype=STR)
-            f.create_dataset("component_family", data=np.array([c["family"] for c in info], dtype=object), dtype=STR)
-            f.create_dataset(
-                "component_layer",
-                data=np.array([-1 if c["layer"] is None else c["layer"] for c in info], dtype=np.int64),
-            )
-            f.create_dataset("query_ids", data=np.array(list(query_ids), dtype=object), dtype=STR)
-            f.create_dataset("train_ids", data=np.array(train.sample_ids, dtype=object), dtype=STR)
-            f.create_dataset("ground_truth", data=ground_truth)
-            if candidates is not None:
-                f.create_dataset("candidates", data=np.asarray(candidates, dtype=np.int64))
-            q_sq = f.create_dataset("query_sqnorm", shape=(n_c, n_q), dtype=dtype)
-            t_sq = f.create_dataset("train_sqnorm", shape=(n_c, n_t), dtype=dtype)
-            dot = f.create_dataset("dot", shape=(n_c, n_q, n_cols), dtype=dtype)
-            for ci, c in enumerate(info):
-                gq = queries.read(c["name"], q_rows).astype(np.float64)  # [Q, d_c]
-                q_sq[ci] = (gq * gq).sum(1)
-                pair_dots = None if candidates is None else np.zeros((n_q, n_cols))
-                for start, block in train.iter_blocks(c["name"], block_rows):
-                    gt = block.astype(np.float64)  # [B, d_c]
-                    stop = start + len(gt)
-                    t_sq[ci, start:stop] = (gt * gt).sum(1)
-                    if candidates is None:
-                        dot[ci, :, start:stop] = matmul64(gq, gt.T)  # [Q, B]
-                    else:
-                        q_idx, j_idx = np.nonzero((candidates >= start) & (candidates < stop))
-                        pair_dots[q_idx, j_idx] = np.einsum("pd,pd->p", gq[q_idx], gt[candidates[q_idx, j_idx] - start])
-                if pair_dots is not None:
-                    dot[ci] = pair_dots
-                if progress is not None:
-                    progress.update(1)
-        seal_hdf5(tmp)  # read back: finite, checksums stored, fsynced
 
 
 def load_similarity(path: str | Path) -> Similarity:
@@ -447,19 +363,39 @@ class SimilarityWriter:
     ) -> None:
         """Unit `unit`: dot [C, queries, columns], optional query_sqnorm [C, queries] and
         train_sqnorm [C, train_rows] (train_rows increasing), then mark it done."""
+        self.put(queries, dot, columns, query_sqnorm, train_rows, train_sqnorm)
+        self.mark(unit)
+
+    def put(
+        self,
+        queries: slice,
+        dot: np.ndarray | None,
+        columns: slice | np.ndarray = slice(None),
+        query_sqnorm: np.ndarray | None = None,
+        train_rows: np.ndarray | slice | None = None,
+        train_sqnorm: np.ndarray | None = None,
+        components: slice = slice(None),
+    ) -> None:
+        """Part of a unit, for `components` only (C of them): as `write`, nothing marked done."""
         f = self.file
-        f["dot"][:, queries, columns] = dot
+        if dot is not None:
+            f["dot"][components, queries, columns] = dot
         if query_sqnorm is not None:
-            f["query_sqnorm"][:, queries] = query_sqnorm
+            f["query_sqnorm"][components, queries] = query_sqnorm
         if train_sqnorm is not None:
-            f["train_sqnorm"][:, train_rows] = train_sqnorm
-        f["done"][unit] = True
-        f.flush()  # a unit is either wholly in the file and marked, or redone
+            f["train_sqnorm"][components, train_rows] = train_sqnorm
+
+    def mark(self, unit: int) -> None:
+        """Unit `unit` is wholly in the file."""
+        self.file["done"][unit] = True
+        self.file.flush()  # a unit is either wholly in the file and marked, or redone
 
     def __exit__(self, exc_type, exc, tb) -> None:
         f, self.file = self.file, None
         if exc_type is not None:
             f.close()
+            if not self.resume:
+                self.partial.unlink(missing_ok=True)  # nothing will resume from it
             return  # keep the partial file: a rerun resumes from its done mask
         missing = int((~f["done"][()]).sum())
         if missing:

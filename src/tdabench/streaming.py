@@ -9,10 +9,13 @@ Layouts (tdabench.similarity):
   their candidates in this shard (about one batch, within `memory_gb`), computed in one batched
   pass (a shared candidate once).
 
-Each component is represented one of two ways, chosen once per job by `plan_ways` from the
-multiply-adds of tdabench.factored: materialised (its per-sample gradient, or count sketch, from
-`Extraction`) or factored (a linear layer's inputs and output gradients, never forming the
-d_out x d_in gradient). Dot products accumulate in float64 either way.
+Each component is represented one of two ways (tdabench.representation), chosen once per job by
+`plan_ways` from the multiply-adds of tdabench.factored: materialised (`Dense`: its per-sample
+gradient, or count sketch) or factored (`Factors`: a linear layer's inputs and output gradients,
+never forming the d_out x d_in gradient). Dot products accumulate in float64 either way.
+
+`StreamProducer` is this module's `SimilarityProducer` (tdabench.producer); `Streamer` is the
+engine it runs.
 
 Resume and shards: units go through `SimilarityWriter` (a partial file with a done mask), so a
 killed job resumes where it stopped. A shard job fills only the pairs whose training example lies
@@ -24,23 +27,25 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tdabench.extraction import Extraction
-from tdabench.factored import FACTORED, MATERIALISED, choose, cross_dots, pair_dots
-from tdabench.gradients import Factors, iter_batches
+from tdabench.factored import FACTORED, MATERIALISED, choose
+from tdabench.gradients import iter_batches
 from tdabench.models import Encoded, collate
+from tdabench.plan import shard_rows
+from tdabench.producer import Report, SimilarityProducer, Target
+from tdabench.representation import Collector, Representation, concat
 from tdabench.similarity import Header, SimilarityWriter
 
 log = logging.getLogger(__name__)
 LAYOUTS = ("dense", "candidates")
-Rep = torch.Tensor | Factors  # one component of a batch of samples: [n, dim] or Factors
 
 
 @dataclass(frozen=True)
@@ -49,83 +54,16 @@ class StreamSpec:
     memory_gb: float  # representations held at once: a dense chunk of queries, a candidate unit
     shard: int = 0  # this job's training shard (0-based) ...
     shards: int = 1  # ... of this many near-equal contiguous shards
-    dtype: str = "float64"  # storage dtype of the store
 
 
-@dataclass
-class StreamReport:
+@dataclass(kw_only=True)
+class StreamReport(Report):
     ways: dict[str, str]  # component -> materialised | factored
     tokens: float  # mean tokens per sample, as the choice of ways assumed
     pairs_per_sample: float
-    n_units: int
-    units_resumed: int = 0  # already done in a partial file
     samples_computed: int = 0  # forward/backward passes of one sample, summed
-    seconds: float = 0.0
     chunk_queries: int | None = None  # dense: queries held per chunk
     extra: dict = field(default_factory=dict)
-
-
-def shard_rows(n: int, shard: int, n_shards: int) -> slice:
-    """Contiguous rows of shard `shard` (0-based) out of `n_shards` near-equal shards."""
-    return slice(shard * n // n_shards, (shard + 1) * n // n_shards)
-
-
-# --- dot products of representations (float64) ---------------------------------------------
-
-
-def as_float64(rep: Rep) -> Rep:
-    return Factors(rep.x.double(), rep.g.double()) if isinstance(rep, Factors) else rep.double()
-
-
-def self_dots(rep: Rep) -> torch.Tensor:
-    """Squared norm of each sample's gradient -> [n] float64."""
-    if isinstance(rep, Factors):
-        return pair_dots(rep.x, rep.g, rep.x, rep.g)
-    r = rep.double()
-    return torch.einsum("nd,nd->n", r, r)  # no [n, d] temporary
-
-
-def gram(a: Rep, b: Rep) -> torch.Tensor:
-    """Every pair's dot product -> [A, B] float64."""
-    if isinstance(a, Factors):
-        return cross_dots(a.x, a.g, b.x, b.g)
-    return a.double() @ b.double().T
-
-
-def aligned(a: Rep, ia: torch.Tensor, b: Rep, ib: torch.Tensor) -> torch.Tensor:
-    """⟨a[ia[p]], b[ib[p]]⟩ for every p -> [P] float64."""
-    if isinstance(a, Factors):
-        return pair_dots(a.x[ia], a.g[ia], b.x[ib], b.g[ib])
-    return (a[ia].double() * b[ib].double()).sum(1)
-
-
-def unit_dots(rep: Rep, ia: torch.Tensor, ib: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Squared norms [n] and the pairs' dot products [P] of one unit's samples, float64.
-    Materialised: one n x n matrix product (no [P, dim] copies); factored: only the pairs."""
-    if isinstance(rep, Factors):
-        return self_dots(rep).cpu().numpy(), aligned(rep, ia, rep, ib).cpu().numpy()
-    g = gram(rep, rep)  # [n, n]
-    return torch.diagonal(g).cpu().numpy(), g[ia, ib].cpu().numpy()
-
-
-def take(rep: Rep, rows: torch.Tensor) -> Rep:
-    """Rows `rows` of a batch's representation."""
-    return Factors(rep.x[rows], rep.g[rows]) if isinstance(rep, Factors) else rep[rows]
-
-
-def concat(reps: Sequence[Rep]) -> Rep:
-    """Batches of one component -> one; Factors are zero-padded to the longest (a zero output
-    gradient adds nothing)."""
-    if len(reps) == 1:
-        return reps[0]
-    if not isinstance(reps[0], Factors):
-        return torch.cat(list(reps))
-    t = max(r.x.shape[1] for r in reps)
-
-    def pad(z: torch.Tensor) -> torch.Tensor:  # [n, tokens, d] -> [n, t, d]
-        return F.pad(z, (0, 0, 0, t - z.shape[1]))
-
-    return Factors(torch.cat([pad(r.x) for r in reps]), torch.cat([pad(r.g) for r in reps]))
 
 
 # --- planning ----------------------------------------------------------------------------------
@@ -154,6 +92,20 @@ def bytes_per_sample(extraction: Extraction, ways: dict[str, str], tokens: float
     return 4 * total
 
 
+def component_columns(extraction: Extraction, ways: dict[str, str]) -> dict[str, list]:
+    """The store's per-component columns (`Header` names) of what `extraction` streams `ways`."""
+    comps = extraction.components
+    return dict(
+        components=[c.name for c in comps],
+        component_params=[c.numel for c in comps],
+        component_family=[c.family for c in comps],
+        component_layer=[-1 if c.layer is None else c.layer for c in comps],
+        component_dim=list(extraction.stored_dims),
+        component_method=["countsketch" if c.name in extraction.sketch_info else "exact" for c in comps],
+        component_way=[ways[c.name] for c in comps],
+    )
+
+
 def header(
     extraction: Extraction,
     ways: dict[str, str],
@@ -163,21 +115,9 @@ def header(
     candidates: np.ndarray | None,
     attrs: dict,
 ) -> Header:
-    comps = extraction.components
-    return Header(
-        components=[c.name for c in comps],
-        component_params=[c.numel for c in comps],
-        component_family=[c.family for c in comps],
-        component_layer=[-1 if c.layer is None else c.layer for c in comps],
-        component_dim=list(extraction.stored_dims),
-        component_method=["countsketch" if c.name in extraction.sketch_info else "exact" for c in comps],
-        component_way=[ways[c.name] for c in comps],
-        query_ids=list(query_ids),
-        train_ids=list(train_ids),
-        ground_truth=np.asarray(ground_truth, dtype=np.int64),
-        candidates=None if candidates is None else np.asarray(candidates, dtype=np.int64),
-        attrs={"source": "stream", "layout": "dense" if candidates is None else "candidates", **attrs},
-    )
+    """The header of a streamed store (for `Streamer.run`)."""
+    target = Target(query_ids, train_ids, ground_truth, candidates, attrs)
+    return target.header("stream", **component_columns(extraction, ways))
 
 
 # --- the streamed store -----------------------------------------------------------------------
@@ -199,7 +139,9 @@ class Streamer:
         self.device = extraction.device
         self.on_device = self.device.type != "cpu"
 
-    def represent(self, examples: Sequence[Encoded], reuse: bool = False) -> Iterator[tuple[slice, dict[str, Rep]]]:
+    def represent(
+        self, examples: Sequence[Encoded], reuse: bool = False
+    ) -> Iterator[tuple[slice, dict[str, Representation]]]:
         """(rows, {component: representation}) per padded batch of `examples`. reuse: materialised
         gradients go into buffers reused batch after batch (valid until the next batch)."""
         buffers = {}
@@ -209,7 +151,7 @@ class Streamer:
         for rows, batch in self.extraction.batches(examples, self.pad_id):
             size = rows.stop - rows.start
             out = {n: b[:size] for n, b in buffers.items()}
-            yield rows, self.extraction(batch, out=out, factored=self.factored, on_device=self.on_device)
+            yield rows, self.extraction.represent(batch, out=out, factored=self.factored, on_device=self.on_device)
 
     def run(
         self,
@@ -220,12 +162,14 @@ class Streamer:
         candidates: np.ndarray | None = None,
         progress=None,
         query_rows: np.ndarray | None = None,
+        dtype: str = "float64",
     ) -> StreamReport:
         """Stream the store of `queries` x `train` (or their `candidates` [Q, b]) into `out`.
 
         make_header(ways) -> Header (the components' ways are only known once planned here).
         query_rows: the store's queries as increasing rows of `queries` (default: all); the dense
         layout batches the whole of `queries` as a gradients job does and keeps these rows.
+        dtype: storage dtype of the store.
         """
         query_rows = np.arange(len(queries)) if query_rows is None else np.asarray(query_rows, dtype=np.int64)
         if len(query_rows) and (np.diff(query_rows) <= 0).any():
@@ -242,10 +186,10 @@ class Streamer:
         lengths = [len(queries[r].input_ids) for r in query_rows] + [len(e.input_ids) for e in train[t_rows]]
         tokens = float(np.mean(lengths)) if lengths else 1.0
         if candidates is None:
-            report = self._dense(queries, query_rows, train, t_rows, tokens, out, make_header, progress)
+            report = self._dense(queries, query_rows, train, t_rows, tokens, out, make_header, progress, dtype)
         else:
             chosen = [queries[r] for r in query_rows]
-            report = self._candidates(chosen, train, t_rows, candidates, tokens, out, make_header, progress)
+            report = self._candidates(chosen, train, t_rows, candidates, tokens, out, make_header, progress, dtype)
         report.seconds = time.perf_counter() - start
         return report
 
@@ -254,7 +198,7 @@ class Streamer:
         self.factored = [n for n, w in ways.items() if w == FACTORED]
         return ways
 
-    def _dense(self, queries, query_rows, train, t_rows, tokens, out, make_header, progress) -> StreamReport:
+    def _dense(self, queries, query_rows, train, t_rows, tokens, out, make_header, progress, dtype) -> StreamReport:
         n_t, bs = t_rows.stop - t_rows.start, self.extraction.cfg.batch_size
         # Query batches as a gradients job batches the whole query table (so the per-sample
         # gradients, and the store, agree with the cached path's); those holding none are skipped.
@@ -272,9 +216,9 @@ class Streamer:
         chunk = min(per_chunk * bs, len(query_rows))
         pps = (chunk * n_t + chunk + n_t) / (chunk + n_t)  # cross pairs plus every sample's norm
         ways = self._plan(tokens, pps)
-        report = StreamReport(ways, tokens, pps, len(chunks), chunk_queries=chunk)
+        report = StreamReport(ways=ways, tokens=tokens, pairs_per_sample=pps, n_units=len(chunks), chunk_queries=chunk)
         _start(progress, len(chunks))
-        with SimilarityWriter(out, make_header(ways), len(chunks), self.spec.dtype) as writer:
+        with SimilarityWriter(out, make_header(ways), len(chunks), dtype) as writer:
             done = writer.done
             report.units_resumed = int(done.sum())
             for u, part in enumerate(chunks):
@@ -285,7 +229,7 @@ class Streamer:
                 q1 = position[int(part[-1][1][-1])] + 1  # the chunk's queries: store rows [q0, q1)
                 held = self._hold(queries, part, position, q0, q1)  # {component: [chunk, ...]}
                 report.samples_computed += sum(rows.stop - rows.start for rows, _ in part) + n_t
-                q_sq = np.stack([self_dots(held[n]).cpu().numpy() for n in self.names])  # [C, chunk]
+                q_sq = np.stack([held[n].self_dots().cpu().numpy() for n in self.names])  # [C, chunk]
                 t_sq, dot = self._pass(held, train[t_rows])
                 del held  # before the next chunk is held: one chunk at a time
                 writer.write(
@@ -300,39 +244,35 @@ class Streamer:
                 _tick(progress)
         return report
 
-    def _pass(self, held: dict[str, Rep], train: Sequence[Encoded]) -> tuple[np.ndarray, np.ndarray]:
+    def _pass(self, held: dict[str, Representation], train: Sequence[Encoded]) -> tuple[np.ndarray, np.ndarray]:
         """One pass of `train` against a held chunk -> (train_sqnorm [C, T], dot [C, chunk, T])."""
-        first = held[self.names[0]]
-        n_q = first.x.shape[0] if isinstance(first, Factors) else first.shape[0]
+        n_q = held[self.names[0]].rows
         t_sq = np.zeros((len(self.names), len(train)))
         dot = np.zeros((len(self.names), n_q, len(train)))
         for rows, reps in self.represent(train, reuse=True):
             for ci, n in enumerate(self.names):
-                t = as_float64(reps[n])  # converted once, used for norms and every query
-                t_sq[ci, rows] = self_dots(t).cpu().numpy()
-                dot[ci, :, rows] = gram(held[n], t).cpu().numpy()
+                t = reps[n].double()  # converted once, used for norms and every query
+                t_sq[ci, rows] = t.self_dots().cpu().numpy()
+                dot[ci, :, rows] = held[n].gram(t).cpu().numpy()
         return t_sq, dot
 
-    def _hold(self, queries, part, position, q0: int, q1: int) -> dict[str, Rep]:
-        """A chunk's query representations, one tensor (or Factors) per component, rows in store
-        order [q0, q1): whole table batches computed, the setting's rows kept."""
-        held: dict[str, list[Rep]] = {n: [] for n in self.names}
-        dense: dict[str, torch.Tensor] = {}
+    def _hold(self, queries, part, position, q0: int, q1: int) -> dict[str, Representation]:
+        """A chunk's query representations, one per component, rows in store order [q0, q1):
+        whole table batches computed, the setting's rows kept."""
+        held: dict[str, Collector] = {}
         for rows, mine in part:
             batch = collate(list(queries[rows]), self.pad_id)
-            reps = self.extraction(batch, factored=self.factored, on_device=self.on_device)
+            reps = self.extraction.represent(batch, factored=self.factored, on_device=self.on_device)
             local = torch.as_tensor(mine - rows.start, device=self.device)
             at = [position[int(r)] - q0 for r in mine]  # consecutive
             for n, r in reps.items():
-                if isinstance(r, Factors):
-                    held[n].append(take(r, local))
-                else:  # into one preallocated [chunk, dim] block: no second copy when joining
-                    block = dense.setdefault(n, torch.empty(q1 - q0, r.shape[1], device=self.device))
-                    torch.index_select(r, 0, local, out=block[at[0] : at[-1] + 1])
+                held.setdefault(n, r.collector(q1 - q0)).add(r, local, slice(at[0], at[-1] + 1))
             del reps  # before the next batch's are made: one batch of gradients at a time
-        return {n: dense[n] if n in dense else concat(held[n]) for n in self.names}
+        return {n: held[n].result() for n in self.names}
 
-    def _candidates(self, queries, train, t_rows, candidates, tokens, out, make_header, progress) -> StreamReport:
+    def _candidates(
+        self, queries, train, t_rows, candidates, tokens, out, make_header, progress, dtype
+    ) -> StreamReport:
         n_q, b = candidates.shape
         if n_q != len(queries):
             raise ValueError(f"candidates has {n_q} rows for {len(queries)} queries")
@@ -347,9 +287,9 @@ class Streamer:
         units = [(q0, min(q0 + per_unit, n_q)) for q0 in range(0, n_q, per_unit)]
         samples = sum((q1 - q0) + len(np.unique(candidates[q0:q1][mine[q0:q1]])) for q0, q1 in units)
         pairs = int(mine.sum()) + samples
-        report = StreamReport(ways, tokens, pairs / max(samples, 1), len(units))
+        report = StreamReport(ways=ways, tokens=tokens, pairs_per_sample=pairs / max(samples, 1), n_units=len(units))
         _start(progress, len(units))
-        with SimilarityWriter(out, make_header(ways), len(units), self.spec.dtype) as writer:
+        with SimilarityWriter(out, make_header(ways), len(units), dtype) as writer:
             done = writer.done
             report.units_resumed = int(done.sum())
             for u, (q0, q1) in enumerate(units):
@@ -368,7 +308,7 @@ class Streamer:
                 t_sq = np.zeros((len(self.names), len(needed)))
                 dot = np.zeros((len(self.names), nq, b))  # [C, unit queries, b]
                 for ci, n in enumerate(self.names):
-                    norms, pairs = unit_dots(concat([reps[n] for _, reps in parts]), ia, ib)
+                    norms, pairs = concat([reps[n] for _, reps in parts]).unit_dots(ia, ib)
                     q_sq[ci], t_sq[ci] = norms[:nq], norms[nq:]
                     dot[ci, qi, ji] = pairs
                 report.samples_computed += len(examples)
@@ -382,6 +322,42 @@ class Streamer:
                 )
                 _tick(progress)
         return report
+
+
+class StreamProducer(SimilarityProducer):
+    """The similarity store of `queries` x `train` streamed from the model (a `Streamer` run).
+
+    queries: the whole query table, encoded; query_rows: the target's queries as increasing rows
+    of it (default: all; see `Streamer.run`). train: every training example, encoded (a shard job
+    computes `spec`'s shard of them)."""
+
+    source = "stream"
+
+    def __init__(
+        self,
+        extraction: Extraction,
+        pad_id: int,
+        spec: StreamSpec,
+        queries: Sequence[Encoded],
+        train: Sequence[Encoded],
+        query_rows: np.ndarray | None = None,
+    ):
+        self.streamer = Streamer(extraction, pad_id, spec)
+        self.queries, self.train, self.query_rows = queries, train, query_rows
+
+    def write(self, out: str | Path, target: Target, progress=None) -> StreamReport:
+        extraction = self.streamer.extraction
+
+        def make_header(ways: dict[str, str]) -> Header:
+            counts = Counter(ways.values())
+            log.info("ways (tdabench.factored.choose): %s", ", ".join(f"{w} {n}" for w, n in sorted(counts.items())))
+            for name, way in ways.items():
+                log.debug("  %s: %s", name, way)
+            return target.header(self.source, **component_columns(extraction, ways))
+
+        return self.streamer.run(
+            self.queries, self.train, out, make_header, target.candidates, progress, self.query_rows, target.dtype
+        )
 
 
 def _start(progress, total: int) -> None:

@@ -11,16 +11,18 @@ from collections import Counter
 import numpy as np
 import polars as pl
 
+from tdabench.cached import CacheProducer
 from tdabench.contracts import MergeParams, SimilarityParams, StreamParams
 from tdabench.data.bm25 import bm25_scores, top_candidates
 from tdabench.data.sources import read_queries, read_train
 from tdabench.models import model_fingerprint
 from tdabench.pipeline.common import JobContext
 from tdabench.pipeline.toolkit import open_model
+from tdabench.producer import Target
 from tdabench.progress import Progress
-from tdabench.similarity import build_similarity, merge_similarity
+from tdabench.similarity import merge_similarity
 from tdabench.store import GradientStore
-from tdabench.streaming import Streamer, StreamSpec, header
+from tdabench.streaming import StreamProducer, StreamSpec
 from tdabench.tracking import file_manifest
 
 log = logging.getLogger(__name__)
@@ -66,19 +68,11 @@ def main(job: JobContext, mlrun) -> None:
             table = pl.DataFrame({"id": train.sample_ids, "prompt": read_train(job.input["train_table"])["prompt"]})
             gt = ground_truth(table, queries["source_id"].to_list())
             candidates = bm25_candidates(queries, table, gt, p.candidates)
+        producer = CacheProducer(train, qstore, p.block_rows)
+        ids, sources = queries["id"].to_list(), queries["source_id"].to_list()
+        target = producer.target(ids, sources, {"setting": setting}, candidates, p.dtype)
         with Progress(total=len(train.components), desc=f"similarity {setting}", unit="components") as bar:
-            build_similarity(
-                train,
-                qstore,
-                queries["id"].to_list(),
-                queries["source_id"].to_list(),
-                job.output["similarity"],
-                setting,
-                p.block_rows,
-                p.dtype,
-                candidates=candidates,
-                progress=bar,
-            )
+            producer.write(job.output["similarity"], target, bar)
         n_train, n_comp = len(train), len(train.components)
     seconds = time.perf_counter() - start
     log.info("%d queries x %d train x %d components in %.1f s", queries.height, n_train, n_comp, seconds)
@@ -102,21 +96,12 @@ def main_stream(job: JobContext, mlrun) -> None:
     first = next(iter(extraction.batches(encoded_train, kit.pad_id)), (None, None))[1]
     check = kit.self_check(first, p.verify, p.verify_tolerance)
 
-    spec = StreamSpec(p.layout, p.memory_gb, shard, p.shards, p.dtype)
+    spec = StreamSpec(p.layout, p.memory_gb, shard, p.shards)
     attrs = {"setting": setting, "model_fingerprint": model_fingerprint(p.model), "shard": shard, "n_shards": p.shards}
-    streamer = Streamer(extraction, kit.pad_id, spec)
-
-    def make_header(ways):
-        counts = Counter(ways.values())
-        log.info("ways (tdabench.factored.choose): %s", ", ".join(f"{w} {n}" for w, n in sorted(counts.items())))
-        for name, way in ways.items():
-            log.debug("  %s: %s", name, way)
-        return header(extraction, ways, everything[rows]["id"].to_list(), train["id"].to_list(), gt, candidates, attrs)
-
+    target = Target(everything[rows]["id"].to_list(), train["id"].to_list(), gt, candidates, attrs, p.dtype)
+    producer = StreamProducer(extraction, kit.pad_id, spec, encoded_queries, encoded_train, rows)
     with Progress(desc=f"similarity {setting} shard {shard}", unit="units") as bar:
-        report = streamer.run(
-            encoded_queries, encoded_train, job.output["part"], make_header, candidates, bar, query_rows=rows
-        )
+        report = producer.write(job.output["part"], target, bar)
     log.info(
         "%s layout: %d units (%d resumed), %d samples through the model, %.1f s; mean %.0f tokens, "
         "%.1f pairs per sample%s",

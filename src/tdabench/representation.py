@@ -1,0 +1,214 @@
+"""One component's per-sample gradients for a batch of samples, held one of two ways behind one
+interface, so the code that takes dot products never asks which.
+
+* `Dense` — the gradients formed (or count-sketched): one row per sample, [n, dim].
+* `Factors` — a linear layer's inputs and output gradients per token, the gradient never formed
+  (tdabench.factored: grad[s] = g[s]ᵀ x[s]).
+
+Which way a component takes is decided once per job by the cost rule (`tdabench.factored.choose`);
+past that, `self_dots`, `gram`, `aligned` and `unit_dots` give float64 dot products either way. A
+third way (a projection, say) is one more subclass of `Representation`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tdabench.factored import cross_dots, pair_dots
+
+
+class Representation(ABC):
+    """n samples' gradients of one component."""
+
+    @property
+    @abstractmethod
+    def rows(self) -> int:
+        """Samples held (n)."""
+
+    @abstractmethod
+    def to(self, device: torch.device | str) -> Representation: ...
+
+    def host(self) -> Representation:
+        return self.to("cpu")
+
+    @abstractmethod
+    def double(self) -> Representation:
+        """The same numbers in float64 (converted once, reused for many products)."""
+
+    @abstractmethod
+    def take(self, rows: torch.Tensor) -> Representation:
+        """Samples `rows` ([k] indices) -> k samples."""
+
+    @abstractmethod
+    def self_dots(self) -> torch.Tensor:
+        """Squared norm of each sample's gradient -> [n] float64."""
+
+    @abstractmethod
+    def gram(self, other: Representation) -> torch.Tensor:
+        """Every pair's dot product with `other` (held the same way) -> [n, m] float64."""
+
+    @abstractmethod
+    def aligned(self, ia: torch.Tensor, other: Representation, ib: torch.Tensor) -> torch.Tensor:
+        """⟨self[ia[p]], other[ib[p]]⟩ for every p -> [P] float64."""
+
+    @abstractmethod
+    def unit_dots(self, ia: torch.Tensor, ib: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Squared norms [n] and the dot products of pairs (ia[p], ib[p]) [P] among these samples,
+        float64 on the host."""
+
+    @classmethod
+    @abstractmethod
+    def concat(cls, reps: Sequence[Representation]) -> Representation:
+        """Batches of one component (all held this way) -> one, rows in order."""
+
+    @abstractmethod
+    def collector(self, rows: int) -> Collector:
+        """Where to gather `rows` samples taken from batches held like this one."""
+
+
+class Collector(ABC):
+    """Samples from batch after batch gathered into one representation; a batch can be freed once
+    its samples are added."""
+
+    @abstractmethod
+    def add(self, rep: Representation, rows: torch.Tensor, at: slice) -> None:
+        """Samples `rows` of `rep` to positions `at` (consecutive) of the result."""
+
+    @abstractmethod
+    def result(self) -> Representation: ...
+
+
+@dataclass
+class Dense(Representation):
+    """Formed per-sample gradients (or their count sketches)."""
+
+    tensor: torch.Tensor  # [n, dim]
+
+    @property
+    def rows(self) -> int:
+        return self.tensor.shape[0]
+
+    def to(self, device: torch.device | str) -> Dense:
+        return Dense(self.tensor.to(device))
+
+    def host(self) -> Dense:
+        return Dense(self.tensor.cpu())
+
+    def double(self) -> Dense:
+        return Dense(self.tensor.double())
+
+    def take(self, rows: torch.Tensor) -> Dense:
+        return Dense(self.tensor[rows])
+
+    def self_dots(self) -> torch.Tensor:
+        r = self.tensor.double()  # [n, dim]
+        return torch.einsum("nd,nd->n", r, r)  # no [n, dim] temporary
+
+    def gram(self, other: Dense) -> torch.Tensor:
+        return self.tensor.double() @ other.tensor.double().T  # [n, m]
+
+    def aligned(self, ia: torch.Tensor, other: Dense, ib: torch.Tensor) -> torch.Tensor:
+        return (self.tensor[ia].double() * other.tensor[ib].double()).sum(1)  # [P]
+
+    def unit_dots(self, ia: torch.Tensor, ib: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        g = self.gram(self)  # [n, n]: one matrix product, no [P, dim] copies
+        return torch.diagonal(g).cpu().numpy(), g[ia, ib].cpu().numpy()
+
+    @classmethod
+    def concat(cls, reps: Sequence[Dense]) -> Dense:
+        if len(reps) == 1:
+            return reps[0]
+        return Dense(torch.cat([r.tensor for r in reps]))
+
+    def collector(self, rows: int) -> Collector:
+        t = self.tensor
+        return _Block(torch.empty(rows, t.shape[1], dtype=t.dtype, device=t.device))
+
+
+@dataclass
+class Factors(Representation):
+    """A linear weight's per-sample gradient left unformed: grad[s] = g[s]ᵀ x[s] (Conv1D: x[s]ᵀ g[s]).
+    Calls of the layer are concatenated along tokens (the gradient sums over calls)."""
+
+    x: torch.Tensor  # [n, tokens, d_in] layer inputs
+    g: torch.Tensor  # [n, tokens, d_out] gradients of its outputs (zero where no loss reaches)
+
+    @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: torch.device | str) -> Factors:
+        return Factors(self.x.to(device), self.g.to(device))
+
+    def host(self) -> Factors:
+        return Factors(self.x.cpu(), self.g.cpu())
+
+    def double(self) -> Factors:
+        return Factors(self.x.double(), self.g.double())
+
+    def take(self, rows: torch.Tensor) -> Factors:
+        return Factors(self.x[rows], self.g[rows])
+
+    def self_dots(self) -> torch.Tensor:
+        return pair_dots(self.x, self.g, self.x, self.g)
+
+    def gram(self, other: Factors) -> torch.Tensor:
+        return cross_dots(self.x, self.g, other.x, other.g)
+
+    def aligned(self, ia: torch.Tensor, other: Factors, ib: torch.Tensor) -> torch.Tensor:
+        return pair_dots(self.x[ia], self.g[ia], other.x[ib], other.g[ib])
+
+    def unit_dots(self, ia: torch.Tensor, ib: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        return self.self_dots().cpu().numpy(), self.aligned(ia, self, ib).cpu().numpy()  # only the pairs
+
+    @classmethod
+    def concat(cls, reps: Sequence[Factors]) -> Factors:
+        """Zero-padded to the longest along tokens (a zero output gradient adds nothing)."""
+        if len(reps) == 1:
+            return reps[0]
+        t = max(r.x.shape[1] for r in reps)
+
+        def pad(z: torch.Tensor) -> torch.Tensor:  # [n, tokens, d] -> [n, t, d]
+            return z if z.shape[1] == t else F.pad(z, (0, 0, 0, t - z.shape[1]))
+
+        return Factors(torch.cat([pad(r.x) for r in reps]), torch.cat([pad(r.g) for r in reps]))
+
+    def collector(self, rows: int) -> Collector:
+        return _Pieces()
+
+
+def concat(reps: Sequence[Representation]) -> Representation:
+    """Batches of one component -> one (see `Representation.concat`)."""
+    return type(reps[0]).concat(reps)
+
+
+class _Block(Collector):
+    """Dense samples copied into one preallocated [rows, dim] block: no second copy when joining."""
+
+    def __init__(self, block: torch.Tensor):
+        self.block = block  # [rows, dim]
+
+    def add(self, rep: Dense, rows: torch.Tensor, at: slice) -> None:
+        torch.index_select(rep.tensor, 0, rows, out=self.block[at])
+
+    def result(self) -> Dense:
+        return Dense(self.block)
+
+
+class _Pieces(Collector):
+    """Factored samples kept per batch, joined (padded along tokens) at the end."""
+
+    def __init__(self):
+        self.pieces: list[Factors] = []
+
+    def add(self, rep: Factors, rows: torch.Tensor, at: slice) -> None:
+        self.pieces.append(rep.take(rows))
+
+    def result(self) -> Factors:
+        return Factors.concat(self.pieces)

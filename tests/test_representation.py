@@ -1,0 +1,48 @@
+"""The two ways of holding per-sample gradients give the same dot products through one interface."""
+
+import numpy as np
+import torch
+
+from tdabench.representation import Dense, Factors, concat
+
+
+def factors(n, tokens, seed, d_in=5, d_out=3):
+    g = torch.Generator().manual_seed(seed)
+    x, gy = torch.randn(n, tokens, d_in, generator=g), torch.randn(n, tokens, d_out, generator=g)
+    gy[:, -1:] = 0  # a padded token: no output gradient
+    return Factors(x, gy)
+
+
+def formed(f: Factors) -> Dense:
+    f = f.double()  # formed without rounding, to compare with the factored form
+    return Dense(torch.einsum("sto,sti->soi", f.g, f.x).reshape(f.rows, -1))  # [n, d_out * d_in]
+
+
+def test_dense_and_factors_agree_on_every_product():
+    a, b = factors(4, 6, 0), factors(3, 4, 1)
+    da, db = formed(a), formed(b)
+    ia, ib = torch.tensor([0, 2, 3, 3]), torch.tensor([1, 0, 2, 0])
+    torch.testing.assert_close(a.self_dots(), da.self_dots())
+    torch.testing.assert_close(a.gram(b), da.gram(db))
+    torch.testing.assert_close(a.aligned(ia, b, ib), da.aligned(ia, db, ib))
+    for got, want in zip(a.unit_dots(ia, ib), da.unit_dots(ia, ib)):
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    assert a.self_dots().dtype == da.gram(db).dtype == torch.float64
+    assert a.double().x.dtype == da.double().tensor.dtype == torch.float64
+
+
+def test_concat_take_and_collect_keep_rows_in_order():
+    parts = [factors(2, 6, 0), factors(3, 4, 1)]  # different token lengths: padded with zeros
+    joined = concat(parts)
+    assert joined.rows == 5 and joined.x.shape[1] == 6
+    dense = concat([formed(p) for p in parts])
+    torch.testing.assert_close(joined.self_dots(), dense.self_dots())
+    rows = torch.tensor([4, 1])
+    torch.testing.assert_close(joined.take(rows).gram(joined), dense.take(rows).gram(dense))
+    for reps in (parts, [formed(p) for p in parts]):  # batch by batch into positions [0, 3)
+        box = reps[0].collector(3)
+        box.add(reps[0], torch.tensor([1]), slice(0, 1))
+        box.add(reps[1], torch.tensor([0, 2]), slice(1, 3))
+        got = box.result()
+        want = concat(reps).take(torch.tensor([1, 2, 4]))
+        torch.testing.assert_close(got.self_dots(), want.self_dots())

@@ -166,7 +166,7 @@ def gradient_contenders(model, ids, mask, labels, batch_size: int, peers: bool) 
     linear = [n for n in linear if n in names]  # (a head tied to the embedding is the embedding's tensor)
     fns = {"a_all": per_sample(names), "b_linear": per_sample(linear)}
     if peers:
-        from tdabench.peers import available
+        from tdabench.dev.peers import available
 
         fns |= {f"peer_{name}": make(model) for name, make in available().items()}
     contenders = [
@@ -697,7 +697,7 @@ def _check_one(model_type: str):
 
     from transformers.utils import logging as hf_logging
 
-    from tdabench.architectures import check_architecture
+    from tdabench.dev.architectures import check_architecture
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -719,7 +719,7 @@ def architectures_main(args) -> None:
         for r in pool.imap(_check_one, types):
             results.append(r)
             print(f"{r.model_type:<28} {r.status:<9} {r.seconds:5.1f} s  {r.reason[:100]}", flush=True)
-    from tdabench.architectures import render_markdown
+    from tdabench.dev.architectures import render_markdown
 
     header = (
         f"transformers {transformers.__version__}, torch {torch.__version__}; "

@@ -21,27 +21,30 @@ MODELS = {
 }
 
 
+def tiny_model(seed: int, length: int):
+    """The default study's tiny model as its pretrain stage builds it (tokenizer trained on the
+    synthetic benchmark's vocabulary), with eager attention as the study loads it (and as vmap over
+    padded batches needs); positions for rows of `length` tokens."""
+    from tdabench.config import validate_config
+    from tdabench.data.synthetic import vocabulary_corpus
+    from tdabench.models import TinyModelConfig, build_tiny_model, train_tokenizer
+
+    cfg = validate_config({})
+    tiny = TinyModelConfig(**cfg["model"]["tiny"])
+    tokenizer = train_tokenizer(vocabulary_corpus(), tiny.vocab_size)
+    positions = max(length, 2 * cfg["tokenize"]["max_length"])
+    model = build_tiny_model(tiny, tokenizer, seed, max_positions=positions)
+    model.set_attn_implementation("eager")
+    return model
+
+
 def build(model_spec: str, samples: int, length: int, seed: int = 0):
     """(model, input_ids, attention_mask, labels) with response-style labels on the second half."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from tdabench.config import validate_config
-    from tdabench.models import TinyModelConfig
-
     torch.manual_seed(seed)
     if model_spec == "tiny":
-        tiny = TinyModelConfig(**validate_config({})["model"]["tiny"])
-        config = LlamaConfig(
-            vocab_size=tiny.vocab_size,
-            hidden_size=tiny.hidden_size,
-            intermediate_size=tiny.intermediate_size,
-            num_hidden_layers=tiny.num_layers,
-            num_attention_heads=tiny.num_heads,
-            num_key_value_heads=tiny.num_heads,
-            tie_word_embeddings=False,
-            attn_implementation="eager",  # as the study loads models (and vmap with padding needs it)
-        )
-        model = LlamaForCausalLM(config)
+        model = tiny_model(seed, length)
     elif model_spec in MODELS:
         model = LlamaForCausalLM(LlamaConfig(**MODELS[model_spec], attn_implementation="eager"))
     else:

@@ -74,11 +74,11 @@ format: $(STAMP)
 
 # The README's result blocks, rendered from results/ (make run) and runs/smollm2/results/ (make smollm2).
 docs: $(STAMP)
-	$(BIN)/python -m tdabench.docs render
+	$(BIN)/python -m tdabench.dev.docs render
 
 # What CI checks after `make run`: the default-study block matches results/, stale flags are right.
 docs-check: $(STAMP)
-	$(BIN)/python -m tdabench.docs check
+	$(BIN)/python -m tdabench.dev.docs check
 
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n $(SNAKEMAKE_ARGS)

@@ -9,7 +9,7 @@ import pytest
 import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from tdabench.bench import _check_one
+from tdabench.dev.bench.architectures import _check_one
 
 pytestmark = pytest.mark.architectures
 DOC = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
@@ -46,7 +46,7 @@ def test_docs_table_is_what_the_command_produces(results):
     if version != transformers.__version__:
         pytest.skip(
             f"{DOC.name} is for transformers {version}, this is {transformers.__version__}: "
-            "regenerate with python -m tdabench.bench architectures --output docs/architectures.md"
+            "regenerate with python -m tdabench.dev.bench architectures --output docs/architectures.md"
         )
     rows = dict(re.findall(r"^\| (\S+) \| \S+ \| (exact|refused|wrong|error|not built) \|", text, re.M))
     assert rows == {t: r.status for t, r in results.items()}

@@ -3,8 +3,8 @@
 
 import numpy as np
 
-from tdabench.bench import main
-from tdabench.benchkit import Contender, interleave, spread
+from tdabench.dev.bench.__main__ import main
+from tdabench.dev.bench.kit import Contender, interleave, spread
 
 
 def test_interleave_rotates_the_order_and_times_every_round():
@@ -18,7 +18,7 @@ def test_interleave_rotates_the_order_and_times_every_round():
 
 
 def test_the_gradients_benchmark_runs_every_contender_and_its_peers_agree_with_the_loop(capsys):
-    from tdabench.bench import main
+    from tdabench.dev.bench.__main__ import main
 
     main(["gradients", "--samples", "6", "--length", "12", "--batch-size", "3", "--rounds", "2", "--peers"])
     out = capsys.readouterr().out

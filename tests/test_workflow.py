@@ -372,7 +372,7 @@ def test_mlflow_runs_carry_source_tags_curves_and_tables(study):
 
 
 def test_readme_block_is_rendered_from_results_and_a_hand_edit_fails_the_check(study, tmp_path):
-    from tdabench import docs
+    from tdabench.dev import docs
 
     root, _ = study
     readme = tmp_path / "README.md"
@@ -399,7 +399,7 @@ def test_readme_block_is_rendered_from_results_and_a_hand_edit_fails_the_check(s
 
 
 def test_stale_flags_follow_the_code_digest(tmp_path):  # no study needed
-    from tdabench import docs
+    from tdabench.dev import docs
 
     digest = docs.current_digest()
     readme = tmp_path / "README.md"

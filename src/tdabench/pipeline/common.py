@@ -24,11 +24,6 @@ log = logging.getLogger("tdabench")
 T = TypeVar("T")
 
 
-def stage_module(rule: str) -> str:
-    """The pipeline module a rule runs (its code dependencies start there)."""
-    return CONTRACTS[rule].module
-
-
 def code_digest() -> str:
     """Digest of every source file the study's stages run (tdabench.codedeps.study_digest)."""
     from tdabench.codedeps import study_digest

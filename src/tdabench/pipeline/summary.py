@@ -105,7 +105,7 @@ def job_environments(folder: str | Path = ENVIRONMENT_DIR) -> dict[str, dict]:
 
 def provenance(study_config: dict) -> dict:
     """What produced these results: commit, config hash and a digest of every stage's sources
-    (tdabench.docs flags README blocks whose code has changed since); the numerics mode, this
+    (tdabench.dev.docs flags README blocks whose code has changed since); the numerics mode, this
     host's environment and each model job's (CPU, kernel level, pins, threads, versions, GPU), so
     two runs that disagree show where their machines differ (`tdabench compare`)."""
     import tdabench

@@ -1,8 +1,8 @@
 """The README's result blocks, rendered from result files, never typed by hand.
 
-    python -m tdabench.docs render [--readme README.md]   (make docs)
+    python -m tdabench.dev.docs render [--readme README.md]   (make docs)
         rewrite every block between its markers from its results folder
-    python -m tdabench.docs check [--readme README.md] [BLOCK ...]   (CI, after make run)
+    python -m tdabench.dev.docs check [--readme README.md] [BLOCK ...]   (CI, after make run)
         exit 1 when a block's numbers differ from what its results folder gives now, or when a
         block's stale flag does not match whether the code changed since its results were made
 
@@ -310,7 +310,7 @@ def check_stale_flags(readme: Path, skip: list[str] = ()) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m tdabench.docs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m tdabench.dev.docs", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("command", choices=["render", "check"])
     parser.add_argument("blocks", nargs="*", help=f"of {', '.join(BLOCKS)} (default: all with results / default-study)")

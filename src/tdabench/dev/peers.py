@@ -1,4 +1,4 @@
-"""Other ways to get per-sample gradients, for `python -m tdabench.bench gradients --peers`.
+"""Other ways to get per-sample gradients, for `python -m tdabench.dev.bench gradients --peers`.
 
 Each peer builds, once, a function of a padded batch that returns {parameter name: [batch, numel]}
 for the tensors it covers, for the same loss as ours (each sample's mean cross-entropy over its

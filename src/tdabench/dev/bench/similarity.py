@@ -1,0 +1,245 @@
+"""`bench similarity`: the similarity store streamed from the model (both layouts) against the
+reference loop, the same stream with every component materialised, and cache-then-similarity."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tdabench.dev.bench.kit import Contender, PeakRss, fmt, interleave, load, machine, peak_rss_mb
+from tdabench.dev.bench.workload import build, encoded
+
+
+def reference_similarity(model, names, queries, train, query_rows, candidates=None) -> dict:
+    """What reference TDA scripts do: per sample a bs=1 loss.backward() with every parameter
+    trainable, every .grad cloned, then float64 dots over the components `names`. Candidate
+    layout: query by query, each of its candidates computed for it (no sharing); dense: the
+    queries' gradients held, the training examples streamed once. -> {(q, t) | ("q"|"t", i): [C]}."""
+    from tdabench.gradients import per_sample_loss
+
+    params = dict(model.named_parameters())
+    wanted = [list(params).index(n) for n in names]
+    for p in params.values():
+        p.requires_grad_(True)
+
+    def grads(example):
+        model.zero_grad(set_to_none=True)
+        ids = torch.tensor([example.input_ids])
+        per_sample_loss(model(input_ids=ids).logits, torch.tensor([example.labels])).sum().backward()
+        every = [p.grad.detach().clone() for p in params.values()]
+        return [every[i].double().flatten() for i in wanted]
+
+    def dots(a, b):
+        return [torch.dot(x, y).item() for x, y in zip(a, b)]
+
+    out = {}
+    if candidates is not None:
+        for q in query_rows:
+            gq = grads(queries[q])
+            out[("q", q)] = dots(gq, gq)
+            for t in candidates[q]:
+                gt = grads(train[t])
+                out[(q, int(t))], out[("t", int(t))] = dots(gq, gt), dots(gt, gt)
+        return out
+    held = {q: grads(queries[q]) for q in query_rows}
+    for q, gq in held.items():
+        out[("q", q)] = dots(gq, gq)
+    for t, example in enumerate(train):
+        gt = grads(example)
+        out[("t", t)] = dots(gt, gt)
+        for q, gq in held.items():
+            out[(q, t)] = dots(gq, gt)
+    return out
+
+
+def run(args) -> None:
+    """Streamed similarity vs the reference loop, materialised-only and cache-then-similarity."""
+    print(
+        f"# tdabench.dev.bench similarity --model {args.model} --lengths {' '.join(map(str, args.lengths))} "
+        f"--candidates {' '.join(map(str, args.candidates))} --queries-per-round {args.queries_per_round} "
+        f"--train {args.train} --dense-queries {args.dense_queries} --dense-train {args.dense_train} "
+        f"--batch-size {args.batch_size} "
+        f"--rounds {args.rounds} --memory-gb {args.memory_gb} --max-cache-gb {args.max_cache_gb}"
+    )
+    print(f"# {machine()}; load average {load()} at start")
+    for length in args.lengths:
+        _similarity_at(args, length)
+    print(f"\npeak RSS of the process {peak_rss_mb() / 1024:.2f} GiB")
+
+
+def _similarity_at(args, length: int) -> None:
+    """One sample length: every candidate-layout b, then the dense layout."""
+    import numpy as np
+
+    from tdabench.cached import build_similarity
+    from tdabench.extraction import Extraction, ExtractionConfig
+    from tdabench.factored import FACTORED, MATERIALISED
+    from tdabench.store import GradientStore, GradientStoreWriter, estimate_bytes
+    from tdabench.streaming import Streamer, StreamSpec, header, plan_ways
+
+    rounds, per = args.rounds, args.queries_per_round
+    n_q = per * (rounds + 1)  # every round (and the warm-up) on other queries
+    model, ids, mask, labels = build(args.model, n_q + args.train, length)
+    everything = encoded(ids, mask, labels)
+    queries, train = everything[:n_q], everything[n_q:]
+    extraction = Extraction(model, ExtractionConfig(tuple(args.components), args.batch_size, None, 0, None))
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, args.train, n_q)
+    train_ids = [f"t{i}" for i in range(args.train)]
+    tokens = float(np.mean([len(e.input_ids) for e in everything]))
+    print(
+        f"\n## {length} tokens (max; {tokens:.0f} on average), {len(extraction.names)} components, "
+        f"{sum(c.numel for c in extraction.components):,} parameters"
+    )
+
+    def round_queries(r: int) -> np.ndarray:
+        return np.arange(r * per, (r + 1) * per) % n_q
+
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def stream(cand, rows, force=None, pool=train, truth=gt):
+            layout = "dense" if cand is None else "candidates"
+            ids = train_ids[: len(pool)]
+
+            def run(r):
+                qr = rows(r)
+                streamer = Streamer(extraction, 0, StreamSpec(layout, args.memory_gb))
+                if force is not None:
+                    streamer._plan = lambda t, p: _forced(streamer, force)
+                path = Path(tmp) / f"{layout}-{force}.h5"
+                path.unlink(missing_ok=True)
+                c = None if cand is None else cand[qr]
+                return streamer.run(
+                    [queries[i] for i in qr],
+                    pool,
+                    path,
+                    lambda w: header(extraction, w, [f"q{i}" for i in qr], ids, truth[qr], c, {}),
+                    c,
+                )
+
+            return run
+
+        def reference(cand, rows, pool=train):
+            def run(r):
+                return reference_similarity(model, extraction.names, queries, pool, rows(r), cand)
+
+            return run
+
+        def units(r):
+            return per
+
+        def check(cand, pool, truth, rows):
+            """The streamed store against the reference loop's dot products on `rows`."""
+            from tdabench.similarity import load_similarity
+
+            stream(cand, lambda r: rows, pool=pool, truth=truth)(0)
+            layout = "dense" if cand is None else "candidates"
+            sim = load_similarity(Path(tmp) / f"{layout}-None.h5")
+            ref = reference_similarity(model, extraction.names, queries, pool, rows, cand)
+            worst = 0.0
+            for qi, q in enumerate(rows):
+                cols = range(len(pool)) if cand is None else cand[q]
+                for j, t in enumerate(cols):
+                    scale = np.sqrt(np.array(ref[("q", q)]) * np.array(ref[("t", int(t))]))
+                    got = sim.dot[:, qi, j if cand is not None else t]
+                    worst = max(worst, float((np.abs(got - np.array(ref[(q, int(t))])) / scale).max()))
+            print(f"# {layout}: streamed dot products vs the reference loop's, worst |diff| / (|a| |b|) = {worst:.1e}")
+
+        for b in args.candidates:
+            cand = np.stack([rng.choice(args.train, b, replace=False) for _ in range(n_q)])
+            miss = ~(cand == gt[:, None]).any(1)
+            cand[miss, -1] = gt[miss]
+            if b == args.candidates[0]:
+                check(cand, train, gt, np.arange(1))
+            pps = (per * b + per * (1 + b)) / (per * (1 + b))  # pairs (and norms) per sample, no sharing
+            ways = plan_ways(extraction, tokens, pps)
+            n_f = sum(w == FACTORED for w in ways.values())
+            contenders = [
+                Contender("stream", stream(cand, round_queries), units, f"rule: {n_f} factored of {len(ways)}"),
+                Contender("reference_loop", reference(cand, round_queries), units, "bs=1, clone grads, dot per pair"),
+            ]
+            if n_f:
+                materialised = stream(cand, round_queries, MATERIALISED)
+                contenders.insert(1, Contender("stream_materialised", materialised, units, "every one materialised"))
+            _report(f"candidate layout, b = {b}, {per} queries a round", contenders, rounds, "reference_loop")
+
+        def dense_rows(r):
+            return np.arange(args.dense_queries)
+
+        def dense_units(r):
+            return args.dense_queries
+
+        pool = train[: args.dense_train]
+        truth = gt % len(pool)
+        contenders = [
+            Contender(
+                "stream", stream(None, dense_rows, pool=pool, truth=truth), dense_units, f"memory_gb {args.memory_gb}"
+            ),
+            Contender(
+                "reference_loop", reference(None, dense_rows, pool), dense_units, "bs=1, clone grads, dot per pair"
+            ),
+        ]
+        check(None, pool, truth, np.arange(args.dense_queries))
+        cache = estimate_bytes(args.dense_queries + len(pool), extraction.stored_dims, "float32")
+        if cache <= args.max_cache_gb * 1e9:
+
+            def cached(r):
+                paths = {}
+                for split, exs in (("train", pool), ("queries", queries[: args.dense_queries])):
+                    paths[split] = Path(tmp) / f"{split}.h5"
+                    names = [f"{split}{i}" for i in range(len(exs))]
+                    meta = {"model_fingerprint": "m"}
+                    with GradientStoreWriter(paths[split], names, extraction.components, "float32", meta) as w:
+                        for rows, batch in extraction.batches(exs, 0):
+                            w.write(rows, {n: g.numpy() for n, g in extraction(batch).items()})
+                with GradientStore(paths["train"]) as t_, GradientStore(paths["queries"]) as q_:
+                    sources = [f"train{i}" for i in truth[: args.dense_queries]]
+                    build_similarity(t_, q_, q_.sample_ids, sources, Path(tmp) / "cached.h5", "s")
+
+            note = f"gradient store of {cache / 1e9:.2f} GB, then build_similarity"
+            contenders.append(Contender("cache_then_similarity", cached, dense_units, note))
+        else:
+            print(f"# dense: cache-then-similarity left out: its cache would take {cache / 1e9:.1f} GB")
+        title = f"dense layout, {args.dense_queries} queries x {len(pool)} training examples"
+        _report(title, contenders, rounds, "reference_loop")
+
+
+def _forced(streamer, way):
+    """The streamer's ways with `way` wherever it is possible (benchmark contenders)."""
+    from tdabench.factored import MATERIALISED
+
+    ex = streamer.extraction
+    can = set(ex.factorable())
+    ways = {n: (way if n in can else MATERIALISED) for n in ex.names}
+    streamer.factored = [n for n, w in ways.items() if w != MATERIALISED]
+    return ways
+
+
+def _report(title, contenders, rounds, baseline) -> None:
+    import numpy as np
+
+    peaks: dict[str, float] = {}
+
+    def watched(c: Contender) -> Contender:
+        def run(r):
+            with PeakRss() as rss:
+                out = c.run(r)
+            peaks[c.name] = max(peaks.get(c.name, 0.0), rss.peak_mb)
+            return out
+
+        return Contender(c.name, run, c.units, c.note)
+
+    seconds = interleave([watched(c) for c in contenders], rounds, warmup=1)
+    per_query = {c.name: seconds[c.name] / np.array([c.units(r) for r in range(rounds)]) for c in contenders}
+    print(f"### {title}: {rounds} rounds after 1 warm-up; seconds per query, median [interquartile range]")
+    print(f"{'contender':<22} {'s/query':>22}   {'x ' + baseline:>24}  peak RSS  note")
+    for c in contenders:
+        ratio = per_query[baseline] / per_query[c.name]
+        print(
+            f"{c.name:<22} {fmt(per_query[c.name], 2):>22}   {fmt(ratio, 2):>24}  "
+            f"{peaks[c.name] / 1024:5.2f} GiB  {c.note}"
+        )
+    if "stream_materialised" in per_query:
+        print(f"# factored (rule) vs materialised: x{fmt(per_query['stream_materialised'] / per_query['stream'], 2)}")

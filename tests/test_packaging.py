@@ -20,19 +20,6 @@ def test_conda_env_lists_exactly_the_pyproject_dependencies():
     assert sorted(pip) == sorted(deps)
 
 
-def test_readme_module_table_matches_the_tree():
-    readme = (REPO / "README.md").read_text()
-    table = readme.split("## Library", 1)[1]
-    listed = set()
-    for cell in re.findall(r"^\| `([^`]+)` \|", table, re.M):
-        listed.add(cell)
-    src = REPO / "src" / "tdabench"
-    modules = {p.relative_to(src).as_posix() for p in src.rglob("*.py") if p.name != "__init__.py"}
-    pipeline = {m for m in modules if m.startswith("pipeline/")}
-    assert "pipeline/*.py" in listed
-    assert listed - {"pipeline/*.py"} == modules - pipeline
-
-
 def test_stage_modules_read_files_only_through_their_owners():
     """No stage opens a cached file by hand: no h5py, no parquet reading, no name slicing."""
     for path in (REPO / "src" / "tdabench" / "pipeline").glob("*.py"):

@@ -1,5 +1,5 @@
 """Stage `gradients`: per-sample gradients of one shard of one split into an HDF5 store
-(logic: tdabench.caching)."""
+(logic: tdabench.gradient_cache)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 from dataclasses import asdict
 
 import tdabench
-from tdabench.caching import cache_gradients, check_cache_budget
+from tdabench.gradient_cache import cache_gradients, check_cache_budget
 from tdabench.codedeps import sources_digest
 from tdabench.contracts import GradientsParams
 from tdabench.data.sources import read_queries, read_train

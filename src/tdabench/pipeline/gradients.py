@@ -9,10 +9,10 @@ import logging
 from dataclasses import asdict
 
 import tdabench
-from tdabench.gradient_cache import cache_gradients, check_cache_budget
 from tdabench.codedeps import sources_digest
 from tdabench.contracts import GradientsParams
 from tdabench.data.sources import read_queries, read_train
+from tdabench.gradient_cache import cache_gradients, check_cache_budget
 from tdabench.models import model_fingerprint
 from tdabench.pipeline.common import JobContext
 from tdabench.pipeline.toolkit import open_model

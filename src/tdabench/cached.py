@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from tdabench.metrics import matmul64
-from tdabench.producer import Report, SimilarityProducer, Target
+from tdabench.producer import Report, SimilarityProducer, Target, ground_truth
 from tdabench.similarity import SimilarityWriter
 from tdabench.store import GradientStore
 
@@ -42,12 +42,8 @@ class CacheProducer(SimilarityProducer):
     ) -> Target:
         """The store of `query_ids` (rows of the query store) against every training row, each
         query's source example given by id."""
-        train_index = {s: i for i, s in enumerate(self.train.sample_ids)}
-        unknown = sorted({s for s in source_ids if s not in train_index})
-        if unknown:
-            raise KeyError(f"source ids not among the training examples: {unknown[:5]}")
-        ground_truth = np.array([train_index[s] for s in source_ids], dtype=np.int64)
-        return Target(list(query_ids), list(self.train.sample_ids), ground_truth, candidates, attrs, dtype)
+        truth = ground_truth(self.train.sample_ids, source_ids)
+        return Target(list(query_ids), list(self.train.sample_ids), truth, candidates, attrs, dtype)
 
     def write(self, out: str | Path, target: Target, progress=None) -> Report:
         start = time.perf_counter()

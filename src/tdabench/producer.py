@@ -20,6 +20,15 @@ import numpy as np
 from tdabench.similarity import Header
 
 
+def ground_truth(train_ids: Sequence[str], source_ids: Sequence[str]) -> np.ndarray:
+    """[Q] index into `train_ids` of each query's source example (KeyError naming unknown ids)."""
+    index = {s: i for i, s in enumerate(train_ids)}
+    unknown = sorted({s for s in source_ids if s not in index})
+    if unknown:
+        raise KeyError(f"source ids not among the training examples: {unknown[:5]}")
+    return np.array([index[s] for s in source_ids], dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class Target:
     """Which similarity store to write, independent of how its numbers are computed."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -38,6 +39,15 @@ def bm25_scores(queries: list[str], documents: list[str], k1: float = 1.5, b: fl
             tf = np.array([d.get(term, 0) for d in docs], dtype=np.float64)
             out[qi] += idf[term] * tf * (k1 + 1) / (tf + norm)
     return out
+
+
+def bm25_candidates(queries: Sequence[str], documents: Sequence[str], sources: np.ndarray, b: int | None) -> np.ndarray:
+    """The published protocol's candidates: per query the top b documents by BM25 over the
+    training prompts, the source forced in -> [Q, b] (config key evaluation.candidates is b)."""
+    if not b:
+        raise ValueError("config key similarity.layout: candidates needs evaluation.candidates (b) set")
+    scores = bm25_scores(list(queries), list(documents))
+    return top_candidates(scores, sources, min(b, len(documents)))
 
 
 def top_candidates(scores: np.ndarray, sources: np.ndarray, b: int) -> np.ndarray:

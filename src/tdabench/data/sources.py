@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 TRAIN_COLUMNS = ("id", "prompt", "response")
@@ -232,3 +233,15 @@ def write_queries(df: pl.DataFrame, path: str | Path) -> None:
 
 def read_queries(path: str | Path) -> pl.DataFrame:
     return _read(path, QUERY_COLUMNS)
+
+
+def read_setting_queries(path: str | Path, setting: str) -> tuple[pl.DataFrame, np.ndarray]:
+    """The whole query table and the rows of `setting` in it (increasing)."""
+    everything = read_queries(path)
+    rows = np.flatnonzero((everything["setting"] == setting).to_numpy())
+    if len(rows) == 0:
+        raise ValueError(
+            f"no queries of setting {setting!r} in {path} (it has {sorted(set(everything['setting']))}); "
+            "fix config key dataset.settings or the query data"
+        )
+    return everything, rows

@@ -8,17 +8,16 @@ import logging
 import time
 from collections import Counter
 
-import numpy as np
 import polars as pl
 
 from tdabench.cached import CacheProducer
 from tdabench.contracts import MergeParams, SimilarityParams, StreamParams
-from tdabench.data.bm25 import bm25_scores, top_candidates
-from tdabench.data.sources import read_queries, read_train
+from tdabench.data.bm25 import bm25_candidates
+from tdabench.data.sources import read_setting_queries, read_train
 from tdabench.models import model_fingerprint
 from tdabench.pipeline.common import JobContext
 from tdabench.pipeline.toolkit import open_model
-from tdabench.producer import Target
+from tdabench.producer import Target, ground_truth
 from tdabench.progress import Progress
 from tdabench.similarity import merge_similarity
 from tdabench.store import GradientStore
@@ -28,46 +27,17 @@ from tdabench.tracking import file_manifest
 log = logging.getLogger(__name__)
 
 
-def setting_queries(path: str, setting: str) -> tuple[pl.DataFrame, np.ndarray]:
-    """The whole query table and the rows of `setting` in it (increasing)."""
-    everything = read_queries(path)
-    rows = np.flatnonzero((everything["setting"] == setting).to_numpy())
-    if len(rows) == 0:
-        raise ValueError(
-            f"no queries of setting {setting!r} in {path} (it has {sorted(set(everything['setting']))}); "
-            "fix config key dataset.settings or the query data"
-        )
-    return everything, rows
-
-
-def ground_truth(train: pl.DataFrame, sources: list[str]) -> np.ndarray:
-    index = {s: i for i, s in enumerate(train["id"].to_list())}
-    unknown = sorted({s for s in sources if s not in index})
-    if unknown:
-        raise KeyError(f"source ids not among the training examples: {unknown[:5]}")
-    return np.array([index[s] for s in sources], dtype=np.int64)
-
-
-def bm25_candidates(queries: pl.DataFrame, train: pl.DataFrame, sources: np.ndarray, b: int | None) -> np.ndarray:
-    """The published protocol's candidates: per query the top b training examples by BM25 over
-    training prompts, the source forced in (the evaluation stage's `candidates` protocol)."""
-    if not b:
-        raise ValueError("config key similarity.layout: candidates needs evaluation.candidates (b) set")
-    scores = bm25_scores(queries["prompt"].to_list(), train["prompt"].to_list())
-    return top_candidates(scores, sources, min(b, train.height))
-
-
 def main(job: JobContext, mlrun) -> None:
     p, setting = job.typed_params(SimilarityParams), job.wildcards["setting"]
-    everything, rows = setting_queries(job.input["queries"], setting)
+    everything, rows = read_setting_queries(job.input["queries"], setting)
     queries = everything[rows]
     start = time.perf_counter()
     with GradientStore(job.input["train"]) as train, GradientStore(job.input["query_grads"]) as qstore:
         candidates = None
         if p.layout == "candidates":
             table = pl.DataFrame({"id": train.sample_ids, "prompt": read_train(job.input["train_table"])["prompt"]})
-            gt = ground_truth(table, queries["source_id"].to_list())
-            candidates = bm25_candidates(queries, table, gt, p.candidates)
+            gt = ground_truth(train.sample_ids, queries["source_id"].to_list())
+            candidates = bm25_candidates(queries["prompt"], table["prompt"], gt, p.candidates)
         producer = CacheProducer(train, qstore, p.block_rows)
         ids, sources = queries["id"].to_list(), queries["source_id"].to_list()
         target = producer.target(ids, sources, {"setting": setting}, candidates, p.dtype)
@@ -84,10 +54,12 @@ def main_stream(job: JobContext, mlrun) -> None:
     """One training shard of a setting's similarity store, streamed from the model."""
     p = job.typed_params(StreamParams)
     setting, shard = job.wildcards["setting"], int(job.wildcards["part"])
-    everything, rows = setting_queries(job.input["queries"], setting)
+    everything, rows = read_setting_queries(job.input["queries"], setting)
     train = read_train(job.input["train"])
-    gt = ground_truth(train, everything[rows]["source_id"].to_list())
-    candidates = bm25_candidates(everything[rows], train, gt, p.candidates) if p.layout == "candidates" else None
+    gt = ground_truth(train["id"].to_list(), everything[rows]["source_id"].to_list())
+    candidates = None
+    if p.layout == "candidates":
+        candidates = bm25_candidates(everything[rows]["prompt"], train["prompt"], gt, p.candidates)
 
     kit = open_model(job, mlrun, p.model, p.device, p.extraction)
     extraction = kit.extraction

@@ -55,7 +55,7 @@ smollm2: $(VENV)/.smollm2
 	echo "[tdabench] make smollm2: $$(( $$(date +%s) - start )) s wall time, exit $$rc"; exit $$rc
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not workflow and not browser and not architectures"

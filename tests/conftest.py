@@ -2,3 +2,23 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# `make test` runs two pytest-xdist workers, each test file on one (--dist loadfile, in collection
+# order): the longest files go first so that neither worker is left with one at the end.
+LONGEST_FIRST = (
+    "test_workflow.py",
+    "test_reproducibility.py",
+    "test_userdata.py",
+    "test_cluster.py",
+    "test_architectures.py",
+    "test_streaming.py",
+    "test_numerics.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: tests keep their order within a file

@@ -130,3 +130,12 @@ def padded_batch(lengths, prompt_lengths, pad=0):
         mask[i, :n] = 1
         labels[i, p:n] = ids[i, p:n]
     return ids, mask, labels
+
+
+def config_leaves(node, path=()):
+    """Dotted paths of a nested config's leaf keys (an empty mapping counts as a leaf)."""
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from config_leaves(value, (*path, key))
+    else:
+        yield ".".join(path)

@@ -3,7 +3,7 @@ import yaml
 
 from tdabench.config import DEFAULT_SCHEMA, ConfigError, config_hash, load_config, validate_config
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, config_leaves
 
 
 def test_defaults_fill_an_empty_config_and_match_the_shipped_file():
@@ -13,15 +13,7 @@ def test_defaults_fill_an_empty_config_and_match_the_shipped_file():
     shipped = load_config(REPO_ROOT / "config" / "config.yaml")
     assert shipped == filled  # config.yaml spells out exactly the schema defaults ...
     raw = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
-    assert set(_leaves(raw)) == set(_leaves(filled))  # ... and every one of them
-
-
-def _leaves(node, path=()):
-    if isinstance(node, dict) and node:
-        for key, value in node.items():
-            yield from _leaves(value, (*path, key))
-    else:
-        yield ".".join(path)
+    assert set(config_leaves(raw)) == set(config_leaves(filled))  # ... and every one of them
 
 
 def test_every_schema_property_has_a_description_or_is_an_object_of_them():

@@ -11,6 +11,8 @@ import pytest
 from tdabench.config import NON_RESULT_KEYS, validate_config
 from tdabench.contracts import CONTRACTS, ContractError, config_keys, rule_params, sources, typed
 
+from helpers import config_leaves
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -63,14 +65,6 @@ def test_rule_params_code_log_and_resources_come_from_the_contract(rules, name):
         assert name in local or {"mem_mb", "runtime"} <= set(rule.resources), f"{name}: neither local nor resources"
 
 
-def _leaves(node, path=()):
-    if isinstance(node, dict) and node:
-        for key, value in node.items():
-            yield from _leaves(value, (*path, key))
-    else:
-        yield ".".join(path)
-
-
 def _set(config, dotted, value):
     node = config
     *parents, last = dotted.split(".")
@@ -92,7 +86,7 @@ def test_params_change_exactly_when_a_key_the_contract_names_changes(name):
     base = validate_config({})
     before = rule_params(name, base, **_given(name))
     read = config_keys(CONTRACTS[name].params)
-    for leaf in _leaves(base):
+    for leaf in config_leaves(base):
         changed = copy.deepcopy(base)
         _set(changed, leaf, ("changed", leaf))
         moved = rule_params(name, changed, **_given(name)) != before
@@ -106,7 +100,7 @@ def test_params_change_exactly_when_a_key_the_contract_names_changes(name):
 
 def test_contract_keys_exist_in_the_schema():
     config = validate_config({})
-    paths = set(_leaves(config))
+    paths = set(config_leaves(config))
     for contract in CONTRACTS.values():
         for key in config_keys(contract.params) - {"*"}:
             assert any(p == key or p.startswith(key + ".") for p in paths), f"{contract.rule}: {key}"
@@ -132,3 +126,12 @@ def test_typed_params_round_trip_the_rule_params():
                 assert {k: tuple(v) if isinstance(v, list) else v for k, v in params[f.name].items()} == (
                     dataclasses.asdict(value)
                 )
+
+
+@pytest.mark.parametrize("name", ["pretrain", "convert", "finetune", "generate", "dataset", "selection"])
+def test_stages_that_compute_no_gradient_do_not_run_the_gradient_code(name):
+    """Their `code` input stays exact: editing the extractor reruns only what computes gradients."""
+    from tdabench.codedeps import stage_sources
+
+    files = {Path(p).name for p in stage_sources(CONTRACTS[name].module)}
+    assert not files & {"gradients.py", "extraction.py", "gradcheck.py"}, name

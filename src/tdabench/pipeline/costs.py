@@ -10,8 +10,8 @@ import polars as pl
 from tdabench.contracts import CostsParams
 from tdabench.costs import TimedExtraction, costs_table, measure_setting, write_costs
 from tdabench.data.sources import read_queries
+from tdabench.pipeline.attribution import open_extraction
 from tdabench.pipeline.common import JobContext
-from tdabench.pipeline.toolkit import open_model
 from tdabench.selection import SelectionTable
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def main(job: JobContext, mlrun) -> None:
     p = job.typed_params(CostsParams)
-    kit = open_model(job, mlrun, p.model, p.device, p.extraction)
+    kit = open_extraction(job, mlrun, p.model, p.device, p.extraction)
     queries = read_queries(job.input["queries"])
     rows = []
     for setting, sel_path in zip(p.settings, job.input["selection"]):

@@ -14,8 +14,8 @@ from tdabench.contracts import GradientsParams
 from tdabench.data.sources import read_queries, read_train
 from tdabench.gradient_cache import cache_gradients, check_cache_budget
 from tdabench.models import model_fingerprint
+from tdabench.pipeline.attribution import open_extraction
 from tdabench.pipeline.common import JobContext
-from tdabench.pipeline.toolkit import open_model
 from tdabench.plan import shard_rows
 from tdabench.store import estimate_bytes
 from tdabench.tracking import file_manifest
@@ -28,7 +28,7 @@ def main(job: JobContext, mlrun) -> None:
     split, shard = job.wildcards["split"], int(job.wildcards["shard"])
     tables = {"train": read_train(job.input["train"]), "queries": read_queries(job.input["queries"])}
     df = tables[split][shard_rows(tables[split].height, shard, p.shards)]
-    kit = open_model(job, mlrun, p.model, p.device, p.extraction)
+    kit = open_extraction(job, mlrun, p.model, p.device, p.extraction)
     extraction, stored = kit.extraction, kit.extraction.stored_dims
     check_cache_budget(sum(t.height for t in tables.values()), stored, p.dtype, p.max_cache_gb)
     if df.height == 0:

@@ -15,8 +15,8 @@ from tdabench.contracts import MergeParams, SimilarityParams, StreamParams
 from tdabench.data.bm25 import bm25_candidates
 from tdabench.data.sources import read_setting_queries, read_train
 from tdabench.models import model_fingerprint
+from tdabench.pipeline.attribution import open_extraction
 from tdabench.pipeline.common import JobContext
-from tdabench.pipeline.toolkit import open_model
 from tdabench.producer import Target, ground_truth
 from tdabench.progress import Progress
 from tdabench.similarity import merge_similarity
@@ -61,7 +61,7 @@ def main_stream(job: JobContext, mlrun) -> None:
     if p.layout == "candidates":
         candidates = bm25_candidates(everything[rows]["prompt"], train["prompt"], gt, p.candidates)
 
-    kit = open_model(job, mlrun, p.model, p.device, p.extraction)
+    kit = open_extraction(job, mlrun, p.model, p.device, p.extraction)
     extraction = kit.extraction
     encoded_queries = kit.encode(everything, p.tokenize, "query")
     encoded_train = kit.encode(train, p.tokenize, "training")

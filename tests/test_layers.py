@@ -3,7 +3,6 @@ cycles. The dev wing (tdabench.dev: benchmarks, peers, the architecture sweep, t
 sits on top of the library, never under it: no library module, workflow script or stage imports
 it, so editing a benchmark never changes a stage's code digest nor reruns a rule."""
 
-import ast
 import re
 from pathlib import Path
 
@@ -15,38 +14,17 @@ SRC = REPO / "src" / "tdabench"
 DEV = SRC / "dev"
 
 
-def imported(path: Path, package: str) -> set[str]:
-    """Every module `path` imports (relative imports resolved against `package`), with
-    `from a import b` counted as both `a` and `a.b` (b may be a module)."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(parts + ([base] if base else []))
-            found |= {base} | {f"{base}.{a.name}" for a in node.names}
-    return found
-
-
-def dev_imports(path: Path, package: str) -> set[str]:
-    return {m for m in imported(path, package) if m == "tdabench.dev" or m.startswith("tdabench.dev.")}
-
-
-def package_of(path: Path) -> str:
-    parts = path.relative_to(SRC.parent).with_suffix("").parts
-    return ".".join(parts if path.name == "__init__.py" else parts[:-1])
+def dev_imports(path: Path, module: str) -> set[str]:
+    return {m for m in codedeps.module_imports(path, module) if m == "tdabench.dev" or m.startswith("tdabench.dev.")}
 
 
 def test_no_library_module_imports_the_dev_wing():
     library = [p for p in SRC.rglob("*.py") if DEV not in p.parents]
     assert len(library) > 30
-    offenders = {p.relative_to(SRC).as_posix(): dev_imports(p, package_of(p)) for p in library}
+    offenders = {p.relative_to(SRC).as_posix(): dev_imports(p, module_name(p)) for p in library}
     assert not {k: v for k, v in offenders.items() if v}
     # the parser does see such imports (the wing's own modules have them)
-    assert dev_imports(DEV / "bench" / "gradients.py", "tdabench.dev.bench")
+    assert dev_imports(DEV / "bench" / "gradients.py", "tdabench.dev.bench.gradients")
 
 
 def test_the_workflow_does_not_import_the_dev_wing():
@@ -90,7 +68,7 @@ def floor_of(name: str, floors: dict[str, int]) -> int | None:
 def import_graph() -> dict[str, set[str]]:
     modules = library_modules()
     return {
-        name: {m for m in imported(path, package_of(path)) if m in modules and m != name}
+        name: {m for m in codedeps.module_imports(path, name) if m in modules and m != name}
         for name, path in modules.items()
     }
 

@@ -23,7 +23,9 @@ def module_file(module: str, src: Path = SRC) -> Path:
     return pkg if pkg.exists() else (src / rel).with_suffix(".py")
 
 
-def _imports(path: Path, module: str) -> set[str]:
+def module_imports(path: Path, module: str) -> set[str]:
+    """The tdabench modules the file `path` (module `module`) imports, anywhere in it, relative
+    imports resolved; `from pkg import name` counts as `pkg` and `pkg.name` (name may be a module)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
@@ -49,7 +51,7 @@ def _closure(module: str, src: Path) -> tuple[str, ...]:
         if mod in seen or not module_file(mod, src).exists():
             continue
         seen.add(mod)
-        todo.extend(_imports(module_file(mod, src), mod))
+        todo.extend(module_imports(module_file(mod, src), mod))
     return tuple(sorted(seen))
 
 

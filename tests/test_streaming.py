@@ -178,6 +178,9 @@ extraction, train, queries, gt = t.setup()
 cand = t.candidates_of(gt) if {layout!r} == "candidates" else None
 r = t.streamed_store(extraction, train, queries, gt, {path!r}, {layout!r}, cand, memory_gb={memory_gb})
 print("resumed", r.units_resumed, "of", r.n_units)
+if {straight!r}:  # then the uninterrupted run, in this process too (the same thread count)
+    extraction, train, queries, gt = t.setup()
+    t.streamed_store(extraction, train, queries, gt, {straight!r}, {layout!r}, cand, memory_gb={memory_gb})
 """
 
 
@@ -187,18 +190,14 @@ def test_a_killed_stream_resumes_to_the_same_file_contents(tmp_path, layout):
     path = tmp_path / "resumed.h5"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     tests = os.path.dirname(__file__)
-    # The uninterrupted run in a fresh process too: this one's torch thread count may have been
-    # changed by other tests, and float32 kernels round by thread count.
-    script = KILL.format(
-        tests=tests, path=str(tmp_path / "straight.h5"), layout=layout, memory_gb=memory_gb, kill_after=-1
-    )
-    straight = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert straight.returncode == 0 and "resumed 0 of" in straight.stdout, straight.stderr
-    script = KILL.format(tests=tests, path=str(path), layout=layout, memory_gb=memory_gb, kill_after=1)
+    # The uninterrupted run in a fresh process too (after the resumed one): this one's torch thread
+    # count may have been changed by other tests, and float32 kernels round by thread count.
+    args = {"tests": tests, "path": str(path), "layout": layout, "memory_gb": memory_gb}
+    script = KILL.format(**args, kill_after=1, straight="")
     killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert killed.returncode == 17, killed.stderr
     assert not path.exists() and (tmp_path / ".resumed.h5.partial").exists()
-    script = KILL.format(tests=tests, path=str(path), layout=layout, memory_gb=memory_gb, kill_after=-1)
+    script = KILL.format(**args, kill_after=-1, straight=str(tmp_path / "straight.h5"))
     resumed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed 1 of" in resumed.stdout

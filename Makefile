@@ -58,7 +58,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not workflow and not browser and not architectures"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not workflow and not browser and not architectures and not slow"
 
 # Lint and format checks (what CI runs); `make format` rewrites the tree in place.
 lint: $(STAMP)

@@ -2,6 +2,7 @@
 (their numbers are printed, never asserted)."""
 
 import numpy as np
+import pytest
 
 from tdabench.dev.bench.__main__ import main
 from tdabench.dev.bench.kit import Contender, interleave, spread
@@ -17,6 +18,7 @@ def test_interleave_rotates_the_order_and_times_every_round():
     assert spread(np.array([1.0, 2.0, 3.0, 4.0, 100.0])) == (3.0, 2.0, 4.0)
 
 
+@pytest.mark.slow
 def test_the_gradients_benchmark_runs_every_contender_and_its_peers_agree_with_the_loop(capsys):
     from tdabench.dev.bench.__main__ import main
 

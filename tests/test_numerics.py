@@ -134,6 +134,7 @@ def _step_digests(mode: str) -> list[str]:
 
 
 @pytest.mark.skipif(not HAS_AVX2, reason="portable needs an AVX2 CPU")
+@pytest.mark.slow
 def test_portable_training_step_is_thread_count_independent():
     one, two = _step_digests("portable")
     assert one == two

@@ -185,6 +185,7 @@ if {straight!r}:  # then the uninterrupted run, in this process too (the same th
 
 
 @pytest.mark.parametrize("layout", ["dense", "candidates"])
+@pytest.mark.slow
 def test_a_killed_stream_resumes_to_the_same_file_contents(tmp_path, layout):
     memory_gb = 1e-9  # one batch per chunk: several units
     path = tmp_path / "resumed.h5"

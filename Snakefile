@@ -76,7 +76,7 @@ rule all:
 # when nothing is to be done): the device must exist where jobs run locally (a submit host without
 # GPUs may still submit to a cluster), and the MLflow parent run of this invocation is opened.
 onstart:
-    if workflow.local_exec:
+    if workflow.local_exec and config["device"] not in ("auto", "cpu"):  # those always resolve (no torch import)
         from tdabench.device import DeviceError, resolve_device
 
         try:

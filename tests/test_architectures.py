@@ -1,6 +1,6 @@
 """Every causal-LM architecture transformers knows, built tiny: per-sample gradients of every
 component are exact vs the bs=1 loop, or refused by the self-check — never wrong, never a crash.
-About two minutes on two cores (one process per core); `make test-fast` skips it."""
+About a minute on two cores (one process per core); `make test-fast` skips it."""
 
 import re
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 import transformers
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from tdabench.dev.bench.architectures import _check_one
+from tdabench.dev.bench.architectures import check_all
 
 pytestmark = pytest.mark.architectures
 DOC = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
@@ -17,10 +17,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
 
 @pytest.fixture(scope="module")
 def results():
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(2, maxtasksperchild=8) as pool:
-        return {r.model_type: r for r in pool.imap(_check_one, list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES))}
+    return {r.model_type: r for r in check_all(list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), jobs=2)}
 
 
 def test_every_built_architecture_is_exact_or_refused(results):

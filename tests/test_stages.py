@@ -8,7 +8,7 @@ import pytest
 
 from tdabench.components import describe
 from tdabench.contracts import ContractError
-from tdabench.costs import COSTS_SCHEMA, write_costs
+from tdabench.costs_table import COSTS_SCHEMA, write_costs
 from tdabench.data.sources import write_queries, write_train
 from tdabench.evaluate import read_results
 from tdabench.pipeline.common import JobContext, run_rule

@@ -2,8 +2,7 @@
 gradient extraction of what the method needs (only the selected components for select methods:
 backpropagation stops at the lowest one) plus its reduction (projection).
 
-The costs table (results/evaluation/costs.parquet) has one row per (setting, method, variant, k,
-budget); the evaluation joins its `seconds_per_sample` onto the results by those keys.
+The rows go into the costs table (tdabench.costs_table, results/evaluation/costs.parquet).
 """
 
 from __future__ import annotations
@@ -11,34 +10,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-import polars as pl
 import torch
 
 from tdabench.components import short_name
 from tdabench.device import synchronize
 from tdabench.extraction import Extraction
-from tdabench.io import read_parquet_checked, write_parquet
 from tdabench.models import Encoded
 from tdabench.projection import ProjectionConfig, Projector, method_config
 from tdabench.sections import CostsConfig
 from tdabench.selection import SelectionTable
 
 log = logging.getLogger(__name__)
-
-COSTS_SCHEMA = {
-    "setting": pl.Utf8,
-    "method": pl.Utf8,
-    "variant": pl.Utf8,
-    "k": pl.Int64,
-    "budget": pl.Float64,
-    "components": pl.Utf8,
-    "n_samples": pl.Int64,
-    "extract_seconds": pl.Float64,
-    "reduce_seconds": pl.Float64,
-    "seconds_per_sample": pl.Float64,
-}
 
 
 class TimedExtraction:
@@ -132,15 +115,3 @@ def measure_setting(
                 )
     log.info("%s: %d samples; full gradient %.1f ms/sample", setting, n, full_s / n * 1e3)
     return rows
-
-
-def costs_table(rows: list[dict]) -> pl.DataFrame:
-    return pl.DataFrame(rows, schema=COSTS_SCHEMA)
-
-
-def write_costs(table: pl.DataFrame, path: str | Path) -> None:
-    write_parquet(table.select(list(COSTS_SCHEMA)), path)
-
-
-def read_costs(path: str | Path) -> pl.DataFrame:
-    return read_parquet_checked(path, COSTS_SCHEMA, "costs table")

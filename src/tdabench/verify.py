@@ -23,7 +23,7 @@ _TABLES = {
     "queries_all.parquet": ("tdabench.data.sources", "QUERY_COLUMNS"),
     "metrics.parquet": ("tdabench.evaluate", "RESULTS_REQUIRED"),
     "candidates.parquet": ("tdabench.evaluate", "RESULTS_REQUIRED"),
-    "costs.parquet": ("tdabench.costs", "COSTS_SCHEMA"),
+    "costs.parquet": ("tdabench.costs_table", "COSTS_SCHEMA"),
 }
 
 

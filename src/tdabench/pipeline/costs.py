@@ -8,7 +8,8 @@ import logging
 import polars as pl
 
 from tdabench.contracts import CostsParams
-from tdabench.costs import TimedExtraction, costs_table, measure_setting, write_costs
+from tdabench.costs import TimedExtraction, measure_setting
+from tdabench.costs_table import costs_table, write_costs
 from tdabench.data.sources import read_queries
 from tdabench.pipeline.attribution import open_extraction
 from tdabench.pipeline.common import JobContext

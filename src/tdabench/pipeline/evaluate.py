@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 
 from tdabench.contracts import EvaluateParams
-from tdabench.costs import read_costs
+from tdabench.costs_table import read_costs
 from tdabench.data.bm25 import bm25_scores, top_candidates
 from tdabench.data.sources import read_queries, read_train
 from tdabench.evaluate import Scoring, evaluate_split, tidy, write_per_query, write_results

@@ -22,20 +22,27 @@ def _check_one(model_type: str):
     return check_architecture(model_type)
 
 
-def run(args) -> None:
-    """Check every architecture (one process per worker, fresh every few models) and write the table."""
+def check_all(types: list[str], jobs: int):
+    """Yield each architecture's result, checked in `jobs` worker processes. A worker imports torch
+    and transformers once and checks many models: the statuses are those of a fresh process per
+    model (all 196 of transformers 5 compared), three times faster than fresh workers every 8."""
     import multiprocessing
 
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        yield from pool.imap(_check_one, types)
+
+
+def run(args) -> None:
+    """Check every architecture and write the table."""
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     types = args.types or list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     start = time.perf_counter()
     results = []
-    with multiprocessing.get_context("spawn").Pool(args.jobs, maxtasksperchild=8) as pool:
-        for r in pool.imap(_check_one, types):
-            results.append(r)
-            print(f"{r.model_type:<28} {r.status:<9} {r.seconds:5.1f} s  {r.reason[:100]}", flush=True)
+    for r in check_all(types, args.jobs):
+        results.append(r)
+        print(f"{r.model_type:<28} {r.status:<9} {r.seconds:5.1f} s  {r.reason[:100]}", flush=True)
     from tdabench.dev.architectures import render_markdown
 
     header = (

@@ -146,6 +146,7 @@ ALLOWED = {
     "section,cls,extra",
     [
         ("tokenize", "tdabench.sections:TokenizeConfig", ()),
+        ("evaluation.bm25", "tdabench.sections:BM25Config", ()),
         ("model.tiny", "tdabench.sections:TinyModelConfig", ()),
         ("dataset.synthetic", "tdabench.data.synthetic:SyntheticConfig", ("seed",)),
         ("pretrain", "tdabench.sections:TrainConfig", ("seed",)),

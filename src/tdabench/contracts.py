@@ -94,7 +94,7 @@ class FinetuneParams:
 @dataclass(frozen=True)
 class GenerateParams:
     model: str = given()  # the attributed model: a produced or local directory, or a hub name
-    max_length: int = key("tokenize.max_length")
+    max_length: int | None = key("tokenize.max_length")
     max_new_tokens: int = key("dataset.generate_max_tokens")
     batch_size: int = key("finetune.eval_batch_size")
     device: str = key("device")

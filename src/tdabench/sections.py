@@ -32,7 +32,7 @@ class BM25Config:
 class TokenizeConfig:
     """Config section `tokenize`: how examples become token sequences."""
 
-    max_length: int
+    max_length: int | None  # None: no truncation
     loss_on: str  # response | all
 
 

@@ -52,6 +52,7 @@ localrules:
     all,
     background,
     dataset,
+    bm25_candidates,
     selection,
     evaluate,
     summary,

@@ -146,6 +146,7 @@ ALLOWED = {
     "section,cls,extra",
     [
         ("tokenize", "tdabench.sections:TokenizeConfig", ()),
+        ("evaluation.bm25", "tdabench.sections:BM25Config", ()),
         ("model.tiny", "tdabench.sections:TinyModelConfig", ()),
         ("dataset.synthetic", "tdabench.data.synthetic:SyntheticConfig", ("seed",)),
         ("pretrain", "tdabench.sections:TrainConfig", ("seed",)),
@@ -198,3 +199,20 @@ def test_nested_command_line_values_parse_as_yaml():
     assert validate_config({"dataset": {"settings": ["paraphrased"]}})["dataset"]["settings"] == ["paraphrased"]
     with pytest.raises(ConfigError, match="projection.dims"):
         validate_config({"projection": {"dims": ["many"]}})
+
+
+def test_untruncated_examples_need_a_model_with_its_own_positions():
+    from tdabench.resources import estimate
+
+    with pytest.raises(ConfigError, match="tokenize.max_length: null .no truncation. needs a model"):
+        validate_config({"tokenize": {"max_length": None}})
+    cfg = validate_config(
+        {
+            "tokenize": {"max_length": None},
+            "model": {"kind": "huggingface", "name_or_path": "org/m"},
+            "finetune": {"enabled": False},
+        }
+    )
+    assert cfg["tokenize"]["max_length"] is None
+    at_4096 = {**cfg, "tokenize": {**cfg["tokenize"], "max_length": 4096}}
+    assert estimate("gradients", cfg, 100) == estimate("gradients", at_4096, 100)  # resources assume 4096 tokens

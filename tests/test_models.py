@@ -32,6 +32,9 @@ def test_truncation_is_explicit():
     tok = train_tokenizer(TEXTS, 300)
     e = encode(tok, "Where was Kalo Ren born?", "Kalo Ren was born in Lisbon.", max_length=8)
     assert e.truncated and len(e.input_ids) == len(e.labels) == 8
+    whole = encode(tok, "Where was Kalo Ren born?", "Kalo Ren was born in Lisbon.", max_length=None)  # untruncated
+    assert not whole.truncated and whole.input_ids[:8] == e.input_ids and len(whole.input_ids) > 8
+    assert whole == encode(tok, "Where was Kalo Ren born?", "Kalo Ren was born in Lisbon.", len(whole.input_ids))
 
 
 def test_collate_right_pads_with_ignored_labels():

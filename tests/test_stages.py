@@ -19,6 +19,7 @@ from tdabench.store import GradientStoreWriter
 from helpers import brute_force_ranks
 
 N_T, N_Q, DIMS = 12, 10, (6, 3, 5)
+B = 4  # BM25 candidates per query
 NAMES = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(len(DIMS))]
 SELECTION = {"selection_fraction": 0.5, "n_splits": 2, "split_seed": 0, "objective": "mrr", "budgets": [0.5]}
 
@@ -37,15 +38,22 @@ def case(tmp_path_factory):
     tg = [rng.standard_normal((N_T, d)).astype(np.float32) for d in DIMS]
     # The first component carries the source signal; the others mostly noise.
     qg = [(rng.standard_normal((N_Q, d)) + w * t[gt]).astype(np.float32) for t, d, w in zip(tg, DIMS, (1.5, 0.1, 0.3))]
+    # Prompts for BM25: a query shares its source's word when its index is even (BM25 finds it),
+    # another example's otherwise (the source is forced into the candidates).
     train = pl.DataFrame(
-        {"id": [f"t{i}" for i in range(N_T)], "prompt": ["p"] * N_T, "response": ["r"] * N_T, "role": ["planted"] * N_T}
+        {
+            "id": [f"t{i}" for i in range(N_T)],
+            "prompt": [f"about w{i} and more" for i in range(N_T)],
+            "response": ["r"] * N_T,
+            "role": ["planted"] * N_T,
+        }
     )
     queries = pl.DataFrame(
         {
             "id": [f"q{i}" for i in range(N_Q)],
             "source_id": [f"t{g}" for g in gt],
             "setting": ["paraphrased"] * N_Q,
-            "prompt": ["p"] * N_Q,
+            "prompt": [f"w{g if i % 2 == 0 else (g + 1) % N_T}" for i, g in enumerate(gt)],
             "response": ["r"] * N_Q,
         }
     )
@@ -61,6 +69,7 @@ def case(tmp_path_factory):
             "proj": "sjlt.h5",
             "stp": "stp.h5",
             "costs": "costs.parquet",
+            "bm25": "bm25_candidates.parquet",
         }.items()
     }
     write_train(train, p["train"])
@@ -74,9 +83,9 @@ def case(tmp_path_factory):
 
     job(
         "similarity",
-        {"train": [p["tstore"]], "query_grads": [p["qstore"]], "queries": p["queries"], "train_table": p["train"]},
+        {"train": [p["tstore"]], "query_grads": [p["qstore"]], "queries": p["queries"], "bm25_candidates": []},
         {"similarity": p["sim"]},
-        {"block_rows": 5, "dtype": "float64", "layout": "dense", "candidates": 10},
+        {"block_rows": 5, "dtype": "float64", "layout": "dense"},
         setting="paraphrased",
     )
     job("selection", {"similarity": p["sim"]}, {"selection": p["sel"]}, SELECTION, setting="paraphrased")
@@ -99,11 +108,19 @@ def case(tmp_path_factory):
     evaluation = {
         "settings": ["paraphrased"],
         "recall_at": [1, 5],
-        "candidates": None,
+        "candidates": B,
+        "bm25": {"variant": "lucene", "tokenizer": "words"},
         "bootstrap": 100,
         "bootstrap_seed": 0,
         **{k: SELECTION[k] for k in ("selection_fraction", "n_splits", "split_seed")},
     }
+    bm25 = {"variant": "lucene", "tokenizer": "words"}
+    job(
+        "bm25_candidates",
+        {"train": p["train"], "queries": p["queries"]},
+        {"candidates": p["bm25"]},
+        {"settings": ["paraphrased"], "b": B, "bm25": bm25},
+    )
     job(
         "evaluate",
         {
@@ -114,6 +131,7 @@ def case(tmp_path_factory):
             "projection": [p["proj"]],
             "selected": [p["stp"]],
             "costs": p["costs"],
+            "bm25_candidates": [p["bm25"]],
         },
         outputs,
         evaluation,
@@ -153,6 +171,27 @@ def test_evaluate_stage_scores_held_out_queries_like_brute_force(case):
         assert greedy["mrr"] == pytest.approx(np.mean(1 / ranks))
     projected = metrics.filter(pl.col("method") == "projection")
     assert sorted(set(projected["k"].to_list())) == [4, 8] and set(projected["seed"].to_list()) == {0, 1}
+
+
+def test_evaluate_stage_ranks_within_the_candidate_table(case):
+    """The candidate protocol reads the one candidate table: full-gradient ranks within each
+    query's sets, as the brute-force loop over the same sets gives them."""
+    from tdabench.candidates import candidate_rows, read_candidates
+    from tdabench.selection import split_queries
+
+    p, outputs, qg, tg, gt = case
+    table = read_candidates(p["bm25"])
+    ids = [f"q{i}" for i in range(N_Q)]
+    sets = candidate_rows(table, "paraphrased", ids, [f"t{i}" for i in range(N_T)], p["bm25"])  # [Q, B]
+    assert sets.shape == (N_Q, B) and all(gt[q] in sets[q] for q in range(N_Q))
+    forced = table.filter(pl.col("forced"))["query_id"].to_list()
+    assert forced and set(forced) <= {f"q{i}" for i in range(1, N_Q, 2)}  # the queries without their source's word
+    candidates = read_results(outputs["candidates"])
+    for split in (0, 1):
+        _, held = split_queries(ids, 0.5, split)
+        full = candidates.filter((pl.col("split") == split) & (pl.col("method") == "full")).row(0, named=True)
+        ranks = brute_force_ranks(qg, tg, gt, range(len(DIMS)), held, candidates=sets)
+        assert full["top1"] == pytest.approx(np.mean(ranks == 1)) and full["mrr"] == pytest.approx(np.mean(1 / ranks))
 
 
 def test_projection_files_hold_every_k_seed_and_split(case):

@@ -255,6 +255,15 @@ def test_scheduling_keys_rerun_nothing(study):
     assert planned_with(root, {**MICRO, "mlflow": {"enabled": False, "experiment": "other"}}) == {}
 
 
+def test_the_published_profile_plans_offline(study):
+    """config/studies/lima.yaml: a dry run needs no hub (HF_HUB_OFFLINE=1 here). Nothing is cached
+    or projected: the candidate sets are computed once and the stores streamed, exact."""
+    root, _ = study
+    stats = planned(root, "--configfile", "config/studies/lima.yaml")
+    assert stats["bm25_candidates"] == 1 and stats["similarity_stream"] == 2 and stats["similarity_merge"] == 2
+    assert not {"gradients", "pretrain", "finetune", "projection", "project_selected", "similarity"} & set(stats)
+
+
 def test_lint_reports_nothing(study):
     root, _ = study
     r = subprocess.run([SNAKEMAKE, "--lint"], cwd=root, capture_output=True, text=True, timeout=300)

@@ -157,6 +157,11 @@ def check_consistency(config: dict) -> None:
         raise ConfigError("config key model.name_or_path: kind huggingface needs a hub name or a local directory")
     if model["kind"] == "gguf" and not (model["gguf"]["file"] and (model["gguf"]["path"] or model["gguf"]["package"])):
         raise ConfigError("config key model.gguf: kind gguf needs model.gguf.file and model.gguf.path or .package")
+    if model["kind"] == "tiny" and config["tokenize"]["max_length"] is None:
+        raise ConfigError(
+            "config key tokenize.max_length: null (no truncation) needs a model with its own positions "
+            "(model.kind huggingface or gguf); the tiny model is built for 2 x max_length positions"
+        )
     if model["kind"] != "tiny":
         return  # shapes of a real model are known only once it is loaded; the jobs check k and sizes
 

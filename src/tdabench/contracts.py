@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from tdabench.config import NON_RESULT_KEYS
-from tdabench.sections import CostsConfig, ExtractionConfig, TinyModelConfig, TokenizeConfig, TrainConfig
+from tdabench.sections import BM25Config, CostsConfig, ExtractionConfig, TinyModelConfig, TokenizeConfig, TrainConfig
 
 T = TypeVar("T")
 _FROM = "tdabench.source"  # field metadata: where the value comes from
@@ -94,7 +94,7 @@ class FinetuneParams:
 @dataclass(frozen=True)
 class GenerateParams:
     model: str = given()  # the attributed model: a produced or local directory, or a hub name
-    max_length: int = key("tokenize.max_length")
+    max_length: int | None = key("tokenize.max_length")
     max_new_tokens: int = key("dataset.generate_max_tokens")
     batch_size: int = key("finetune.eval_batch_size")
     device: str = key("device")
@@ -114,11 +114,17 @@ class GradientsParams:
 
 
 @dataclass(frozen=True)
+class CandidatesParams:
+    settings: tuple[str, ...] = key("dataset.settings")
+    b: int = key("evaluation.candidates")
+    bm25: BM25Config = section("evaluation.bm25")
+
+
+@dataclass(frozen=True)
 class SimilarityParams:
     block_rows: int = key("similarity.block_rows")
     dtype: str = key("similarity.dtype")
-    layout: str = key("similarity.layout")
-    candidates: int | None = key("evaluation.candidates")  # b of the candidate layout
+    layout: str = key("similarity.layout")  # candidates: the sets of results/data/bm25_candidates.parquet
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,6 @@ class StreamParams:
     extraction: ExtractionConfig = section("gradients", max_component_dim="similarity.max_component_dim")
     dtype: str = key("similarity.dtype")
     layout: str = key("similarity.layout")
-    candidates: int | None = key("evaluation.candidates")
     memory_gb: float = key("similarity.memory_gb")
     shards: int = key("similarity.shards")
     verify: int = key("gradients.verify")
@@ -180,6 +185,7 @@ class EvaluateParams:
     settings: tuple[str, ...] = key("dataset.settings")
     recall_at: tuple[int, ...] = key("evaluation.recall_at")
     candidates: int | None = key("evaluation.candidates")
+    bm25: BM25Config = section("evaluation.bm25")  # the bm25 baseline's
     bootstrap: int = key("evaluation.bootstrap")
     bootstrap_seed: int = key("evaluation.bootstrap_seed")
     # the same splits the selection stage used
@@ -219,6 +225,7 @@ CONTRACTS: dict[str, Contract] = {
         Contract("finetune", "tdabench.pipeline.finetune:main", FinetuneParams),
         Contract("generate", "tdabench.pipeline.generate:main", GenerateParams),
         Contract("gradients", "tdabench.pipeline.gradients:main", GradientsParams),
+        Contract("bm25_candidates", "tdabench.pipeline.candidates:main", CandidatesParams),
         Contract("similarity", "tdabench.pipeline.similarity:main", SimilarityParams),
         Contract("similarity_stream", "tdabench.pipeline.similarity:main_stream", StreamParams),
         Contract("similarity_merge", "tdabench.pipeline.similarity:main_merge", MergeParams),

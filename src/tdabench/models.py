@@ -196,7 +196,8 @@ def unlabelled(examples: list[Encoded]) -> list[int]:
     return [i for i, e in enumerate(examples) if all(label == IGNORE_INDEX for label in e.labels[1:])]
 
 
-def encode(tokenizer, prompt: str, response: str, max_length: int, loss_on: str = "response") -> Encoded:
+def encode(tokenizer, prompt: str, response: str, max_length: int | None, loss_on: str = "response") -> Encoded:
+    """One formatted example, cut to `max_length` tokens (None: whole)."""
     prefix, suffix = render(tokenizer, prompt, response)
     prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
     suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
@@ -207,11 +208,11 @@ def encode(tokenizer, prompt: str, response: str, max_length: int, loss_on: str 
         labels = list(ids)
     else:
         raise ValueError(f"loss_on must be 'response' or 'all', got {loss_on!r}")
-    truncated = len(ids) > max_length
-    return Encoded(ids[:max_length], labels[:max_length], min(len(prefix_ids), max_length), truncated)
+    limit = len(ids) if max_length is None else max_length
+    return Encoded(ids[:limit], labels[:limit], min(len(prefix_ids), limit), len(ids) > limit)
 
 
-def encode_prompt(tokenizer, prompt: str, max_length: int) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, max_length: int | None) -> list[int]:
     prefix, _ = render(tokenizer, prompt, "")
     return tokenizer(prefix, add_special_tokens=False)["input_ids"][:max_length]
 

@@ -34,6 +34,19 @@ def query_table(config: dict) -> str:
     return "results/data/queries.parquet"
 
 
+CANDIDATES = "results/data/bm25_candidates.parquet"  # tdabench.candidates
+
+
+def evaluation_candidates(config: dict) -> list[str]:
+    """The candidate table, when the evaluation ranks within candidates (evaluation.candidates)."""
+    return [CANDIDATES] if config["evaluation"]["candidates"] else []
+
+
+def store_candidates(config: dict) -> list[str]:
+    """The candidate table, when the similarity stores hold only the candidates (similarity.layout)."""
+    return [CANDIDATES] if config["similarity"]["layout"] == "candidates" else []
+
+
 def background(config: dict) -> list[str]:
     """The background data the dataset builds on (synthetic data only)."""
     return ["results/data/background.parquet"] if config["dataset"]["kind"] == "synthetic" else []

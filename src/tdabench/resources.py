@@ -22,6 +22,7 @@ MB = 2**20
 BASE_MB = 1500  # python + torch + transformers, before any model
 CPU_FLOPS = 4e10  # effective FLOP/s of fwd+bwd on 2 CPU cores (SmolLM2-135M fine-tune: ~4.7e10)
 MIN_RUNTIME = 10  # minutes: start-up, imports, self-checks
+UNTRUNCATED_TOKENS = 4096  # tokens per example assumed when tokenize.max_length is null
 HUB_PARAMETERS = 1_000_000_000  # assumed for a hub name that is not on disk (set resources.model_parameters)
 MODEL_RULES = ("pretrain", "convert", "finetune", "generate", "gradients", "similarity_stream", "costs")
 # convert dequantises on the CPU
@@ -119,7 +120,7 @@ def cache_bytes(config: dict, n_samples: int) -> int:
 def estimate(rule: str, config: dict, rows: int, attempt: int = 1) -> dict[str, int]:
     """{mem_mb, runtime} of one job of `rule` over `rows` examples (runtime in minutes)."""
     size = model_size(config)
-    p, length = size.parameters, config["tokenize"]["max_length"]
+    p, length = size.parameters, config["tokenize"]["max_length"] or UNTRUNCATED_TOKENS
     tokens = rows * length  # an upper bound: examples are padded to at most max_length
     grads = config["gradients"]
     if rule in ("pretrain", "finetune"):

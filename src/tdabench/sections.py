@@ -21,10 +21,18 @@ class TinyModelConfig:
 
 
 @dataclass(frozen=True)
+class BM25Config:
+    """Config section `evaluation.bm25`: the BM25 of the baseline and the candidate sets."""
+
+    variant: str  # lucene | okapi (tdabench.data.bm25)
+    tokenizer: str  # words | whitespace
+
+
+@dataclass(frozen=True)
 class TokenizeConfig:
     """Config section `tokenize`: how examples become token sequences."""
 
-    max_length: int
+    max_length: int | None  # None: no truncation
     loss_on: str  # response | all
 
 

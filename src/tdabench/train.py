@@ -100,7 +100,7 @@ def greedy_answers(
     model,
     tokenizer,
     prompts: list[str],
-    max_length: int,
+    max_length: int | None,
     max_new_tokens: int = 24,
     batch_size: int = 64,
     progress: bool = False,

@@ -24,6 +24,7 @@ _TABLES = {
     "metrics.parquet": ("tdabench.evaluate", "RESULTS_REQUIRED"),
     "candidates.parquet": ("tdabench.evaluate", "RESULTS_REQUIRED"),
     "costs.parquet": ("tdabench.costs_table", "COSTS_SCHEMA"),
+    "bm25_candidates.parquet": ("tdabench.candidates", "CANDIDATES_SCHEMA"),
 }
 
 
@@ -67,7 +68,13 @@ def check_file(path: Path) -> list[str]:
         except Exception as e:  # noqa: BLE001 - any read error means the table cannot be trusted
             return [f"{path}: unreadable parquet ({e})"]
         missing = [c for c in _required(path) if c not in table.columns]
-        return [f"{path}: missing columns {missing}"] if missing else []
+        if missing:
+            return [f"{path}: missing columns {missing}"]
+        if path.name == "bm25_candidates.parquet":
+            from tdabench.candidates import check_candidates
+
+            return [f"{path}: {msg}" for msg in check_candidates(table)]
+        return []
     return []
 
 

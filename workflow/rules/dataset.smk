@@ -34,3 +34,23 @@ rule dataset:
         **stage_params("dataset"),
     script:
         STAGE
+
+
+rule bm25_candidates:
+    """Each query's BM25 candidate set (the published protocol), written once for every stage that ranks within them."""
+    input:
+        code=stage_code("bm25_candidates"),
+        train="results/data/train.parquet",
+        queries=QUERY_TABLE,
+    output:
+        candidates=plan.CANDIDATES,
+    log:
+        "logs/bm25_candidates.log",
+    benchmark:
+        "benchmarks/bm25_candidates.tsv"
+    conda:
+        ENV
+    params:
+        **stage_params("bm25_candidates"),
+    script:
+        STAGE

@@ -34,6 +34,7 @@ rule evaluate:
         projection=expand("results/projection/{method}.h5", method=plan.projection_methods(config)),
         selected=plan.selected_projections(config),
         costs="results/evaluation/costs.parquet",
+        bm25_candidates=plan.evaluation_candidates(config),
     output:
         metrics="results/evaluation/metrics.parquet",
         candidates="results/evaluation/candidates.parquet",

@@ -10,8 +10,8 @@ if plan.similarity_source(config) == "cache":
             code=stage_code("similarity"),
             train=gradient_shards("train"),
             query_grads=gradient_shards("queries"),
-            train_table="results/data/train.parquet",
             queries=QUERY_TABLE,
+            bm25_candidates=plan.store_candidates(config),
         output:
             similarity="results/similarity/{setting}.h5",
         log:
@@ -36,6 +36,7 @@ else:
             code=stage_code("similarity_stream"),
             train="results/data/train.parquet",
             queries=QUERY_TABLE,
+            bm25_candidates=plan.store_candidates(config),
         output:
             part="results/similarity/{setting}/part-{part}.h5",
         log:

@@ -127,8 +127,9 @@ def load_hf(spec: dict, key: str) -> pl.DataFrame:
     except Exception as e:  # noqa: BLE001 - the datasets library raises many kinds; name the key
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         hint = (
-            " The Hugging Face hub is offline (HF_HUB_OFFLINE=1): download the dataset or point to a "
-            "local folder, or set HF_HUB_OFFLINE=0."
+            f" The Hugging Face hub is offline (HF_HUB_OFFLINE=1) and the dataset is not in its cache: fetch "
+            f"it once with `HF_HUB_OFFLINE=0 hf download --repo-type dataset {path}` (or run this job "
+            "once with HF_HUB_OFFLINE=0), or point the key to a local folder."
             if offline and not local.exists()
             else ""
         )

@@ -7,9 +7,10 @@ import logging
 import numpy as np
 import polars as pl
 
+from tdabench.candidates import CandidateError, candidate_rows, read_candidates
 from tdabench.contracts import EvaluateParams
 from tdabench.costs_table import read_costs
-from tdabench.data.bm25 import bm25_scores, top_candidates
+from tdabench.data.bm25 import bm25_scores
 from tdabench.data.sources import read_queries, read_train
 from tdabench.evaluate import Scoring, evaluate_split, tidy, write_per_query, write_results
 from tdabench.pipeline.common import JobContext
@@ -37,17 +38,23 @@ def main(job: JobContext, mlrun) -> None:
         q = queries.filter(pl.col("setting") == setting)
         q = q[[{i: n for n, i in enumerate(q["id"].to_list())}[qid] for qid in sim.query_ids]]
         baselines = {
-            "prompt": bm25_scores(q["prompt"].to_list(), train["prompt"].to_list()),
+            "prompt": bm25_scores(q["prompt"].to_list(), train["prompt"].to_list(), p.bm25),
             "prompt_response": bm25_scores(
-                (q["prompt"] + " " + q["response"]).to_list(), (train["prompt"] + " " + train["response"]).to_list()
+                (q["prompt"] + " " + q["response"]).to_list(),
+                (train["prompt"] + " " + train["response"]).to_list(),
+                p.bm25,
             ),
         }
         if sim.train_ids != train["id"].to_list():
             raise ValueError(f"{sim_path}: training ids differ from {job.input['train']}")
         candidates = None
-        if p.candidates and sim.candidates is None:  # the published protocol: BM25 over training prompts
-            b = min(p.candidates, len(sim.train_ids))
-            candidates = top_candidates(baselines["prompt"], sim.targets(np.arange(len(sim.query_ids))), b)
+        if p.candidates:  # the published protocol: rank within each query's BM25 candidates
+            (path,) = job.input["bm25_candidates"]
+            candidates = candidate_rows(read_candidates(path), setting, sim.query_ids, sim.train_ids, str(path))
+            if sim.candidates is not None:  # the store holds only the candidates: the same sets
+                if not np.array_equal(sim.candidates, candidates):
+                    raise CandidateError(f"{sim_path} holds other candidate sets than {path}: rebuild it")
+                candidates = None
         for split in range(p.n_splits):
             _, held = split_queries(sim.query_ids, p.selection_fraction, p.split_seed + split)
             r, pq = evaluate_split(sim, setting, split, held, selection, projections, baselines, scoring, candidates)

@@ -8,11 +8,9 @@ import logging
 import time
 from collections import Counter
 
-import polars as pl
-
 from tdabench.cached import CacheProducer
+from tdabench.candidates import candidate_rows, read_candidates
 from tdabench.contracts import MergeParams, SimilarityParams, StreamParams
-from tdabench.data.bm25 import bm25_candidates
 from tdabench.data.sources import read_setting_queries, read_train
 from tdabench.models import model_fingerprint
 from tdabench.pipeline.attribution import open_extraction
@@ -27,6 +25,12 @@ from tdabench.tracking import file_manifest
 log = logging.getLogger(__name__)
 
 
+def store_candidates(job: JobContext, setting: str, query_ids: list[str], train_ids: list[str]):
+    """The candidate layout's training rows per query -> [Q, b], from the one candidate table."""
+    (path,) = job.input["bm25_candidates"]  # a one-file list (empty in the dense layout)
+    return candidate_rows(read_candidates(path), setting, query_ids, train_ids, str(path))
+
+
 def main(job: JobContext, mlrun) -> None:
     p, setting = job.typed_params(SimilarityParams), job.wildcards["setting"]
     everything, rows = read_setting_queries(job.input["queries"], setting)
@@ -35,9 +39,7 @@ def main(job: JobContext, mlrun) -> None:
     with GradientStore(job.input["train"]) as train, GradientStore(job.input["query_grads"]) as qstore:
         candidates = None
         if p.layout == "candidates":
-            table = pl.DataFrame({"id": train.sample_ids, "prompt": read_train(job.input["train_table"])["prompt"]})
-            gt = ground_truth(train.sample_ids, queries["source_id"].to_list())
-            candidates = bm25_candidates(queries["prompt"], table["prompt"], gt, p.candidates)
+            candidates = store_candidates(job, setting, queries["id"].to_list(), train.sample_ids)
         producer = CacheProducer(train, qstore, p.block_rows)
         ids, sources = queries["id"].to_list(), queries["source_id"].to_list()
         target = producer.target(ids, sources, {"setting": setting}, candidates, p.dtype)
@@ -59,7 +61,7 @@ def main_stream(job: JobContext, mlrun) -> None:
     gt = ground_truth(train["id"].to_list(), everything[rows]["source_id"].to_list())
     candidates = None
     if p.layout == "candidates":
-        candidates = bm25_candidates(everything[rows]["prompt"], train["prompt"], gt, p.candidates)
+        candidates = store_candidates(job, setting, everything[rows]["id"].to_list(), train["id"].to_list())
 
     kit = open_extraction(job, mlrun, p.model, p.device, p.extraction)
     extraction = kit.extraction

@@ -139,3 +139,33 @@ def config_leaves(node, path=()):
             yield from config_leaves(value, (*path, key))
     else:
         yield ".".join(path)
+
+
+def papers_candidates(train_prompts, query_prompt, source: int, b: int = 5):
+    """The paper's candidate code path, as a slow reference: rank_bm25.BM25Okapi over str.split()
+    of the training prompts, np.argsort(-scores)[:b], the source overwriting the last slot when
+    missing -> ({training row: score} of the b candidates, forced); None when the b-th and
+    (b+1)-th best scores tie (there numpy's unstable sort decides which is in, so the paper's set is
+    not defined; the order of tied scores within the set is not either, hence a mapping)."""
+    import rank_bm25
+
+    scores = rank_bm25.BM25Okapi([p.split() for p in train_prompts]).get_scores(query_prompt.split())
+    ordered = np.sort(scores)[::-1]
+    if len(ordered) > b and ordered[b - 1] == ordered[b]:
+        return None
+    top = np.argsort(-scores)[:b].tolist()
+    forced = source not in top
+    if forced:
+        top[-1] = source
+    return {t: scores[t] for t in top}, forced
+
+
+def assert_papers_set(got, paper, train_ids):
+    """One query's rows of the candidate table (sorted by slot) hold the paper's candidates with the
+    package's scores, best first (ties: the lower training row), the source forced in alike."""
+    expected, forced = paper
+    rows = [train_ids.index(t) for t in got["train_id"].to_list()]
+    assert dict(zip(rows, got["score"].to_list())) == expected
+    assert got["forced"].to_list() == [False] * (len(rows) - 1) + [forced]
+    ranked = rows[:-1] if forced else rows
+    assert ranked == sorted(ranked, key=lambda t: (-expected[t], t))

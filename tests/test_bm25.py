@@ -9,6 +9,8 @@ from tdabench.candidates import CandidateError, build_candidates, candidate_rows
 from tdabench.data.bm25 import bm25_scores, tokenize, top_candidates
 from tdabench.sections import BM25Config
 
+from helpers import assert_papers_set, papers_candidates
+
 LUCENE = BM25Config("lucene", "words")
 OKAPI = BM25Config("okapi", "whitespace")
 
@@ -110,29 +112,21 @@ def tables(seed=0, n_train=40, n_queries=15):
 
 
 def test_candidate_table_is_the_papers_top5_with_the_source_forced_in(tmp_path):
-    """Against the paper's code path: rank_bm25 scores, np.argsort(-scores)[:5], the source
-    overwriting the 5th slot when missing. Queries whose 5th and 6th scores tie are skipped (there
-    the paper's order is numpy's unstable sort; ours takes the lower training row)."""
-    rank_bm25 = pytest.importorskip("rank_bm25")
+    """Against the paper's code path (tests/helpers.papers_candidates); queries whose 5th and 6th
+    scores tie are skipped: there the paper's order is numpy's unstable sort, ours the lower row."""
+    pytest.importorskip("rank_bm25")
     train, queries = tables()
     table = build_candidates(train, queries, ["paraphrased", "model_generated"], 5, OKAPI)
     write_candidates(table, tmp_path / "c.parquet")
     table = read_candidates(tmp_path / "c.parquet")
-    bm25 = rank_bm25.BM25Okapi([p.split() for p in train["prompt"].to_list()])
     ids = train["id"].to_list()
     checked = 0
     for q in queries.filter(pl.col("setting") == "paraphrased").iter_rows(named=True):
-        scores = bm25.get_scores(q["prompt"].split())
-        top = np.argsort(-scores)[:5].tolist()
-        if np.sort(scores)[::-1][4] == np.sort(scores)[::-1][5]:
+        paper = papers_candidates(train["prompt"].to_list(), q["prompt"], ids.index(q["source_id"]))
+        if paper is None:
             continue
-        forced = ids.index(q["source_id"]) not in top
-        if forced:
-            top[4] = ids.index(q["source_id"])
         got = table.filter((pl.col("setting") == "paraphrased") & (pl.col("query_id") == q["id"])).sort("slot")
-        assert got["train_id"].to_list() == [ids[i] for i in top]
-        assert got["forced"].to_list() == [False] * 4 + [forced]
-        np.testing.assert_array_equal(got["score"].to_numpy(), scores[top])
+        assert_papers_set(got, paper, ids)
         checked += 1
     assert checked >= 10
     both = table.pivot(on="setting", index=["query_id", "slot"], values="train_id")

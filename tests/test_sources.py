@@ -5,7 +5,7 @@ import json
 import polars as pl
 import pytest
 
-from tdabench.data.sources import DataError, first_turns, load_files, load_hf
+from tdabench.data.sources import DataError, load_files, load_hf, single_turn
 from tdabench.models import load_model
 
 
@@ -37,16 +37,19 @@ def test_files_round_trip_and_unknown_source_is_named(tmp_path):
         load_files(str(tmp_path / "missing.jsonl"), str(tmp_path / "q.jsonl"))
 
 
-def test_chat_columns_give_first_user_and_assistant_turns():
+def test_chat_columns_give_the_user_and_assistant_turn_and_refuse_multi_turn_rows():
     chat = [
         {"role": "system", "content": "s"},
         {"role": "user", "content": "u1"},
         {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "u2"},
     ]
-    assert first_turns(chat, "here") == ("u1", "a1")
+    assert single_turn(chat, "here") == ("u1", "a1")
     with pytest.raises(DataError, match="here: needs a user and an assistant message, has roles \\['user'\\]"):
-        first_turns([{"role": "user", "content": "u"}], "here")
+        single_turn([{"role": "user", "content": "u"}], "here")
+    with pytest.raises(
+        DataError, match="here: a multi-turn conversation .2 user and 1 assistant messages.; .*single-turn"
+    ):
+        single_turn([*chat, {"role": "user", "content": "u2"}], "here")
 
 
 def test_local_saved_dataset_with_column_mapping(tmp_path):

@@ -74,16 +74,19 @@ def evaluate_split(
     `selection`: the setting's selection table (this split's choices are used); `baselines`: {variant: dense scores
     [Q, T]} of text baselines. `candidates` ([Q, b] training indices, e.g. BM25's top b with the
     source forced in; dense layout only) adds, beside every whole-corpus row (protocol `corpus`),
-    the same method ranked within each query's candidates (protocol `candidates`)."""
+    the same method ranked within each query's candidates (protocol `candidates`). A store in the
+    candidate layout ranks within its candidates only: its rows are protocol `candidates`."""
     targets = sim.targets(heldout)
     query_ids = [sim.query_ids[q] for q in heldout]
     params, dims = sim.component_params, sim.component_dim
+    within_store = sim.n_columns if sim.candidates is not None else None  # b of a candidate-layout store
     base = {
         "setting": setting,
         "split": split,
         "n_queries": len(heldout),
         "n_train": len(sim.train_ids),
-        "protocol": "corpus",
+        "protocol": "corpus" if within_store is None else "candidates",
+        "b": within_store,
     }
     rows, per_query = [], []
     if candidates is not None:
@@ -168,8 +171,8 @@ def evaluate_split(
     empty = {"components": "", "n_components": 0, "params": 0, "dim": 0, "bytes_per_sample": 0}
     for variant, dense in baselines.items():
         score({**base, **empty, "method": "bm25", "variant": variant}, _columns(sim, dense[heldout], heldout))
-    for protocol, n in [("corpus", sim.n_columns)] + (
-        [("candidates", cand.shape[1])] if candidates is not None else []
+    for protocol, n, b in [(base["protocol"], sim.n_columns, within_store)] + (
+        [("candidates", cand.shape[1], cand.shape[1])] if candidates is not None else []
     ):
         chance = chance_metrics(n, scoring.ks)
         rows.append(
@@ -177,7 +180,7 @@ def evaluate_split(
                 **base,
                 **empty,
                 "protocol": protocol,
-                "b": n if protocol == "candidates" else None,
+                "b": b,
                 "method": "chance",
                 **chance,
                 **{f"{m}_{b}": v for m, v in chance.items() for b in ("lo", "hi")},

@@ -6,8 +6,9 @@ Schemas (after column mapping):
 A Hugging Face dataset is read with `datasets.load_dataset` (a hub name, a folder of data files,
 or a folder written by `Dataset.save_to_disk`), then its columns are renamed by the mapping
 {our column: dataset column}. `messages: <column>` reads a chat-format column (a list of
-{role, content}) instead: prompt and response are its first user and assistant turns. Query sets
-aligned row by row with the training set can take `source: index` instead of a source_id column.
+{role, content}) instead: prompt and response are its user and assistant message (single-turn
+rows only: a multi-turn row is an error). Query sets aligned row by row with the training set can
+take `source: index` instead of a source_id column.
 """
 
 from __future__ import annotations
@@ -142,9 +143,9 @@ def load_hf(spec: dict, key: str) -> pl.DataFrame:
     if not mapping:
         return table
     out = table.select(pl.col(src).alias(ours) for ours, src in mapping.items() if ours != "messages")
-    if "messages" in mapping:  # a chat column: prompt and response from its first user / assistant turns
+    if "messages" in mapping:  # a chat column: prompt and response from its single user / assistant turn
         pairs = [
-            first_turns(m, f"config key {key}.columns.messages ({path}, row {i})")
+            single_turn(m, f"config key {key}.columns.messages ({path}, row {i})")
             for i, m in enumerate(table[mapping["messages"]].to_list())
         ]
         out = out.with_columns(
@@ -153,17 +154,24 @@ def load_hf(spec: dict, key: str) -> pl.DataFrame:
     return out
 
 
-def first_turns(messages: list[dict] | None, where: str) -> tuple[str, str]:
-    """(first user content, first assistant content) of a chat-format example
-    ([{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...])."""
-    turns = {}
+def single_turn(messages: list[dict] | None, where: str) -> tuple[str, str]:
+    """(user content, assistant content) of a single-turn chat-format example
+    ([{"role": "user", "content": ...}, {"role": "assistant", "content": ...}], a system message
+    allowed). A multi-turn conversation is an error: the study attributes one prompt and answer."""
+    turns: dict[str, list[str]] = {}
     for message in messages or []:
         if not isinstance(message, dict) or not {"role", "content"} <= set(message):
             raise DataError(f"{where}: expected a list of {{role, content}} messages, got {message!r:.80}")
-        turns.setdefault(message["role"], message["content"])
+        turns.setdefault(message["role"], []).append(message["content"])
     if "user" not in turns or "assistant" not in turns:
         raise DataError(f"{where}: needs a user and an assistant message, has roles {sorted(turns)}")
-    return turns["user"], turns["assistant"]
+    if len(turns["user"]) > 1 or len(turns["assistant"]) > 1:
+        raise DataError(
+            f"{where}: a multi-turn conversation ({len(turns['user'])} user and {len(turns['assistant'])} "
+            "assistant messages); the study attributes single-turn examples: keep only rows with one user "
+            "and one assistant message"
+        )
+    return turns["user"][0], turns["assistant"][0]
 
 
 def load_huggingface_train(spec: dict) -> pl.DataFrame:

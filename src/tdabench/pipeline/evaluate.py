@@ -28,9 +28,11 @@ def main(job: JobContext, mlrun) -> None:
     costs = read_costs(job.input["costs"])
     selected = dict(zip(p.settings, job.input["selected"])) if job.input.get("selected") else {}
     rows, per_query = [], []
+    stores_in_candidate_layout = False
     scoring = Scoring(p.recall_at, p.bootstrap, p.bootstrap_seed)
     for setting, sim_path, sel_path in zip(p.settings, job.input["similarity"], job.input["selection"]):
         sim = load_similarity(sim_path)
+        stores_in_candidate_layout = sim.candidates is not None
         selection = SelectionTable.read(sel_path)
         projections = [pr for path in job.input["projection"] for pr in read_projections(path, sim.query_ids)]
         if setting in selected:
@@ -61,9 +63,13 @@ def main(job: JobContext, mlrun) -> None:
             rows += r
             per_query += pq
     everything = tidy(rows, list(p.recall_at), costs)
-    table = everything.filter(pl.col("protocol") == "corpus")
+    # The study's own protocol goes to metrics.parquet: whole-corpus ranking, or, with stores in the
+    # candidate layout, ranking within the candidates; candidates.parquet holds the candidate
+    # protocol beside whole-corpus ranking (dense layout; empty otherwise).
+    own = "candidates" if stores_in_candidate_layout else "corpus"
+    table = everything.filter(pl.col("protocol") == own)
     write_results(table, job.output["metrics"])
-    write_results(everything.filter(pl.col("protocol") == "candidates"), job.output["candidates"])
+    write_results(everything.filter(pl.col("protocol") != own), job.output["candidates"])
     write_per_query(per_query, job.output["per_query"])
     means = (
         table.filter(pl.col("method").is_in(["full", "greedy", "best_single"]))

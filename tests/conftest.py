@@ -10,6 +10,7 @@ LONGEST_FIRST = (
     "test_reproducibility.py",
     "test_userdata.py",
     "test_cluster.py",
+    "test_published.py",
     "test_architectures.py",
     "test_streaming.py",
     "test_numerics.py",

@@ -51,6 +51,11 @@ def no_files(folder: Path, pattern: str = "*") -> bool:
         ({"gradients": {"verify_tolerance": 0}}, r"gradients.verify_tolerance"),
         ({"dataset": {"kind": "files"}}, r"dataset.files: kind files needs dataset.files.train"),
         ({"selection": {"objective": "accuracy"}}, r"selection.objective: 'accuracy' is not one of"),
+        (
+            {"evaluation": {"bm25": {"variant": "bm42"}}},
+            r"evaluation.bm25.variant: 'bm42' is not one of \['lucene', 'okapi'\]",
+        ),
+        ({"tokenize": {"max_length": None}}, r"tokenize.max_length: null .no truncation. needs a model with its own"),
     ],
 )
 def test_bad_config_values_are_refused_naming_the_key(config, message):

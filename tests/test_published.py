@@ -116,6 +116,11 @@ def test_the_published_profile_runs_on_a_stand_in(stand_in):
     assert set(metrics["protocol"]) == {"candidates"} and set(metrics["b"]) == {5}  # within the 5 candidates
     assert set(metrics["setting"]) == {"paraphrased", "model_generated"}
     assert pl.read_parquet(root / "results/evaluation/candidates.parquet").is_empty()  # nothing beside it
+    in_sample = pl.read_parquet(root / "results/evaluation/in_sample.parquet")  # the paper's metric
+    full = in_sample.filter(pl.col("method") == "full")
+    assert full["setting"].to_list() == ["paraphrased", "model_generated"] and set(full["b"]) == {5}
+    assert set(full["n_queries"]) == {10} and set(full["split"]) == {-1}  # every query, in-sample
+    assert "In-sample over all queries" in (root / "results/summary.md").read_text()
     assert {"full", "single", "greedy", "bm25"} <= set(metrics["method"])
     assert not (root / "results/models").exists()  # attributed as it is: no pre-training, no fine-tuning
 

@@ -104,7 +104,7 @@ def case(tmp_path_factory):
         {**proj, "select_kind": "sjlt"},
         setting="paraphrased",
     )
-    outputs = {k: str(root / f"{k}.parquet") for k in ("metrics", "candidates", "per_query")}
+    outputs = {k: str(root / f"{k}.parquet") for k in ("metrics", "candidates", "in_sample", "per_query")}
     evaluation = {
         "settings": ["paraphrased"],
         "recall_at": [1, 5],
@@ -231,3 +231,28 @@ def test_typed_params_refuse_a_missing_or_unknown_key(tmp_path):
             )
         )
     assert not (tmp_path / "s.parquet").exists()
+
+
+def test_in_sample_table_scores_every_query_with_the_methods_that_choose_nothing(case):
+    """The paper's metric: all queries at once (split -1), full gradient and single components
+    against the brute-force loop, whole corpus and within the candidates; nothing chosen on queries."""
+    from tdabench.candidates import candidate_rows, read_candidates
+
+    p, outputs, qg, tg, gt = case
+    table = read_results(outputs["in_sample"])
+    assert set(table["split"]) == {-1} and set(table["n_queries"]) == {N_Q}
+    assert not {"best_single", "greedy", "greedy_step", "greedy_budget", "select_then_project"} & set(table["method"])
+    every = range(N_Q)
+    sets = candidate_rows(
+        read_candidates(p["bm25"]), "paraphrased", [f"q{i}" for i in every], [f"t{i}" for i in range(N_T)], "c"
+    )
+    for protocol, cands in (("corpus", None), ("candidates", sets)):
+        rows = table.filter(pl.col("protocol") == protocol)
+        full = rows.filter(pl.col("method") == "full").row(0, named=True)
+        ranks = brute_force_ranks(qg, tg, gt, range(len(DIMS)), every, candidates=cands)
+        assert full["top1"] == pytest.approx(np.mean(ranks == 1)) and full["mrr"] == pytest.approx(np.mean(1 / ranks))
+        for c, name in enumerate(NAMES):
+            single = rows.filter((pl.col("method") == "single") & (pl.col("n_components") == 1)).row(c, named=True)
+            ranks = brute_force_ranks(qg, tg, gt, [c], every, candidates=cands)
+            assert single["top1"] == pytest.approx(np.mean(ranks == 1)), name
+    assert set(table.filter(pl.col("method") == "projection")["k"]) == {4, 8}  # projections of the full gradient

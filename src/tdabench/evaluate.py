@@ -59,12 +59,15 @@ class Scoring:
     boot_seed: int  # evaluation.bootstrap_seed
 
 
+IN_SAMPLE = -1  # split of the in-sample table: every query, nothing chosen on them (the paper's metric)
+
+
 def evaluate_split(
     sim: Similarity,
     setting: str,
     split: int,
     heldout: np.ndarray,
-    selection: SelectionTable,
+    selection: SelectionTable | None,
     projections: list[Projected],
     baselines: dict[str, np.ndarray],
     scoring: Scoring,
@@ -75,7 +78,9 @@ def evaluate_split(
     [Q, T]} of text baselines. `candidates` ([Q, b] training indices, e.g. BM25's top b with the
     source forced in; dense layout only) adds, beside every whole-corpus row (protocol `corpus`),
     the same method ranked within each query's candidates (protocol `candidates`). A store in the
-    candidate layout ranks within its candidates only: its rows are protocol `candidates`."""
+    candidate layout ranks within its candidates only: its rows are protocol `candidates`.
+    `selection` None (the in-sample table, split IN_SAMPLE, every query): only the methods that
+    choose nothing on the queries (full, single, family, projections of the full gradient, BM25)."""
     targets = sim.targets(heldout)
     query_ids = [sim.query_ids[q] for q in heldout]
     params, dims = sim.component_params, sim.component_dim
@@ -141,6 +146,34 @@ def evaluate_split(
     for name, idx in family_subsets(sim):
         add("family", idx, sim.scores(idx, heldout), variant=name)
 
+    if selection is None:
+        projections = [p for p in projections if p.split is None]
+    else:
+        add_selected(sim, split, heldout, selection, add)
+    _add_projections(sim, split, heldout, projections, add)
+    empty = {"components": "", "n_components": 0, "params": 0, "dim": 0, "bytes_per_sample": 0}
+    for variant, dense in baselines.items():
+        score({**base, **empty, "method": "bm25", "variant": variant}, _columns(sim, dense[heldout], heldout))
+    for protocol, n, b in [(base["protocol"], sim.n_columns, within_store)] + (
+        [("candidates", cand.shape[1], cand.shape[1])] if candidates is not None else []
+    ):
+        chance = chance_metrics(n, scoring.ks)
+        rows.append(
+            {
+                **base,
+                **empty,
+                "protocol": protocol,
+                "b": b,
+                "method": "chance",
+                **chance,
+                **{f"{m}_{b}": v for m, v in chance.items() for b in ("lo", "hi")},
+            }
+        )
+    return rows, per_query
+
+
+def add_selected(sim: Similarity, split: int, heldout: np.ndarray, selection: SelectionTable, add) -> None:
+    """The methods chosen on the split's selection queries: best single, greedy steps, budgets."""
     best = sim.component_index(selection.best_single(split))
     add("best_single", best, sim.scores(best, heldout))
     order = sim.component_index(selection.greedy_order(split))
@@ -161,6 +194,8 @@ def evaluate_split(
             variant=f"budget {budget:g}",
         )
 
+
+def _add_projections(sim: Similarity, split: int, heldout: np.ndarray, projections: list[Projected], add) -> None:
     for p in projections:
         if p.split is not None and p.split != split:
             continue
@@ -168,25 +203,6 @@ def evaluate_split(
         method = "projection" if p.split is None else "select_then_project"
         comps = None if p.split is None else sim.component_index(p.components)
         add(method, comps, scores, variant=p.method, k=p.k, seed=p.seed, dim=p.train.shape[1])
-    empty = {"components": "", "n_components": 0, "params": 0, "dim": 0, "bytes_per_sample": 0}
-    for variant, dense in baselines.items():
-        score({**base, **empty, "method": "bm25", "variant": variant}, _columns(sim, dense[heldout], heldout))
-    for protocol, n, b in [(base["protocol"], sim.n_columns, within_store)] + (
-        [("candidates", cand.shape[1], cand.shape[1])] if candidates is not None else []
-    ):
-        chance = chance_metrics(n, scoring.ks)
-        rows.append(
-            {
-                **base,
-                **empty,
-                "protocol": protocol,
-                "b": b,
-                "method": "chance",
-                **chance,
-                **{f"{m}_{b}": v for m, v in chance.items() for b in ("lo", "hi")},
-            }
-        )
-    return rows, per_query
 
 
 PER_QUERY_SCHEMA = {
@@ -322,8 +338,36 @@ def _candidates_markdown(candidates: pl.DataFrame) -> list[str]:
     return lines + [""]
 
 
+def _in_sample_markdown(in_sample: pl.DataFrame) -> list[str]:
+    """The paper's metric: every query scored, nothing chosen on them; the best single component
+    is picked on the same queries (in-sample, as the paper's per-component table)."""
+    lines = [
+        "## In-sample over all queries (the paper's metric)",
+        "",
+        "Every query of the setting scored once, by the methods that choose nothing on the queries. The best "
+        "single component here is the best on these same queries: in-sample, unlike `best_single` above.",
+        "",
+        "| setting | protocol | queries | full gradient top-1 | MRR | best single component (in-sample) | top-1 "
+        "| BM25 over prompts top-1 |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for (setting, protocol, b), part in in_sample.group_by("setting", "protocol", "b", maintain_order=True):
+        full = part.filter(pl.col("method") == "full").row(0, named=True)
+        single = part.filter(pl.col("method") == "single").sort("top1", "mrr", descending=True).row(0, named=True)
+        bm25 = part.filter((pl.col("method") == "bm25") & (pl.col("variant") == "prompt"))
+        where = "whole corpus" if protocol == "corpus" else f"within {b} candidates"
+        lines.append(
+            f"| {setting} | {where} | {full['n_queries']} | {full['top1']:.3f} | {full['mrr']:.3f} | "
+            f"{single['components']} | {single['top1']:.3f} | {bm25['top1'][0]:.3f} |"
+        )
+    return lines + [""]
+
+
 def summary_markdown(
-    table: pl.DataFrame, plot_paths: list[str] | None = None, candidates: pl.DataFrame | None = None
+    table: pl.DataFrame,
+    plot_paths: list[str] | None = None,
+    candidates: pl.DataFrame | None = None,
+    in_sample: pl.DataFrame | None = None,
 ) -> str:
     head = headline(table)
     lines = [
@@ -362,6 +406,8 @@ def summary_markdown(
         lines.append("")
     if candidates is not None and not candidates.is_empty():
         lines += _candidates_markdown(candidates)
+    if in_sample is not None and not in_sample.is_empty():
+        lines += _in_sample_markdown(in_sample)
     for path in plot_paths or []:
         lines += [f"![{path}]({path})", ""]
     return "\n".join(lines)

@@ -23,6 +23,7 @@ _TABLES = {
     "queries_all.parquet": ("tdabench.data.sources", "QUERY_COLUMNS"),
     "metrics.parquet": ("tdabench.evaluate", "RESULTS_REQUIRED"),
     "candidates.parquet": ("tdabench.evaluate", "RESULTS_REQUIRED"),
+    "in_sample.parquet": ("tdabench.evaluate", "RESULTS_REQUIRED"),
     "costs.parquet": ("tdabench.costs_table", "COSTS_SCHEMA"),
     "bm25_candidates.parquet": ("tdabench.candidates", "CANDIDATES_SCHEMA"),
 }

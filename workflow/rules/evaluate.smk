@@ -38,6 +38,7 @@ rule evaluate:
     output:
         metrics="results/evaluation/metrics.parquet",
         candidates="results/evaluation/candidates.parquet",
+        in_sample="results/evaluation/in_sample.parquet",
         per_query="results/evaluation/per_query.parquet",
     log:
         "logs/evaluate.log",
@@ -60,6 +61,7 @@ rule summary:
         code=stage_code("summary"),
         metrics="results/evaluation/metrics.parquet",
         candidates="results/evaluation/candidates.parquet",
+        in_sample="results/evaluation/in_sample.parquet",
         similarity=expand("results/similarity/{setting}.h5", setting=SETTINGS),
     output:
         summary=report("results/summary.md", caption="../report/summary.rst", category="Summary"),

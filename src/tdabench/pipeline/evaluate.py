@@ -12,7 +12,7 @@ from tdabench.contracts import EvaluateParams
 from tdabench.costs_table import read_costs
 from tdabench.data.bm25 import bm25_scores
 from tdabench.data.sources import read_queries, read_train
-from tdabench.evaluate import Scoring, evaluate_split, tidy, write_per_query, write_results
+from tdabench.evaluate import IN_SAMPLE, Scoring, evaluate_split, tidy, write_per_query, write_results
 from tdabench.pipeline.common import JobContext
 from tdabench.projection_files import read_projections
 from tdabench.selection import SelectionTable, split_queries
@@ -27,7 +27,7 @@ def main(job: JobContext, mlrun) -> None:
     queries = read_queries(job.input["queries"])
     costs = read_costs(job.input["costs"])
     selected = dict(zip(p.settings, job.input["selected"])) if job.input.get("selected") else {}
-    rows, per_query = [], []
+    rows, per_query, in_sample = [], [], []
     stores_in_candidate_layout = False
     scoring = Scoring(p.recall_at, p.bootstrap, p.bootstrap_seed)
     for setting, sim_path, sel_path in zip(p.settings, job.input["similarity"], job.input["selection"]):
@@ -62,6 +62,10 @@ def main(job: JobContext, mlrun) -> None:
             r, pq = evaluate_split(sim, setting, split, held, selection, projections, baselines, scoring, candidates)
             rows += r
             per_query += pq
+        every = np.arange(len(sim.query_ids))  # in-sample, as the paper reports: the methods that choose nothing
+        in_sample += evaluate_split(sim, setting, IN_SAMPLE, every, None, projections, baselines, scoring, candidates)[
+            0
+        ]
     everything = tidy(rows, list(p.recall_at), costs)
     # The study's own protocol goes to metrics.parquet: whole-corpus ranking, or, with stores in the
     # candidate layout, ranking within the candidates; candidates.parquet holds the candidate
@@ -70,6 +74,7 @@ def main(job: JobContext, mlrun) -> None:
     table = everything.filter(pl.col("protocol") == own)
     write_results(table, job.output["metrics"])
     write_results(everything.filter(pl.col("protocol") != own), job.output["candidates"])
+    write_results(tidy(in_sample, list(p.recall_at), costs), job.output["in_sample"])
     write_per_query(per_query, job.output["per_query"])
     means = (
         table.filter(pl.col("method").is_in(["full", "greedy", "best_single"]))

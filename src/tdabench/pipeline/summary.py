@@ -153,7 +153,8 @@ def main(job: JobContext, mlrun) -> None:
     here = Path(job.output["summary"]).parent
     candidates = read_results(job.input["candidates"])
     stores = [f"- {setting}: {read_provenance(path)}" for setting, path in zip(p.settings, job.input["similarity"])]
-    text = summary_markdown(table, [os.path.relpath(p, here) for p in plots], candidates)
+    in_sample = read_results(job.input["in_sample"])
+    text = summary_markdown(table, [os.path.relpath(p, here) for p in plots], candidates, in_sample)
     text += "\n## Similarity stores\n\n" + "\n".join(stores) + "\n"
     write_text(text, job.output["summary"])
     for line in stores:
@@ -165,6 +166,9 @@ def main(job: JobContext, mlrun) -> None:
             for name, v in headline_metrics(candidates).items()
             if name.endswith((".top1", ".mrr"))
         }
+    full = in_sample.filter(pl.col("method") == "full")
+    for r in full.iter_rows(named=True):  # e.g. paraphrased.in_sample.candidates.full.top1 (the paper's metric)
+        metrics[f"{r['setting']}.in_sample.{r['protocol']}.full.top1"] = r["top1"]
     log_method_runs(mlrun, table)
     parent = tracking.parent()
     parent.set_tags(environment_tags(prov))
@@ -179,6 +183,7 @@ def main(job: JobContext, mlrun) -> None:
             *plots,
             job.input["metrics"],
             job.input["candidates"],
+            job.input["in_sample"],
         ):
             run.log_artifact(path, "results")
     log.info("%d headline metrics logged%s", len(metrics), " to the parent run" if parent.active else "")

@@ -118,7 +118,8 @@ def test_shipped_profiles_validate_over_the_defaults(profile):
     assert config["model"]["kind"] in ("gguf", "huggingface")
     if profile == "gpu.yaml":
         assert config["device"] == "cuda" and config["gradients"]["shards"] == 8
-        assert config["gradients"]["max_component_dim"] == 8192  # lima.yaml's keys survive the layer
+        assert config["similarity"]["shards"] == 8 and config["evaluation"]["candidates"] == 5  # both layers kept
+        assert config["tokenize"]["max_length"] is None and config["gradients"]["max_component_dim"] is None
 
 
 def _section(schema, dotted):

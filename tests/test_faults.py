@@ -600,7 +600,7 @@ def test_a_setting_missing_from_the_queries_is_named(tmp_path):
             "queries": str(tmp_path / "queries.parquet"),
         },
         {"similarity": str(tmp_path / "s.h5")},
-        {"block_rows": 4, "dtype": "float64", "layout": "dense", "candidates": None},
+        {"block_rows": 4, "dtype": "float64", "layout": "dense"},
         {"setting": "model_generated"},
     )
     with pytest.raises(

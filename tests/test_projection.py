@@ -38,7 +38,17 @@ def explicit_any(cfg, dims):
 
 
 @pytest.mark.parametrize(
-    "method", ["sjlt", "gaussian", "rademacher", "blockwise", "blockwise_equal", "blockwise_unnormalized"]
+    "method",
+    [
+        "sjlt",
+        "gaussian",
+        "rademacher",
+        "blockwise",
+        "blockwise_equal",
+        "blockwise_unnormalized",
+        "paper",
+        "paper_normalized",
+    ],
 )
 def test_streamed_projection_equals_explicit_matrix(tmp_path, method):
     data = random_store(tmp_path / "g.h5", [f"s{i}" for i in range(6)], DIMS, seed=0)
@@ -76,6 +86,21 @@ def test_block_dims_split_k():
     assert block_dims([100, 300, 600], 10, "proportional") == [1, 3, 6]
     assert block_dims([100, 300, 600], 10, "equal") == [4, 3, 3]
     assert block_dims([1, 1000], 10, "proportional") == [1, 10]  # every block keeps a dimension
+
+
+def test_the_papers_block_sizes_on_amd_olmo_1b():
+    """max(512, 512 round(P_c / M k / 512)) at 1 % and 5 % of AMD-OLMo-1B's 1,176,764,416 parameters."""
+    h, mlp, vocab = 2048, 8192, 50_304
+    dims = [vocab * h] + [h * h] * 4 * 16 + [h * mlp] * 3 * 16  # the tied embedding, then q k v o, gate up down
+    m = sum(dims)
+    assert m == 1_176_764_416
+    for share in (0.01, 0.05):
+        k = round(share * m)
+        got = block_dims(dims, k, "paper")
+        for d, kc in zip(dims, got):  # the formula, written out once more
+            assert kc == max(512, 512 * round(d / m * k / 512)) and kc % 512 == 0
+        assert abs(sum(got) - k) < 512 * len(dims) / 2  # each block rounds by at most 256
+    assert block_dims([10, 20, 3000], 1000, "paper") == [512, 512, 1024]  # at least 512 each
 
 
 def test_same_seed_same_matrix_other_seed_other_matrix():
@@ -137,7 +162,15 @@ def mean_inner_product(cfg_of_seed, dims, x, y, n_seeds):
 
 @pytest.mark.parametrize(
     "method,nonzeros",
-    [("gaussian", 1), ("rademacher", 1), ("sjlt", 1), ("sjlt", 4), ("blockwise", 1), ("blockwise_equal", 1)],
+    [
+        ("gaussian", 1),
+        ("rademacher", 1),
+        ("sjlt", 1),
+        ("sjlt", 4),
+        ("blockwise", 1),
+        ("blockwise_equal", 1),
+        ("paper_normalized", 1),
+    ],
 )
 def test_inner_products_are_unbiased_within_jl_bound(method, nonzeros):
     rng = np.random.default_rng(0)
@@ -148,7 +181,8 @@ def test_inner_products_are_unbiased_within_jl_bound(method, nonzeros):
     mean, _ = mean_inner_product(lambda s: method_config(method, k, s, nonzeros), dims, x, y, n_seeds)
     true = x @ y
     # Var[<Px,Py>] <= (|x|^2 |y|^2 + <x,y>^2) * 2 / k_min for these sketches: 5 standard errors.
-    k_min = min(block_dims(dims, k, "proportional") + block_dims(dims, k, "equal")) if "block" in method else k
+    split = method_config(method, k, 0).blockwise
+    k_min = min(block_dims(dims, k, split)) if split else k
     bound = np.sqrt((x @ x * (y @ y) + true**2) * 2 / k_min / n_seeds)
     assert abs(mean - true) < 5 * bound
 

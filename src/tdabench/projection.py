@@ -35,7 +35,7 @@ class ProjectionConfig:
     k: int
     seed: int
     nonzeros: int  # sjlt only (projection.nonzeros)
-    blockwise: str | None = None  # None: one projection of the concatenation; "proportional" | "equal"
+    blockwise: str | None = None  # None: one projection of the concatenation; "proportional" | "equal" | "paper"
     normalized: bool = True  # False: the published unnormalised variant
 
 
@@ -47,7 +47,12 @@ METHODS: dict[str, dict] = {
     "blockwise": {"kind": "gaussian", "blockwise": "proportional"},
     "blockwise_equal": {"kind": "gaussian", "blockwise": "equal"},
     "blockwise_unnormalized": {"kind": "gaussian", "blockwise": "proportional", "normalized": False},
+    # The paper's: per-component Rademacher, k_c = max(512, 512 round(P_c / M k / 512)), unnormalised;
+    # and the same normalised (unbiased inner products) beside it.
+    "paper": {"kind": "rademacher", "blockwise": "paper", "normalized": False},
+    "paper_normalized": {"kind": "rademacher", "blockwise": "paper"},
 }
+PAPER_BLOCK = 512  # the paper's per-component sizes are multiples of this, at least one
 
 
 def method_config(method: str, k: int, seed: int, nonzeros: int = 1) -> ProjectionConfig:
@@ -57,13 +62,18 @@ def method_config(method: str, k: int, seed: int, nonzeros: int = 1) -> Projecti
 
 
 def block_dims(dims: list[int], k: int, split: str) -> list[int]:
-    """Output dims per component for block-wise projection (each at least 1)."""
+    """Output dims per component for block-wise projection (each at least 1). "paper": the paper's
+    max(512, 512 round(P_c / M k / 512)) for components of P_c parameters out of M (Python's
+    round, half to even); the sum is then near k, not k."""
+    if split == "paper":
+        total = sum(dims)
+        return [max(PAPER_BLOCK, PAPER_BLOCK * round(d / total * k / PAPER_BLOCK)) for d in dims]
     if split == "proportional":
         total = sum(dims)
         return [max(1, round(k * d / total)) for d in dims]
     if split == "equal":
         return [max(1, k // len(dims) + (1 if i < k % len(dims) else 0)) for i in range(len(dims))]
-    raise ValueError(f"unknown block split {split!r} (allowed: proportional, equal)")
+    raise ValueError(f"unknown block split {split!r} (allowed: proportional, equal, paper)")
 
 
 def _generator(*key: int) -> torch.Generator:

@@ -26,8 +26,14 @@ def module_file(module: str, src: Path = SRC) -> Path:
 def module_imports(path: Path, module: str) -> set[str]:
     """The tdabench modules the file `path` (module `module`) imports, anywhere in it, relative
     imports resolved; `from pkg import name` counts as `pkg` and `pkg.name` (name may be a module)."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    stat = path.stat()  # parsed once per version of the file (the Snakefile asks for every rule)
+    return set(_imports(str(path), module, stat.st_mtime_ns, stat.st_size))
+
+
+@cache
+def _imports(path: str, module: str, mtime_ns: int, size: int) -> frozenset[str]:
+    tree = ast.parse(Path(path).read_text(), filename=path)
+    package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -39,7 +45,7 @@ def module_imports(path: Path, module: str) -> set[str]:
                 base = ".".join(parts + ([base] if base else []))
             found.add(base)
             found |= {f"{base}.{a.name}" for a in node.names}  # `from pkg import module`
-    return {m for m in found if m == PACKAGE or m.startswith(PACKAGE + ".")}
+    return frozenset(m for m in found if m == PACKAGE or m.startswith(PACKAGE + "."))
 
 
 @cache

@@ -11,8 +11,8 @@ from tdabench.sections import BM25Config
 
 from helpers import assert_papers_set, papers_candidates
 
-LUCENE = BM25Config("lucene", "words")
-OKAPI = BM25Config("okapi", "whitespace")
+LUCENE = BM25Config("lucene", "words", "prompt")
+OKAPI = BM25Config("okapi", "whitespace", "prompt")
 
 
 def naive_bm25(query, docs, k1=1.5, b=0.75):
@@ -71,7 +71,7 @@ def test_okapi_variant_equals_rank_bm25(seed):
     np.testing.assert_array_equal(got, want)  # the package's operations in its order: equal bits
     # and with the other tokenizer: rank_bm25 over the same tokens
     reference = rank_bm25.BM25Okapi([tokenize(d) for d in docs])
-    got = bm25_scores(queries, docs, BM25Config("okapi", "words"))
+    got = bm25_scores(queries, docs, BM25Config("okapi", "words", "prompt"))
     np.testing.assert_array_equal(got, np.stack([reference.get_scores(tokenize(q)) for q in queries]))
 
 
@@ -80,15 +80,17 @@ def test_the_variants_differ_where_the_paper_differs():
     okapi = bm25_scores(["a a"], docs, OKAPI)[0]
     once = bm25_scores(["a"], docs, OKAPI)[0]
     np.testing.assert_allclose(okapi, 2 * once)  # a repeated query term counts twice in okapi ...
-    lucene = bm25_scores(["a a"], docs, BM25Config("lucene", "whitespace"))[0]
-    np.testing.assert_array_equal(lucene, bm25_scores(["a"], docs, BM25Config("lucene", "whitespace"))[0])  # ... once
+    lucene = bm25_scores(["a a"], docs, BM25Config("lucene", "whitespace", "prompt"))[0]
+    np.testing.assert_array_equal(
+        lucene, bm25_scores(["a"], docs, BM25Config("lucene", "whitespace", "prompt"))[0]
+    )  # ... once
     assert (once[:3] > 0).all() and once[3] == 0  # floored to a positive share of the mean idf
     assert tokenize("Born? born", "whitespace") == ["Born?", "born"] and tokenize("Born? born") == ["born", "born"]
 
 
 def test_an_unknown_variant_is_named():
     with pytest.raises(ValueError, match="BM25 variant 'bm42'.*lucene, okapi"):
-        bm25_scores(["a"], ["a"], BM25Config("bm42", "words"))
+        bm25_scores(["a"], ["a"], BM25Config("bm42", "words", "prompt"))
 
 
 def test_candidates_force_the_source_into_the_last_slot():
@@ -170,3 +172,25 @@ def test_verify_checks_the_candidate_table(tmp_path):
     write_candidates(broken, path)
     n, problems = verify([tmp_path])
     assert len(problems) == 1 and "query 'q1' of setting paraphrased" in problems[0] and str(path) in problems[0]
+
+
+def test_queried_with_the_paraphrased_prompt_every_setting_gets_the_paraphrased_sets():
+    train, queries = tables(n_train=30, n_queries=10)
+    other = queries.with_columns(  # model-generated queries whose prompts are not the paraphrased ones
+        pl.when(pl.col("setting") == "model_generated")
+        .then(pl.lit("w1 w2 w3 fact?"))
+        .otherwise("prompt")
+        .alias("prompt")
+    )
+    settings = ["paraphrased", "model_generated"]
+
+    def sets(table, setting):
+        return table.filter(pl.col("setting") == setting).sort("source_id", "slot")["train_id"].to_list()
+
+    own = build_candidates(train, other, settings, 5, LUCENE)
+    assert sets(own, "model_generated") != sets(own, "paraphrased")
+    paper = build_candidates(train, other, settings, 5, BM25Config("lucene", "words", "paraphrased_prompt"))
+    assert sets(paper, "model_generated") == sets(paper, "paraphrased") == sets(own, "paraphrased")
+    orphan = other.filter(~((pl.col("setting") == "paraphrased") & (pl.col("id") == "q3")))
+    with pytest.raises(CandidateError, match="query 'q3' .setting model_generated. has source .* which no paraphrased"):
+        build_candidates(train, orphan, settings, 5, BM25Config("lucene", "words", "paraphrased_prompt"))

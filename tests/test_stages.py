@@ -109,12 +109,12 @@ def case(tmp_path_factory):
         "settings": ["paraphrased"],
         "recall_at": [1, 5],
         "candidates": B,
-        "bm25": {"variant": "lucene", "tokenizer": "words"},
+        "bm25": {"variant": "lucene", "tokenizer": "words", "query": "prompt"},
         "bootstrap": 100,
         "bootstrap_seed": 0,
         **{k: SELECTION[k] for k in ("selection_fraction", "n_splits", "split_seed")},
     }
-    bm25 = {"variant": "lucene", "tokenizer": "words"}
+    bm25 = {"variant": "lucene", "tokenizer": "words", "query": "prompt"}
     job(
         "bm25_candidates",
         {"train": p["train"], "queries": p["queries"]},

@@ -57,7 +57,7 @@ def build_candidates(
                 + (f" ({more} more such queries)" if more else "")
             )
         sources = np.array([row_of[s] for s in q["source_id"].to_list()], dtype=np.int64)  # [Q]
-        scores = bm25_scores(q["prompt"].to_list(), documents, cfg)  # [Q, T]
+        scores = bm25_scores(query_texts(queries, q, setting, cfg.query), documents, cfg)  # [Q, T]
         order = top_candidates(scores, sources, b)  # [Q, b] training rows
         forced = np.zeros(order.shape, dtype=bool)
         forced[:, -1] = ~(top_ranked(scores, b) == sources[:, None]).any(1)
@@ -77,6 +77,30 @@ def build_candidates(
             )
         )
     return pl.concat(frames) if frames else pl.DataFrame(schema=CANDIDATES_SCHEMA)
+
+
+def query_texts(queries: pl.DataFrame, q: pl.DataFrame, setting: str, query: str) -> list[str]:
+    """What BM25 is queried with for the queries `q` of `setting`: their own prompts, or (query
+    paraphrased_prompt, the paper's) the prompt of the paraphrased query of the same source, so
+    every setting gets the paraphrased setting's candidate sets."""
+    if query == "prompt" or setting == "paraphrased":
+        return q["prompt"].to_list()
+    para = queries.filter(pl.col("setting") == "paraphrased")
+    doubled = para.filter(pl.col("source_id").is_duplicated())["source_id"].unique().to_list()
+    if doubled:
+        raise CandidateError(
+            f"config key evaluation.bm25.query: paraphrased_prompt, but source {doubled[0]!r} has several "
+            "paraphrased queries: which prompt to use is ambiguous"
+        )
+    prompt_of = dict(zip(para["source_id"].to_list(), para["prompt"].to_list()))
+    missing = [(i, s) for i, s in zip(q["id"].to_list(), q["source_id"].to_list()) if s not in prompt_of]
+    if missing:
+        (qid, sid), more = missing[0], len(missing) - 1
+        raise CandidateError(
+            f"config key evaluation.bm25.query: paraphrased_prompt, but query {qid!r} (setting {setting}) has "
+            f"source {sid!r}, which no paraphrased query has" + (f" ({more} more such queries)" if more else "")
+        )
+    return [prompt_of[s] for s in q["source_id"].to_list()]
 
 
 def write_candidates(table: pl.DataFrame, path: str | Path) -> None:

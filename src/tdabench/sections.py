@@ -26,6 +26,7 @@ class BM25Config:
 
     variant: str  # lucene | okapi (tdabench.data.bm25)
     tokenizer: str  # words | whitespace
+    query: str  # prompt (the query's own) | paraphrased_prompt (of the paraphrased query of its source)
 
 
 @dataclass(frozen=True)

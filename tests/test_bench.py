@@ -8,6 +8,7 @@ from tdabench.dev.bench.__main__ import main
 from tdabench.dev.bench.kit import Contender, interleave, spread
 
 
+@pytest.mark.slow  # a gc.collect() before every timed call, as timeit
 def test_interleave_rotates_the_order_and_times_every_round():
     order = []
     contenders = [Contender(n, lambda r, n=n: order.append((r, n)), lambda r: 1) for n in "abc"]
@@ -41,6 +42,7 @@ def test_the_gradients_benchmark_runs_every_contender_and_its_peers_agree_with_t
     assert "# (a)/(d) = " in out
 
 
+@pytest.mark.slow  # benchmark runs
 def test_projection_and_greedy_benchmarks_run(capsys):
     main(["projections", "--dim", "4096", "--samples", "4", "--k", "64", "--rounds", "2"])
     main(["greedy", "--components", "6", "--queries", "20", "--rounds", "2"])

@@ -163,6 +163,7 @@ def test_greedy_without_split_says_in_sample(tmp_path, capsys):
     assert set(pl.read_csv(tmp_path / "g.csv")["scored_on"]) == {"in-sample"}
 
 
+@pytest.mark.slow  # fresh processes, one per PYTHONHASHSEED
 def test_greedy_is_identical_across_runs_and_hash_seeds(tmp_path):
     qg, tg, gt = raw_case(4)
     write_file(tmp_path / "s.h5", qg, tg, gt)

@@ -54,6 +54,7 @@ def _capability(code: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True)
 
 
+@pytest.mark.slow  # fresh processes
 @pytest.mark.skipif(not HAS_AVX2, reason="portable needs an AVX2 CPU")
 def test_pins_override_a_kernel_level_forced_in_the_environment_and_a_late_pin_is_caught():
     pinned = (

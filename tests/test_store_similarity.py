@@ -53,6 +53,7 @@ crash_writer({path!r}, crash_after={n})
 """
 
 
+@pytest.mark.slow  # a writer process killed mid-store
 def test_resume_after_crash_gives_a_byte_identical_file(tmp_path):
     import subprocess
     import sys

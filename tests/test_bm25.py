@@ -88,7 +88,9 @@ def test_the_variants_differ_where_the_paper_differs():
     assert tokenize("Born? born", "whitespace") == ["Born?", "born"] and tokenize("Born? born") == ["born", "born"]
 
 
-def test_an_unknown_variant_is_named():
+def test_an_unknown_variant_and_empty_texts_are_named():
+    with pytest.raises(ValueError, match="every prompt is empty"):
+        bm25_scores(["a"], ["", " "], OKAPI)
     with pytest.raises(ValueError, match="BM25 variant 'bm42'.*lucene, okapi"):
         bm25_scores(["a"], ["a"], BM25Config("bm42", "words", "prompt"))
 

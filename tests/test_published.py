@@ -58,6 +58,7 @@ def lima_like(root):
 
 def tiny_olmo(root, texts):
     """A randomly initialised OLMo (tied embeddings, like AMD-OLMo-1B) with a Tulu-style template."""
+    import torch
     from transformers import OlmoConfig, OlmoForCausalLM
 
     from tdabench.models import train_tokenizer
@@ -76,8 +77,6 @@ def tiny_olmo(root, texts):
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    import torch
-
     torch.manual_seed(0)
     OlmoForCausalLM(config).save_pretrained(root / "olmo")
     tokenizer.save_pretrained(root / "olmo")

@@ -72,6 +72,8 @@ def _lucene(queries: list[list[str]], docs: list[Counter]) -> np.ndarray:
 def _okapi(queries: list[list[str]], docs: list[Counter]) -> np.ndarray:
     """rank_bm25.BM25Okapi(corpus).get_scores(query) for every query (its arithmetic, in its order)."""
     n = len(docs)
+    if not any(docs):  # rank_bm25 divides by zero here (no term, zero mean length)
+        raise ValueError("BM25 okapi: the training texts have no tokens (every prompt is empty)")
     doc_len = np.array([sum(d.values()) for d in docs])  # [T] int, like the package's list
     avgdl = int(doc_len.sum()) / n
     df: dict[str, int] = {}  # first-seen order: the order rank_bm25 sums the mean idf in

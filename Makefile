@@ -2,7 +2,7 @@
 # Variables: PYTHON (interpreter for the venv), TORCH (pip spec; e.g. TORCH='torch==2.13.0
 # --index-url https://download.pytorch.org/whl/cu126' for a GPU build), CORES, SNAKEMAKE_ARGS,
 # MLFLOW_DB (store `make ui` opens; `make smollm2` writes runs/smollm2/mlflow.db), MLFLOW_HOST and
-# MLFLOW_PORT (where `make mlflow-server` listens; 127.0.0.1 unless cluster nodes must reach it),
+# MLFLOW_PORT (where `make mlflow-server` listens; 127.0.0.1 unless other hosts must reach it),
 # MLFLOW_ALLOWED_HOSTS (Host headers it answers, e.g. 'head01:*,127.0.0.1:*'; replaces MLflow 3's
 # default of localhost and private IP addresses).
 
@@ -24,7 +24,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Python then caches just the modules it imports, which needs bytecode writing switched on.
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install run smollm2 test test-fast lint format docs docs-check dry-run report ui mlflow-server clean
+.PHONY: install run smollm2 test test-fast lint format docs docs-check dry-run report ui log mlflow-server clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -89,8 +89,13 @@ report: $(STAMP)
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/$(MLFLOW_DB) --host 127.0.0.1 --port 5000
 
-# A tracking server for cluster runs (jobs on other nodes log through it; artifacts are proxied
-# into mlflow-server/artifacts). Point the study at it with mlflow.tracking_uri (docs/running.md).
+# Log the runs a study recorded under logs/mlflow/ that are not in MLflow yet (a tracking store
+# that was down when the study ended); idempotent.
+log: $(STAMP)
+	$(BIN)/tdabench log
+
+# A tracking server shared by several users or workdirs (artifacts are proxied into
+# mlflow-server/artifacts). Point a study at it with mlflow.tracking_uri (docs/running.md).
 mlflow-server: $(STAMP)
 	mkdir -p mlflow-server
 	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow-server/mlflow.db \

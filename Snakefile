@@ -7,6 +7,7 @@
 # uses through `params:` and lists the library files it runs as the named input `code`, so a
 # config change or a code edit reruns exactly the jobs whose results depend on it.
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 
 from tdabench.config import NON_RESULT_KEYS, ConfigError, config_hash, validate_config
+from tdabench.integrity import ENV_CONFIGFILES
 from tdabench.numerics import NumericsError, check_host
 
 # Schema validation (defaults filled, unknown keys and wrong types refused) plus cross-key
@@ -36,6 +38,8 @@ except ConfigError as e:
     raise WorkflowError(str(e)) from None
 config.clear()
 config.update(_validated)
+# Jobs name their rebuild commands with this invocation's config files (tdabench.integrity).
+os.environ[ENV_CONFIGFILES] = json.dumps([os.path.relpath(p) for p in workflow.config_settings.configfiles])
 # numerics: portable needs a CPU that runs the pinned AVX2 kernels (checked where the Snakefile is
 # parsed: the submit host and, on a cluster, every job's node; jobs pin the kernels themselves).
 try:
@@ -75,7 +79,8 @@ rule all:
 
 # Before any job runs (Snakemake calls onstart only when jobs will execute: never for dry runs or
 # when nothing is to be done): the device must exist where jobs run locally (a submit host without
-# GPUs may still submit to a cluster), and the MLflow parent run of this invocation is opened.
+# GPUs may still submit to a cluster), and this invocation's tracking record is opened: jobs record
+# their runs beside it, and the end of the study logs them to MLflow (tdabench.tracking).
 onstart:
     if workflow.local_exec and config["device"] not in ("auto", "cpu"):  # those always resolve (no torch import)
         from tdabench.device import DeviceError, resolve_device
@@ -87,28 +92,22 @@ onstart:
     if config["mlflow"]["enabled"]:
         from tdabench import tracking
 
-        try:
-            run_id = tracking.start_study(
-                config,
-                workdir=os.getcwd(),
-                repo=workflow.basedir,
-                cfg_hash=config_hash(config),
-                remote_jobs=not workflow.local_exec,
-            )
-        except tracking.TrackingError as e:
-            raise WorkflowError(str(e)) from None
-        print(f"[tdabench] MLflow parent run {run_id} in {os.environ[tracking.ENV_URI]}")
+        tracking.start_study(config, workdir=os.getcwd(), repo=workflow.basedir, cfg_hash=config_hash(config))
+        problem = tracking.store_problem(config["mlflow"]["tracking_uri"], os.getcwd())
+        if problem:
+            print(f"[tdabench] {problem}: the study runs, and its MLflow runs wait (tdabench log)")
 
 
+# The end of the study logs its recorded runs to MLflow, under mlflow.deadline_s.
 onsuccess:
     if config["mlflow"]["enabled"]:
-        from tdabench import tracking
+        from tdabench.mlflow_log import end_of_study
 
-        tracking.end_study("FINISHED")
+        print(f"[tdabench] {end_of_study('FINISHED', config['mlflow'], SRC)}")
 
 
 onerror:
     if config["mlflow"]["enabled"]:
-        from tdabench import tracking
+        from tdabench.mlflow_log import end_of_study
 
-        tracking.end_study("FAILED")
+        print(f"[tdabench] {end_of_study('FAILED', config['mlflow'], SRC)}")

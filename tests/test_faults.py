@@ -3,7 +3,6 @@ stores, CLI and jobs. Each case fails (an exception, or a non-zero exit for comm
 message naming the culprit, and leaves no file a later step would trust."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -485,7 +484,8 @@ def test_training_stops_at_the_first_non_finite_loss_naming_epoch_and_step():
     from helpers import tiny_llama
 
     model = tiny_llama()
-    unlabelled = [Encoded([1, 2, 3], [-100, -100, -100], 3, True) for _ in range(4)]  # no loss at all: NaN
+    unlabelled = [Encoded([1, 2, 3], [-100, -100, -100], 3, True) for _ in range(4)]  # no loss at all: 0/0
+    examples = [Encoded([1, 2, 3], [-100, 2, 3], 3, False) for _ in range(4)]
     cfg = TrainConfig(
         epochs=1,
         batch_size=2,
@@ -496,8 +496,12 @@ def test_training_stops_at_the_first_non_finite_loss_naming_epoch_and_step():
         precision="float32",
         seed=0,
     )
-    with pytest.raises(FloatingPointError, match=r"the training loss is nan at epoch 1, step 1"):
-        train(model, unlabelled, 0, cfg, progress=False)
+    with pytest.raises(ValueError, match=r"4 example\(s\) have no labelled token .*tokenize.max_length"):
+        train(model, unlabelled, 0, cfg, progress=False)  # refused before a NaN loss could blame the learning rate
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")  # diverged weights
+    with pytest.raises(FloatingPointError, match=r"the training loss is nan at epoch 1, step 1 .*learning rate"):
+        train(model, examples, 0, cfg, progress=False)
 
 
 @pytest.fixture
@@ -610,53 +614,6 @@ def test_a_setting_missing_from_the_queries_is_named(tmp_path):
     assert not (tmp_path / "s.h5").exists()
 
 
-def test_an_unreachable_mlflow_server_fails_fast(tmp_path):
-    import time
-
-    from tdabench.tracking import TrackingError, start_study
-
-    config = validate_config({"mlflow": {"tracking_uri": "http://127.0.0.1:9"}})
-    start = time.perf_counter()
-    with pytest.raises(TrackingError, match=r"MLflow tracking server http://127.0.0.1:9 is not reachable"):
-        start_study(config, workdir=tmp_path, repo=tmp_path, cfg_hash="x")
-    assert time.perf_counter() - start < 15
-
-
-@pytest.mark.parametrize("uri", [None, "sqlite:////shared/mlflow.db", "file:///shared/mlruns"])
-def test_a_local_mlflow_store_is_refused_when_jobs_run_on_a_cluster(tmp_path, uri):
-    from tdabench.tracking import TrackingError, start_study
-
-    config = validate_config({"mlflow": {"tracking_uri": uri}})
-    with pytest.raises(
-        TrackingError, match=r"a local store, but jobs run through a cluster executor.*make mlflow-server"
-    ):
-        start_study(config, workdir=tmp_path, repo=tmp_path, cfg_hash="x", remote_jobs=True)
-    assert not (tmp_path / "mlflow.db").exists()  # refused before the store is created
-
-
-def test_a_parent_run_left_running_by_a_killed_invocation_is_closed(tmp_path, monkeypatch):
-    from mlflow import MlflowClient
-
-    from tdabench import tracking
-
-    env = (tracking.ENV_URI, tracking.ENV_EXPERIMENT, tracking.ENV_PARENT, tracking.ENV_SOURCE_TAGS)
-    config = validate_config({})
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    try:
-        with monkeypatch.context() as m:  # the invocation that was killed: its pid is gone now
-            m.setattr(os, "getpid", lambda: int(dead.stdout))
-            stale = tracking.start_study(config, workdir=tmp_path, repo=tmp_path, cfg_hash="x")  # never ended
-        fresh = tracking.start_study(config, workdir=tmp_path, repo=tmp_path, cfg_hash="x")
-        client = MlflowClient(tracking.default_tracking_uri(tmp_path))
-        assert client.get_run(stale).info.status == "KILLED"
-        assert client.get_run(fresh).info.status == "RUNNING"
-        tracking.end_study("FINISHED")
-        assert client.get_run(fresh).info.status == "FINISHED"
-    finally:  # start_study exports the parent's coordinates for jobs: never to later tests
-        for var in env:
-            os.environ.pop(var, None)
-
-
 def test_a_corrupt_table_input_is_named_with_its_rebuild_command(tmp_path):
     from tdabench.data.sources import read_train
     from tdabench.selection import SelectionTable
@@ -680,3 +637,102 @@ def test_a_table_without_rows_is_refused(tmp_path):
     pl.DataFrame(schema={"id": pl.Utf8, "prompt": pl.Utf8, "response": pl.Utf8}).write_parquet(tmp_path / "t.parquet")
     with pytest.raises(DataError, match=r"t.parquet: no rows"):
         load_files(str(tmp_path / "t.parquet"), queries)
+
+
+# -- partial files and merges: resume and merge only what matches, never a changed unit --------
+
+
+def tiny_header(attrs, n_train=6):
+    from tdabench.similarity import Header
+
+    return Header(
+        components=["a", "b"],
+        component_params=[4, 4],
+        component_family=["a", "b"],
+        component_layer=[0, 0],
+        component_dim=[4, 4],
+        component_method=["exact", "exact"],
+        component_way=["materialised", "materialised"],
+        query_ids=["q0", "q1", "q2"],
+        train_ids=[f"t{i}" for i in range(n_train)],
+        ground_truth=np.array([0, 1, 2]),
+        candidates=None,
+        attrs=attrs,
+    )
+
+
+def write_units(path, attrs, units, fail_after=None, rows=None):
+    """Units u of a tiny store: dot[:, u, :] = u + 1, query_sqnorm 1, train_sqnorm 2 (over `rows`).
+    fail_after: raise after this many units (the partial file stays)."""
+    from tdabench.similarity import SimilarityWriter
+
+    rows = np.arange(6) if rows is None else np.asarray(rows)
+    written = []
+    with SimilarityWriter(path, tiny_header(attrs), 3) as w:
+        done = w.done
+        for u in units:
+            if done[u]:
+                continue
+            if fail_after is not None and len(written) == fail_after:
+                raise RuntimeError("killed")
+            dot = np.zeros((2, 1, 6))
+            dot[:, :, rows] = u + 1
+            w.write(
+                u,
+                slice(u, u + 1),
+                dot,
+                query_sqnorm=np.ones((2, 1)),
+                train_rows=rows,
+                train_sqnorm=np.full((2, len(rows)), 2.0),
+            )
+            written.append(u)
+    return written
+
+
+def test_a_partial_store_resumes_only_under_the_same_settings(tmp_path):
+    path = tmp_path / "s.h5"
+    attrs = {"setting": "p", "model_fingerprint": "m1", "config_hash": "autocast-none", "numerics": "portable"}
+    with pytest.raises(RuntimeError, match="killed"):
+        write_units(path, attrs, range(3), fail_after=2)
+    for changed in ({"config_hash": "autocast-bf16"}, {"numerics": "native"}, {"model_fingerprint": "m2"}):
+        partial = tmp_path / ".s.h5.partial"
+        backup = partial.read_bytes()
+        assert write_units(path, {**attrs, **changed}, range(3)) == [0, 1, 2]  # started over
+        path.unlink()
+        partial.write_bytes(backup)
+    assert write_units(path, attrs, range(3)) == [2]  # the same settings resume
+
+
+@pytest.mark.parametrize("damage", ["zeroed", "nan"])
+def test_a_damaged_unit_in_a_partial_store_is_computed_again(tmp_path, damage):
+    from tdabench.similarity import load_similarity
+
+    path = tmp_path / "s.h5"
+    with pytest.raises(RuntimeError, match="killed"):
+        write_units(path, {"setting": "p"}, range(3), fail_after=2)
+    with h5py.File(tmp_path / ".s.h5.partial", "r+") as f:  # unit 1's bytes, after it was marked done
+        f["dot"][:, 1, 2] = 0.0 if damage == "zeroed" else np.nan
+    assert write_units(path, {"setting": "p"}, range(3)) == [1, 2]
+    sim = load_similarity(path)
+    assert (sim.dot[:, 1, :] == 2).all() and (sim.dot[:, 0, :] == 1).all()
+
+
+def test_merge_refuses_parts_of_other_models_configs_or_the_same_shard(tmp_path):
+    from tdabench.similarity import load_similarity, merge_similarity
+
+    def part(name, shard, **changes):
+        attrs = {"setting": "p", "model_fingerprint": "m1", "config_hash": "c1", "numerics": "portable"}
+        attrs |= {"shard": shard, "n_shards": 2, "layout": "dense", "source": "stream", **changes}
+        write_units(tmp_path / name, attrs, range(3), rows=[0, 1, 2] if shard == 0 else [3, 4, 5])
+        return tmp_path / name
+
+    a, b = part("a.h5", 0), part("b.h5", 1)
+    merged = merge_similarity([a, b], tmp_path / "m.h5")
+    assert (merged.train_sqnorm == 2).all() and (load_similarity(tmp_path / "m.h5").dot[:, 2, :] == 3).all()
+    with pytest.raises(ValueError, match=r"attribute model_fingerprint is 'm2', but .*a.h5's is 'm1'"):
+        merge_similarity([a, part("c.h5", 1, model_fingerprint="m2")], tmp_path / "x.h5")
+    with pytest.raises(ValueError, match=r"attribute config_hash is 'c2'"):
+        merge_similarity([a, part("d.h5", 1, config_hash="c2")], tmp_path / "x.h5")
+    with pytest.raises(ValueError, match=r"shards are \[0, 0\].*each of its 2 training shards exactly once"):
+        merge_similarity([a, part("e.h5", 0)], tmp_path / "x.h5")
+    assert not (tmp_path / "x.h5").exists()

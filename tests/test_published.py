@@ -4,6 +4,9 @@ only the data and model locations overridden (and MLflow off), on LIMA-format da
 template. The protocol is checked from the outputs: b = 5, the paper's BM25 candidates, the
 embedding attributed, nothing sketched or truncated, float32 gradients."""
 
+import json
+import os
+
 import numpy as np
 import polars as pl
 import pytest
@@ -12,7 +15,7 @@ import yaml
 from tdabench.data.synthetic import SyntheticConfig, generate
 
 from helpers import assert_papers_set, papers_candidates
-from workflow_helpers import copy_repo, snakemake
+from workflow_helpers import copy_repo, planned, snakemake
 
 pytestmark = pytest.mark.workflow
 TULU_TEMPLATE = (
@@ -122,6 +125,22 @@ def test_the_published_profile_runs_on_a_stand_in(stand_in):
     assert "In-sample over all queries" in (root / "results/summary.md").read_text()
     assert {"full", "single", "greedy", "bm25"} <= set(metrics["method"])
     assert not (root / "results/models").exists()  # attributed as it is: no pre-training, no fine-tuning
+
+
+def test_the_manifest_names_the_config_files_and_an_edited_dataset_reruns_the_study(stand_in):
+    root, data = stand_in
+    manifest = json.loads((root / "results/manifest.json").read_text())
+    assert manifest["configfiles"] == ["config/studies/lima.yaml", "here.yaml"]  # rebuild commands name them
+    assert manifest["files"]["results/data/train.parquet"]["rule"] == "dataset"
+    assert planned(root, "--configfile", "config/studies/lima.yaml", "here.yaml") == {}
+    arrow = next((data / "LIMA-model-generated").rglob("*.arrow"))  # a local dataset folder, edited in place
+    stat = arrow.stat()
+    os.utime(arrow, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        stats = planned(root, "--configfile", "config/studies/lima.yaml", "here.yaml")
+    finally:
+        os.utime(arrow, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert stats.get("dataset") == 1 and stats.get("summary") == 1
 
 
 def test_candidates_are_the_papers_bm25_top5_shared_by_both_settings(stand_in):

@@ -8,7 +8,7 @@ import pytest
 
 from tdabench.data.synthetic import SyntheticConfig, generate
 
-from workflow_helpers import copy_repo, snakemake, write_config
+from workflow_helpers import copy_repo, planned, snakemake, write_config
 
 pytestmark = pytest.mark.workflow
 
@@ -69,6 +69,13 @@ def test_jsonl_files_run_end_to_end(tmp_path):
     assert set(metrics["setting"]) == {"paraphrased"} and (metrics["n_train"] == train.height).all()
     candidates = pl.read_parquet(root / "results/evaluation/candidates.parquet")
     assert set(candidates["b"]) == {5} and "full" in set(candidates["method"])
+    # A data file edited in place reruns what reads it (the file is a rule input, not only a param).
+    assert planned(root) == {}
+    edited = train.with_columns(
+        pl.when(pl.col("id") == train["id"][0]).then(pl.lit("edited")).otherwise("response").alias("response")
+    )
+    write_jsonl(edited, tmp_path / "train.jsonl")
+    assert {"background", "dataset", "finetune", "evaluate", "summary"} <= set(planned(root))
 
 
 def test_local_hugging_face_dataset_and_local_model(tmp_path):

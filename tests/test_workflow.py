@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -18,7 +19,17 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from workflow_helpers import SNAKEMAKE, copy_repo, job_stats, mlflow_server, planned, snakemake, write_config
+from workflow_helpers import (
+    SNAKEMAKE,
+    copy_repo,
+    free_port,
+    half_open_server,
+    job_stats,
+    mlflow_server,
+    planned,
+    snakemake,
+    write_config,
+)
 
 CLI = str(Path(sys.executable).with_name("tdabench"))
 MICRO = {
@@ -126,6 +137,42 @@ def test_first_run_builds_every_output(study):
     assert generated["source_id"].to_list() == paraphrased["source_id"].to_list()
     for log in ("background", "pretrain", "dataset", "finetune", "generate", "gradients/train-1", "evaluate"):
         assert (root / f"logs/{log}.log").read_text().strip()
+
+
+def test_the_manifest_lists_every_result_and_verify_names_missing_and_changed_ones(study):
+    import hashlib
+    import os
+
+    root, _ = study
+    files = json.loads((root / "results/manifest.json").read_text())["files"]
+    on_disk = {str(p.relative_to(root)) for p in (root / "results").rglob("*") if p.is_file()}
+    assert set(files) == on_disk - {"results/manifest.json"}  # every result file ...
+    owners = {"results/data/train.parquet": "dataset", "results/similarity/paraphrased.h5": "similarity"}
+    owners |= {"results/models/finetuned/config.json": "finetune", "results/summary.md": "summary"}
+    assert {name: files[name]["rule"] for name in owners} == owners  # ... with the rule that wrote it
+    for name in owners:
+        assert files[name]["sha256"] == hashlib.sha256((root / name).read_bytes()).hexdigest()
+    assert subprocess.run([CLI, "verify"], cwd=root, capture_output=True, text=True).returncode == 0
+
+    train, selection = root / "results/data/train.parquet", root / "results/selection/paraphrased.parquet"
+    kept = {p: (p.read_bytes(), p.stat()) for p in (train, selection)}
+    table = pl.read_parquet(train)
+    ids = table["id"].to_list()
+    ids[0], ids[1] = ids[1], ids[0]  # two ids swapped: the table still reads, with the right columns
+    table.with_columns(pl.Series("id", ids)).write_parquet(train)
+    selection.unlink()
+    try:
+        r = subprocess.run([CLI, "verify"], cwd=root, capture_output=True, text=True)
+    finally:
+        for path, (data, stat) in kept.items():  # as it was, mtime included: nothing reruns after
+            path.write_bytes(data)
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert r.returncode == 1
+    assert (
+        "results/data/train.parquet: its bytes changed since rule dataset wrote it; "
+        "rebuild it with: snakemake --cores all --force results/data/train.parquet"
+    ) in r.stdout
+    assert "results/selection/paraphrased.parquet: missing (written by rule selection)" in r.stdout
 
 
 def test_mlflow_has_one_parent_and_one_child_per_job(study):
@@ -382,6 +429,39 @@ def test_mlflow_runs_carry_source_tags_curves_and_tables(study):
     headline = json.loads(Path(client.download_artifacts(parent.info.run_id, "results/headline.json")).read_text())
     assert {"method", "top1", "mrr"} <= set(headline["columns"]) and headline["data"]
     assert '"type": "table"' in parent.data.tags["mlflow.loggedArtifacts"]
+
+
+def test_a_half_open_tracking_server_never_holds_the_study(study, tmp_path):
+    """A server that answers /health but no API call: the study ends with its results and the
+    MLflow side pending; `tdabench log` fills the server once it answers, and only once."""
+    root, _ = study
+    write_config(root, {**MICRO, **NO_MLFLOW})
+    snakemake(root, "--touch")  # earlier tests edited code: outputs count as current, nothing reruns by itself
+    port = free_port()
+    cfg = {**MICRO, "mlflow": {"tracking_uri": f"http://127.0.0.1:{port}", "deadline_s": 5, "request_timeout_s": 2}}
+    write_config(root, cfg)
+    try:
+        with half_open_server(port):
+            start = time.monotonic()
+            r = snakemake(root, "--forcerun", "summary")
+            took = time.monotonic() - start
+    finally:
+        write_config(root, MICRO)
+    out = r.stdout + r.stderr
+    assert took < 180 and "MLflow logging pending: 2 record(s)" in out, out[-3000:]  # the summary job, the study
+    assert (root / "results/summary.md").stat().st_mtime > time.time() - took
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server.log", port=port) as url:
+        logged = subprocess.run([CLI, "log"], cwd=root, capture_output=True, text=True)
+        assert logged.returncode == 0 and f"MLflow: 2 record(s) logged to {url}" in logged.stdout, logged.stderr
+        again = subprocess.run([CLI, "log"], cwd=root, capture_output=True, text=True)
+        assert again.returncode == 0 and again.stdout.strip() == "MLflow: nothing pending"
+        client = MlflowClient(url)
+        server_runs = client.search_runs([client.get_experiment_by_name("tdabench").experiment_id], max_results=1000)
+    kinds = sorted(r.data.tags.get("tdabench.kind") for r in server_runs)
+    assert kinds.count("study") == 1 and kinds.count("job") == 1 and kinds.count("method") >= 5
+    assert all(r.info.status == "FINISHED" for r in server_runs)
+    parent = next(r for r in server_runs if r.data.tags["tdabench.kind"] == "study")
+    assert "paraphrased.greedy.top1" in parent.data.metrics
 
 
 def test_readme_block_is_rendered_from_results_and_a_hand_edit_fails_the_check(study, tmp_path):

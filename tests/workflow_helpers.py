@@ -1,11 +1,13 @@
 """Running the workflow in a temporary copy of the repository (shared by the workflow tests)."""
 
+import http.server
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -66,10 +68,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(backend_uri: str, log_path: Path, artifacts: Path | None = None):
-    """A real `mlflow server` on 127.0.0.1 (a free port) until the block ends; yields its URL.
-    Its own process group, so its workers (uvicorn, huey consumers) are stopped with it."""
-    port = free_port()
+def mlflow_server(backend_uri: str, log_path: Path, artifacts: Path | None = None, port: int | None = None):
+    """A real `mlflow server` on 127.0.0.1 (`port`, or a free one) until the block ends; yields its
+    URL. Its own process group, so its workers (uvicorn, huey consumers) are stopped with it."""
+    port = port or free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     if artifacts is not None:
@@ -105,3 +107,35 @@ def mlflow_server(backend_uri: str, log_path: Path, artifacts: Path | None = Non
     except ProcessLookupError:
         return
     raise AssertionError(f"processes of the mlflow server (group {server.pid}) are still running")
+
+
+@contextmanager
+def half_open_server(port: int):
+    """An HTTP server on 127.0.0.1:`port` that answers `/health` and never answers anything else:
+    a tracking server that is up but overloaded or half broken."""
+    release = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path.rstrip("/") == "/health":
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"OK")
+            else:
+                release.wait()
+
+        do_POST = do_PATCH = do_DELETE = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()

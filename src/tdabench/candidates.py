@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from tdabench.data.bm25 import BM25Config, bm25_scores, top_candidates, top_ranked
+from tdabench.errors import StudyError
 from tdabench.io import read_parquet_checked, write_parquet
 
 CANDIDATES_SCHEMA = {
@@ -30,7 +31,7 @@ CANDIDATES_SCHEMA = {
 }
 
 
-class CandidateError(ValueError):
+class CandidateError(StudyError, ValueError):
     """Candidate sets that cannot be built from these tables or do not fit the store asking."""
 
 

@@ -11,6 +11,9 @@
     tdabench compare    A B [--show N]         two results folders, stage by stage in DAG order: the first
                                                stage whose outputs differ, by how much, and how the runs'
                                                recorded environments differ (tdabench.compare)
+    tdabench log        [WORKDIR] [--tracking-uri URI] [--deadline S]
+                                               log the study's recorded runs (logs/mlflow/) into MLflow;
+                                               idempotent: what is logged already is not logged twice
 
 The similarity store format is documented in tdabench.similarity (and the README); both the dense
 layout and the candidate layout are accepted. Metrics rank within the candidates when present.
@@ -340,6 +343,17 @@ def cmd_compare(args) -> None:
     raise SystemExit(1)
 
 
+def cmd_log(args) -> None:
+    from tdabench.mlflow_log import invocation_folders, publish
+
+    if not invocation_folders(args.workdir):
+        raise UsageError(f"log: no tracking records under {Path(args.workdir) / 'logs' / 'mlflow'} (a study's workdir)")
+    report = publish(args.workdir, args.tracking_uri, args.deadline, args.request_timeout)
+    print(report.line())
+    if report.pending:
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tdabench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -405,6 +419,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("b", help="another results folder")
     p.add_argument("--show", type=positive_int, default=3, help="differences listed per stage (default 3)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("log", help="log a study's recorded runs into MLflow (idempotent)")
+    p.add_argument("workdir", nargs="?", default=".", help="the study's working directory (default: .)")
+    p.add_argument("--tracking-uri", help="log here instead of the store each invocation recorded")
+    p.add_argument("--deadline", type=float, help="seconds; stop then and leave the rest pending")
+    p.add_argument("--request-timeout", type=positive_int, default=10, help="seconds per MLflow request")
+    p.set_defaults(func=cmd_log)
     return parser
 
 

@@ -22,13 +22,15 @@ from typing import Any
 import jsonschema
 import yaml
 
+from tdabench.errors import StudyError
+
 DEFAULT_SCHEMA = resources.files("tdabench") / "schemas" / "config.schema.yaml"
 
 # Keys that never change a result: excluded from the config hash.
 NON_RESULT_KEYS = ("mlflow", "resources")  # where runs are logged, what jobs ask a scheduler for
 
 
-class ConfigError(ValueError):
+class ConfigError(StudyError, ValueError):
     """A configuration value is missing, unknown, of the wrong type or inconsistent."""
 
 

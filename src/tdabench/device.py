@@ -15,12 +15,14 @@ from typing import TypeVar
 
 import torch
 
+from tdabench.errors import StudyError
+
 log = logging.getLogger(__name__)
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 T = TypeVar("T")
 
 
-class DeviceError(RuntimeError):
+class DeviceError(StudyError, RuntimeError):
     """The configured device cannot be used on this host; names the device and the fix."""
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tdabench.errors import StudyError
 from tdabench.gradients import GradientExtractor, no_cache_kwargs, per_sample_loss
 
 FLOOR = 1e-2
@@ -25,7 +26,7 @@ DEFAULT_TOLERANCE_AUTOCAST = 5e-2  # forward under bf16/fp16 autocast: batched a
 LOSS_GAP = 1e-6  # relative gap between batched and bs=1 loss beyond fp32 rounding
 
 
-class GradientCheckError(RuntimeError):
+class GradientCheckError(StudyError, RuntimeError):
     """The extractor disagrees with the bs=1 loop on some component."""
 
 

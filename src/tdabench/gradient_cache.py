@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tdabench.errors import StudyError
 from tdabench.extraction import Extraction
 from tdabench.progress import Progress
 from tdabench.store import GradientStoreWriter, estimate_bytes
 
 
-class CacheTooLargeError(ValueError):
+class CacheTooLargeError(StudyError, ValueError):
     """The gradient cache would exceed gradients.max_cache_gb."""
 
 

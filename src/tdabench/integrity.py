@@ -10,24 +10,38 @@ recomputes them; a flipped byte, a truncated file or a row of zeros written over
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from tdabench.errors import StudyError
 from tdabench.io import fsync
 
 CHECKSUMS = "checksums"
 BLOCK_BYTES = 64 << 20  # read datasets in blocks of about this size
 
 
-class CorruptFileError(ValueError):
+class CorruptFileError(StudyError, ValueError):
     """A file that cannot be trusted: unreadable, truncated, non-finite or failing its checksum."""
 
 
-def rebuild_hint(path: str | Path) -> str:
-    return f"rebuild it with: snakemake --cores all --force {path}"
+ENV_CONFIGFILES = "TDABENCH_CONFIGFILES"  # JSON list: the invocation's --configfile paths (the Snakefile sets it)
+
+
+def study_configfiles() -> list[str]:
+    return json.loads(os.environ.get(ENV_CONFIGFILES, "[]"))
+
+
+def rebuild_hint(path: str | Path, configfiles: list[str] | None = None) -> str:
+    """The command that rebuilds `path`, with the study's config files (default: this
+    invocation's), so it rebuilds the same study and not the default one."""
+    if configfiles is None:
+        configfiles = study_configfiles()
+    config = f" --configfile {' '.join(configfiles)}" if configfiles else ""
+    return f"rebuild it with: snakemake --cores all{config} --force {path}"
 
 
 def _blocks(ds: h5py.Dataset):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from tdabench import numerics
+from tdabench.errors import ModelError
 from tdabench.sections import TinyModelConfig, TokenizeConfig
 
 USER, ASSISTANT, EOS, PAD = "<|user|>", "<|assistant|>", "<|eos|>", "<|pad|>"
@@ -95,7 +96,7 @@ def load_model(path: str | Path, gguf_file: str | None = None):
     return model.eval(), tokenizer
 
 
-class NotCausalError(ValueError):
+class NotCausalError(ModelError):
     """The model does not predict each token from the ones before it."""
 
 

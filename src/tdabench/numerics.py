@@ -37,6 +37,8 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
+from tdabench.errors import StudyError
+
 MODES = ("portable", "native")
 # Exported before torch is imported. ATEN: torch's own vector kernels; MKL_CBWR: MKL's code path
 # (STRICT: the same bits at any thread count for matrix products); ONEDNN: oneDNN's kernels.
@@ -49,7 +51,7 @@ RECORDED_ENV = (*CPU_PINS, *CUDA_PINS, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OP
 _active = "native"  # the mode of this process (set by pin_environment / active)
 
 
-class NumericsError(RuntimeError):
+class NumericsError(StudyError, RuntimeError):
     """`numerics` cannot be honoured here; one line naming what is missing and the way out."""
 
 

@@ -6,6 +6,8 @@ testable function of the config. Torch-free: the Snakefile imports it at parse t
 
 from __future__ import annotations
 
+import os
+
 from tdabench import resources
 
 BASE_MODEL_DIRS = {"tiny": "results/models/base", "gguf": "results/models/converted"}
@@ -50,6 +52,31 @@ def store_candidates(config: dict) -> list[str]:
 def background(config: dict) -> list[str]:
     """The background data the dataset builds on (synthetic data only)."""
     return ["results/data/background.parquet"] if config["dataset"]["kind"] == "synthetic" else []
+
+
+def user_data(config: dict, parts: tuple[str, ...] = ("train", "queries")) -> list[str]:
+    """The local files of the user's data (kind files; kind huggingface where a path is a local
+    file or folder: every file in it), as rule inputs, so editing one reruns what reads it. Hub
+    names are not files: the dataset's revision is the hub's business."""
+    data = config["dataset"]
+    if data["kind"] == "files":
+        paths = [data["files"][p] for p in parts]
+    elif data["kind"] == "huggingface":
+        hf = data["huggingface"]
+        paths = ([hf["train"]["path"]] if "train" in parts and hf["train"] else []) + (
+            [q["path"] for q in hf["queries"]] if "queries" in parts else []
+        )
+    else:
+        return []
+    files: list[str] = []
+    for path in dict.fromkeys(p for p in paths if p):
+        if os.path.isdir(path):
+            for folder, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                files += [os.path.join(folder, n) for n in sorted(names) if not n.startswith(".")]
+        elif os.path.isfile(path):
+            files.append(path)
+    return files
 
 
 def n_shards(config: dict, split: str) -> int:

@@ -49,7 +49,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tdabench.integrity import CorruptFileError, open_hdf5, read_checked, seal_hdf5
+from tdabench.integrity import CorruptFileError, crc32, open_hdf5, read_checked, seal_hdf5
 from tdabench.io import atomic_path
 from tdabench.store import STR
 
@@ -311,15 +311,32 @@ class Header:
         return json.dumps(meta, sort_keys=True, default=int)
 
 
+def _index(x) -> dict | list | None:
+    """A slice or an index array as JSON (how a unit's region is recorded in the partial file)."""
+    if x is None:
+        return None
+    if isinstance(x, slice):
+        return {"start": None if x.start is None else int(x.start), "stop": None if x.stop is None else int(x.stop)}
+    return np.asarray(x, dtype=np.int64).tolist()
+
+
+def _unindex(x):
+    return slice(x["start"], x["stop"]) if isinstance(x, dict) else np.asarray(x, dtype=np.int64)
+
+
 class SimilarityWriter:
     """A similarity store written unit by unit into `.<name>.partial` (every dataset allocated,
-    zero-filled); `done[u]` is set when unit u is in. A rerun with the same header resumes; on
-    success the file is sealed and renamed into place, after an error it stays for the rerun."""
+    zero-filled); `done[u]` is set when unit u is in, with the regions it wrote
+    (`unit_regions[u]`) and the CRC-32 of their bytes read back (`unit_crc[u]`). A rerun with the
+    same header resumes: each done unit is read again and must match its checksum and be finite,
+    else it is recomputed. On success the file is sealed and renamed into place; after an error it
+    stays for the rerun."""
 
     def __init__(self, path: str | Path, header: Header, n_units: int, dtype: str = "float64", resume: bool = True):
         self.path, self.header, self.n_units, self.dtype, self.resume = Path(path), header, n_units, dtype, resume
         self.partial = self.path.with_name(f".{self.path.name}.partial")
         self.file: h5py.File | None = None
+        self.regions: list[dict] = []  # what the current unit has written so far
 
     @property
     def done(self) -> np.ndarray:
@@ -332,11 +349,12 @@ class SimilarityWriter:
                 f = h5py.File(self.partial, "r+")
                 if f.attrs.get("resume_key") == self.header.key() and f["done"].shape == (self.n_units,):
                     self.file = f
+                    self._recheck_done_units()
                     log.info("resuming %s: %d of %d units done", self.partial, f["done"][()].sum(), self.n_units)
                     return self
                 f.close()
                 log.info("ignoring %s: written with other settings", self.partial)
-            except (OSError, KeyError) as e:
+            except (OSError, KeyError, ValueError) as e:
                 log.info("ignoring unreadable %s (%s)", self.partial, e)
         self.partial.unlink(missing_ok=True)
         h = self.header
@@ -348,8 +366,35 @@ class SimilarityWriter:
         f.create_dataset("train_sqnorm", shape=(n_c, len(h.train_ids)), dtype=self.dtype, fillvalue=0)
         f.create_dataset("dot", shape=(n_c, n_q, h.n_columns), dtype=self.dtype, fillvalue=0)
         f.create_dataset("done", data=np.zeros(self.n_units, dtype=bool))
+        f.create_dataset("unit_crc", data=np.zeros(self.n_units, dtype=np.uint32))
+        f.create_dataset("unit_regions", shape=(self.n_units,), dtype=STR)
         f.flush()
         return self
+
+    def _region_crc(self, regions: list[dict]) -> tuple[int, bool]:
+        """CRC-32 of the regions' bytes as stored, and whether they are all finite."""
+        crc, finite = 0, True
+        for r in regions:
+            key = (_unindex(r["components"]), *(_unindex(i) for i in r["index"]))
+            block = self.file[r["dataset"]][key]
+            crc = crc32(block, crc)
+            finite = finite and bool(np.isfinite(block).all())
+        return crc, finite
+
+    def _recheck_done_units(self) -> None:
+        """A done unit whose bytes changed since it was marked (or that holds a NaN) is redone."""
+        f = self.file
+        done = f["done"][()]
+        for u in np.flatnonzero(done):
+            text = f["unit_regions"][u]
+            regions = json.loads(text.decode() if isinstance(text, bytes) else text)
+            crc, finite = self._region_crc(regions)
+            if crc != int(f["unit_crc"][u]) or not finite:
+                why = "not finite" if crc == int(f["unit_crc"][u]) else "changed since it was written"
+                log.warning("%s: unit %d %s; it is computed again", self.partial, u, why)
+                done[u] = False
+        f["done"][...] = done
+        f.flush()
 
     def write(
         self,
@@ -378,17 +423,26 @@ class SimilarityWriter:
     ) -> None:
         """Part of a unit, for `components` only (C of them): as `write`, nothing marked done."""
         f = self.file
-        if dot is not None:
-            f["dot"][components, queries, columns] = dot
-        if query_sqnorm is not None:
-            f["query_sqnorm"][components, queries] = query_sqnorm
-        if train_sqnorm is not None:
-            f["train_sqnorm"][components, train_rows] = train_sqnorm
+        for name, value, index in (
+            ("dot", dot, (queries, columns)),
+            ("query_sqnorm", query_sqnorm, (queries,)),
+            ("train_sqnorm", train_sqnorm, (train_rows,)),
+        ):
+            if value is not None:
+                f[name][(components, *index)] = value
+                self.regions.append(
+                    {"dataset": name, "components": _index(components), "index": [_index(i) for i in index]}
+                )
 
     def mark(self, unit: int) -> None:
-        """Unit `unit` is wholly in the file."""
-        self.file["done"][unit] = True
-        self.file.flush()  # a unit is either wholly in the file and marked, or redone
+        """Unit `unit` is wholly in the file: its regions and their checksum are recorded with it."""
+        f = self.file
+        f.flush()
+        f["unit_crc"][unit], _ = self._region_crc(self.regions)
+        f["unit_regions"][unit] = json.dumps(self.regions)
+        self.regions = []
+        f["done"][unit] = True
+        f.flush()  # a unit is either wholly in the file and marked, or redone
 
     def __exit__(self, exc_type, exc, tb) -> None:
         f, self.file = self.file, None
@@ -401,7 +455,8 @@ class SimilarityWriter:
         if missing:
             f.close()
             raise RuntimeError(f"{self.partial}: {missing} of {self.n_units} units were never written")
-        del f["done"]
+        for name in ("done", "unit_crc", "unit_regions"):
+            del f[name]
         del f.attrs["resume_key"]
         f.close()
         seal_hdf5(self.partial)  # read back: finite, checksums stored, fsynced
@@ -432,6 +487,9 @@ def write_similarity(sim: Similarity, path: str | Path, dtype: str = "float64") 
         seal_hdf5(tmp)
 
 
+MERGE_ATTRS = ("setting", "model_fingerprint", "config_hash", "numerics", "layout", "source", "n_shards")
+
+
 def merge_similarity(parts: Sequence[str | Path], out: str | Path, dtype: str = "float64") -> Similarity:
     """Sum similarity stores written over disjoint training shards (each holds zeros outside its
     shard, so the sum is exact) into `out`; refuses parts that differ in anything but numbers."""
@@ -440,8 +498,17 @@ def merge_similarity(parts: Sequence[str | Path], out: str | Path, dtype: str = 
     first = load_similarity(parts[0])
     same = ("components", "component_dim", "component_method", "query_ids", "train_ids")
     ways = [{w} for w in first.component_way]  # shards may choose differently: "factored+materialised"
+    shards = {str(parts[0]): first.attrs.get("shard")}
     for p in parts[1:]:
         sim = load_similarity(p)
+        for name in MERGE_ATTRS:
+            if str(sim.attrs.get(name)) != str(first.attrs.get(name)):
+                raise ValueError(
+                    f"{p}: attribute {name} is {sim.attrs.get(name)!r}, but {parts[0]}'s is "
+                    f"{first.attrs.get(name)!r}; parts of one store come from one model and one config: "
+                    "rebuild them (snakemake --cores all --forcerun similarity_stream)"
+                )
+        shards[str(p)] = sim.attrs.get("shard")
         for seen, w in zip(ways, sim.component_way):
             seen.add(w)
         for name in same:
@@ -454,6 +521,15 @@ def merge_similarity(parts: Sequence[str | Path], out: str | Path, dtype: str = 
             raise ValueError(f"{p}: ground_truth or candidates differ from {parts[0]}'s")
         for name in ("dot", "query_sqnorm", "train_sqnorm"):
             setattr(first, name, getattr(first, name) + getattr(sim, name))
+    n_shards = first.attrs.get("n_shards")
+    if None not in shards.values() and (
+        len(set(map(int, shards.values()))) != len(parts)
+        or (n_shards is not None and sorted(map(int, shards.values())) != list(range(int(n_shards))))
+    ):
+        raise ValueError(
+            f"merge_similarity: the parts' shards are {sorted(int(x) for x in shards.values())} ({', '.join(shards)}); "
+            f"a store merges each of its {n_shards} training shards exactly once"
+        )
     first.component_way = ["+".join(sorted(w)) for w in ways]
     first.attrs = {k: v for k, v in first.attrs.items() if k not in ("shard",)} | {"n_shards": len(parts)}
     write_similarity(first, out, dtype)

@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from tdabench.components import Component
+from tdabench.errors import StudyError
 from tdabench.integrity import CorruptFileError, RunningCheck, open_hdf5, rebuild_hint, seal_hdf5
 from tdabench.io import fsync
 
@@ -44,11 +45,11 @@ ID_BYTES = 64  # rough per-row allowance for ids and the done flag in size estim
 log = logging.getLogger(__name__)
 
 
-class StoreWriteError(OSError):
+class StoreWriteError(StudyError, OSError):
     """Writing a gradient store failed (disk full, quota, I/O error); names the file and cause."""
 
 
-class NonFiniteGradientError(ValueError):
+class NonFiniteGradientError(StudyError, ValueError):
     """A per-sample gradient holds NaN or inf; names the samples and the component."""
 
 

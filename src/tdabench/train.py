@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from tdabench.device import DeviceError, halving, supports_bf16
-from tdabench.models import Encoded, collate, encode_prompt
+from tdabench.data.sources import DataError
+from tdabench.errors import StudyError
+from tdabench.models import Encoded, collate, encode_prompt, unlabelled
 from tdabench.progress import Progress
 from tdabench.sections import TrainConfig
 
@@ -54,10 +56,20 @@ def lm_loss(model, batch: dict[str, torch.Tensor], label_smoothing: float = 0.0)
     )
 
 
+class DivergedError(StudyError, FloatingPointError):
+    """The training loss stopped being finite: names the epoch, the step and the learning rate."""
+
+
 def train(
     model, examples: list[Encoded], pad_id: int, cfg: TrainConfig, progress: bool = True, desc: str = "train"
 ) -> list[dict]:
     """Train in place. Returns the loss curve: one {"epoch", "step", "loss"} per epoch."""
+    empty = unlabelled(examples)
+    if empty:  # their loss is 0/0: the first batch holding only such examples would be NaN
+        raise DataError(
+            f"{desc}: {len(empty)} example(s) have no labelled token (positions {empty[:10]}), "
+            "e.g. cut off by tokenize.max_length; raise it or drop those examples"
+        )
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
@@ -76,10 +88,10 @@ def train(
             with precision_context(device, cfg.precision):
                 loss = lm_loss(model, batch, cfg.label_smoothing)
             if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"{desc}: the training loss is {loss.item()} at epoch {epoch + 1}, step {step + 1}; "
-                    f"lower the learning rate ({cfg.learning_rate:g}) or check the data (a batch without "
-                    "labelled tokens has no loss)"
+                raise DivergedError(
+                    f"{desc}: the training loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                    f"(every example has a labelled token: the weights diverged); lower the learning rate "
+                    f"({cfg.learning_rate:g})"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()

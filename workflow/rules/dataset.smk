@@ -2,6 +2,7 @@ rule background:
     """What the base model is pre-trained on (background settings only: planted settings never rerun it)."""
     input:
         code=stage_code("background"),
+        data=plan.user_data(config, ("train",)),
     output:
         background="results/data/background.parquet",
     log:
@@ -21,6 +22,7 @@ rule dataset:
     input:
         code=stage_code("dataset"),
         background=plan.background(config),
+        data=plan.user_data(config),
     output:
         train="results/data/train.parquet",
         queries="results/data/queries.parquet",

@@ -55,8 +55,8 @@ rule evaluate:
 
 
 rule summary:
-    """summary.md, plots (PNG + SVG) and the resolved config; headline metrics, per-method runs,
-    table and plots into MLflow."""
+    """summary.md, plots (PNG + SVG), the resolved config and the results manifest (every result
+    file with its hash and rule); headline metrics, per-method runs, table and plots into MLflow."""
     input:
         code=stage_code("summary"),
         metrics="results/evaluation/metrics.parquet",
@@ -90,6 +90,7 @@ rule summary:
             "results/evaluation/{plot}.svg",
             plot=["top1_vs_dim", "mrr_vs_dim", "single_component_heatmap", "greedy_curve", "top1_vs_cost"],
         ),
+        manifest="results/manifest.json",
     log:
         "logs/summary.log",
     conda:

@@ -10,4 +10,4 @@ from tdabench import numerics  # noqa: E402  (imports nothing heavy)
 numerics.pin_environment(snakemake.params.numerics)  # noqa: F821
 from tdabench.pipeline import common  # noqa: E402
 
-common.run_rule(common.JobContext.from_snakemake(snakemake))  # noqa: F821
+common.run_job(common.JobContext.from_snakemake(snakemake))  # noqa: F821

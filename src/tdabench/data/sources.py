@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from tdabench.errors import StudyError
+
 TRAIN_COLUMNS = ("id", "prompt", "response")
 QUERY_COLUMNS = ("id", "source_id", "setting", "prompt", "response")
 
 
-class DataError(ValueError):
+class DataError(StudyError, ValueError):
     """User data that cannot be used: names the file or config key and what is allowed."""
 
 

@@ -4,11 +4,11 @@ file, threads, and the MLflow child run."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 
 from tdabench import numerics, tracking
 from tdabench.contracts import CONTRACTS, typed
+from tdabench.errors import StudyError
 from tdabench.io import write_json
+from tdabench.manifest import record_outputs
 
 log = logging.getLogger("tdabench")
 T = TypeVar("T")
@@ -63,7 +65,13 @@ class JobContext:
     @property
     def name(self) -> str:
         """rule plus wildcard values, e.g. 'gradients-train-0' (names its environment record)."""
-        return "-".join([self.rule, *(re.sub(r"[^\w.]", "_", str(v)) for v in self.wildcards.values())])
+        return tracking.job_name(self.rule, self.wildcards)
+
+    def settings_digest(self) -> str:
+        """Digest of the rule's params and the numerics mode: everything the config decides about
+        the job's numbers (a partial file resumes, and parts merge, only under the same digest)."""
+        blob = json.dumps({**self.params, "numerics": self.numerics}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def typed_params(self, cls: type[T]) -> T:
         """The rule's params as the stage's typed Params dataclass (refuses missing/unknown keys)."""
@@ -147,6 +155,19 @@ def run_rule(job: JobContext) -> None:
     run(getattr(importlib.import_module(module), function), job)
 
 
+def run_job(job: JobContext) -> None:
+    """`run_rule` as a workflow job: an error the user fixes (tdabench.errors.StudyError) ends the
+    job with one line on the console (what, where, the fix, the log; the log file keeps the
+    traceback), anything else with its traceback."""
+    try:
+        run_rule(job)
+    except StudyError as e:
+        where = "".join(f" {k}={v}" for k, v in job.wildcards.items())
+        log_hint = f" (log: {job.log})" if job.log else ""
+        print(f"[tdabench] error in rule {job.rule}{where}: {e}{log_hint}", file=sys.__stderr__, flush=True)
+        raise SystemExit(1) from None
+
+
 def run(stage: Callable[[JobContext, tracking.Run], None], job: JobContext) -> None:
     """Run one stage job: logging, MLflow child run (params = the rule's params), wall time."""
     with _log_to(job.log):
@@ -157,6 +178,8 @@ def run(stage: Callable[[JobContext, tracking.Run], None], job: JobContext) -> N
             tracking.job_run(job.rule, {**job.params, "numerics": job.numerics}, job.wildcards) as mlrun,
         ):
             stage(job, mlrun)
+            if job.log is not None:  # a workflow job: its outputs go into the results manifest
+                record_outputs(job.name, job.rule, job.wildcards, job.output.values())
             seconds = time.perf_counter() - start
             mlrun.log_metrics({"job_seconds": seconds})
             env = record_environment(job, mlrun)

@@ -49,7 +49,7 @@ def main(job: JobContext, mlrun) -> None:
     model, tokenizer = kit.model, kit.tokenizer
     train_df = read_train(job.input["train"])
     queries = read_queries(job.input["queries"])
-    examples = kit.encode(train_df, p.tokenize, "training", require_labels=False)
+    examples = kit.encode(train_df, p.tokenize, "training")  # an example without a labelled token: refused here
     n_trunc = sum(e.truncated for e in examples)
     n_params = sum(t.numel() for t in model.parameters())
     log.info("fine-tuning %s (%d parameters) on %d examples", p.base, n_params, len(examples))

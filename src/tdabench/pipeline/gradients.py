@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import asdict
 
@@ -54,7 +52,7 @@ def main(job: JobContext, mlrun) -> None:
         "shard": shard,
         "n_shards": p.shards,
         "model_fingerprint": model_fingerprint(p.model),
-        "config_hash": hashlib.sha256(json.dumps(job.params, sort_keys=True).encode()).hexdigest()[:12],
+        "config_hash": job.settings_digest(),  # the resume key: params and numerics
         "code_version": f"{tdabench.__version__}+{sources_digest('tdabench.pipeline.gradients')}",
         "n_truncated": sum(e.truncated for e in examples),
         **(check.attrs if check else {}),

@@ -71,7 +71,14 @@ def main_stream(job: JobContext, mlrun) -> None:
     check = kit.self_check(first, p.verify, p.verify_tolerance)
 
     spec = StreamSpec(p.layout, p.memory_gb, shard, p.shards)
-    attrs = {"setting": setting, "model_fingerprint": model_fingerprint(p.model), "shard": shard, "n_shards": p.shards}
+    attrs = {
+        "setting": setting,
+        "model_fingerprint": model_fingerprint(p.model),
+        "shard": shard,
+        "n_shards": p.shards,
+        "config_hash": job.settings_digest(),  # every setting that shapes the numbers: resume and merge check it
+        "numerics": job.numerics,
+    }
     target = Target(everything[rows]["id"].to_list(), train["id"].to_list(), gt, candidates, attrs, p.dtype)
     producer = StreamProducer(extraction, kit.pad_id, spec, encoded_queries, encoded_train, rows)
     with Progress(desc=f"similarity {setting} shard {shard}", unit="units") as bar:

@@ -15,6 +15,7 @@ from tdabench import numerics, tracking
 from tdabench.contracts import SummaryParams
 from tdabench.evaluate import headline, read_results, summary_markdown
 from tdabench.io import write_json, write_text
+from tdabench.manifest import build_manifest, write_manifest
 from tdabench.pipeline.common import ENVIRONMENT_DIR, JobContext
 from tdabench.plots import plot_greedy_curve, plot_metric_vs_cost, plot_metric_vs_dim, plot_single_heatmap
 from tdabench.similarity import read_provenance
@@ -187,3 +188,7 @@ def main(job: JobContext, mlrun) -> None:
         ):
             run.log_artifact(path, "results")
     log.info("%d headline metrics logged%s", len(metrics), " to the parent run" if parent.active else "")
+    own = [v for k, v in job.output.items() if k != "manifest"]  # svg: a list of files
+    manifest = build_manifest({"summary": [p for v in own for p in ([v] if isinstance(v, str) else v)]})
+    write_manifest(manifest, job.output["manifest"])
+    log.info("results manifest: %d files -> %s", len(manifest["files"]), job.output["manifest"])

@@ -1,0 +1,88 @@
+"""The results manifest: every result file, its content hash and the rule that wrote it.
+
+Each workflow job records its outputs when it ends (`logs/outputs/<job>.json`: path, bytes,
+sha256); the summary job, which runs after every other job of the study, gathers the records of
+the files still there into `results/manifest.json`, with the config files the study ran with.
+`tdabench verify` then finds a result file that is missing or whose bytes changed since its job
+wrote it (a table edited by hand, a store deleted), and names the command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tdabench.integrity import rebuild_hint, study_configfiles
+from tdabench.io import write_json
+
+FORMAT = "tdabench-manifest/1"
+OUTPUTS_DIR = "logs/outputs"  # one record per job: what it wrote
+NAME = "manifest.json"
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def output_files(outputs: Iterable[str | Path]) -> list[Path]:
+    """The files of a job's outputs (a folder output: every file in it)."""
+    files = []
+    for p in map(Path, outputs):
+        files += [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    return files
+
+
+def describe(files: Iterable[Path]) -> dict[str, dict]:
+    return {str(f): {"bytes": f.stat().st_size, "sha256": file_digest(f)} for f in files}
+
+
+def record_outputs(job: str, rule: str, wildcards: dict, outputs: Iterable[str | Path], folder=OUTPUTS_DIR) -> None:
+    """What job `job` wrote (called when it ends): the summary's manifest is built from these."""
+    record = {"job": job, "rule": rule, "wildcards": wildcards, "files": describe(output_files(outputs))}
+    write_json(record, Path(folder) / f"{job}.json")
+
+
+def build_manifest(own: dict[str, Iterable[str | Path]], folder=OUTPUTS_DIR, results="results") -> dict:
+    """The manifest of `results`: every recorded file still there, plus `own` ({rule: files}:
+    the calling job's outputs, written just now)."""
+    files: dict[str, dict] = {}
+    # Oldest record first: when two jobs wrote one path (a store rebuilt by another rule), the
+    # last writer's entry stands.
+    for path in sorted(Path(folder).glob("*.json"), key=lambda p: p.stat().st_mtime_ns):
+        record = json.loads(path.read_text())
+        for name, entry in record["files"].items():
+            if Path(name).exists() and Path(name).is_relative_to(results):
+                files[name] = {**entry, "rule": record["rule"], "job": record["job"]}
+    for rule, paths in own.items():
+        for name, entry in describe(output_files(paths)).items():
+            files[name] = {**entry, "rule": rule, "job": rule}
+    return {"format": FORMAT, "configfiles": study_configfiles(), "files": dict(sorted(files.items()))}
+
+
+def write_manifest(manifest: dict, path: str | Path) -> None:
+    write_json(manifest, path)
+
+
+def check_manifest(results: str | Path) -> tuple[int, list[tuple[Path, str]]]:
+    """(files listed, [(file, problem)]): each file of `results`/manifest.json must be there with
+    the bytes its job wrote. Paths in the manifest are relative to the study's workdir (results'
+    parent)."""
+    results = Path(results)
+    manifest = json.loads((results / NAME).read_text())
+    if manifest.get("format") != FORMAT:
+        return 0, [(results / NAME, f"{results / NAME}: not a {FORMAT} file")]
+    workdir, problems = results.parent, []
+    for name, entry in manifest["files"].items():
+        path = workdir / name
+        hint = rebuild_hint(name, manifest.get("configfiles"))
+        if not path.exists():
+            problems.append((path, f"{name}: missing (written by rule {entry['rule']}); {hint}"))
+        elif path.stat().st_size != entry["bytes"] or file_digest(path) != entry["sha256"]:
+            problems.append((path, f"{name}: its bytes changed since rule {entry['rule']} wrote it; {hint}"))
+    return len(manifest["files"]), problems

@@ -1,0 +1,183 @@
+"""Tracking: jobs record their runs on disk, `tdabench.mlflow_log.publish` logs them to MLflow
+once (a replay adds nothing), bounded when the store does not answer."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import polars as pl
+import pytest
+from mlflow import MlflowClient
+
+from tdabench import mlflow_log, tracking
+from tdabench.config import validate_config
+
+from workflow_helpers import free_port, half_open_server
+
+CLI = [sys.executable, "-m", "tdabench.cli"]
+SRC = tracking.__file__.rsplit("/", 2)[0]  # the tdabench under test
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A study's workdir as the cwd, with the tracking folder's variable removed after."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(tracking.ENV_DIR, raising=False)
+    yield tmp_path
+    os.environ.pop(tracking.ENV_DIR, None)
+
+
+def record_study(uri=None, fail_second=True):
+    """An invocation as the workflow records it: a dataset job (a table input, a table, an
+    artifact, parent metrics), a summary job with two nested runs, and a failed job."""
+    config = validate_config({"mlflow": {"tracking_uri": uri}})
+    folder = tracking.start_study(config, workdir=".", repo=".", cfg_hash="abc")
+    pl.DataFrame({"id": ["a", "b"], "n": [1, 2]}).write_parquet("train.parquet")
+    with tracking.job_run("dataset", {"seed": 3, "nested": {"k": [1, 2]}}, {"split": "train"}) as run:
+        run.log_metrics({"n_train": 2, "loss": float("nan")}, step=1)  # NaN is left out
+        run.log_table(pl.read_parquet("train.parquet"), "results/train.json")
+        run.log_input(pl.read_parquet("train.parquet"), "train", "train.parquet", "training")
+        run.log_artifact("train.parquet", "results")
+        tracking.parent().log_metrics({"headline": 0.5})
+        tracking.parent().log_table(pl.DataFrame({"x": [1.0]}), "results/headline.json")
+    with tracking.job_run("summary", {"settings": ["p"]}) as run:
+        run.child("greedy", {"k": 4}, {"top1": 0.25})
+        run.child("full", {"k": ""}, {"top1": 0.75})
+    if fail_second:
+        with pytest.raises(RuntimeError), tracking.job_run("evaluate", {}) as run:
+            run.log_metrics({"partial": 1})
+            raise RuntimeError("boom")
+    tracking.end_study("FINISHED")
+    return folder
+
+
+def all_runs(uri):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tdabench")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def test_a_job_without_a_tracking_folder_records_nothing(workdir):
+    with tracking.job_run("dataset", {"a": 1}) as run:
+        assert not run.active
+        run.log_metrics({"m": 1})
+        assert not tracking.parent().active
+    assert not (workdir / "logs").exists()
+
+
+def test_records_are_logged_once_and_a_replay_adds_nothing(workdir):
+    folder = record_study()
+    uri = tracking.default_tracking_uri(workdir)
+    assert mlflow_log.pending(workdir) == 4  # 3 jobs and the study's end
+    report = mlflow_log.publish(workdir)
+    assert (report.logged, report.pending) == (4, 0), report.line()
+    client, runs = all_runs(uri)
+    by_name = {r.info.run_name: r for r in runs}
+    parent = next(r for r in runs if r.data.tags.get("tdabench.kind") == "study")
+    assert parent.info.status == "FINISHED" and parent.data.metrics == {"headline": 0.5}
+    assert parent.data.params["seed"] == "0" and "mlflow" not in json.dumps(list(parent.data.params))
+    dataset = by_name["dataset split=train"]
+    assert dataset.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert dataset.data.params == {"seed": "3", "nested.k": "[1, 2]", "wildcard.split": "train"}
+    assert dataset.data.metrics == {"n_train": 2.0}
+    assert dataset.data.tags["tdabench.config_hash"] == "abc"  # the study's source tags on every run
+    assert {d.dataset.name for d in client.get_run(dataset.info.run_id).inputs.dataset_inputs} == {"train"}
+    assert {f.path for f in client.list_artifacts(dataset.info.run_id, "results")} == {
+        "results/train.json",
+        "results/train.parquet",
+    }
+    assert by_name["evaluate"].info.status == "FAILED" and by_name["evaluate"].data.metrics == {"partial": 1.0}
+    summary = by_name["summary"]
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.info.run_id]
+    assert sorted((r.info.run_name, r.data.metrics["top1"]) for r in nested) == [("full", 0.75), ("greedy", 0.25)]
+    assert len(runs) == 1 + 3 + 2
+
+    again = mlflow_log.publish(workdir)
+    assert (again.logged, again.pending) == (0, 0) and again.line() == "MLflow: nothing pending"
+    # Even with the local state lost, a replay finds the runs by their record tags: no duplicates.
+    (folder / "logged.json").unlink()
+    mlflow_log.publish(workdir)
+    client, runs_after = all_runs(uri)
+    assert len(runs_after) == len(runs)
+    table = client.download_artifacts(parent.info.run_id, "results/headline.json")
+    assert len(json.loads(open(table).read())["data"]) == 1  # log_table would have appended a second row
+
+
+def test_a_half_logged_record_is_logged_again_whole(workdir, monkeypatch):
+    record_study(fail_second=False)
+    real = mlflow_log._Logger.apply
+
+    def fail_on_nested(self, run_id, op, record_tag, exp_id):
+        if op["op"] == "child" and op["name"] == "full":
+            raise ConnectionError("the store went away")
+        return real(self, run_id, op, record_tag, exp_id)
+
+    monkeypatch.setattr(mlflow_log._Logger, "apply", fail_on_nested)
+    report = mlflow_log.publish(workdir)
+    assert report.pending == 2 and "ConnectionError: the store went away" in report.error  # summary + study end
+    assert "MLflow logging pending: 2 record(s)" in report.line() and "tdabench log" in report.line()
+    monkeypatch.setattr(mlflow_log._Logger, "apply", real)
+    assert mlflow_log.publish(workdir).pending == 0
+    _, runs = all_runs(tracking.default_tracking_uri(workdir))
+    assert sorted(r.info.run_name for r in runs if r.data.tags.get("tdabench.kind") != "study") == [
+        "dataset split=train",
+        "full",
+        "greedy",
+        "summary",
+    ]
+
+
+def test_a_study_whose_process_is_gone_is_closed_as_killed(workdir, monkeypatch):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    monkeypatch.setattr(os, "getpid", lambda: int(dead.stdout))
+    tracking.start_study(validate_config({}), workdir=".", repo=".", cfg_hash="x")  # never ended
+    monkeypatch.undo()
+    assert mlflow_log.publish(workdir).pending == 0
+    _, runs = all_runs(tracking.default_tracking_uri(workdir))
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
+def test_an_unreachable_server_leaves_the_records_pending_in_seconds(workdir):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    record_study(uri)
+    assert "is not reachable" in tracking.store_problem(uri, workdir)
+    start = time.monotonic()
+    report = mlflow_log.publish(workdir, request_timeout_s=1)
+    assert report.pending == 4 and report.logged == 0
+    assert time.monotonic() - start < 60
+
+
+def test_a_half_open_server_is_cut_off_at_the_deadline(workdir):
+    port = free_port()
+    with half_open_server(port) as uri:
+        record_study(uri)
+        assert tracking.store_problem(uri, workdir) is None  # it answers its health check
+        start = time.monotonic()
+        line = mlflow_log.run_bounded(
+            workdir, deadline_s=2, request_timeout_s=1, src=tracking.__file__.rsplit("/", 2)[0]
+        )
+        took = time.monotonic() - start
+    assert line.startswith("MLflow logging pending: 4 record(s)"), line
+    assert took < 45  # 2 s deadline + at most one request's timeouts + the subprocess' start
+
+
+def test_an_unusable_sqlite_store_is_one_line(workdir):
+    (workdir / "a_file").write_text("not a folder")
+    uri = f"sqlite:///{workdir / 'a_file' / 'sub' / 'mlflow.db'}"
+    record_study(uri)
+    assert "a_file is not a writable folder" in tracking.store_problem(uri, workdir)
+    report = mlflow_log.publish(workdir)
+    assert report.pending == 4 and "a_file is not a writable folder" in report.error
+
+
+def test_the_log_command_replays_and_says_what_is_pending(workdir):
+    env = {**os.environ, "PYTHONPATH": SRC}
+    none = subprocess.run([*CLI, "log"], capture_output=True, text=True, env=env)
+    assert none.returncode == 2 and "no tracking records under" in none.stderr
+    record_study(fail_second=False)
+    done = subprocess.run([*CLI, "log", str(workdir)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "MLflow: 3 record(s) logged to sqlite:///" in done.stdout, done.stderr
+    again = subprocess.run([*CLI, "log", str(workdir)], capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and again.stdout.strip() == "MLflow: nothing pending"

@@ -204,6 +204,15 @@ def test_bad_arguments_are_clear(tmp_path):
             [CLI, "evaluate", "--similarity", str(tmp_path / "s.h5"), *args], capture_output=True, text=True
         )
         assert r.returncode != 0 and message in r.stderr
+    pl.DataFrame({"x": [1]}).write_parquet(tmp_path / "t.parquet")
+    for args, message in (
+        (["evaluate", "--similarity", str(tmp_path / "t.parquet")], "t.parquet is not a similarity store (an HDF5"),
+        (["greedy", "--similarity", str(tmp_path / "s.h5"), "--seed", "-1", "--out", "g.parquet"], "--seed: must be"),
+        (["compare", str(tmp_path / "nothere"), str(tmp_path)], "nothere is not a folder"),
+    ):
+        r = subprocess.run([CLI, *args], capture_output=True, text=True)
+        assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr
+        assert "rebuild" not in r.stderr
 
 
 def _results_folder(root, weight=0.0, top1=0.5, seconds=0.1):

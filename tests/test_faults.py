@@ -17,6 +17,7 @@ import torch
 from tdabench.components import describe
 from tdabench.config import ConfigError, load_config, validate_config
 from tdabench.data.sources import DataError, load_files
+from tdabench.errors import ModelError
 from tdabench.integrity import CorruptFileError, verify_hdf5
 from tdabench.models import NotCausalError, load_model
 from tdabench.pipeline.common import JobContext, run_rule
@@ -189,8 +190,36 @@ def test_encoder_decoder_is_refused(tmp_path):
         load_model(save_tiny(tmp_path, cfg))
 
 
+def tiny_llama_folder(tmp_path) -> Path:
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=8, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=16,
+    )  # fmt: skip
+    return Path(save_tiny(tmp_path, cfg))
+
+
+def test_a_corrupt_weights_file_is_named_with_what_to_do(tmp_path):
+    folder = tiny_llama_folder(tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # truncated by a failed copy
+    with pytest.raises(
+        ModelError, match=r"cannot read the weights of model '.*llama'.*save or download the model again"
+    ):
+        load_model(str(folder))
+
+
+def test_a_model_folder_without_a_tokenizer_is_named(tmp_path):
+    folder = tiny_llama_folder(tmp_path)
+    for f in folder.glob("*token*"):
+        f.unlink()
+    with pytest.raises(ModelError, match=r"model '.*llama' has no usable tokenizer .*tokenizer.save_pretrained"):
+        load_model(str(folder))
+
+
 def test_missing_model_folder_is_named(tmp_path):
-    with pytest.raises(OSError, match=r"cannot load the model .*no-model"):
+    with pytest.raises(ModelError, match=r"cannot load the model .*no-model"):
         load_model(str(tmp_path / "no-model"))
 
 
@@ -267,17 +296,25 @@ FULL_DISK = textwrap.dedent(
         c = describe("model.layers.0.mlp.down_proj.weight", (4000,))
         with GradientStoreWriter(sys.argv[2], [f"s{i}" for i in range(100)], [c], "float32", {}) as w:
             w.write(slice(0, 100), {c.name: np.ones((100, 4000), np.float32)})
+    elif sys.argv[1] == "similarity":
+        from tdabench.similarity import Header, SimilarityWriter
+        c, t = [f"c{i}" for i in range(30)], [f"t{i}" for i in range(500)]
+        h = Header(c, [4] * 30, c, [0] * 30, [4] * 30, ["exact"] * 30, ["cache"] * 30, ["q0", "q1"], t, np.arange(2), None, {})
+        with SimilarityWriter(sys.argv[2], h, 2) as w:  # 240 kB of dot products: the second unit fails
+            for u in range(2):
+                w.write(u, slice(u, u + 1), np.ones((30, 1, 500)), train_rows=slice(0, 500), train_sqnorm=np.ones((30, 500)))
     else:
         write_parquet(pl.DataFrame({"x": np.random.default_rng(0).random(200_000)}), sys.argv[2])
     """
 )
 
 
-@pytest.mark.parametrize("kind,name", [("store", "g.h5"), ("table", "t.parquet")])
+@pytest.mark.parametrize("kind,name", [("store", "g.h5"), ("table", "t.parquet"), ("similarity", "s.h5")])
 def test_a_full_disk_fails_the_write_with_the_path(tmp_path, kind, name):
     r = subprocess.run([sys.executable, "-c", FULL_DISK, kind, str(tmp_path / name)], capture_output=True, text=True)
     assert r.returncode != 0
-    assert f"{name}" in r.stderr.splitlines()[-1] and "File too large" in r.stderr.splitlines()[-1], r.stderr[-2000:]
+    last = r.stderr.splitlines()[-1]
+    assert f"{name}" in last and ("File too large" in last or "is the disk full" in last), r.stderr[-2000:]
     assert not (tmp_path / name).exists()  # never renamed into place
 
 

@@ -6,6 +6,7 @@ import polars as pl
 import pytest
 
 from tdabench.data.sources import DataError, load_files, load_hf, single_turn
+from tdabench.errors import ModelError
 from tdabench.models import load_model
 
 
@@ -59,6 +60,11 @@ def test_local_saved_dataset_with_column_mapping(tmp_path):
     assert table.equals(pl.DataFrame({"prompt": ["p1", "p2"], "response": ["r1", "r2"]}))
     with pytest.raises(DataError, match=r"config key k.columns: .* has no column\(s\) \['nope'\]; it has \['q', 'a'\]"):
         load_hf({"path": str(tmp_path / "d"), "columns": {"prompt": "nope"}}, "k")
+    datasets.Dataset.from_dict({"q": [["p1", "x"], ["p2"]], "a": ["r1", "r2"]}).save_to_disk(str(tmp_path / "l"))
+    with pytest.raises(
+        DataError, match=r"config key k.columns.prompt: column 'q' of .* holds List\(String\), not text"
+    ):
+        load_hf({"path": str(tmp_path / "l"), "columns": {"prompt": "q", "response": "a"}}, "k")
 
 
 def test_hub_names_fail_clearly_offline(monkeypatch):
@@ -71,5 +77,5 @@ def test_hub_names_fail_clearly_offline(monkeypatch):
         "config key dataset.huggingface.train.path: cannot load 'lukashinterleitner/LIMA-original'"
     )
     assert "HF_HUB_OFFLINE=0 hf download --repo-type dataset lukashinterleitner/LIMA-original" in message
-    with pytest.raises(OSError, match="(?s)cannot load the model 'amd/AMD-OLMo-1B-SFT'.*HF_HUB_OFFLINE=1"):
+    with pytest.raises(ModelError, match="(?s)cannot load the model 'amd/AMD-OLMo-1B-SFT'.*HF_HUB_OFFLINE=1"):
         load_model("amd/AMD-OLMo-1B-SFT")

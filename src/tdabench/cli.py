@@ -26,6 +26,7 @@ import json
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import polars as pl
 
@@ -43,6 +44,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer (numpy seeds are), got {value}")
     return value
 
 
@@ -365,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--similarity", required=True, help="similarity store (HDF5, tdabench-similarity/1)")
         if queries:
             p.add_argument("--queries", help="a fraction in (0, 1] (seeded subset), comma-separated ids, or @FILE")
-        p.add_argument("--seed", type=int, default=0, help="seed of --queries fractions and splits (default 0)")
+        p.add_argument("--seed", type=seed, default=0, help="seed of --queries fractions and splits (default 0)")
         p.add_argument("--k", type=positive_int, nargs="+", default=ks, help=f"recall@k cut-offs (default {ks})")
 
     p = sub.add_parser("evaluate", help="top-1, MRR, recall@k of a component subset (JSON)")
@@ -394,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("a", help="a similarity store (e.g. sketched, or cached)")
     p.add_argument("b", help="another store of the same queries (e.g. exact, or streamed)")
     p.add_argument("--queries", help="a fraction in (0, 1] (seeded subset), comma-separated ids, or @FILE")
-    p.add_argument("--seed", type=int, default=0, help="seed of --queries fractions and the split (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of --queries fractions and the split (default 0)")
     p.add_argument("--k", type=positive_int, nargs="+", default=ks, help="recall@k cut-offs")
     p.add_argument("--objective", choices=["top1", "mrr", "rho"], default=objective, help="of greedy selection")
     p.add_argument(
@@ -435,13 +446,21 @@ def main(argv: list[str] | None = None) -> None:
     sub = f"{parser.prog} {args.command}"
     if getattr(args, "selection_fraction", None) is not None and not 0 < args.selection_fraction < 1:
         parser.exit(2, f"{sub}: error: --selection-fraction must be in (0, 1), got {args.selection_fraction}\n")
-    similarity = getattr(args, "similarity", None)
-    if similarity is not None and not Path(similarity).is_file():
-        parser.exit(2, f"{sub}: error: --similarity: no such file {similarity}\n")
+    stores = [("--similarity", getattr(args, "similarity", None))]
     if args.command == "agree":
-        for path in (args.a, args.b):
-            if not Path(path).is_file():
-                parser.exit(2, f"{sub}: error: no such file {path}\n")
+        stores = [("", args.a), ("", args.b)]
+    for option, path in stores:
+        if path is None:
+            continue
+        where = f"{option}: " if option else ""
+        if not Path(path).is_file():
+            parser.exit(2, f"{sub}: error: {where}no such file {path}\n")
+        if not h5py.is_hdf5(path):
+            parser.exit(
+                2,
+                f"{sub}: error: {where}{path} is not a similarity store (an HDF5 file such as "
+                "results/similarity/paraphrased.h5)\n",
+            )
     try:
         args.func(args)
     except (UsageError, FileNotFoundError, KeyError, ValueError) as e:  # ValueError: config, corrupt or wrong file

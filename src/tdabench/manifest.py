@@ -30,10 +30,15 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def output_files(outputs: Iterable[str | Path]) -> list[Path]:
-    """The files of a job's outputs (a folder output: every file in it)."""
+def output_files(outputs: Iterable) -> list[Path]:
+    """The files of a job's outputs (a folder output: every file in it; a named list of outputs:
+    each of them)."""
     files = []
-    for p in map(Path, outputs):
+    for out in outputs:
+        if not isinstance(out, (str, Path)):
+            files += output_files(out)
+            continue
+        p = Path(out)
         files += [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     return files
 

@@ -71,12 +71,11 @@ def load_model(path: str | Path, gguf_file: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    what = f"{str(path)!r}{' (' + gguf_file + ')' if gguf_file else ''}"
+    local = Path(path).exists()
     try:
-        check_causal(AutoConfig.from_pretrained(path, **kwargs), path)  # as saved: causal-LM classes rewrite it
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager", **kwargs)
+        config = AutoConfig.from_pretrained(path, **kwargs)
     except OSError as e:
-        local = Path(path).exists()
         hint = (
             ""
             if local
@@ -85,9 +84,23 @@ def load_model(path: str | Path, gguf_file: str | None = None):
                 "HF_HUB_OFFLINE=1: download it first or set HF_HUB_OFFLINE=0."
             )
         )
-        raise OSError(
-            f"cannot load the model {str(path)!r}{' (' + gguf_file + ')' if gguf_file else ''}: "
-            f"{str(e).rstrip('.')}.{hint}"
+        raise ModelError(f"cannot load the model {what}: {str(e).rstrip('.')}.{hint}") from None
+    check_causal(config, path)  # as saved: causal-LM classes rewrite it
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(
+            f"model {what} has no usable tokenizer ({str(e).splitlines()[0][:200]}); save one beside the "
+            f"weights (tokenizer.save_pretrained({str(path)!r}))"
+        ) from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager", **kwargs)
+    except Exception as e:  # noqa: BLE001  (safetensors, torch and OS errors alike: the weights cannot be read)
+        if isinstance(e, ModelError):
+            raise
+        raise ModelError(
+            f"cannot read the weights of model {what} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+            "a weights file is corrupt, truncated or missing; save or download the model again"
         ) from None
     if gguf_file:
         model = _without_quantizer(model)

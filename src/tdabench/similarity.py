@@ -39,6 +39,7 @@ candidate (0 for the others, which no score reads).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -51,7 +52,7 @@ import numpy as np
 
 from tdabench.integrity import CorruptFileError, crc32, open_hdf5, read_checked, seal_hdf5
 from tdabench.io import atomic_path
-from tdabench.store import STR
+from tdabench.store import STR, StoreWriteError
 
 log = logging.getLogger(__name__)
 FORMAT = "tdabench-similarity/1"
@@ -357,6 +358,11 @@ class SimilarityWriter:
             except (OSError, KeyError, ValueError) as e:
                 log.info("ignoring unreadable %s (%s)", self.partial, e)
         self.partial.unlink(missing_ok=True)
+        with self._io("creating the store"):
+            self._create()
+        return self
+
+    def _create(self) -> None:
         h = self.header
         n_c, n_q = len(h.components), len(h.query_ids)
         self.file = f = h5py.File(self.partial, "w")
@@ -369,7 +375,6 @@ class SimilarityWriter:
         f.create_dataset("unit_crc", data=np.zeros(self.n_units, dtype=np.uint32))
         f.create_dataset("unit_regions", shape=(self.n_units,), dtype=STR)
         f.flush()
-        return self
 
     def _region_crc(self, regions: list[dict]) -> tuple[int, bool]:
         """CRC-32 of the regions' bytes as stored, and whether they are all finite."""
@@ -429,25 +434,45 @@ class SimilarityWriter:
             ("train_sqnorm", train_sqnorm, (train_rows,)),
         ):
             if value is not None:
-                f[name][(components, *index)] = value
+                with self._io(f"writing {name}"):
+                    f[name][(components, *index)] = value
                 self.regions.append(
                     {"dataset": name, "components": _index(components), "index": [_index(i) for i in index]}
                 )
 
+    @contextlib.contextmanager
+    def _io(self, what: str):
+        """HDF5 write errors (a full disk surfaces as h5py's RuntimeError) named with the file."""
+        try:
+            yield
+        except (OSError, RuntimeError) as e:
+            try:  # close now: h5py would otherwise fail again, noisily, when the handle is collected
+                if self.file is not None:
+                    self.file.close()
+            except (OSError, RuntimeError):
+                pass
+            self.file = None
+            raise StoreWriteError(
+                f"{self.partial}: {what} failed ({' '.join(str(e).split())}); is the disk full? Free space "
+                "and rerun: the units already done resume"
+            ) from e
+
     def mark(self, unit: int) -> None:
         """Unit `unit` is wholly in the file: its regions and their checksum are recorded with it."""
         f = self.file
-        f.flush()
-        f["unit_crc"][unit], _ = self._region_crc(self.regions)
-        f["unit_regions"][unit] = json.dumps(self.regions)
+        with self._io(f"marking unit {unit} done"):
+            f.flush()
+            f["unit_crc"][unit], _ = self._region_crc(self.regions)
+            f["unit_regions"][unit] = json.dumps(self.regions)
+            f["done"][unit] = True
+            f.flush()  # a unit is either wholly in the file and marked, or redone
         self.regions = []
-        f["done"][unit] = True
-        f.flush()  # a unit is either wholly in the file and marked, or redone
 
     def __exit__(self, exc_type, exc, tb) -> None:
         f, self.file = self.file, None
         if exc_type is not None:
-            f.close()
+            if f is not None:  # None: a write error closed it already
+                f.close()
             if not self.resume:
                 self.partial.unlink(missing_ok=True)  # nothing will resume from it
             return  # keep the partial file: a rerun resumes from its done mask

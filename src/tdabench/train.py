@@ -17,8 +17,8 @@ import re
 import torch
 import torch.nn.functional as F
 
-from tdabench.device import DeviceError, halving, supports_bf16
 from tdabench.data.sources import DataError
+from tdabench.device import DeviceError, halving, supports_bf16
 from tdabench.errors import StudyError
 from tdabench.models import Encoded, collate, encode_prompt, unlabelled
 from tdabench.progress import Progress

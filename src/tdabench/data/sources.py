@@ -144,6 +144,13 @@ def load_hf(spec: dict, key: str) -> pl.DataFrame:
         raise DataError(f"config key {key}.columns: {path} has no column(s) {missing}; it has {table.columns}")
     if not mapping:
         return table
+    for ours, src in mapping.items():  # text columns must hold text (or numbers, for ids)
+        dtype = table.schema[src]
+        if ours != "messages" and (dtype.is_nested() or dtype == pl.Object):
+            raise DataError(
+                f"config key {key}.columns.{ours}: column {src!r} of {path} holds {dtype}, not text; map "
+                f"{ours} to a text column" + (" (a chat column goes under messages)" if ours != "id" else "")
+            )
     out = table.select(pl.col(src).alias(ours) for ours, src in mapping.items() if ours != "messages")
     if "messages" in mapping:  # a chat column: prompt and response from its single user / assistant turn
         pairs = [

@@ -188,7 +188,6 @@ def main(job: JobContext, mlrun) -> None:
         ):
             run.log_artifact(path, "results")
     log.info("%d headline metrics logged%s", len(metrics), " to the parent run" if parent.active else "")
-    own = [v for k, v in job.output.items() if k != "manifest"]  # svg: a list of files
-    manifest = build_manifest({"summary": [p for v in own for p in ([v] if isinstance(v, str) else v)]})
+    manifest = build_manifest({"summary": [v for k, v in job.output.items() if k != "manifest"]})
     write_manifest(manifest, job.output["manifest"])
     log.info("results manifest: %d files -> %s", len(manifest["files"]), job.output["manifest"])

@@ -25,7 +25,7 @@ configfile: "config/config.yaml"
 SRC = Path(workflow.basedir) / "src"
 sys.path.insert(0, str(SRC))
 
-from tdabench.config import NON_RESULT_KEYS, ConfigError, config_hash, validate_config
+from tdabench.config import NON_RESULT_KEYS, ConfigError, check_unique_keys, config_hash, validate_config
 from tdabench.integrity import ENV_CONFIGFILES
 from tdabench.numerics import NumericsError, check_host
 
@@ -33,6 +33,8 @@ from tdabench.numerics import NumericsError, check_host
 # checks, before any job is scheduled. The schema ships with the package
 # (src/tdabench/schemas/config.schema.yaml; workflow/schemas/ links to it).
 try:
+    for _path in workflow.configfiles:  # Snakemake's YAML reader keeps the last of a key given twice
+        check_unique_keys(_path)
     _validated = validate_config(config)
 except ConfigError as e:
     raise WorkflowError(str(e)) from None

@@ -67,6 +67,15 @@ def test_integral_float_counts_are_taken_as_integers():
     assert validate_config({"finetune": {"epochs": 2.0}})["finetune"]["epochs"] == 2
 
 
+def test_a_key_given_twice_in_a_config_file_is_refused_with_both_lines(tmp_path):
+    (tmp_path / "dup.yaml").write_text("seed: 1\nprojection:\n  dims: [8]\n  seeds: [0]\n  dims: [16]\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml, line 5: key 'dims' is given twice \(first at line 3\)"):
+        load_config(tmp_path / "dup.yaml")
+    (tmp_path / "ok.yaml").write_text("projection:\n  dims: [8]\nselection:\n  dims_unused: 1\n")  # no repeat
+    with pytest.raises(ConfigError, match="selection.dims_unused"):  # an unknown key, but not a repeated one
+        load_config(tmp_path / "ok.yaml")
+
+
 def test_config_files_missing_not_yaml_or_not_a_mapping(tmp_path):
     with pytest.raises(ConfigError, match=r"config file .*nope.yaml does not exist"):
         load_config(tmp_path / "nope.yaml")
@@ -299,10 +308,12 @@ FULL_DISK = textwrap.dedent(
     elif sys.argv[1] == "similarity":
         from tdabench.similarity import Header, SimilarityWriter
         c, t = [f"c{i}" for i in range(30)], [f"t{i}" for i in range(500)]
-        h = Header(c, [4] * 30, c, [0] * 30, [4] * 30, ["exact"] * 30, ["cache"] * 30, ["q0", "q1"], t, np.arange(2), None, {})
+        cols = (c, [4] * 30, c, [0] * 30, [4] * 30, ["exact"] * 30, ["cache"] * 30)
+        h = Header(*cols, ["q0", "q1"], t, np.arange(2), None, {})
         with SimilarityWriter(sys.argv[2], h, 2) as w:  # 240 kB of dot products: the second unit fails
             for u in range(2):
-                w.write(u, slice(u, u + 1), np.ones((30, 1, 500)), train_rows=slice(0, 500), train_sqnorm=np.ones((30, 500)))
+                sq = np.ones((30, 500))
+                w.write(u, slice(u, u + 1), np.ones((30, 1, 500)), train_rows=slice(0, 500), train_sqnorm=sq)
     else:
         write_parquet(pl.DataFrame({"x": np.random.default_rng(0).random(200_000)}), sys.argv[2])
     """

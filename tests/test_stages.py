@@ -21,7 +21,8 @@ from helpers import brute_force_ranks
 N_T, N_Q, DIMS = 12, 10, (6, 3, 5)
 B = 4  # BM25 candidates per query
 NAMES = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(len(DIMS))]
-SELECTION = {"selection_fraction": 0.5, "n_splits": 2, "split_seed": 0, "objective": "mrr", "budgets": [0.5]}
+# budget 1e-4: smaller than any component, so it has no result (and the summary says so)
+SELECTION = {"selection_fraction": 0.5, "n_splits": 2, "split_seed": 0, "objective": "mrr", "budgets": [0.5, 1e-4]}
 
 
 def write_store(path, ids, grads):
@@ -171,6 +172,15 @@ def test_evaluate_stage_scores_held_out_queries_like_brute_force(case):
         assert greedy["mrr"] == pytest.approx(np.mean(1 / ranks))
     projected = metrics.filter(pl.col("method") == "projection")
     assert sorted(set(projected["k"].to_list())) == [4, 8] and set(projected["seed"].to_list()) == {0, 1}
+
+
+def test_a_budget_no_component_fits_has_no_rows_and_is_named_as_unmet(case):
+    from tdabench.evaluate import unmet_budgets
+
+    _, outputs, _, _, _ = case
+    metrics = read_results(outputs["metrics"])
+    assert set(metrics.filter(pl.col("method") == "greedy_budget")["budget"]) == {0.5}
+    assert unmet_budgets(metrics, SELECTION["budgets"]) == [1e-4]
 
 
 def test_evaluate_stage_ranks_within_the_candidate_table(case):

@@ -181,3 +181,22 @@ def test_the_log_command_replays_and_says_what_is_pending(workdir):
     assert done.returncode == 0 and "MLflow: 3 record(s) logged to sqlite:///" in done.stdout, done.stderr
     again = subprocess.run([*CLI, "log", str(workdir)], capture_output=True, text=True, env=env)
     assert again.returncode == 0 and again.stdout.strip() == "MLflow: nothing pending"
+
+
+def test_sigterm_ends_the_logging_at_once_and_leaves_it_pending(workdir):
+    port = free_port()
+    with half_open_server(port) as uri:
+        record_study(uri)
+        code = (
+            "import sys; from tdabench.mlflow_log import run_bounded; "
+            f"print(run_bounded({str(workdir)!r}, 120, 30, {SRC!r}))"
+        )
+        env = {**os.environ, "PYTHONPATH": SRC}
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+        time.sleep(8)  # the logger is waiting on the server by now
+        start = time.monotonic()
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        took = time.monotonic() - start
+    assert proc.returncode == 0 and "MLflow logging pending: 4 record(s)" in out and "interrupted by signal 15" in out
+    assert took < 10

@@ -146,6 +146,7 @@ def test_the_manifest_lists_every_result_and_verify_names_missing_and_changed_on
     root, _ = study
     files = json.loads((root / "results/manifest.json").read_text())["files"]
     on_disk = {str(p.relative_to(root)) for p in (root / "results").rglob("*") if p.is_file()}
+    on_disk = {name for name in on_disk if not Path(name).name.startswith(".")}  # Snakemake's timestamps
     assert set(files) == on_disk - {"results/manifest.json"}  # every result file ...
     owners = {"results/data/train.parquet": "dataset", "results/similarity/paraphrased.h5": "similarity"}
     owners |= {"results/models/finetuned/config.json": "finetune", "results/summary.md": "summary"}
@@ -283,6 +284,13 @@ def test_bad_config_fails_before_any_job(study, override, key):
     assert "rule " not in out and "localrule" not in out
     _, after = runs(root)
     assert len(after) == len(before)
+
+
+def test_a_config_file_with_a_key_twice_fails_before_any_job(study):
+    root, _ = study
+    (root / "dup.yaml").write_text("seed: 3\nseed: 4\n")
+    r = snakemake(root, "-n", "--configfile", "dup.yaml", check=False)
+    assert r.returncode != 0 and "dup.yaml, line 2: key 'seed' is given twice (first at line 1)" in r.stdout + r.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a host without CUDA")

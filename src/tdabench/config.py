@@ -223,6 +223,31 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(
+                    f"{key_node.start_mark.name}, line {key_node.start_mark.line + 1}: key {key!r} is given twice "
+                    f"(first at line {seen[key] + 1}); YAML would keep only the last: remove one"
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def check_unique_keys(path: str | Path) -> None:
+    """Refuse a config file with a key twice in one mapping (ConfigError naming the key and lines)."""
+    with open(path) as fh:
+        try:
+            yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass)
+        except yaml.YAMLError:
+            pass  # syntax errors: the reader that loads the file names them
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> dict:
     """Read a YAML config file, apply `overrides` (deep merge) and validate."""
     if not Path(path).is_file():
@@ -235,6 +260,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict:
         raise ConfigError(f"config file {path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping of config keys, got {type(raw).__name__}")
+    check_unique_keys(path)
     if overrides:
         raw = deep_merge(raw, overrides)
     return validate_config(raw)

@@ -363,6 +363,12 @@ def _in_sample_markdown(in_sample: pl.DataFrame) -> list[str]:
     return lines + [""]
 
 
+def unmet_budgets(table: pl.DataFrame, budgets) -> list[float]:
+    """Configured parameter budgets (selection.budgets) with no result: no component fits them."""
+    met = set(table.filter(pl.col("method") == "greedy_budget")["budget"].drop_nulls().to_list())
+    return [float(b) for b in budgets if float(b) not in met]
+
+
 def summary_markdown(
     table: pl.DataFrame,
     plot_paths: list[str] | None = None,

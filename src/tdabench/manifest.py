@@ -3,8 +3,9 @@
 Each workflow job records its outputs when it ends (`logs/outputs/<job>.json`: path, bytes,
 sha256); the summary job, which runs after every other job of the study, gathers the records of
 the files still there into `results/manifest.json`, with the config files the study ran with.
-`tdabench verify` then finds a result file that is missing or whose bytes changed since its job
-wrote it (a table edited by hand, a store deleted), and names the command that rebuilds it.
+`tdabench verify` then finds a result file that is missing or whose bytes are neither those in
+the manifest nor those its rule wrote when it last ran (a table edited by hand, a store deleted),
+and names the command that rebuilds it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def output_files(outputs: Iterable) -> list[Path]:
             files += output_files(out)
             continue
         p = Path(out)
-        files += [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+        # hidden files: Snakemake's own (.snakemake_timestamp of a folder output), touched after the job
+        files += [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
     return files
 
 
@@ -53,17 +55,25 @@ def record_outputs(job: str, rule: str, wildcards: dict, outputs: Iterable[str |
     write_json(record, Path(folder) / f"{job}.json")
 
 
+def recorded_outputs(folder: str | Path = OUTPUTS_DIR) -> dict[str, dict]:
+    """{path: {bytes, sha256, rule, job}} from the jobs' output records; when two jobs wrote one
+    path (a store rebuilt by another rule), the last writer's entry stands."""
+    files: dict[str, dict] = {}
+    for path in sorted(Path(folder).glob("*.json"), key=lambda p: p.stat().st_mtime_ns):  # oldest first
+        record = json.loads(path.read_text())
+        for name, entry in record["files"].items():
+            files[name] = {**entry, "rule": record["rule"], "job": record["job"]}
+    return files
+
+
 def build_manifest(own: dict[str, Iterable[str | Path]], folder=OUTPUTS_DIR, results="results") -> dict:
     """The manifest of `results`: every recorded file still there, plus `own` ({rule: files}:
     the calling job's outputs, written just now)."""
-    files: dict[str, dict] = {}
-    # Oldest record first: when two jobs wrote one path (a store rebuilt by another rule), the
-    # last writer's entry stands.
-    for path in sorted(Path(folder).glob("*.json"), key=lambda p: p.stat().st_mtime_ns):
-        record = json.loads(path.read_text())
-        for name, entry in record["files"].items():
-            if Path(name).exists() and Path(name).is_relative_to(results):
-                files[name] = {**entry, "rule": record["rule"], "job": record["job"]}
+    files = {
+        name: entry
+        for name, entry in recorded_outputs(folder).items()
+        if Path(name).exists() and Path(name).is_relative_to(results)
+    }
     for rule, paths in own.items():
         for name, entry in describe(output_files(paths)).items():
             files[name] = {**entry, "rule": rule, "job": rule}
@@ -83,11 +93,17 @@ def check_manifest(results: str | Path) -> tuple[int, list[tuple[Path, str]]]:
     if manifest.get("format") != FORMAT:
         return 0, [(results / NAME, f"{results / NAME}: not a {FORMAT} file")]
     workdir, problems = results.parent, []
+    later = recorded_outputs(workdir / OUTPUTS_DIR)  # rebuilt by its rule since the summary ran: fine
     for name, entry in manifest["files"].items():
         path = workdir / name
         hint = rebuild_hint(name, manifest.get("configfiles"))
         if not path.exists():
             problems.append((path, f"{name}: missing (written by rule {entry['rule']}); {hint}"))
-        elif path.stat().st_size != entry["bytes"] or file_digest(path) != entry["sha256"]:
+            continue
+        size = path.stat().st_size
+        if size == entry["bytes"] and file_digest(path) == entry["sha256"]:
+            continue
+        newer = later.get(name)
+        if newer is None or size != newer["bytes"] or file_digest(path) != newer["sha256"]:
             problems.append((path, f"{name}: its bytes changed since rule {entry['rule']} wrote it; {hint}"))
     return len(manifest["files"]), problems

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -318,18 +319,38 @@ def end_of_study(status: str, mlflow_config: dict, src: str | Path) -> str:
 
 
 def run_bounded(workdir: str | Path, deadline_s: float, request_timeout_s: int, src: str | Path) -> str:
-    """`publish` in a subprocess killed at the deadline (a hung request cannot hold the caller);
-    returns its one-line report. `src`: the checkout's src folder (the workflow's tdabench)."""
+    """`publish` in a subprocess killed at the deadline, or at once on SIGTERM / SIGINT (a hung
+    request cannot hold the caller); returns its one-line report. `src`: the checkout's src folder
+    (the workflow's tdabench)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "tdabench.cli", "log", str(workdir)]
     cmd += ["--deadline", str(deadline_s), "--request-timeout", str(request_timeout_s)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    interrupted: list[int] = []
+
+    def stop(signum, frame):
+        interrupted.append(signum)
+        proc.kill()
+
+    handlers = {}
     try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=deadline_s + 30)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[sig] = signal.signal(sig, stop)
+    except ValueError:  # not the main thread: no handlers, the deadline still holds
+        pass
+    try:
+        out, err = proc.communicate(timeout=deadline_s + 30)
     except subprocess.TimeoutExpired:
-        n = pending(workdir)
-        return Report(pending=n, error=f"no answer within {deadline_s + 30:.0f} s").line()
-    lines = [x for x in done.stdout.splitlines() if x.strip()]
-    if done.returncode and not lines:
-        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        proc.kill()
+        proc.communicate()
+        return Report(pending=pending(workdir), error=f"no answer within {deadline_s + 30:.0f} s").line()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if interrupted:
+        return Report(pending=pending(workdir), error=f"interrupted by signal {interrupted[0]}").line()
+    lines = [x for x in out.splitlines() if x.strip()]
+    if proc.returncode and not lines:
+        tail = (err.strip().splitlines() or ["?"])[-1]
         return Report(pending=pending(workdir), error=tail).line()
     return lines[-1] if lines else Report().line()

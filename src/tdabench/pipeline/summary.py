@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -13,7 +14,7 @@ import yaml
 
 from tdabench import numerics, tracking
 from tdabench.contracts import SummaryParams
-from tdabench.evaluate import headline, read_results, summary_markdown
+from tdabench.evaluate import headline, read_results, summary_markdown, unmet_budgets
 from tdabench.io import write_json, write_text
 from tdabench.manifest import build_manifest, write_manifest
 from tdabench.pipeline.common import ENVIRONMENT_DIR, JobContext
@@ -157,6 +158,15 @@ def main(job: JobContext, mlrun) -> None:
     in_sample = read_results(job.input["in_sample"])
     text = summary_markdown(table, [os.path.relpath(p, here) for p in plots], candidates, in_sample)
     text += "\n## Similarity stores\n\n" + "\n".join(stores) + "\n"
+    unmet = unmet_budgets(table, p.study_config["selection"]["budgets"])
+    if unmet:  # asked for, but nothing to show: said here and on the console, not only in a job log
+        note = (
+            f"selection.budgets {unmet}: no component fits within that share of the parameters, so "
+            "these budgets have no result; raise them above the smallest component's share"
+        )
+        text += f"\n## Not produced\n\n- {note}\n"
+        log.warning("%s", note)
+        print(f"[tdabench] summary: {note}", file=sys.__stderr__, flush=True)
     write_text(text, job.output["summary"])
     for line in stores:
         log.info("similarity store %s", line[2:])

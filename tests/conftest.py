@@ -14,6 +14,7 @@ LONGEST_FIRST = (
     "test_architectures.py",
     "test_streaming.py",
     "test_numerics.py",
+    "test_tracking.py",
 )
 
 

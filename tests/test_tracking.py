@@ -16,6 +16,7 @@ from tdabench.config import validate_config
 
 from workflow_helpers import free_port, half_open_server
 
+pytestmark = pytest.mark.slow  # each test creates an MLflow store or starts a process: about a minute in all
 CLI = [sys.executable, "-m", "tdabench.cli"]
 SRC = tracking.__file__.rsplit("/", 2)[0]  # the tdabench under test
 

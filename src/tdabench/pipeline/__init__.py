@@ -1,7 +1,7 @@
 """Stage entry points: one module per workflow stage, called by the thin scripts in workflow/scripts.
 
-Each `main(job)` reads its inputs, calls the library, writes outputs atomically and logs to the
-job's MLflow child run. A stage module imports only what its stage needs, so the rule's declared
+Each `main(job)` reads its inputs, calls the library, writes outputs atomically and records the
+job's MLflow run (tdabench.tracking). A stage module imports only what its stage needs, so the rule's declared
 code inputs (tdabench.codedeps) are exactly the files that can change its results.
 """
 

@@ -1,5 +1,6 @@
 """What every stage job shares: the job description, its typed params, logging to the rule's log
-file, threads, and the MLflow child run."""
+file, threads, its tracking record (its MLflow run, logged when the study ends), the record of its
+outputs (the results manifest), and one console line for an error the user fixes."""
 
 from __future__ import annotations
 
@@ -169,7 +170,8 @@ def run_job(job: JobContext) -> None:
 
 
 def run(stage: Callable[[JobContext, tracking.Run], None], job: JobContext) -> None:
-    """Run one stage job: logging, MLflow child run (params = the rule's params), wall time."""
+    """Run one stage job: logging, its tracking record (params = the rule's params), its outputs'
+    record, wall time."""
     with _log_to(job.log):
         log.info("rule %s wildcards %s threads %d", job.rule, job.wildcards, job.threads)
         start = time.perf_counter()

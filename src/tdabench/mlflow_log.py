@@ -91,6 +91,7 @@ def _bound_requests(request_timeout_s: int) -> None:
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(request_timeout_s)
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"
     os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # not one "View run" line per run
 
 
 class _Logger:
@@ -302,7 +303,8 @@ def publish(
             else:
                 report.logged += logger.close_parent(parent_id)
         except Exception as e:  # noqa: BLE001  (any store failure leaves the records pending)
-            report.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            first = str(e).splitlines()[0] if str(e) else ""
+            report.error = f"{type(e).__name__}: {first[:160]}{'…' if len(first) > 160 else ''}"
             break
     report.pending = pending(workdir, tracking_uri)
     return report

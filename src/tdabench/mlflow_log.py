@@ -304,7 +304,9 @@ def publish(
                 report.logged += logger.close_parent(parent_id)
         except Exception as e:  # noqa: BLE001  (any store failure leaves the records pending)
             first = str(e).splitlines()[0] if str(e) else ""
-            report.error = f"{type(e).__name__}: {first[:160]}{'…' if len(first) > 160 else ''}"
+            if not isinstance(e, TrackingError) and len(first) > 200:  # MLflow's own: a retry trace
+                first = first[:200] + "…"
+            report.error = f"{type(e).__name__}: {first}"
             break
     report.pending = pending(workdir, tracking_uri)
     return report

@@ -207,7 +207,7 @@ def test_bad_arguments_are_clear(tmp_path):
     pl.DataFrame({"x": [1]}).write_parquet(tmp_path / "t.parquet")
     for args, message in (
         (["evaluate", "--similarity", str(tmp_path / "t.parquet")], "t.parquet is not a similarity store (an HDF5"),
-        (["greedy", "--similarity", str(tmp_path / "s.h5"), "--seed", "-1", "--out", "g.parquet"], "--seed: must be"),
+        (["greedy", "--similarity", str(tmp_path / "s.h5"), "--seed", "-1", "--out", "g"], "--seed: must be at"),
         (["compare", str(tmp_path / "nothere"), str(tmp_path)], "nothere is not a folder"),
     ):
         r = subprocess.run([CLI, *args], capture_output=True, text=True)

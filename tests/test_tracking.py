@@ -2,6 +2,7 @@
 once (a replay adds nothing), bounded when the store does not answer."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def record_study(uri=None, fail_second=True):
     folder = tracking.start_study(config, workdir=".", repo=".", cfg_hash="abc")
     pl.DataFrame({"id": ["a", "b"], "n": [1, 2]}).write_parquet("train.parquet")
     with tracking.job_run("dataset", {"seed": 3, "nested": {"k": [1, 2]}}, {"split": "train"}) as run:
-        run.log_metrics({"n_train": 2, "loss": float("nan")}, step=1)  # NaN is left out
+        run.log_metrics({"n_train": 2, "loss": float("nan"), "unset": None}, step=1)  # NaN kept, None left out
         run.log_table(pl.read_parquet("train.parquet"), "results/train.json")
         run.log_input(pl.read_parquet("train.parquet"), "train", "train.parquet", "training")
         run.log_artifact("train.parquet", "results")
@@ -82,7 +83,8 @@ def test_records_are_logged_once_and_a_replay_adds_nothing(workdir):
     dataset = by_name["dataset split=train"]
     assert dataset.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert dataset.data.params == {"seed": "3", "nested.k": "[1, 2]", "wildcard.split": "train"}
-    assert dataset.data.metrics == {"n_train": 2.0}
+    assert set(dataset.data.metrics) == {"n_train", "loss"} and dataset.data.metrics["n_train"] == 2.0
+    assert math.isnan(dataset.data.metrics["loss"])  # a NaN result shows in MLflow, not hidden
     assert dataset.data.tags["tdabench.config_hash"] == "abc"  # the study's source tags on every run
     assert {d.dataset.name for d in client.get_run(dataset.info.run_id).inputs.dataset_inputs} == {"train"}
     assert {f.path for f in client.list_artifacts(dataset.info.run_id, "results")} == {

@@ -37,24 +37,22 @@ class UsageError(Exception):
     """A bad argument or input file: one line, exit code 2 (as argparse does)."""
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, why: str = "") -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}{why}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
 
 
 def seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer (numpy seeds are), got {value}")
-    return value
+    return _int_at_least(text, 0, " (numpy seeds are non-negative)")
 
 
 def _sim(path: str):

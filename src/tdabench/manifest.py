@@ -93,17 +93,17 @@ def check_manifest(results: str | Path) -> tuple[int, list[tuple[Path, str]]]:
     if manifest.get("format") != FORMAT:
         return 0, [(results / NAME, f"{results / NAME}: not a {FORMAT} file")]
     workdir, problems = results.parent, []
-    later = recorded_outputs(workdir / OUTPUTS_DIR)  # rebuilt by its rule since the summary ran: fine
+    later = recorded_outputs(workdir / OUTPUTS_DIR)
     for name, entry in manifest["files"].items():
         path = workdir / name
         hint = rebuild_hint(name, manifest.get("configfiles"))
         if not path.exists():
             problems.append((path, f"{name}: missing (written by rule {entry['rule']}); {hint}"))
             continue
-        size = path.stat().st_size
-        if size == entry["bytes"] and file_digest(path) == entry["sha256"]:
+        digest = file_digest(path)
+        if digest == entry["sha256"]:
             continue
-        newer = later.get(name)
-        if newer is None or size != newer["bytes"] or file_digest(path) != newer["sha256"]:
+        newer = later.get(name)  # rebuilt by its rule since the summary ran: its bytes are those
+        if newer is None or digest != newer["sha256"]:
             problems.append((path, f"{name}: its bytes changed since rule {entry['rule']} wrote it; {hint}"))
     return len(manifest["files"]), problems

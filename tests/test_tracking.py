@@ -44,9 +44,11 @@ def record_study(uri=None, fail_second=True):
         run.log_artifact("train.parquet", "results")
         tracking.parent().log_metrics({"headline": 0.5})
         tracking.parent().log_table(pl.DataFrame({"x": [1.0]}), "results/headline.json")
-    with tracking.job_run("summary", {"settings": ["p"]}) as run:
-        run.child("greedy", {"k": 4}, {"top1": 0.25})
+    with tracking.job_run("summary", {"settings": ["p"]}) as run, tracking.system_metrics(run, True, interval=0.05):
+        curve = {10: {"p/top1_vs_dim": 0.1}, 40: {"p/top1_vs_dim": 0.25}}  # e.g. greedy prefixes
+        run.child("greedy", {"k": 4}, {"top1": 0.25}, step=40, curves=curve)
         run.child("full", {"k": ""}, {"top1": 0.75})
+        time.sleep(0.3)
     if fail_second:
         with pytest.raises(RuntimeError), tracking.job_run("evaluate", {}) as run:
             run.log_metrics({"partial": 1})
@@ -95,6 +97,14 @@ def test_records_are_logged_once_and_a_replay_adds_nothing(workdir):
     summary = by_name["summary"]
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == summary.info.run_id]
     assert sorted((r.info.run_name, r.data.metrics["top1"]) for r in nested) == [("full", 0.75), ("greedy", 0.25)]
+    greedy = next(r for r in nested if r.info.run_name == "greedy")
+    assert [m.step for m in client.get_metric_history(greedy.info.run_id, "top1")] == [40]  # step = its dimension
+    history = client.get_metric_history(greedy.info.run_id, "p/top1_vs_dim")
+    assert sorted((m.step, m.value) for m in history) == [(10, 0.1), (40, 0.25)]
+    memory = client.get_metric_history(summary.info.run_id, "system/system_memory_usage_megabytes")
+    assert len(memory) >= 3 and all(m.value > 0 for m in memory)  # sampled while the job ran, and at its end
+    assert {"system/cpu_utilization_percentage", "system/process_rss_megabytes"} <= set(summary.data.metrics)
+    assert "system/cpu_utilization_percentage" not in by_name["dataset split=train"].data.metrics  # not enabled
     assert len(runs) == 1 + 3 + 2
 
     again = mlflow_log.publish(workdir)
@@ -203,3 +213,32 @@ def test_sigterm_ends_the_logging_at_once_and_leaves_it_pending(workdir):
         took = time.monotonic() - start
     assert proc.returncode == 0 and "MLflow logging pending: 4 record(s)" in out and "interrupted by signal 15" in out
     assert took < 10
+
+
+def test_the_finetuned_model_is_logged_by_reference_and_linked_to_the_runs_that_read_it(workdir):
+    config = validate_config({})
+    tracking.start_study(config, workdir=".", repo=".", cfg_hash="abc")
+    (workdir / "model").mkdir()
+    (workdir / "model" / "model.safetensors").write_bytes(b"\0" * 4096)
+    with tracking.job_run("finetune", {}) as run:
+        run.use_model("base")  # a model no run logged: no link, no error
+        run.log_model("finetuned", "model", "f1ngerprint", {"parameters": 1024})
+    with tracking.job_run("gradients", {}) as run:
+        run.use_model("model")
+    tracking.end_study("FINISHED")
+    for _ in range(2):  # a replay replaces, never duplicates
+        assert mlflow_log.publish(workdir).pending == 0
+        (workdir / "logs/mlflow").glob("*/logged.json").__next__().unlink()
+    client, runs = all_runs(tracking.default_tracking_uri(workdir))
+    by_name = {r.info.run_name: r for r in runs}
+    exp_id = runs[0].info.experiment_id
+    models = client.search_logged_models([exp_id])
+    assert len(models) == 1
+    model = models[0]
+    assert model.source_run_id == by_name["finetune"].info.run_id  # the runs table's Models column
+    assert model.tags["tdabench.fingerprint"] == "f1ngerprint" and model.tags["tdabench.path"] == "model"
+    assert model.params == {"parameters": "1024"} and str(model.status) in ("READY", "LoggedModelStatus.READY")
+    assert not [a for a in client.list_artifacts(by_name["finetune"].info.run_id)]  # no weights copied
+    inputs = client.get_run(by_name["gradients"].info.run_id).inputs.model_inputs
+    assert [i.model_id for i in inputs] == [model.model_id]
+    assert client.get_run(by_name["finetune"].info.run_id).outputs.model_outputs[0].model_id == model.model_id

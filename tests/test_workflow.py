@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import h5py
 import polars as pl
@@ -19,7 +20,10 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from tdabench.resources import MODEL_RULES
+
 from workflow_helpers import (
+    REPO,
     SNAKEMAKE,
     copy_repo,
     free_port,
@@ -75,6 +79,7 @@ def study(tmp_path_factory):
     root = copy_repo(tmp_path_factory.mktemp("study"))
     write_config(root, MICRO)
     first = snakemake(root)
+    (root / "first_run.log").write_text(first.stdout + first.stderr)
     return root, job_stats(first.stdout + first.stderr)
 
 
@@ -194,6 +199,9 @@ def test_mlflow_has_one_parent_and_one_child_per_job(study):
         assert r.data.metrics, r.info.run_name
         assert r.info.status == "FINISHED"
     assert by_rule == {rule: n for rule, n in stats.items() if rule != "all"}
+    for r in children:  # model jobs sample CPU and RAM (MLflow's system metrics); table jobs do not
+        sampled = "system/system_memory_usage_megabytes" in r.data.metrics
+        assert sampled == (r.data.tags["tdabench.rule"] in MODEL_RULES), r.info.run_name
     assert parent.info.status == "FINISHED"
     assert len(parent.data.metrics) >= 10 and "paraphrased.greedy.top1" in parent.data.metrics
     assert {"tdabench.config_hash", "tdabench.git_commit"} <= set(parent.data.tags)
@@ -201,12 +209,37 @@ def test_mlflow_has_one_parent_and_one_child_per_job(study):
     summary = next(r for r in children if r.info.run_name == "summary")
     methods = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == summary.info.run_id]
     assert {r.data.params["method"] for r in methods} >= {"full", "greedy", "best_single", "projection", "bm25"}
-    assert all({"dim", "components", "k"} <= set(r.data.params) and "top1" in r.data.metrics for r in methods)
+    for r in methods:  # named method first; numbers as numbers; params that do not apply left out
+        params, name = r.data.params, r.info.run_name
+        assert name.endswith(f" · {params['setting']}") and "top1" in r.data.metrics, name
+        assert ("k" in params) == (params["method"] in ("projection", "select_then_project")), name
+        assert all(v not in ("", "None") for v in params.values()), name
+        if "dim" in params:  # step = dimension: top-1 against the dimension on one chart per setting
+            history = client.get_metric_history(r.info.run_id, f"{params['setting']}/top1_vs_dim")
+            assert int(params["dim"]) in {m.step for m in history}, name
+    greedy = next(r for r in methods if r.info.run_name == "greedy · paraphrased")
+    assert len(client.get_metric_history(greedy.info.run_id, "paraphrased/top1_vs_dim")) > 1  # its prefixes
+    assert {r.info.run_name for r in methods} >= {"full · paraphrased", "sjlt k=8 · model_generated"}
     assert len(methods) + len(children) + 1 == len(all_runs)  # nothing else was logged
     manifest = client.download_artifacts(
         [r for r in children if r.info.run_name.startswith("gradients")][0].info.run_id, "manifest.json"
     )
     assert "grads/lm_head.weight" in Path(manifest).read_text()  # a manifest, not the cache
+
+
+def test_the_study_ends_with_its_answer(study):
+    root, _ = study
+    lines = [x for x in (root / "first_run.log").read_text().splitlines() if x.startswith("[tdabench] ")]
+    start = lines.index(next(x for x in lines if x.startswith("[tdabench] MLflow: ")))
+    tail = lines[start : start + 4]  # onsuccess prints these last (stdout; the job lines are stderr)
+    assert "#/experiments/" in tail[0] and "workflowType=machine_learning" in tail[0]  # the runs table's link
+    heads = [x.split(":")[0].removeprefix("[tdabench] ") for x in tail[1:]]
+    assert heads == ["paraphrased", "model_generated", "report"]
+    for line in tail[1:3]:
+        assert " top-1 full gradient " in line and "best selection" in line and "best projection" in line, line
+        assert "BM25" in line
+    assert tail[3].startswith("[tdabench] report: results/summary.md   MLflow UI: ")
+    assert (root / "results/answer.txt").read_text().splitlines() == [x.removeprefix("[tdabench] ") for x in tail[1:3]]
 
 
 def test_complete_run_has_nothing_to_do_and_creates_no_run(study):
@@ -219,36 +252,55 @@ def test_complete_run_has_nothing_to_do_and_creates_no_run(study):
     assert len(after) == len(before)
 
 
-def test_evaluation_setting_reruns_only_evaluation_side(study):
+def reruns_table() -> dict[str, set[str]]:
+    """docs/running.md's table of what a change reruns: {change: rules (backticked, outside brackets)}."""
+    text = (REPO / "docs" / "running.md").read_text()
+    table = text.split("<!-- reruns-table")[1].split("<!-- /reruns-table -->")[0]
+    rows = {}
+    for line in table.splitlines()[3:]:  # the comment's end, the header and the rule line
+        change, reruns = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[change] = set(re.findall(r"`([a-z_]+)`", re.sub(r"\(.*?\)", "", reruns)))
+    return rows
+
+
+def edit_gradient_code(root):
+    """A comment added to src/tdabench/gradients.py (the stage code digest sees any byte)."""
+    path = root / "src/tdabench/gradients.py"
+    path.write_text(path.read_text() + "\n# edited\n")
+
+
+# One dry run per row of the docs' table; each row's change as the test makes it.
+RERUN_CHANGES = {
+    "`evaluation.recall_at`": {"evaluation": {**MICRO["evaluation"], "recall_at": [1, 3]}},
+    "`projection.dims`": {"projection": {**MICRO["projection"], "dims": [8, 12]}},
+    "`selection.objective`": {"selection": {**MICRO["selection"], "objective": "top1"}},
+    "edit `src/tdabench/gradients.py`": edit_gradient_code,
+    "`mlflow.experiment`, `resources.mem_scale`": {
+        "mlflow": {"enabled": False, "experiment": "other"},
+        "resources": {"threads": 1, "mem_scale": 3.0, "model_parameters": 10**9},
+    },
+}
+
+
+def test_the_docs_rerun_table_lists_every_change_the_test_makes():
+    assert set(reruns_table()) == set(RERUN_CHANGES)
+
+
+@pytest.mark.parametrize("change", list(RERUN_CHANGES))
+def test_each_change_in_the_docs_reruns_what_the_docs_say(study, change):
     root, _ = study
-    cfg = {**MICRO, "evaluation": {**MICRO["evaluation"], "recall_at": [1, 3]}}
-    assert planned_with(root, cfg) == {"evaluate": 1, "summary": 1, "all": 1}
-
-
-def test_projection_dims_rerun_only_projection_and_evaluation(study):
-    root, _ = study
-    cfg = {**MICRO, "projection": {**MICRO["projection"], "dims": [8, 12]}}
-    assert planned_with(root, cfg) == {
-        "projection": 3,
-        "project_selected": 2,
-        "costs": 1,
-        "evaluate": 1,
-        "summary": 1,
-        "all": 1,
-    }
-
-
-def test_selection_setting_reruns_selection_and_evaluation(study):
-    root, _ = study
-    cfg = {**MICRO, "selection": {**MICRO["selection"], "objective": "top1"}}
-    assert planned_with(root, cfg) == {
-        "selection": 2,
-        "project_selected": 2,
-        "costs": 1,
-        "evaluate": 1,
-        "summary": 1,
-        "all": 1,
-    }
+    how = RERUN_CHANGES[change]
+    if callable(how):
+        source = root / "src/tdabench/gradients.py"
+        before = source.read_text()
+        how(root)
+        try:
+            stats = planned(root)
+        finally:
+            source.write_text(before)
+    else:
+        stats = planned_with(root, {**MICRO, **how})
+    assert set(stats) - {"all"} == reruns_table()[change], stats
 
 
 def with_synthetic(**changes) -> dict:
@@ -304,12 +356,6 @@ def test_cuda_without_cuda_fails_before_any_job_with_the_local_executor(tmp_path
     assert not (root / "results").exists() and not (root / "logs").exists() and not (root / "mlflow.db").exists()
 
 
-def test_scheduling_keys_rerun_nothing(study):
-    root, _ = study
-    assert planned_with(root, {**MICRO, "resources": {"threads": 1, "mem_scale": 3.0, "model_parameters": 10**9}}) == {}
-    assert planned_with(root, {**MICRO, "mlflow": {"enabled": False, "experiment": "other"}}) == {}
-
-
 def test_the_published_profile_plans_offline(study):
     """config/studies/lima.yaml: a dry run needs no hub (HF_HUB_OFFLINE=1 here). Nothing is cached
     or projected: the candidate sets are computed once and the stores streamed, exact."""
@@ -323,31 +369,6 @@ def test_lint_reports_nothing(study):
     root, _ = study
     r = subprocess.run([SNAKEMAKE, "--lint"], cwd=root, capture_output=True, text=True, timeout=300)
     assert "Lints for" not in r.stdout + r.stderr, r.stdout + r.stderr
-
-
-def test_editing_gradient_code_reruns_gradients_and_downstream_only(study):
-    root, _ = study
-    path = root / "src/tdabench/gradients.py"
-    text = path.read_text()
-    edited = re.sub(
-        r"(def per_sample_loss\(.*?\n    \"\"\".*?\"\"\"\n)", r"\1    # edited\n", text, count=1, flags=re.S
-    )
-    assert edited != text
-    path.write_text(edited)
-    stats = planned(root)
-    # costs times gradient extraction, so it depends on this module too
-    assert set(stats) == {
-        "gradients",
-        "similarity",
-        "selection",
-        "projection",
-        "project_selected",
-        "costs",
-        "evaluate",
-        "summary",
-        "all",
-    }
-    assert stats["gradients"] == 3
 
 
 def test_report_is_self_contained_with_plots_and_config(study):
@@ -404,7 +425,7 @@ def test_mlflow_ui_and_report_in_a_real_browser(study, tmp_path):
                     "--disable-background-networking",
                     "--no-first-run",
                 ],
-                viewport={"width": 1400, "height": 900},
+                viewport={"width": 1400, "height": 2400},  # chart cards render only when in view
             )
             page = browser.new_page()
             page.goto(f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning")
@@ -414,6 +435,36 @@ def test_mlflow_ui_and_report_in_a_real_browser(study, tmp_path):
             page.get_by_text("evaluate", exact=True).first.wait_for(timeout=90_000)  # a child run
             page.get_by_text("paraphrased.greedy.top1").first.wait_for(timeout=90_000)  # a metric
             page.screenshot(path=str(root / "results" / "mlflow_ui_parent.png"))
+            # Select vs project on one chart: the chart view of one setting's method runs, nested
+            # under `summary` (its first 10 visible rows are plotted: the filter keeps greedy,
+            # best_single and the projections).
+            keep = " and ".join(
+                f"params.method != '{m}'" for m in ("select_then_project", "bm25", "chance", "greedy_budget", "full")
+            )
+            search = quote(f"params.setting = 'paraphrased' and {keep}")
+            page.goto(
+                f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning&compareRunsMode=CHART"
+                f"&searchFilter={search}"
+            )
+            page.get_by_text("summary", exact=True).first.wait_for(timeout=90_000)  # the method runs' parent
+            page.locator('.ag-row button[data-component-id$="runnamecellrenderer.tsx_46"]').first.click()  # expand
+            page.get_by_text("greedy · paraphrased", exact=True).first.wait_for(timeout=60_000)
+            title = page.locator('h4[title="paraphrased/top1_vs_dim"]')
+            card = page.locator('[data-testid="experiment-view-compare-runs-card"]').filter(has=title).first
+            card.wait_for(timeout=90_000)
+            card.scroll_into_view_if_needed()
+            plot = card.locator(".js-plotly-plot").first
+            plot.wait_for(timeout=60_000)
+            page.wait_for_function(
+                "g => g.data && g.data.some(t => t.x && t.x.length) && g.querySelectorAll('g.trace').length > 0",
+                arg=plot.element_handle(),
+                timeout=60_000,
+            )
+            series = plot.evaluate("g => [...new Set(g.data.filter(t => t.x && t.x.length).map(t => t.name))]")
+            assert "greedy · paraphrased" in series, series  # a selection
+            assert any(name.startswith("sjlt k=") for name in series), series  # a projection
+            assert plot.evaluate("g => g.layout.xaxis.title.text") == "Step"  # step = the dimension
+            card.screenshot(path=str(root / "results" / "mlflow_ui_select_vs_project.png"))
             if not (root / "report.html").exists():  # test_report_is_self_contained_with_plots_and_config made it
                 snakemake(root, "--report", "report.html")
             page.goto((root / "report.html").as_uri())

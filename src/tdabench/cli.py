@@ -14,6 +14,10 @@
     tdabench log        [WORKDIR] [--tracking-uri URI] [--deadline S]
                                                log the study's recorded runs (logs/mlflow/) into MLflow;
                                                idempotent: what is logged already is not logged twice
+    tdabench doctor     [--configfile F ...] [--directory D] [--torch]
+                                               check this environment for the study: torch and CUDA, the
+                                               device `auto` picks, numerics pins, the MLflow store, SLURM,
+                                               free disk; exit 1, with the fix, for what would fail
 
 The similarity store format is documented in tdabench.similarity (and the README); both the dense
 layout and the candidate layout are accepted. Metrics rank within the candidates when present.
@@ -363,6 +367,25 @@ def cmd_log(args) -> None:
         raise SystemExit(1)
 
 
+def cmd_doctor(args) -> None:
+    from tdabench.doctor import run_checks, torch_line
+
+    if args.torch:
+        print(f"[tdabench] {torch_line()}")
+        return
+    if not Path(args.directory).is_dir():
+        raise UsageError(f"doctor: --directory {args.directory} is not a folder")
+    checks = run_checks(args.configfile, args.directory)
+    print(f"tdabench doctor ({Path(args.directory).resolve()})")
+    for check in checks:
+        print(check.line())
+    failed = [c.what for c in checks if c.status == "FAIL"]
+    if failed:
+        print(f"{len(failed)} check(s) failed: {', '.join(failed)}; the study would fail or lose its runs here")
+        raise SystemExit(1)
+    print("ready: nothing here would stop the study")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tdabench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -435,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, help="seconds; stop then and leave the rest pending")
     p.add_argument("--request-timeout", type=positive_int, default=10, help="seconds per MLflow request")
     p.set_defaults(func=cmd_log)
+
+    p = sub.add_parser("doctor", help="check this environment for the study (torch, device, MLflow, disk)")
+    p.add_argument("--configfile", nargs="+", default=[], help="the study's config files, as given to snakemake")
+    p.add_argument("--directory", default=".", help="the study's working directory (default: .)")
+    p.add_argument("--torch", action="store_true", help="only one line: torch's build, CUDA and the GPU")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -369,6 +369,63 @@ def unmet_budgets(table: pl.DataFrame, budgets) -> list[float]:
     return [float(b) for b in budgets if float(b) not in met]
 
 
+SELECTIONS = ("greedy", "greedy_budget", "best_single")  # component selection (select)
+
+
+def answer_lines(table: pl.DataFrame) -> list[str]:
+    """The study's answer in a few console lines, one per setting: top-1 of the full gradient, of
+    the best selection, of the best projection at the largest k, and of the best BM25 variant."""
+    head = headline(table)
+    lines = []
+    for setting in table["setting"].unique(maintain_order=True):  # the config's order
+        rows = head.filter(pl.col("setting") == setting)
+
+        def best(frame: pl.DataFrame, name: str, detail) -> str | None:
+            if frame.is_empty():
+                return None
+            r = frame.sort("top1", descending=True, maintain_order=True).row(0, named=True)
+            what = ", ".join(x for x in (detail(r), r["dim"] and f"{r['dim']:,} dims") if x)
+            return f"{name} {r['top1']:.3f} ({what})"
+
+        proj = rows.filter(pl.col("method") == "projection")
+        parts = [
+            best(rows.filter(pl.col("method") == "full"), "full gradient", lambda r: ""),
+            best(rows.filter(pl.col("method").is_in(SELECTIONS)), "best selection", lambda r: r["method"]),
+            best(
+                proj.filter(pl.col("k") == proj["k"].max()),
+                "best projection",
+                lambda r: f"{r['variant']} k={r['k']}",
+            ),
+            best(rows.filter(pl.col("method") == "bm25"), "BM25", lambda r: r["variant"]),
+        ]
+        lines.append(f"{setting}: top-1 " + " · ".join(p for p in parts if p))
+    return lines
+
+
+ANSWER = "results/answer.txt"
+
+
+def answer_text(mlflow_config: dict, path: str | Path = ANSWER) -> str:
+    """What the end of a study prints: the answer lines the summary wrote (when they are not older
+    than the metrics they come from) and where the report and the MLflow UI are; "" before a summary."""
+    path = Path(path)
+    metrics = path.parent / "evaluation" / "metrics.parquet"
+    if not path.is_file() or (metrics.is_file() and metrics.stat().st_mtime > path.stat().st_mtime):
+        return ""
+    lines = [f"[tdabench] {line}" for line in path.read_text().splitlines() if line]
+    uri = mlflow_config["tracking_uri"]
+    if uri and uri.startswith(("http://", "https://")):
+        ui = uri
+    elif uri is None and Path("Makefile").is_file():  # the checkout's own workdir
+        ui = "make ui"
+    else:
+        ui = f"mlflow ui --backend-store-uri {uri or 'sqlite:///' + str(Path.cwd() / 'mlflow.db')}"
+    where = f"[tdabench] report: {path.parent / 'summary.md'}"
+    if mlflow_config["enabled"]:
+        where += f"   MLflow UI: {ui}"
+    return "\n".join([*lines, where]) + "\n"
+
+
 def summary_markdown(
     table: pl.DataFrame,
     plot_paths: list[str] | None = None,

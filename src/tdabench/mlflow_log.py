@@ -39,6 +39,7 @@ SOURCE_TAGS = (
     "tdabench.invocation",
 )
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
+UI_URL = "http://127.0.0.1:5000"  # where `make ui` serves a sqlite store
 log = logging.getLogger(__name__)
 
 
@@ -50,6 +51,15 @@ class Report:
     pending: int = 0
     uris: set[str] = field(default_factory=set)
     error: str | None = None
+    experiments: dict[str, str] = field(default_factory=dict)  # uri -> experiment id logged to
+
+    def view(self) -> str:
+        """Where the runs are, in the UI's model-training view (the UI opens on GenAI otherwise)."""
+        links = []
+        for uri, exp_id in sorted(self.experiments.items()):
+            page = f"#/experiments/{exp_id}/runs?workflowType=machine_learning"
+            links.append(f"{uri.rstrip('/')}/{page}" if is_server(uri) else f"`make ui`, then {UI_URL}/{page}")
+        return "; open " + ", ".join(links) if links else ""
 
     def line(self) -> str:
         where = ", ".join(sorted(self.uris)) or "MLflow"
@@ -59,7 +69,9 @@ class Report:
                 f"MLflow logging pending: {self.pending} record(s) not yet in {where}{why}. The results on "
                 "disk are complete; run `tdabench log` (make log) once the tracking store answers."
             )
-        return f"MLflow: {self.logged} record(s) logged to {where}" if self.logged else "MLflow: nothing pending"
+        if not self.logged:
+            return "MLflow: nothing pending"
+        return f"MLflow: {self.logged} record(s) logged to {where}{self.view()}"
 
 
 def _digest(path: Path) -> str:
@@ -118,7 +130,8 @@ class _Logger:
             exp_id = exp.experiment_id
             if exp.lifecycle_stage == "deleted":  # deleted in the UI: bring it back rather than fail
                 self.client.restore_experiment(exp_id)
-        # Open it in the UI's model-training view (runs table), not the GenAI overview.
+        # The model-training kind, for MLflow versions whose UI opens an experiment by it (3.17's
+        # ignores it and opens the GenAI overview: links carry ?workflowType=machine_learning).
         self.client.set_experiment_tag(exp_id, "mlflow.experimentKind", "custom_model_development")
         return exp_id
 
@@ -197,14 +210,56 @@ class _Logger:
                 self.client.log_table(run_id, data=pd.DataFrame(op["columns"]), artifact_file=op["name"])
         elif kind == "input":
             self.log_input(run_id, op)
+        elif kind == "model":
+            self.log_model(run_id, op, record_tag, exp_id)
+        elif kind == "model_input":
+            from mlflow.entities import LoggedModelInput
+
+            found = [m for m in self.models(exp_id) if m.tags.get("tdabench.path") == op["path"]]
+            if found:  # the latest model written at that path (the base model of a study is not logged)
+                latest = max(found, key=lambda m: m.creation_timestamp)
+                self.client.log_inputs(run_id, models=[LoggedModelInput(latest.model_id)])
         elif kind == "child":
             tags = {**self.source, **record_tag, "mlflow.parentRunId": run_id, **op["tags"]}
             child = self.client.create_run(exp_id, run_name=op["name"], tags=tags, start_time=op["ms"])
             self.log_params(child.info.run_id, op["params"])
-            self.log_metrics(child.info.run_id, op["metrics"], op["ms"], 0)
+            self.log_metrics(child.info.run_id, op["metrics"], op["ms"], op.get("step", 0))
+            for step, metrics in op.get("curves", []):
+                self.log_metrics(child.info.run_id, metrics, op["ms"], step)
             self.client.set_terminated(child.info.run_id, status="FINISHED", end_time=op["ms"])
         else:
             raise TrackingError(f"{self.folder}: unknown record operation {kind!r}")
+
+    def models(self, exp_id: str) -> list:
+        """The experiment's logged models written by this workdir's studies."""
+        out, token = [], None
+        while True:
+            page = self.client.search_logged_models([exp_id], max_results=100, page_token=token)
+            out += [m for m in page if m.tags.get("tdabench.workdir") == str(self.workdir)]
+            token = page.token
+            if not token:
+                return out
+
+    def log_model(self, run_id: str, op: dict, record_tag: dict, exp_id: str) -> None:
+        """A logged model without artifacts: the run that wrote it is its source (the runs
+        table's Models column), its output at step 0; tags say where it is and which bytes."""
+        from mlflow.entities import LoggedModelOutput
+
+        for old in self.models(exp_id):  # a half-logged try of this record
+            if old.tags.get("tdabench.record") == record_tag["tdabench.record"]:
+                self.client.delete_logged_model(old.model_id)
+        tags = {
+            **self.source,
+            **record_tag,
+            "tdabench.workdir": str(self.workdir),
+            "tdabench.path": op["path"],
+            "tdabench.fingerprint": op["fingerprint"],
+        }
+        model = self.client.create_logged_model(
+            exp_id, name=op["name"], source_run_id=run_id, tags=tags, params=op["params"], model_type="causal-lm"
+        )
+        self.client.finalize_logged_model(model.model_id, "READY")
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
 
     def log_input(self, run_id: str, op: dict) -> None:
         import mlflow.data
@@ -294,6 +349,7 @@ def publish(
             ):
                 continue  # nothing new in this invocation
             exp_id = logger.experiment()
+            report.experiments[uri] = exp_id
             parent_id = logger.parent_run(exp_id)
             for path in jobs:
                 if stop is not None and time.monotonic() > stop:

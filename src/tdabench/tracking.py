@@ -24,6 +24,8 @@ import os
 import re
 import socket
 import subprocess
+import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -217,10 +219,29 @@ class Run:
         """The table at `source` as an MLflow dataset input (name, digest, schema, source path)."""
         self._add("input", source=str(source), name=name, context=context)
 
-    def child(self, name: str, params: dict, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
+    def log_model(self, name: str, path: str | Path, fingerprint: str, params: dict | None = None) -> None:
+        """The model this run wrote (a folder in the workdir) as an MLflow logged model that points
+        to it: its fingerprint and path, no weights copied (a cluster's model stays where it is)."""
+        self._add("model", name=name, path=str(path), fingerprint=fingerprint, params=flatten(params or {}))
+
+    def use_model(self, path: str | Path) -> None:
+        """This run read the model at `path`: linked as its input when a run of the study logged it."""
+        self._add("model_input", path=str(path))
+
+    def child(
+        self,
+        name: str,
+        params: dict,
+        metrics: dict[str, float],
+        tags: dict[str, str] | None = None,
+        step: int = 0,
+        curves: dict[int, dict[str, float]] | None = None,
+    ) -> None:
         """A finished run nested under this one (e.g. one per evaluated method), for the UI's
-        compare view and parallel coordinates."""
-        self._add("child", name=name, params=flatten(params), metrics=_numbers(metrics), tags=tags or {})
+        compare view and parallel coordinates: `metrics` at `step`, and `curves` ({step: metrics})."""
+        curves = [[int(s), _numbers(m)] for s, m in sorted((curves or {}).items())]
+        fields = {"params": flatten(params), "metrics": _numbers(metrics), "tags": tags or {}, "step": int(step)}
+        self._add("child", name=name, curves=curves, **fields)
 
 
 _current: Run | None = None  # the job run being recorded in this process
@@ -233,6 +254,66 @@ def parent() -> Run:
 
 def job_name(rule: str, wildcards: dict | None) -> str:
     return "-".join([rule, *(re.sub(r"[^\w.]", "_", str(v)) for v in (wildcards or {}).values())])
+
+
+class SystemSampler:
+    """CPU, RAM and (where torch has a CUDA device in use) GPU memory of the host, sampled every
+    `interval` seconds in a thread while a job runs, as MLflow's system metrics (`system/...`, the
+    keys of mlflow.system_metrics, so the UI's system-metrics charts show them). Hand-rolled with
+    psutil because MLflow's own monitor logs to a live run, and jobs talk to no server."""
+
+    def __init__(self, run: Run, interval: float = 10.0):
+        self.run, self.interval, self.step = run, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tdabench-system-metrics", daemon=True)
+
+    def sample(self) -> dict[str, float]:
+        import psutil
+
+        memory = psutil.virtual_memory()
+        out = {
+            "system/cpu_utilization_percentage": psutil.cpu_percent(),
+            "system/system_memory_usage_megabytes": (memory.total - memory.available) / 2**20,
+            "system/system_memory_usage_percentage": memory.percent,
+            "system/process_rss_megabytes": psutil.Process().memory_info().rss / 2**20,
+        }
+        torch = sys.modules.get("torch")  # only a job that loaded torch and put work on a GPU
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+            for i in range(torch.cuda.device_count()):
+                free, total = torch.cuda.mem_get_info(i)
+                out[f"system/gpu_{i}_memory_usage_megabytes"] = (total - free) / 2**20
+                out[f"system/gpu_{i}_memory_usage_percentage"] = 100 * (total - free) / total
+        return out
+
+    def record(self) -> None:
+        self.run.log_metrics(self.sample(), step=self.step)
+        self.step += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.record()
+
+    def __enter__(self) -> SystemSampler:
+        import psutil
+
+        psutil.cpu_percent()  # starts the CPU counter: the first sample then covers the interval
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.record()  # the last state, so a short job has a point too
+
+
+@contextmanager
+def system_metrics(run: Run, enabled: bool, interval: float = 10.0):
+    """System metrics of this job into `run` while the block runs (a no-op when not enabled or not recorded)."""
+    if not (enabled and run.active):
+        yield
+        return
+    with SystemSampler(run, interval):
+        yield
 
 
 @contextmanager

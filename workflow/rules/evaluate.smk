@@ -91,6 +91,7 @@ rule summary:
             plot=["top1_vs_dim", "mrr_vs_dim", "single_component_heatmap", "greedy_curve", "top1_vs_cost"],
         ),
         manifest="results/manifest.json",
+        answer="results/answer.txt",
     log:
         "logs/summary.log",
     conda:

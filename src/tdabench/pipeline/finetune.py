@@ -9,6 +9,7 @@ import polars as pl
 from tdabench.contracts import FinetuneParams
 from tdabench.data.sources import read_queries, read_train
 from tdabench.io import atomic_path, write_json
+from tdabench.models import model_fingerprint
 from tdabench.pipeline.common import JobContext
 from tdabench.pipeline.toolkit import open_model
 from tdabench.train import greedy_answers, states_fact, train
@@ -69,3 +70,5 @@ def main(job: JobContext, mlrun) -> None:
         tokenizer.save_pretrained(tmp)
     write_json(report, job.output["report"])
     mlrun.log_artifact(job.output["report"])
+    size = {"base": p.base, "parameters": n_params, "epochs": p.train.epochs}
+    mlrun.log_model("finetuned", job.output["model"], model_fingerprint(job.output["model"]), size)

@@ -14,7 +14,7 @@ import yaml
 
 from tdabench import numerics, tracking
 from tdabench.contracts import SummaryParams
-from tdabench.evaluate import headline, read_results, summary_markdown, unmet_budgets
+from tdabench.evaluate import answer_lines, headline, read_results, summary_markdown, unmet_budgets
 from tdabench.io import write_json, write_text
 from tdabench.manifest import build_manifest, write_manifest
 from tdabench.pipeline.common import ENVIRONMENT_DIR, JobContext
@@ -42,31 +42,89 @@ def headline_metrics(table: pl.DataFrame) -> dict[str, float]:
     return out
 
 
+APPROACH = {  # the study's question: select components, or project the whole gradient?
+    "full": "full",
+    "greedy": "select",
+    "greedy_budget": "select",
+    "best_single": "select",
+    "projection": "project",
+    "select_then_project": "select+project",
+    "bm25": "baseline",
+    "chance": "baseline",
+}
+
+
+def method_run_name(r: dict) -> str:
+    """`greedy · paraphrased`, `sjlt k=4096 · model_generated`, `bm25 prompt · paraphrased`: the
+    method first, so a truncated Run Name column still tells runs apart."""
+    what = r["variant"] if r["method"] == "projection" else r["method"]
+    if r["method"] in ("bm25", "greedy_budget") and r["variant"]:
+        what = f"{r['method']} {r['variant'].removeprefix('budget ')}"
+    if r["k"] is not None:
+        what += f" k={r['k']}"
+    return f"{what} · {r['setting']}"
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else round(float(x), 2)
+
+
+def method_params(r: dict) -> dict:
+    """Params of a method run, numbers as numbers; a param that does not apply is left out (not
+    "" or 0), so the UI's charts and parallel coordinates read them as numeric."""
+    params = {"setting": r["setting"], "method": r["method"], "approach": APPROACH.get(r["method"], r["method"])}
+    if r["variant"]:
+        params["variant"] = r["variant"]
+    for key in ("k", "budget"):
+        if r[key] is not None:
+            params[key] = _number(r[key])
+    if r["dim"]:  # bm25 and chance represent nothing
+        params |= {"dim": int(r["dim"]), "n_components": _number(r["n_components"]), "components": r["components"]}
+    params["n_runs"] = int(r["n_runs"])
+    return params
+
+
+def greedy_prefixes(table: pl.DataFrame) -> dict[str, list[tuple[int, float, float]]]:
+    """{setting: [(mean dim, top1, mrr) of each greedy prefix length]}: means over splits."""
+    steps = (
+        table.filter(pl.col("method") == "greedy_step")
+        .group_by("setting", "step", maintain_order=True)
+        .agg(pl.col("dim").mean(), pl.col("top1", "mrr").mean())
+        .sort("setting", "step")
+    )
+    out: dict[str, list] = {}
+    for r in steps.iter_rows(named=True):
+        out.setdefault(r["setting"], []).append((round(r["dim"]), r["top1"], r["mrr"]))
+    return out
+
+
 def log_method_runs(mlrun, table: pl.DataFrame) -> None:
     """One nested run per evaluated headline method (setting, method, variant, k, budget), so the
-    MLflow UI compares methods within and across invocations."""
+    MLflow UI compares methods within and across invocations. Each logs its metrics at step =
+    its dimension, and `<setting>/top1_vs_dim` (`mrr_vs_dim`) too: the chart view's x-axis is the
+    step, so one chart per setting holds selection and projection against the dimension (the
+    greedy run adds its prefixes there as a curve)."""
+    prefixes = greedy_prefixes(table)
     for r in headline(table).iter_rows(named=True):
-        name = " ".join(str(x) for x in (r["setting"], r["method"], r["variant"], r["k"] and f"k={r['k']}") if x)
-        params = {
-            "setting": r["setting"],
-            "method": r["method"],
-            "variant": r["variant"] or "",
-            "components": r["components"] or "",
-            "k": r["k"] if r["k"] is not None else "",
-            "budget": r["budget"] if r["budget"] is not None else "",
-            "dim": r["dim"],
-            "n_components": r["n_components"],
-            "n_runs": r["n_runs"],
-        }
         metrics = {m: r[m] for m in r if m in ("top1", "mrr") or m.startswith(("recall_at_", "top1_", "mrr_"))}
         if r["seconds_per_sample"] is not None:
             metrics["ms_per_sample"] = r["seconds_per_sample"] * 1e3
-        metrics["dim"] = r["dim"]
+        metrics = {k: v for k, v in metrics.items() if v is not None and v == v}
+        top1_key, mrr_key = f"{r['setting']}/top1_vs_dim", f"{r['setting']}/mrr_vs_dim"
+        steps = {}  # step (a dimension) -> metrics at it
+        if r["dim"]:
+            metrics["dim"] = r["dim"]
+            steps[int(r["dim"])] = {top1_key: r["top1"], mrr_key: r["mrr"]}
+        if r["method"] == "greedy":
+            for dim, top1, mrr in prefixes.get(r["setting"], []):
+                steps.setdefault(dim, {}).update({top1_key: top1, mrr_key: mrr})
         mlrun.child(
-            name,
-            params,
-            {k: v for k, v in metrics.items() if v is not None and v == v},
-            tags={"tdabench.kind": "method"},
+            method_run_name(r),
+            method_params(r),
+            metrics,
+            tags={"tdabench.kind": "method", "tdabench.approach": APPROACH.get(r["method"], r["method"])},
+            step=int(r["dim"] or 0),
+            curves=steps,
         )
 
 
@@ -168,6 +226,7 @@ def main(job: JobContext, mlrun) -> None:
         log.warning("%s", note)
         print(f"[tdabench] summary: {note}", file=sys.__stderr__, flush=True)
     write_text(text, job.output["summary"])
+    write_text("\n".join(answer_lines(table)) + "\n", job.output["answer"])  # printed at the study's end
     for line in stores:
         log.info("similarity store %s", line[2:])
     metrics = headline_metrics(table)

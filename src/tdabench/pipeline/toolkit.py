@@ -60,5 +60,6 @@ def open_model(job: JobContext, mlrun: tracking.Run, ref: str, device: str) -> M
     set_threads(job.threads)
     where = job_device(device, mlrun)
     model, tokenizer = load_model(ref)
+    mlrun.use_model(ref)
     model.to(where)
     return ModelKit(model, tokenizer, where)

@@ -44,7 +44,8 @@ def record_study(uri=None, fail_second=True):
         run.log_artifact("train.parquet", "results")
         tracking.parent().log_metrics({"headline": 0.5})
         tracking.parent().log_table(pl.DataFrame({"x": [1.0]}), "results/headline.json")
-    with tracking.job_run("summary", {"settings": ["p"]}) as run, tracking.system_metrics(run, True, interval=0.05):
+    with tracking.job_run("summary", {"settings": ["p"]}) as run:
+        run.sample_system(interval=0.05)
         curve = {10: {"p/top1_vs_dim": 0.1}, 40: {"p/top1_vs_dim": 0.25}}  # e.g. greedy prefixes
         run.child("greedy", {"k": 4}, {"top1": 0.25}, step=40, curves=curve)
         run.child("full", {"k": ""}, {"top1": 0.75})

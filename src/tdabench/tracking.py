@@ -187,6 +187,7 @@ class Run:
 
     def __init__(self, ops: list | None = None, target: str = "job"):
         self.ops, self.target = ops, target
+        self.sampler: SystemSampler | None = None
 
     @property
     def active(self) -> bool:
@@ -218,6 +219,16 @@ class Run:
     def log_input(self, table, name: str, source: str | Path, context: str) -> None:
         """The table at `source` as an MLflow dataset input (name, digest, schema, source path)."""
         self._add("input", source=str(source), name=name, context=context)
+
+    def sample_system(self, interval: float = 10.0) -> None:
+        """Record system metrics (SystemSampler) from now until the job ends: model jobs call it."""
+        if self.active and self.sampler is None:
+            self.sampler = SystemSampler(self, interval).__enter__()
+
+    def stop_sampling(self) -> None:
+        if self.sampler is not None:
+            self.sampler.__exit__(None, None, None)
+            self.sampler = None
 
     def log_model(self, name: str, path: str | Path, fingerprint: str, params: dict | None = None) -> None:
         """The model this run wrote (a folder in the workdir) as an MLflow logged model that points
@@ -307,16 +318,6 @@ class SystemSampler:
 
 
 @contextmanager
-def system_metrics(run: Run, enabled: bool, interval: float = 10.0):
-    """System metrics of this job into `run` while the block runs (a no-op when not enabled or not recorded)."""
-    if not (enabled and run.active):
-        yield
-        return
-    with SystemSampler(run, interval):
-        yield
-
-
-@contextmanager
 def job_run(rule: str, params: dict, wildcards: dict | None = None):
     """The job's child run, recorded to `jobs/<rule>-<wildcards>.json` when the job ends (status
     FAILED if it raises)."""
@@ -347,6 +348,7 @@ def job_run(rule: str, params: dict, wildcards: dict | None = None):
         record["status"] = "FAILED"
         raise
     finally:
+        run.stop_sampling()
         _current = None
         record["end_ms"] = now_ms()
         # default=str: a table cell of a type JSON lacks (a date) shows as its text in MLflow

@@ -22,7 +22,6 @@ from tdabench.contracts import CONTRACTS, typed
 from tdabench.errors import StudyError
 from tdabench.io import write_json
 from tdabench.manifest import record_outputs
-from tdabench.resources import MODEL_RULES
 
 log = logging.getLogger("tdabench")
 T = TypeVar("T")
@@ -179,7 +178,6 @@ def run(stage: Callable[[JobContext, tracking.Run], None], job: JobContext) -> N
         with (
             numerics.active(job.numerics),
             tracking.job_run(job.rule, {**job.params, "numerics": job.numerics}, job.wildcards) as mlrun,
-            tracking.system_metrics(mlrun, enabled=job.rule in MODEL_RULES),
         ):
             stage(job, mlrun)
             if job.log is not None:  # a workflow job: its outputs go into the results manifest

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 def main(job: JobContext, mlrun) -> None:
     set_threads(job.threads)
+    mlrun.sample_system()
     p = job.typed_params(PretrainParams)
     device = job_device(p.device, mlrun)
     background = read_train(job.input["background"])

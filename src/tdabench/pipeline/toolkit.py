@@ -58,6 +58,7 @@ def open_model(job: JobContext, mlrun: tracking.Run, ref: str, device: str) -> M
     """The job's threads and numerics checks, and the model `ref` (a directory or hub name) on
     the device of config value `device`."""
     set_threads(job.threads)
+    mlrun.sample_system()  # CPU, memory (and GPU memory) while the model works: MLflow's system metrics
     where = job_device(device, mlrun)
     model, tokenizer = load_model(ref)
     mlrun.use_model(ref)

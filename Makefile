@@ -27,13 +27,15 @@ export PYTHONDONTWRITEBYTECODE :=
 .PHONY: install run smollm2 test test-fast lint format docs docs-check dry-run report ui log mlflow-server clean
 
 # torch is installed on its own, under a stamp named after the TORCH spec: a new spec (a CUDA build
-# after a CPU install) reinstalls torch, and pip is told to replace the build already there.
+# after a CPU install) reinstalls torch, and pip is told to replace a build already there (else
+# pip keeps it: 2.13.0+cpu satisfies torch==2.13.0).
 TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH)' | cksum | cut -d' ' -f1)
 
 $(TORCH_STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q --no-compile $(if $(wildcard $(VENV)/.torch-*),--force-reinstall) $(TORCH)
+	force=; $(BIN)/python -m pip show -q torch >/dev/null 2>&1 && force=--force-reinstall; \
+	$(BIN)/python -m pip install -q --no-compile $$force $(TORCH)
 	rm -f $(VENV)/.torch-* $(STAMP)
 	touch $@
 

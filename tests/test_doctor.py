@@ -122,5 +122,22 @@ def test_a_new_torch_spec_after_a_cpu_install_plans_a_torch_install(tmp_path):
     (venv / ".installed").touch()
     assert "pip install" not in dry()  # nothing to do for the same spec
     gpu = dry("TORCH=torch==2.13.0 --index-url https://example.invalid/cu126")
-    assert re.search(r"pip install .*--force-reinstall torch==2\.13\.0 --index-url https://example\.invalid/cu126", gpu)
+    assert re.search(r"pip install .* torch==2\.13\.0 --index-url https://example\.invalid/cu126$", gpu, re.M)
+    assert "pip show -q torch" in gpu and "--force-reinstall" in gpu  # replaces the CPU build already there
     assert '-e ".[dev,gguf]"' in gpu  # and the package again on top
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("seed: 3\nseed: 4\n", "key 'seed' is given twice"),
+        ("- 1\n- 2\n", "expected a mapping of config keys, got list"),
+        ("seed: [1\n", "not valid YAML"),
+    ],
+)
+def test_a_config_file_the_snakefile_would_refuse_fails_the_config_check(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    r = run_doctor("--configfile", str(path), "--directory", str(tmp_path))
+    assert r.returncode == 1 and "FAIL  config:" in r.stdout and message in r.stdout, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr

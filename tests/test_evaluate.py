@@ -123,6 +123,14 @@ def test_the_answer_lines_name_the_best_of_each_approach_as_a_loop_finds_them():
         assert f"best selection {selection:.3f} (" in line
         assert f"best projection {projection:.3f} (" in line and " k=64, 64 dims)" in line
         assert f"BM25 {bm25:.3f} (prompt" in line
+    # A NaN result is nobody's best (polars sorts NaN above every number).
+    broken = table.with_columns(
+        pl.when((pl.col("method") == "projection") & (pl.col("variant") == "gaussian"))
+        .then(float("nan"))
+        .otherwise(pl.col("top1"))
+        .alias("top1")
+    )
+    assert all("nan" not in line and "best projection" in line for line in answer_lines(broken))
 
 
 def test_method_runs_lead_with_the_method_and_leave_out_params_that_do_not_apply():

@@ -243,3 +243,18 @@ def test_the_finetuned_model_is_logged_by_reference_and_linked_to_the_runs_that_
     inputs = client.get_run(by_name["gradients"].info.run_id).inputs.model_inputs
     assert [i.model_id for i in inputs] == [model.model_id]
     assert client.get_run(by_name["finetune"].info.run_id).outputs.model_outputs[0].model_id == model.model_id
+
+
+def test_a_host_that_cannot_give_system_metrics_never_fails_the_job(workdir, monkeypatch):
+    import psutil
+
+    tracking.start_study(validate_config({}), workdir=".", repo=".", cfg_hash="abc")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: (_ for _ in ()).throw(OSError("no /proc")))
+    with tracking.job_run("gradients", {}) as run:
+        run.sample_system(interval=0.01)
+        time.sleep(0.1)
+        run.log_metrics({"n": 1})
+    record = json.loads(next((workdir / "logs/mlflow").glob("*/jobs/gradients.json")).read_text())
+    assert record["status"] == "FINISHED"
+    logged = {k for op in record["ops"] if op["op"] == "metrics" for k in op["metrics"]}
+    assert logged == {"n"}

@@ -248,8 +248,9 @@ def check_unique_keys(path: str | Path) -> None:
             pass  # syntax errors: the reader that loads the file names them
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> dict:
-    """Read a YAML config file, apply `overrides` (deep merge) and validate."""
+def read_config_file(path: str | Path) -> dict:
+    """A YAML config file's mapping, unvalidated; ConfigError naming the file (and line) when it is
+    missing, not YAML, not a mapping, or gives a key twice."""
     if not Path(path).is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -261,6 +262,12 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping of config keys, got {type(raw).__name__}")
     check_unique_keys(path)
+    return raw
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read a YAML config file, apply `overrides` (deep merge) and validate."""
+    raw = read_config_file(path)
     if overrides:
         raw = deep_merge(raw, overrides)
     return validate_config(raw)

@@ -15,10 +15,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from tdabench import numerics, plan, resources, tracking
-from tdabench.config import ConfigError, deep_merge, validate_config
+from tdabench.config import ConfigError, deep_merge, read_config_file, validate_config
 
 REPO_CONFIG = Path(__file__).resolve().parents[2] / "config" / "config.yaml"  # a source checkout's
 SLURM_PLUGIN = "snakemake-executor-plugin-slurm"
@@ -37,14 +35,12 @@ class Check:
 
 
 def study_config(configfiles: list[str], workdir: Path) -> dict:
-    """The validated config: the workdir's config/config.yaml (else the checkout's), then each file
-    over it, as Snakemake merges --configfile."""
-    base = workdir / "config" / "config.yaml"
+    """The validated config: the workdir's config/config.yaml (else the checkout's, else the schema's
+    defaults), then each file over it, as Snakemake merges --configfile."""
+    bases = [p for p in (workdir / "config" / "config.yaml", REPO_CONFIG) if p.is_file()][:1]
     merged: dict = {}
-    for path in [base if base.is_file() else REPO_CONFIG, *map(Path, configfiles)]:
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        merged = deep_merge(merged, yaml.safe_load(path.read_text()) or {})
+    for path in [*bases, *map(Path, configfiles)]:
+        merged = deep_merge(merged, read_config_file(path))
     return validate_config(merged)
 
 

@@ -33,6 +33,7 @@ from tdabench.metrics import bootstrap_intervals, cosine_scores, retrieval_metri
 from tdabench.projection_files import Projected
 from tdabench.selection import SelectionTable, family_subsets
 from tdabench.similarity import Similarity
+from tdabench.tracking import default_tracking_uri, is_server
 
 FLOAT_BYTES = 4
 HEADLINE = ["full", "greedy", "greedy_budget", "best_single", "select_then_project", "projection", "bm25", "chance"]
@@ -381,6 +382,7 @@ def answer_lines(table: pl.DataFrame) -> list[str]:
         rows = head.filter(pl.col("setting") == setting)
 
         def best(frame: pl.DataFrame, name: str, detail) -> str | None:
+            frame = frame.filter(pl.col("top1").is_not_nan())  # a NaN result is no one's best
             if frame.is_empty():
                 return None
             r = frame.sort("top1", descending=True, maintain_order=True).row(0, named=True)
@@ -414,12 +416,12 @@ def answer_text(mlflow_config: dict, path: str | Path = ANSWER) -> str:
         return ""
     lines = [f"[tdabench] {line}" for line in path.read_text().splitlines() if line]
     uri = mlflow_config["tracking_uri"]
-    if uri and uri.startswith(("http://", "https://")):
+    if is_server(uri):
         ui = uri
     elif uri is None and Path("Makefile").is_file():  # the checkout's own workdir
         ui = "make ui"
     else:
-        ui = f"mlflow ui --backend-store-uri {uri or 'sqlite:///' + str(Path.cwd() / 'mlflow.db')}"
+        ui = f"mlflow ui --backend-store-uri {uri or default_tracking_uri(Path.cwd())}"
     where = f"[tdabench] report: {path.parent / 'summary.md'}"
     if mlflow_config["enabled"]:
         where += f"   MLflow UI: {ui}"

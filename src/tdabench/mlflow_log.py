@@ -39,7 +39,7 @@ SOURCE_TAGS = (
     "tdabench.invocation",
 )
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
-UI_URL = "http://127.0.0.1:5000"  # where `make ui` serves a sqlite store
+UI_URL = "http://127.0.0.1:5000"  # where `mlflow ui` (`make ui`) serves a sqlite store by default
 log = logging.getLogger(__name__)
 
 
@@ -58,7 +58,8 @@ class Report:
         links = []
         for uri, exp_id in sorted(self.experiments.items()):
             page = f"#/experiments/{exp_id}/runs?workflowType=machine_learning"
-            links.append(f"{uri.rstrip('/')}/{page}" if is_server(uri) else f"`make ui`, then {UI_URL}/{page}")
+            local = f"{UI_URL}/{page} (with `mlflow ui` running)"
+            links.append(f"{uri.rstrip('/')}/{page}" if is_server(uri) else local)
         return "; open " + ", ".join(links) if links else ""
 
     def line(self) -> str:
@@ -114,6 +115,7 @@ class _Logger:
         self.states = _states(folder)
         self.state = self.states.setdefault(uri, {"jobs": {}})
         self.source = {k: v for k, v in study["tags"].items() if k in SOURCE_TAGS}
+        self._models: list | None = None  # this workdir's logged models, read once per call
 
     def save(self) -> None:
         write_json(self.states, self.folder / "logged.json")
@@ -232,22 +234,25 @@ class _Logger:
 
     def models(self, exp_id: str) -> list:
         """The experiment's logged models written by this workdir's studies."""
-        out, token = [], None
-        while True:
-            page = self.client.search_logged_models([exp_id], max_results=100, page_token=token)
-            out += [m for m in page if m.tags.get("tdabench.workdir") == str(self.workdir)]
-            token = page.token
-            if not token:
-                return out
+        if self._models is None:
+            self._models, token = [], None
+            while True:
+                page = self.client.search_logged_models([exp_id], max_results=100, page_token=token)
+                self._models += [m for m in page if m.tags.get("tdabench.workdir") == str(self.workdir)]
+                token = page.token
+                if not token:
+                    break
+        return self._models
 
     def log_model(self, run_id: str, op: dict, record_tag: dict, exp_id: str) -> None:
         """A logged model without artifacts: the run that wrote it is its source (the runs
         table's Models column), its output at step 0; tags say where it is and which bytes."""
         from mlflow.entities import LoggedModelOutput
 
-        for old in self.models(exp_id):  # a half-logged try of this record
+        for old in list(self.models(exp_id)):  # a half-logged try of this record
             if old.tags.get("tdabench.record") == record_tag["tdabench.record"]:
                 self.client.delete_logged_model(old.model_id)
+                self._models.remove(old)
         tags = {
             **self.source,
             **record_tag,
@@ -258,7 +263,7 @@ class _Logger:
         model = self.client.create_logged_model(
             exp_id, name=op["name"], source_run_id=run_id, tags=tags, params=op["params"], model_type="causal-lm"
         )
-        self.client.finalize_logged_model(model.model_id, "READY")
+        self._models.append(self.client.finalize_logged_model(model.model_id, "READY"))
         self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=0)])
 
     def log_input(self, run_id: str, op: dict) -> None:

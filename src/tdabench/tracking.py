@@ -223,11 +223,12 @@ class Run:
     def sample_system(self, interval: float = 10.0) -> None:
         """Record system metrics (SystemSampler) from now until the job ends: model jobs call it."""
         if self.active and self.sampler is None:
-            self.sampler = SystemSampler(self, interval).__enter__()
+            self.sampler = SystemSampler(self, interval)
+            self.sampler.start()
 
     def stop_sampling(self) -> None:
         if self.sampler is not None:
-            self.sampler.__exit__(None, None, None)
+            self.sampler.stop()
             self.sampler = None
 
     def log_model(self, name: str, path: str | Path, fingerprint: str, params: dict | None = None) -> None:
@@ -297,21 +298,25 @@ class SystemSampler:
         return out
 
     def record(self) -> None:
-        self.run.log_metrics(self.sample(), step=self.step)
+        try:
+            metrics = self.sample()
+        except Exception as e:  # noqa: BLE001  (a metric the host cannot give never fails a job)
+            log.warning("system metrics not sampled: %s", e)
+            return
+        self.run.log_metrics(metrics, step=self.step)
         self.step += 1
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self.record()
 
-    def __enter__(self) -> SystemSampler:
+    def start(self) -> None:
         import psutil
 
         psutil.cpu_percent()  # starts the CPU counter: the first sample then covers the interval
         self._thread.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
         self.record()  # the last state, so a short job has a point too

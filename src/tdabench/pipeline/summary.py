@@ -118,11 +118,12 @@ def log_method_runs(mlrun, table: pl.DataFrame) -> None:
         if r["method"] == "greedy":
             for dim, top1, mrr in prefixes.get(r["setting"], []):
                 steps.setdefault(dim, {}).update({top1_key: top1, mrr_key: mrr})
+        params = method_params(r)
         mlrun.child(
             method_run_name(r),
-            method_params(r),
+            params,
             metrics,
-            tags={"tdabench.kind": "method", "tdabench.approach": APPROACH.get(r["method"], r["method"])},
+            tags={"tdabench.kind": "method", "tdabench.approach": params["approach"]},
             step=int(r["dim"] or 0),
             curves=steps,
         )

@@ -24,7 +24,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Python then caches just the modules it imports, which needs bytecode writing switched on.
 export PYTHONDONTWRITEBYTECODE :=
 
-.PHONY: install run smollm2 test test-fast lint format docs docs-check dry-run report ui log mlflow-server clean
+.PHONY: install run smollm2 test test-long test-fast lint format docs docs-check dry-run report ui log mlflow-server clean
 
 # torch is installed on its own, under a stamp named after the TORCH spec: a new spec (a CUDA build
 # after a CPU install) reinstalls torch, and pip is told to replace a build already there (else
@@ -65,8 +65,13 @@ smollm2: $(VENV)/.smollm2
 	  --configfile config/studies/smollm2.yaml $(SNAKEMAKE_ARGS); rc=$$?; \
 	echo "[tdabench] make smollm2: $$(( $$(date +%s) - start )) s wall time, exit $$rc"; exit $$rc
 
+# make test: every test but the long tier (whole studies through SLURM, a tracking server, the
+# default model sizes), which make test-long and CI run.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not long"
+
+test-long: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m long
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not workflow and not browser and not architectures and not slow"

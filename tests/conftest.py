@@ -6,10 +6,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `make test` runs two pytest-xdist workers, each test file on one (--dist loadfile, in collection
 # order): the longest files go first so that neither worker is left with one at the end.
 LONGEST_FIRST = (
+    "test_cluster.py",  # make test-long
+    "test_reproducibility.py",  # make test-long
     "test_workflow.py",
-    "test_reproducibility.py",
     "test_userdata.py",
-    "test_cluster.py",
     "test_published.py",
     "test_architectures.py",
     "test_streaming.py",

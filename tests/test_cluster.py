@@ -18,9 +18,19 @@ import pytest
 from mlflow import MlflowClient
 
 from test_workflow import MICRO
-from workflow_helpers import REPO, SNAKEMAKE, copy_repo, mlflow_server, write_config
+from workflow_helpers import (
+    REPO,
+    SNAKEMAKE,
+    copy_repo,
+    free_port,
+    half_open_server,
+    mlflow_server,
+    snakemake,
+    write_config,
+)
 
-pytestmark = pytest.mark.workflow
+pytestmark = [pytest.mark.workflow, pytest.mark.long]
+CLI = str(Path(sys.executable).with_name("tdabench"))
 SHIM = REPO / "tests" / "slurm_shim"
 THREADS = 2  # config resources.threads: no sbatch call may ask for more CPUs
 LOCAL = {"all", "background", "dataset", "selection", "evaluate", "summary"}
@@ -134,6 +144,35 @@ def test_every_job_logged_to_the_tracking_server_with_artifacts(cluster_study, m
     assert report == json.loads((root / "results/models/finetune_report.json").read_text())
     assert any((server_root / "art").rglob("finetune_report.json"))
     assert parents[0].data.metrics  # the summary job's headline metrics, logged into the parent
+
+
+def test_a_half_open_tracking_server_never_holds_the_study(cluster_study, tmp_path):
+    """A server that answers /health but no API call: the study ends with its results and the
+    MLflow side pending; `tdabench log` fills the server once it answers, and only once. Here,
+    on the cluster study's workdir with the local executor, before the CUDA test below breaks it."""
+    root, _, run, _ = cluster_study
+    port = free_port()
+    cfg = {**CLUSTER, "mlflow": {"tracking_uri": f"http://127.0.0.1:{port}", "deadline_s": 5, "request_timeout_s": 2}}
+    write_config(root, cfg)  # mlflow.* reruns nothing (test_scheduling_keys_rerun_nothing)
+    with half_open_server(port):
+        start = time.monotonic()
+        r = snakemake(root, "--forcerun", "summary")
+        took = time.monotonic() - start
+    out = r.stdout + r.stderr
+    assert took < 180 and "MLflow logging pending: 2 record(s)" in out, out[-3000:]  # the summary job, the study
+    assert (root / "results/summary.md").stat().st_mtime > time.time() - took
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server.log", port=port) as url:
+        logged = subprocess.run([CLI, "log"], cwd=root, capture_output=True, text=True)
+        assert logged.returncode == 0 and f"MLflow: 2 record(s) logged to {url}" in logged.stdout, logged.stderr
+        again = subprocess.run([CLI, "log"], cwd=root, capture_output=True, text=True)
+        assert again.returncode == 0 and again.stdout.strip() == "MLflow: nothing pending"
+        client = MlflowClient(url)
+        server_runs = client.search_runs([client.get_experiment_by_name("tdabench").experiment_id], max_results=1000)
+    kinds = sorted(r.data.tags.get("tdabench.kind") for r in server_runs)
+    assert kinds.count("study") == 1 and kinds.count("job") == 1 and kinds.count("method") >= 5
+    assert all(r.info.status == "FINISHED" for r in server_runs)
+    parent = next(r for r in server_runs if r.data.tags["tdabench.kind"] == "study")
+    assert "paraphrased.greedy.top1" in parent.data.metrics
 
 
 def test_device_cuda_asks_slurm_for_gpus_and_a_job_without_cuda_stops_clearly(cluster_study, mlflow_server_url):

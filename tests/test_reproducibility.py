@@ -31,7 +31,7 @@ STUDY = {
     "evaluation": {"cost_samples": 4, "bootstrap": 100},
     "mlflow": {"enabled": False},
 }
-pytestmark = pytest.mark.workflow
+pytestmark = [pytest.mark.workflow, pytest.mark.long]
 
 
 @pytest.fixture(scope="module")

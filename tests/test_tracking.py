@@ -119,6 +119,17 @@ def test_records_are_logged_once_and_a_replay_adds_nothing(workdir):
     assert len(json.loads(open(table).read())["data"]) == 1  # log_table would have appended a second row
 
 
+def test_the_report_names_only_the_stores_it_logged_to(workdir):
+    """A workdir whose first study went to one store and whose second goes to another: logging the
+    second names only its store (the first has nothing new)."""
+    first, second = (f"sqlite:///{workdir / name}" for name in ("first.db", "second.db"))
+    record_study(first, fail_second=False)
+    assert mlflow_log.publish(workdir).uris == {first}
+    record_study(second, fail_second=False)
+    report = mlflow_log.publish(workdir)
+    assert report.uris == {second} and f"logged to {second};" in report.line(), report.line()
+
+
 def test_a_half_logged_record_is_logged_again_whole(workdir, monkeypatch):
     record_study(fail_second=False)
     real = mlflow_log._Logger.apply

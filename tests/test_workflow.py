@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import quote
 
@@ -26,8 +25,6 @@ from workflow_helpers import (
     REPO,
     SNAKEMAKE,
     copy_repo,
-    free_port,
-    half_open_server,
     job_stats,
     mlflow_server,
     planned,
@@ -488,39 +485,6 @@ def test_mlflow_runs_carry_source_tags_curves_and_tables(study):
     headline = json.loads(Path(client.download_artifacts(parent.info.run_id, "results/headline.json")).read_text())
     assert {"method", "top1", "mrr"} <= set(headline["columns"]) and headline["data"]
     assert '"type": "table"' in parent.data.tags["mlflow.loggedArtifacts"]
-
-
-def test_a_half_open_tracking_server_never_holds_the_study(study, tmp_path):
-    """A server that answers /health but no API call: the study ends with its results and the
-    MLflow side pending; `tdabench log` fills the server once it answers, and only once."""
-    root, _ = study
-    write_config(root, {**MICRO, **NO_MLFLOW})
-    snakemake(root, "--touch")  # earlier tests edited code: outputs count as current, nothing reruns by itself
-    port = free_port()
-    cfg = {**MICRO, "mlflow": {"tracking_uri": f"http://127.0.0.1:{port}", "deadline_s": 5, "request_timeout_s": 2}}
-    write_config(root, cfg)
-    try:
-        with half_open_server(port):
-            start = time.monotonic()
-            r = snakemake(root, "--forcerun", "summary")
-            took = time.monotonic() - start
-    finally:
-        write_config(root, MICRO)
-    out = r.stdout + r.stderr
-    assert took < 180 and "MLflow logging pending: 2 record(s)" in out, out[-3000:]  # the summary job, the study
-    assert (root / "results/summary.md").stat().st_mtime > time.time() - took
-    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server.log", port=port) as url:
-        logged = subprocess.run([CLI, "log"], cwd=root, capture_output=True, text=True)
-        assert logged.returncode == 0 and f"MLflow: 2 record(s) logged to {url}" in logged.stdout, logged.stderr
-        again = subprocess.run([CLI, "log"], cwd=root, capture_output=True, text=True)
-        assert again.returncode == 0 and again.stdout.strip() == "MLflow: nothing pending"
-        client = MlflowClient(url)
-        server_runs = client.search_runs([client.get_experiment_by_name("tdabench").experiment_id], max_results=1000)
-    kinds = sorted(r.data.tags.get("tdabench.kind") for r in server_runs)
-    assert kinds.count("study") == 1 and kinds.count("job") == 1 and kinds.count("method") >= 5
-    assert all(r.info.status == "FINISHED" for r in server_runs)
-    parent = next(r for r in server_runs if r.data.tags["tdabench.kind"] == "study")
-    assert "paraphrased.greedy.top1" in parent.data.metrics
 
 
 def test_readme_block_is_rendered_from_results_and_a_hand_edit_fails_the_check(study, tmp_path):

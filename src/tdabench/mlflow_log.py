@@ -344,7 +344,6 @@ def publish(
     for folder in invocation_folders(workdir):
         study = json.loads((folder / "study.json").read_text())
         uri = _uri(study, workdir, tracking_uri)
-        report.uris.add(uri)
         try:
             check_sqlite_writable(uri)
             logger = _Logger(MlflowClient(tracking_uri=uri), uri, workdir, folder, study)
@@ -352,7 +351,8 @@ def publish(
             if all(logger.state["jobs"].get(p.stem) == _digest(p) for p in jobs) and (
                 logger.state.get("closed") == study_status(study) or study_status(study) not in TERMINAL
             ):
-                continue  # nothing new in this invocation
+                continue  # nothing new in this invocation (its store is not named in the report)
+            report.uris.add(uri)
             exp_id = logger.experiment()
             report.experiments[uri] = exp_id
             parent_id = logger.parent_run(exp_id)
@@ -364,6 +364,7 @@ def publish(
             else:
                 report.logged += logger.close_parent(parent_id)
         except Exception as e:  # noqa: BLE001  (any store failure leaves the records pending)
+            report.uris.add(uri)
             first = str(e).splitlines()[0] if str(e) else ""
             if not isinstance(e, TrackingError) and len(first) > 200:  # MLflow's own: a retry trace
                 first = first[:200] + "…"

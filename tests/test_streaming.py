@@ -92,11 +92,12 @@ def streamed_store(
     return report
 
 
-def smallest_memory_gb(tmp_path, layout="dense", candidates=None) -> float:
+def smallest_memory_gb(tmp_path, layout="dense", candidates=None, ways=None) -> float:
     """The smallest similarity.memory_gb the streamer accepts, as its error names it."""
     extraction, train, queries, gt = setup()
     with pytest.raises(ConfigError, match=r"config key similarity\.memory_gb: 1e-15 GB cannot hold") as e:
-        streamed_store(extraction, train, queries, gt, tmp_path / "refused.h5", layout, candidates, memory_gb=1e-15)
+        path = tmp_path / "refused.h5"
+        streamed_store(extraction, train, queries, gt, path, layout, candidates, memory_gb=1e-15, ways=ways)
     assert not (tmp_path / "refused.h5").exists() and not (tmp_path / ".refused.h5.partial").exists()
     return float(re.search(r"the smallest value that works is (\S+)$", str(e.value)).group(1))
 
@@ -279,6 +280,21 @@ def test_a_budget_below_one_unit_names_the_key_and_the_smallest_value_that_works
     assert report.n_units > 1  # it holds one unit at a time
     with pytest.raises(ConfigError, match="similarity.memory_gb"):
         streamed_store(extraction, train, queries, gt, tmp_path / "t.h5", layout, cand, memory_gb=smallest / 2)
+
+
+def test_candidate_units_are_sized_in_the_ways_they_are_held(tmp_path):
+    """A budget below one query's materialised gradient but above its factored form runs factored
+    (the published profile on a 1 B model: 4.7 GB a query materialised, memory_gb 4)."""
+    extraction, train, queries, gt = setup()
+    cand = candidates_of(gt)
+    factored = smallest_memory_gb(tmp_path, "candidates", cand, ways=FACTORED)
+    assert factored < smallest_memory_gb(tmp_path, "candidates", cand, ways=MATERIALISED)
+    report = streamed_store(
+        extraction, train, queries, gt, tmp_path / "s.h5", "candidates", cand, memory_gb=factored, ways=FACTORED
+    )
+    assert report.n_units == N_QUERY  # one query a unit
+    want = cached_store(extraction, train, queries, gt, tmp_path / "cached.h5", candidates=cand)
+    np.testing.assert_allclose(load_similarity(tmp_path / "s.h5").scores(), want.scores(), atol=1e-6)
 
 
 def test_more_shards_than_training_examples_is_refused_before_writing(tmp_path):

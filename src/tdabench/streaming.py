@@ -295,18 +295,19 @@ class Streamer:
         if n_q != len(queries):
             raise ValueError(f"candidates has {n_q} rows for {len(queries)} queries")
         mine = (candidates >= t_rows.start) & (candidates < t_rows.stop)  # [Q, b] pairs of this shard
-        # Units of queries held at once, as many as the budget holds (sized as materialised
-        # gradients, an upper bound); the union of a unit's candidates in this shard then streams
-        # past once, shortest first: each distinct training example is computed once per unit, for
-        # every query of the unit that holds it.
-        per_query = bytes_per_sample(self.extraction, dict.fromkeys(self.names, MATERIALISED), tokens)
-        check_budget(self.spec.memory_gb, per_query, "one query's gradient")
+        # Units of queries held at once, as many as the budget holds in the ways planned for them;
+        # the union of a unit's candidates in this shard then streams past once, shortest first:
+        # each distinct training example is computed once per unit, for every query that holds it.
+        # Ways are planned for the pairs per sample of one unit holding every query.
+        distinct = len(np.unique(candidates[mine]))
+        ways = self._plan(tokens, (int(mine.sum()) + n_q + distinct) / (n_q + distinct))  # pairs and norms
+        per_query = bytes_per_sample(self.extraction, ways, tokens)
+        check_budget(self.spec.memory_gb, per_query, "one query's representation")
         per_unit = max(1, int(self.spec.memory_gb * 1e9 // per_query))
         units = [(q0, min(q0 + per_unit, n_q)) for q0 in range(0, n_q, per_unit)]
         needed = [np.unique(candidates[q0:q1][mine[q0:q1]]) for q0, q1 in units]  # training rows, once each
         samples = n_q + sum(len(t) for t in needed)
         pairs = int(mine.sum()) + samples  # cross pairs plus every sample's norm
-        ways = self._plan(tokens, pairs / max(samples, 1))
         report = StreamReport(ways=ways, tokens=tokens, pairs_per_sample=pairs / max(samples, 1), n_units=len(units))
         _start(progress, len(units))
         with SimilarityWriter(out, make_header(ways), len(units), dtype) as writer:

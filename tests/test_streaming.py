@@ -3,6 +3,7 @@ both layouts, factored and materialised, sharded and merged, and resumed after a
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -90,6 +91,27 @@ def streamed_store(
         if ways is not None:
             s.plan_ways = real
     return report
+
+
+SETTINGS = {"a": np.array([0, 2, 3, 6]), "b": np.array([1, 4, 5])}  # two settings' rows, interleaved
+
+
+def settings_stores(extraction, train, queries, gt, paths, layout="dense", candidates=None, memory_gb=1.0):
+    """Both settings' stores (`paths`: setting -> file) written by one pass (`write_all`)."""
+    ids = [f"queries{i}" for i in range(len(queries))]
+    producer = StreamProducer(extraction, 0, StreamSpec(layout, memory_gb), queries, train, ids)
+    train_ids = [f"train{i}" for i in range(len(train))]
+    targets = [
+        Target(
+            [ids[r] for r in rows],
+            train_ids,
+            gt[rows],
+            None if candidates is None else candidates[rows],
+            {"setting": s},
+        )
+        for s, rows in SETTINGS.items()
+    ]
+    return producer.write_all([paths[s] for s in SETTINGS], targets)
 
 
 def smallest_memory_gb(tmp_path, layout="dense", candidates=None, ways=None) -> float:
@@ -184,7 +206,7 @@ def test_shards_merge_to_the_unsharded_store(tmp_path, layout):
 
 
 KILL = """
-import os, sys
+import os, signal, sys
 sys.path.insert(0, {tests!r})
 import numpy as np
 import test_streaming as t
@@ -193,43 +215,80 @@ calls = {{"n": 0}}
 real = s.SimilarityWriter.write
 def write(self, unit, *a, **k):
     if calls["n"] == {kill_after}:
-        os._exit(17)  # killed between two units
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 between two writes
     calls["n"] += 1
     real(self, unit, *a, **k)
 s.SimilarityWriter.write = write
-extraction, train, queries, gt = t.setup()
-cand = t.candidates_of(gt) if {layout!r} == "candidates" else None
-r = t.streamed_store(extraction, train, queries, gt, {path!r}, {layout!r}, cand, memory_gb={memory_gb})
+def run(path):  # both settings' stores from one pass
+    extraction, train, queries, gt = t.setup()
+    cand = t.candidates_of(gt) if {layout!r} == "candidates" else None
+    paths = {{name: f"{{path}}-{{name}}.h5" for name in t.SETTINGS}}
+    return t.settings_stores(extraction, train, queries, gt, paths, {layout!r}, cand, memory_gb={memory_gb})
+r = run({path!r})
 print("resumed", r.units_resumed, "of", r.n_units)
 if {straight!r}:  # then the uninterrupted run, in this process too (the same thread count)
-    extraction, train, queries, gt = t.setup()
-    t.streamed_store(extraction, train, queries, gt, {straight!r}, {layout!r}, cand, memory_gb={memory_gb})
+    run({straight!r})
 """
 
 
 @pytest.mark.parametrize("layout", ["dense", "candidates"])
 @pytest.mark.slow
-def test_a_killed_stream_resumes_to_the_same_file_contents(tmp_path, layout):
+def test_a_killed_pass_resumes_to_the_same_file_contents(tmp_path, layout):
+    """Two settings' stores from one pass, killed (-9) between the two stores' writes of one unit:
+    the rerun redoes that unit for the store that lacks it and ends with the files of a run that
+    was never killed."""
     cand = candidates_of(setup()[3]) if layout == "candidates" else None
-    memory_gb = smallest_memory_gb(tmp_path, layout, cand)  # one batch per chunk: several units
-    path = tmp_path / "resumed.h5"
+    memory_gb = smallest_memory_gb(tmp_path, layout, cand)  # one batch (query) per unit: several units
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     tests = os.path.dirname(__file__)
     # The uninterrupted run in a fresh process too (after the resumed one): this one's torch thread
     # count may have been changed by other tests, and float32 kernels round by thread count.
-    args = {"tests": tests, "path": str(path), "layout": layout, "memory_gb": memory_gb}
-    script = KILL.format(**args, kill_after=1, straight="")
+    args = {"tests": tests, "path": str(tmp_path / "resumed"), "layout": layout, "memory_gb": memory_gb}
+    names = [f"-{n}.h5" for n in SETTINGS]
+    # killed after unit 0 of both stores and unit 1 of the first
+    script = KILL.format(**args, kill_after=3, straight="")
     killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
-    assert killed.returncode == 17, killed.stderr
-    assert not path.exists() and (tmp_path / ".resumed.h5.partial").exists()
-    script = KILL.format(**args, kill_after=-1, straight=str(tmp_path / "straight.h5"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    for n in names:
+        assert not (tmp_path / f"resumed{n}").exists() and (tmp_path / f".resumed{n}.partial").exists()
+    script = KILL.format(**args, kill_after=-1, straight=str(tmp_path / "straight"))
     resumed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed 1 of" in resumed.stdout
-    a, b = load_similarity(path), load_similarity(tmp_path / "straight.h5")
-    for name in ("dot", "query_sqnorm", "train_sqnorm"):
-        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
-    assert not (tmp_path / ".resumed.h5.partial").exists()
+    assert "resumed 1 of" in resumed.stdout  # units done in both stores; the half-done one is redone
+    for n in names:
+        a, b = load_similarity(tmp_path / f"resumed{n}"), load_similarity(tmp_path / f"straight{n}")
+        for name in ("dot", "query_sqnorm", "train_sqnorm"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+        assert a.query_ids == b.query_ids and not (tmp_path / f".resumed{n}.partial").exists()
+
+
+@pytest.mark.parametrize("layout", ["dense", "candidates"])
+def test_one_pass_writes_each_settings_store_as_its_own_pass_would(tmp_path, layout):
+    """Two settings in one pass: each store is the one a pass of its own writes (dense: bit for
+    bit), while the training examples go through the model once for both instead of once per
+    setting."""
+    extraction, train, queries, gt = setup()
+    cand = candidates_of(gt) if layout == "candidates" else None
+    paths = {s: tmp_path / f"{s}.h5" for s in SETTINGS}
+    both = settings_stores(extraction, train, queries, gt, paths, layout, cand)
+    ids, train_ids = [f"queries{i}" for i in range(N_QUERY)], [f"train{i}" for i in range(N_TRAIN)]
+    alone_computed = 0
+    for s, rows in SETTINGS.items():
+        producer = StreamProducer(extraction, 0, StreamSpec(layout, 1.0), queries, train, ids)
+        c = None if cand is None else cand[rows]
+        target = Target([ids[r] for r in rows], train_ids, gt[rows], c, {"setting": s})
+        alone_computed += producer.write(tmp_path / f"{s}-alone.h5", target).samples_computed
+        got, want = load_similarity(paths[s]), load_similarity(tmp_path / f"{s}-alone.h5")
+        assert got.query_ids == want.query_ids == [ids[r] for r in rows] and got.attrs["setting"] == s
+        assert got.component_way == want.component_way
+        if layout == "dense":  # the same batches of the query table and of the training examples
+            for name in ("dot", "query_sqnorm", "train_sqnorm"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+        else:  # a candidate is batched with the other candidates of its unit: float32 last bits
+            np.testing.assert_array_equal(got.candidates, want.candidates)
+            assert_same_numbers(got, want, rtol=1e-6)
+            assert ((got.train_sqnorm == 0) == (want.train_sqnorm == 0)).all()  # only its own candidates' norms
+    assert both.n_units == 1 and both.samples_computed < alone_computed
 
 
 def test_factored_components_come_back_as_inputs_and_output_gradients():
@@ -261,7 +320,8 @@ def test_a_settings_queries_streamed_from_the_whole_table_match_the_cached_store
         ids = [f"queries{i}" for i in rows]
         build_similarity(t, q, ids, [f"train{i}" for i in gt[rows]], tmp_path / "subset.h5", "s")
     want = load_similarity(tmp_path / "subset.h5")
-    producer = StreamProducer(extraction, 0, StreamSpec("dense", 1.0), queries, train, rows)
+    ids = [f"queries{i}" for i in range(N_QUERY)]
+    producer = StreamProducer(extraction, 0, StreamSpec("dense", 1.0), queries, train, ids)
     target = Target([f"queries{i}" for i in rows], [f"train{i}" for i in range(N_TRAIN)], gt[rows])
     producer.write(tmp_path / "s.h5", target)
     got = load_similarity(tmp_path / "s.h5")

@@ -358,7 +358,7 @@ def test_the_published_profile_plans_offline(study):
     or projected: the candidate sets are computed once and the stores streamed, exact."""
     root, _ = study
     stats = planned(root, "--configfile", "config/studies/lima.yaml")
-    assert stats["bm25_candidates"] == 1 and stats["similarity_stream"] == 2 and stats["similarity_merge"] == 2
+    assert stats["bm25_candidates"] == 1 and stats["similarity_stream"] == 1 and stats["similarity_merge"] == 2
     assert not {"gradients", "pretrain", "finetune", "projection", "project_selected", "similarity"} & set(stats)
 
 
@@ -538,18 +538,19 @@ def test_auto_streams_when_the_cache_would_not_fit_and_nothing_then_builds_it(st
         "projection": {**MICRO["projection"], "methods": []},
     }
     stats = planned_with(root, cfg)
-    assert stats["similarity_stream"] == 2 and stats["similarity_merge"] == 2
+    assert stats["similarity_stream"] == 1 and stats["similarity_merge"] == 2  # one pass for both settings
     assert not {"gradients", "projection", "project_selected"} & set(stats)
     # The same with room for the cache: auto keeps the cached path (nothing of it to redo)
     assert "similarity_stream" not in planned_with(root, {**cfg, "gradients": MICRO["gradients"]})
 
 
 def test_streamed_similarity_in_shards_gives_the_cached_stores(study):
-    """similarity.source stream: two training shards per setting, merged; no gradient job reruns,
-    and the store equals the cached one (the same batches, the same count sketches) and says where
-    it came from (the summary prints that line: test_first_run_builds_every_output). One setting's
-    store is built: the other's jobs are the same code on other queries, and the analysis
-    downstream of a store does not care which producer wrote it."""
+    """similarity.source stream: two training shards, each one pass writing both settings' parts,
+    merged per setting; no gradient job reruns, and the store equals the cached one (the same
+    batches, the same count sketches) and says where it came from (the summary prints that line:
+    test_first_run_builds_every_output). One setting's store is merged: the other's merge is the
+    same code on its parts, and the analysis downstream of a store does not care which producer
+    wrote it."""
     from tdabench.similarity import load_similarity, read_provenance
 
     root, _ = study
@@ -560,7 +561,7 @@ def test_streamed_similarity_in_shards_gives_the_cached_stores(study):
     write_config(root, cfg)
     try:
         stats = planned(root)
-        assert stats["similarity_stream"] == 4 and stats["similarity_merge"] == 2  # both settings
+        assert stats["similarity_stream"] == 2 and stats["similarity_merge"] == 2  # a pass per shard: both settings
         assert not {"gradients", "pretrain", "finetune", "similarity"} & set(stats)
         r = snakemake(root, store)
         built = job_stats(r.stdout + r.stderr)
@@ -574,6 +575,7 @@ def test_streamed_similarity_in_shards_gives_the_cached_stores(study):
     for c in range(len(got.components)):
         assert abs(got.scores([c]) - cached.scores([c])).max() < 1e-9
     assert (root / "results/similarity/paraphrased/part-1.h5").exists()
+    assert (root / "results/similarity/model_generated/part-1.h5").exists()  # the same passes wrote it
     assert "streamed from the model" in read_provenance(root / store)
     assert "from the gradient cache" in read_provenance(root / "results/similarity/model_generated.h5")
 

@@ -130,6 +130,7 @@ class SimilarityParams:
 @dataclass(frozen=True)
 class StreamParams:
     model: str = given()
+    settings: tuple[str, ...] = key("dataset.settings")  # one pass writes every setting's part
     # gradients' keys, capped by similarity's own max_component_dim (null: exact), so the cache
     # may be sketched while the streamed store is exact
     extraction: ExtractionConfig = section("gradients", max_component_dim="similarity.max_component_dim")

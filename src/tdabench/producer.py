@@ -6,6 +6,7 @@ storage dtype); a `SimilarityProducer` adds the component columns it knows and t
 computes, through a `SimilarityWriter`. Two exist: `tdabench.cached.CacheProducer` (from stored
 gradients) and `tdabench.streaming.StreamProducer` (straight from the model). A new one (random
 projections, say) subclasses `SimilarityProducer`; every reader of the store works unchanged.
+`write_all` writes several targets; the stream writes them in one pass.
 """
 
 from __future__ import annotations
@@ -75,3 +76,13 @@ class SimilarityProducer(ABC):
     def write(self, out: str | Path, target: Target, progress=None) -> Report:
         """Write the store `target` to `out` (sealed; resumable where the producer allows).
         progress: optional, with `update(n)` (and `set_total(n)`)."""
+
+    def write_all(self, outs: Sequence[str | Path], targets: Sequence[Target], progress=None) -> Report:
+        """Several stores (a study's settings), each to its own file; a producer that can share
+        work between them (the stream's pass over the training examples) overrides this."""
+        reports = [self.write(o, t, progress) for o, t in zip(outs, targets, strict=True)]
+        return Report(
+            n_units=sum(r.n_units for r in reports),
+            units_resumed=sum(r.units_resumed for r in reports),
+            seconds=sum(r.seconds for r in reports),
+        )

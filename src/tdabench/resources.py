@@ -225,12 +225,13 @@ def estimate(rule: str, config: dict, rows: int, attempt: int = 1) -> dict[str, 
     elif rule == "gradients":  # weights + a load copy + count-sketch hashes (5 B a weight) + batch outputs
         mem = 16 * p + 3 * grads["batch_size"] * stored_dims(size, grads["max_component_dim"]) * 4
         flops = 6 * p * tokens * 2  # + the self-check loop and the per-sample products
-    elif rule == "similarity_stream":  # rows: training examples; queries about as many
+    elif rule == "similarity_stream":  # rows: training examples; each setting about as many queries
         sim = config["similarity"]
-        held = rows * stored_dims(size, sim["max_component_dim"]) * 4  # every query's gradient
+        n_queries = rows * len(config["dataset"]["settings"])  # one pass holds every setting's queries
+        held = n_queries * stored_dims(size, sim["max_component_dim"]) * 4  # every query's gradient
         chunks = max(1, math.ceil(held / (sim["memory_gb"] * 1e9)))
-        mem = 16 * p + min(held, sim["memory_gb"] * 1e9) + 3 * grads["batch_size"] * held / max(rows, 1)
-        flops = 6 * p * (rows + chunks * rows / sim["shards"]) * length * 2
+        mem = 16 * p + min(held, sim["memory_gb"] * 1e9) + 3 * grads["batch_size"] * held / max(n_queries, 1)
+        flops = 6 * p * (n_queries + chunks * rows / sim["shards"]) * length * 2
     elif rule == "costs":
         n = config["evaluation"]["cost_samples"]
         variants = 4 + len(config["projection"]["methods"]) * len(config["projection"]["dims"])

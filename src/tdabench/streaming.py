@@ -14,6 +14,10 @@ Each component is represented one of two ways (tdabench.representation), chosen 
 gradient, or count sketch) or factored (`Factors`: a linear layer's inputs and output gradients,
 never forming the d_out x d_in gradient). Dot products accumulate in float64 either way.
 
+One pass writes several stores (`Sink`s: a study's settings, each its own file): every training
+gradient it computes is dotted with the queries of all of them, so the settings share one pass
+over the training examples instead of one each.
+
 `StreamProducer` is this module's `SimilarityProducer` (tdabench.producer); `Streamer` is the
 engine it runs.
 
@@ -25,11 +29,12 @@ are written by shard 0 only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +61,20 @@ class StreamSpec:
     memory_gb: float  # representations held at once: a dense chunk of queries, a candidate unit
     shard: int = 0  # this job's training shard (0-based) ...
     shards: int = 1  # ... of this many near-equal contiguous shards
+
+
+@dataclass(frozen=True)
+class Sink:
+    """One store a pass writes: its queries as increasing rows of the query table, their candidates
+    [Q, b] (candidate layout; None: dense), its header once the ways are planned, its storage dtype.
+    The sinks of one pass hold disjoint queries (a study's settings); every training gradient the
+    pass computes serves all of them."""
+
+    out: str | Path
+    make_header: Callable[[dict[str, str]], Header]
+    query_rows: np.ndarray
+    candidates: np.ndarray | None = None
+    dtype: str = "float64"
 
 
 @dataclass(kw_only=True)
@@ -170,28 +189,31 @@ class Streamer:
             yield rows, self.extraction.represent(batch, out=out, factored=self.factored, on_device=self.on_device)
 
     def run(
-        self,
-        queries: Sequence[Encoded],
-        train: Sequence[Encoded],
-        out: str | Path,
-        make_header,
-        candidates: np.ndarray | None = None,
-        progress=None,
-        query_rows: np.ndarray | None = None,
-        dtype: str = "float64",
+        self, queries: Sequence[Encoded], train: Sequence[Encoded], sinks: Sequence[Sink], progress=None
     ) -> StreamReport:
-        """Stream the store of `queries` x `train` (or their `candidates` [Q, b]) into `out`.
+        """Stream every sink's store of its queries x `train` (or their candidates) in one pass:
+        each training gradient is computed once per unit and dotted with the queries of every
+        sink (a study's settings share their training gradients).
 
-        make_header(ways) -> Header (the components' ways are only known once planned here).
-        query_rows: the store's queries as increasing rows of `queries` (default: all); the dense
-        layout batches the whole of `queries` as a gradients job does and keeps these rows.
-        dtype: storage dtype of the store.
+        queries: the whole query table; the dense layout batches it as a gradients job does and
+        keeps the sinks' rows.
         """
-        query_rows = np.arange(len(queries)) if query_rows is None else np.asarray(query_rows, dtype=np.int64)
-        if len(query_rows) and (np.diff(query_rows) <= 0).any():
+        sinks = list(sinks)
+        if not sinks:
+            raise ValueError("a pass needs at least one store to write")
+        rows = [np.asarray(s.query_rows, dtype=np.int64) for s in sinks]
+        if any(len(r) and (np.diff(r) <= 0).any() for r in rows):
             raise ValueError("query_rows must be increasing")
-        if (candidates is None) != (self.spec.layout == "dense"):
-            raise ValueError(f"layout {self.spec.layout!r} with candidates={'none' if candidates is None else 'given'}")
+        union = np.sort(np.concatenate(rows))
+        if (np.diff(union) == 0).any():
+            raise ValueError("the stores of one pass must hold disjoint queries")
+        dense = self.spec.layout == "dense"
+        for s in sinks:
+            if (s.candidates is None) != dense:
+                raise ValueError(
+                    f"layout {self.spec.layout!r} with candidates={'none' if s.candidates is None else 'given'}"
+                )
+        at = [np.searchsorted(union, r) for r in rows]  # each sink's queries: positions in the union
         start = time.perf_counter()
         t_rows = shard_rows(len(train), self.spec.shard, self.spec.shards)
         if t_rows.stop == t_rows.start:
@@ -199,22 +221,56 @@ class Streamer:
                 f"config key similarity.shards: shard {self.spec.shard} of {self.spec.shards} holds no training "
                 f"example ({len(train)} in all); use at most {len(train)} shards"
             )
-        lengths = [len(queries[r].input_ids) for r in query_rows] + [len(e.input_ids) for e in train[t_rows]]
+        lengths = [len(queries[r].input_ids) for r in union] + [len(e.input_ids) for e in train[t_rows]]
         tokens = float(np.mean(lengths)) if lengths else 1.0
-        if candidates is None:
-            report = self._dense(queries, query_rows, train, t_rows, tokens, out, make_header, progress, dtype)
+        if dense:
+            report = self._dense(queries, union, train, t_rows, tokens, sinks, at, progress)
         else:
-            chosen = [queries[r] for r in query_rows]
-            report = self._candidates(chosen, train, t_rows, candidates, tokens, out, make_header, progress, dtype)
+            candidates = self._joined_candidates(sinks, rows, at, len(union))
+            chosen = [queries[r] for r in union]
+            report = self._candidates(chosen, train, t_rows, candidates, tokens, sinks, at, progress)
         report.seconds = time.perf_counter() - start
         return report
+
+    @staticmethod
+    def _joined_candidates(sinks: Sequence[Sink], rows, at, n: int) -> np.ndarray:
+        """The sinks' candidates [Q_s, b] as one [n, b] in union order."""
+        widths = {s.candidates.shape[1] for s in sinks if s.candidates.ndim == 2}
+        for s, r in zip(sinks, rows):
+            if s.candidates.ndim != 2 or s.candidates.shape[0] != len(r):
+                raise ValueError(f"candidates has shape {s.candidates.shape} for {len(r)} queries")
+        if len(widths) != 1:
+            raise ValueError(f"the stores of one pass need one candidate count b, not {sorted(widths)}")
+        joined = np.empty((n, widths.pop()), dtype=np.int64)
+        for s, a in zip(sinks, at):
+            joined[a] = s.candidates
+        return joined
+
+    @contextlib.contextmanager
+    def _writers(self, sinks: Sequence[Sink], ways: dict[str, str], n_units: int):
+        """Every sink's writer (resumable), with the units each had done when opened."""
+        with contextlib.ExitStack() as stack:
+            writers = [
+                stack.enter_context(SimilarityWriter(s.out, s.make_header(ways), n_units, s.dtype)) for s in sinks
+            ]
+            yield writers, [w.done for w in writers]
+
+    @staticmethod
+    def _in_unit(at: np.ndarray, q0: int, q1: int) -> tuple[slice, np.ndarray]:
+        """A sink's queries among union positions [q0, q1): its store rows and their positions in the unit."""
+        s0, s1 = (int(i) for i in np.searchsorted(at, [q0, q1]))
+        return slice(s0, s1), at[s0:s1] - q0
 
     def _plan(self, tokens: float, pairs_per_sample: float) -> dict[str, str]:
         ways = plan_ways(self.extraction, tokens, pairs_per_sample)
         self.factored = [n for n, w in ways.items() if w == FACTORED]
+        counts = Counter(ways.values())
+        log.info("ways (tdabench.factored.choose): %s", ", ".join(f"{w} {n}" for w, n in sorted(counts.items())))
+        for name, way in ways.items():
+            log.debug("  %s: %s", name, way)
         return ways
 
-    def _dense(self, queries, query_rows, train, t_rows, tokens, out, make_header, progress, dtype) -> StreamReport:
+    def _dense(self, queries, query_rows, train, t_rows, tokens, sinks, at, progress) -> StreamReport:
         n_t, bs = t_rows.stop - t_rows.start, self.extraction.cfg.batch_size
         # Query batches as a gradients job batches the whole query table (so the per-sample
         # gradients, and the store, agree with the cached path's); those holding none are skipped.
@@ -223,7 +279,7 @@ class Streamer:
             for rows in iter_batches(len(queries), bs)
         ]
         batches = [(rows, mine) for rows, mine in batches if len(mine)]
-        position = {int(r): i for i, r in enumerate(query_rows)}  # table row -> store query index
+        position = {int(r): i for i, r in enumerate(query_rows)}  # table row -> position among the pass' queries
         # Whole batches per chunk, as many as the budget holds (at least one); the size is that of
         # materialised representations (an upper bound), the ways then follow from the pairs.
         per_query = bytes_per_sample(self.extraction, dict.fromkeys(self.names, MATERIALISED), tokens)
@@ -236,29 +292,33 @@ class Streamer:
         ways = self._plan(tokens, pps)
         report = StreamReport(ways=ways, tokens=tokens, pairs_per_sample=pps, n_units=len(chunks), chunk_queries=chunk)
         _start(progress, len(chunks))
-        with SimilarityWriter(out, make_header(ways), len(chunks), dtype) as writer:
-            done = writer.done
-            report.units_resumed = int(done.sum())
+        with self._writers(sinks, ways, len(chunks)) as (writers, done):
+            report.units_resumed = int(np.logical_and.reduce(done).sum())
             for u, part in enumerate(chunks):
-                if done[u]:
+                if all(d[u] for d in done):
                     _tick(progress)
                     continue
                 q0 = position[int(part[0][1][0])]
-                q1 = position[int(part[-1][1][-1])] + 1  # the chunk's queries: store rows [q0, q1)
+                q1 = position[int(part[-1][1][-1])] + 1  # the chunk's queries: positions [q0, q1)
                 held = self._hold(queries, part, position, q0, q1)  # {component: [chunk, ...]}
                 report.samples_computed += sum(rows.stop - rows.start for rows, _ in part) + n_t
                 q_sq = np.stack([held[n].self_dots().cpu().numpy() for n in self.names])  # [C, chunk]
                 t_sq, dot = self._pass(held, train[t_rows])
                 del held  # before the next chunk is held: one chunk at a time
-                writer.write(
-                    u,
-                    slice(q0, q1),
-                    dot,
-                    columns=t_rows,
-                    query_sqnorm=q_sq if self.spec.shard == 0 else None,
-                    train_rows=t_rows,
-                    train_sqnorm=t_sq,
-                )
+                for writer, d, a in zip(writers, done, at):
+                    if d[u]:
+                        continue
+                    rows, local = self._in_unit(a, q0, q1)
+                    has = len(local) > 0
+                    writer.write(
+                        u,
+                        rows,
+                        dot[:, local] if has else None,
+                        columns=t_rows,
+                        query_sqnorm=q_sq[:, local] if has and self.spec.shard == 0 else None,
+                        train_rows=t_rows,
+                        train_sqnorm=t_sq,
+                    )
                 _tick(progress)
         return report
 
@@ -288,9 +348,7 @@ class Streamer:
             del reps  # before the next batch's are made: one batch of gradients at a time
         return {n: held[n].result() for n in self.names}
 
-    def _candidates(
-        self, queries, train, t_rows, candidates, tokens, out, make_header, progress, dtype
-    ) -> StreamReport:
+    def _candidates(self, queries, train, t_rows, candidates, tokens, sinks, at, progress) -> StreamReport:
         n_q, b = candidates.shape
         if n_q != len(queries):
             raise ValueError(f"candidates has {n_q} rows for {len(queries)} queries")
@@ -310,11 +368,10 @@ class Streamer:
         pairs = int(mine.sum()) + samples  # cross pairs plus every sample's norm
         report = StreamReport(ways=ways, tokens=tokens, pairs_per_sample=pairs / max(samples, 1), n_units=len(units))
         _start(progress, len(units))
-        with SimilarityWriter(out, make_header(ways), len(units), dtype) as writer:
-            done = writer.done
-            report.units_resumed = int(done.sum())
+        with self._writers(sinks, ways, len(units)) as (writers, done):
+            report.units_resumed = int(np.logical_and.reduce(done).sum())
             for u, (q0, q1) in enumerate(units):
-                if done[u]:
+                if all(d[u] for d in done):
                     _tick(progress)
                     continue
                 nq, cand, ok, need = q1 - q0, candidates[q0:q1], mine[q0:q1], needed[u]
@@ -327,13 +384,13 @@ class Streamer:
                 column = np.empty(len(need), dtype=np.int64)
                 column[order] = np.arange(len(need))  # position of need[i] in the length order
                 qi, ji = np.nonzero(ok)
-                at = column[np.searchsorted(need, cand[qi, ji])]  # [P] the pair's example, in order
+                at_pair = column[np.searchsorted(need, cand[qi, ji])]  # [P] the pair's example, in order
                 t_sq = np.zeros((len(self.names), len(need)))  # in `need`'s (increasing) order
                 dot = np.zeros((len(self.names), nq, b))  # [C, unit queries, b]
                 for rows, reps in self.represent([train[t] for t in need[order]], reuse=True):
-                    sel = (at >= rows.start) & (at < rows.stop)
+                    sel = (at_pair >= rows.start) & (at_pair < rows.stop)
                     ia = torch.as_tensor(qi[sel], device=self.device)
-                    ib = torch.as_tensor(at[sel] - rows.start, device=self.device)
+                    ib = torch.as_tensor(at_pair[sel] - rows.start, device=self.device)
                     for ci, n in enumerate(self.names):
                         t = reps[n].double()  # converted once, used for its norms and its pairs
                         t_sq[ci, order[rows]] = t.self_dots().cpu().numpy()
@@ -341,24 +398,32 @@ class Streamer:
                             dot[ci, qi[sel], ji[sel]] = held[n].aligned(ia, t, ib).cpu().numpy()
                 del held
                 report.samples_computed += nq + len(need)
-                writer.write(
-                    u,
-                    slice(q0, q1),
-                    dot,
-                    query_sqnorm=q_sq if self.spec.shard == 0 else None,
-                    train_rows=need if len(need) else None,
-                    train_sqnorm=t_sq if len(need) else None,
-                )
+                for writer, d, a in zip(writers, done, at):
+                    if d[u]:
+                        continue
+                    rows, local = self._in_unit(a, q0, q1)
+                    has = len(local) > 0
+                    # the norms of this store's own candidates only: as a pass of its queries alone
+                    own = np.unique(cand[local][ok[local]]) if has else need[:0]
+                    writer.write(
+                        u,
+                        rows,
+                        dot[:, local] if has else None,
+                        query_sqnorm=q_sq[:, local] if has and self.spec.shard == 0 else None,
+                        train_rows=own if len(own) else None,
+                        train_sqnorm=t_sq[:, np.searchsorted(need, own)] if len(own) else None,
+                    )
                 _tick(progress)
         return report
 
 
 class StreamProducer(SimilarityProducer):
-    """The similarity store of `queries` x `train` streamed from the model (a `Streamer` run).
+    """Similarity stores of `queries` x `train` streamed from the model (a `Streamer` run).
 
-    queries: the whole query table, encoded; query_rows: the target's queries as increasing rows
-    of it (default: all; see `Streamer.run`). train: every training example, encoded (a shard job
-    computes `spec`'s shard of them)."""
+    queries: the whole query table, encoded, with its ids (`query_ids`; default: a target holds
+    every query, in order); a target's queries are found among them by id, in increasing rows.
+    train: every training example, encoded (a shard job computes `spec`'s shard of them).
+    `write_all` writes several targets (a study's settings) in one pass."""
 
     source = "stream"
 
@@ -369,24 +434,39 @@ class StreamProducer(SimilarityProducer):
         spec: StreamSpec,
         queries: Sequence[Encoded],
         train: Sequence[Encoded],
-        query_rows: np.ndarray | None = None,
+        query_ids: Sequence[str] | None = None,
     ):
         self.streamer = Streamer(extraction, pad_id, spec)
-        self.queries, self.train, self.query_rows = queries, train, query_rows
+        self.queries, self.train = queries, train
+        if query_ids is not None and len(query_ids) != len(queries):
+            raise ValueError(f"{len(query_ids)} query ids for {len(queries)} queries")
+        self.row_of = None if query_ids is None else {q: i for i, q in enumerate(query_ids)}
 
     def write(self, out: str | Path, target: Target, progress=None) -> StreamReport:
+        return self.write_all([out], [target], progress)
+
+    def write_all(self, outs: Sequence[str | Path], targets: Sequence[Target], progress=None) -> StreamReport:
+        """Every target's store (to the `outs` alongside) from one pass over the training examples."""
+        return self.streamer.run(
+            self.queries, self.train, [self._sink(o, t) for o, t in zip(outs, targets, strict=True)], progress
+        )
+
+    def _sink(self, out: str | Path, target: Target) -> Sink:
+        if self.row_of is None:
+            rows = np.arange(len(target.query_ids))
+            if len(rows) != len(self.queries):
+                raise ValueError(f"a target of {len(rows)} queries needs the query ids of all {len(self.queries)}")
+        else:
+            missing = [q for q in target.query_ids if q not in self.row_of]
+            if missing:
+                raise KeyError(f"query ids not in the query table: {missing[:5]}")
+            rows = np.array([self.row_of[q] for q in target.query_ids], dtype=np.int64)
         extraction = self.streamer.extraction
 
         def make_header(ways: dict[str, str]) -> Header:
-            counts = Counter(ways.values())
-            log.info("ways (tdabench.factored.choose): %s", ", ".join(f"{w} {n}" for w, n in sorted(counts.items())))
-            for name, way in ways.items():
-                log.debug("  %s: %s", name, way)
             return target.header(self.source, **component_columns(extraction, ways))
 
-        return self.streamer.run(
-            self.queries, self.train, out, make_header, target.candidates, progress, self.query_rows, target.dtype
-        )
+        return Sink(out, make_header, rows, target.candidates, target.dtype)
 
 
 def _start(progress, total: int) -> None:

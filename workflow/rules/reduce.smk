@@ -30,7 +30,7 @@ if plan.similarity_source(config) == "cache":
 else:
 
     rule similarity_stream:
-        """One training shard of a setting's similarity store, streamed straight from the model (exact, no cache)."""
+        """One training shard of every setting's similarity store, streamed straight from the model in one pass (exact, no cache)."""
         input:
             model=local(ATTRIBUTED_MODEL),
             code=stage_code("similarity_stream"),
@@ -38,11 +38,11 @@ else:
             queries=QUERY_TABLE,
             bm25_candidates=plan.store_candidates(config),
         output:
-            part="results/similarity/{setting}/part-{part}.h5",
+            parts=expand("results/similarity/{setting}/part-{{part}}.h5", setting=SETTINGS),
         log:
-            "logs/similarity/{setting}-part-{part}.log",
+            "logs/similarity/stream-part-{part}.log",
         benchmark:
-            "benchmarks/similarity/{setting}-part-{part}.tsv"
+            "benchmarks/similarity/stream-part-{part}.tsv"
         conda:
             ENV
         threads: max_threads()

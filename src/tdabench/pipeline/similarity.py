@@ -1,6 +1,7 @@
 """Stage `similarity`: per-component dot products and norms for one query setting, from the
-gradient cache (`main`) or streamed straight from the model (`main_stream`, one job per training
-shard, then `main_merge`). `similarity.source` in the config picks which (tdabench.streaming)."""
+gradient cache (`main`), or streamed straight from the model (`main_stream`: one job per training
+shard writes every setting's part in one pass, then `main_merge` per setting).
+`similarity.source` in the config picks which (tdabench.streaming)."""
 
 from __future__ import annotations
 
@@ -53,15 +54,30 @@ def main(job: JobContext, mlrun) -> None:
 
 
 def main_stream(job: JobContext, mlrun) -> None:
-    """One training shard of a setting's similarity store, streamed from the model."""
+    """One training shard of every setting's similarity store, streamed from the model in one pass:
+    each training gradient is computed once and dotted with the queries of all settings."""
     p = job.typed_params(StreamParams)
-    setting, shard = job.wildcards["setting"], int(job.wildcards["part"])
-    everything, rows = read_setting_queries(job.input["queries"], setting)
+    shard = int(job.wildcards["part"])
     train = read_train(job.input["train"])
-    gt = ground_truth(train["id"].to_list(), everything[rows]["source_id"].to_list())
-    candidates = None
-    if p.layout == "candidates":
-        candidates = store_candidates(job, setting, everything[rows]["id"].to_list(), train["id"].to_list())
+    train_ids = train["id"].to_list()
+    targets, n_queries = [], 0
+    for setting in p.settings:
+        everything, rows = read_setting_queries(job.input["queries"], setting)  # the whole table, its rows
+        queries = everything[rows]
+        candidates = None
+        if p.layout == "candidates":
+            candidates = store_candidates(job, setting, queries["id"].to_list(), train_ids)
+        attrs = {
+            "setting": setting,
+            "model_fingerprint": model_fingerprint(p.model),
+            "shard": shard,
+            "n_shards": p.shards,
+            "config_hash": job.settings_digest(),  # every setting that shapes the numbers: resume and merge check it
+            "numerics": job.numerics,
+        }
+        gt = ground_truth(train_ids, queries["source_id"].to_list())
+        targets.append(Target(queries["id"].to_list(), train_ids, gt, candidates, attrs, p.dtype))
+        n_queries += queries.height
 
     kit = open_extraction(job, mlrun, p.model, p.device, p.extraction)
     extraction = kit.extraction
@@ -71,22 +87,16 @@ def main_stream(job: JobContext, mlrun) -> None:
     check = kit.self_check(first, p.verify, p.verify_tolerance)
 
     spec = StreamSpec(p.layout, p.memory_gb, shard, p.shards)
-    attrs = {
-        "setting": setting,
-        "model_fingerprint": model_fingerprint(p.model),
-        "shard": shard,
-        "n_shards": p.shards,
-        "config_hash": job.settings_digest(),  # every setting that shapes the numbers: resume and merge check it
-        "numerics": job.numerics,
-    }
-    target = Target(everything[rows]["id"].to_list(), train["id"].to_list(), gt, candidates, attrs, p.dtype)
-    producer = StreamProducer(extraction, kit.pad_id, spec, encoded_queries, encoded_train, rows)
-    with Progress(desc=f"similarity {setting} shard {shard}", unit="units") as bar:
-        report = producer.write(job.output["part"], target, bar)
+    ids = everything["id"].to_list()
+    producer = StreamProducer(extraction, kit.pad_id, spec, encoded_queries, encoded_train, ids)
+    outs = [job.output["parts"][i] for i in range(len(p.settings))]
+    with Progress(desc=f"similarity shard {shard} ({', '.join(p.settings)})", unit="units") as bar:
+        report = producer.write_all(outs, targets, bar)
     log.info(
-        "%s layout: %d units (%d resumed), %d samples through the model, %.1f s; mean %.0f tokens, "
-        "%.1f pairs per sample%s",
+        "%s layout, %d setting(s) in one pass: %d units (%d resumed), %d samples through the model, %.1f s; "
+        "mean %.0f tokens, %.1f pairs per sample%s",
         p.layout,
+        len(p.settings),
         report.n_units,
         report.units_resumed,
         report.samples_computed,
@@ -98,7 +108,8 @@ def main_stream(job: JobContext, mlrun) -> None:
     counts = Counter(report.ways.values())
     mlrun.log_metrics(
         {
-            "n_queries": len(rows),
+            "n_queries": n_queries,
+            "n_settings": len(p.settings),
             "n_train": train.height,
             "n_components": len(report.ways),
             "n_factored": counts.get("factored", 0),
@@ -107,13 +118,13 @@ def main_stream(job: JobContext, mlrun) -> None:
             "units_resumed": report.units_resumed,
             "samples_computed": report.samples_computed,
             "seconds": report.seconds,
-            "seconds_per_query": report.seconds / max(len(rows), 1),
+            "seconds_per_query": report.seconds / max(n_queries, 1),
             "pairs_per_sample": report.pairs_per_sample,
             **(check.metrics if check else {}),
         }
     )
     mlrun.log_dict(report.ways, "component_ways.json")
-    mlrun.log_dict(file_manifest([job.output["part"]]), "manifest.json")
+    mlrun.log_dict(file_manifest(outs), "manifest.json")
 
 
 def main_merge(job: JobContext, mlrun) -> None:

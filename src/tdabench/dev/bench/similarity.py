@@ -54,13 +54,76 @@ def reference_similarity(model, names, queries, train, query_rows, candidates=No
     return out
 
 
+def worst_disagreement(sim, ref: dict, rows, candidates, n_train: int) -> float:
+    """Largest |store dot - reference dot| / (|a| |b|) over the reference's queries `rows` (store
+    row i holds query rows[i]) and their columns (every training example, or the candidates)."""
+    import numpy as np
+
+    worst = 0.0
+    for qi, q in enumerate(rows):
+        cols = range(n_train) if candidates is None else candidates[q]
+        for j, t in enumerate(cols):
+            scale = np.sqrt(np.array(ref[("q", q)]) * np.array(ref[("t", int(t))]))
+            got = sim.dot[:, qi, j if candidates is not None else t]
+            worst = max(worst, float((np.abs(got - np.array(ref[(q, int(t))])) / scale).max()))
+    return worst
+
+
+def overlap_workload(vocab: int, n_train: int, n_queries: int, length: int, b: int, topics: int, seed: int = 0):
+    """The paper's candidate overlap at reduced size -> (train, queries, candidates [Q, b], sources [Q]).
+
+    Training examples draw their prompts from one of `topics` small vocabularies (as facts about
+    one entity share words); a query paraphrases a random source's prompt (a third of its tokens
+    redrawn from the topic) and keeps its response. BM25 (lucene) over the prompts picks each
+    query's top b training examples, the source forced in (the published rule), so the sets of
+    queries on one topic overlap and each training example sits in about Q·b/N sets."""
+    import numpy as np
+
+    from tdabench.data.bm25 import bm25_scores, top_candidates
+    from tdabench.models import Encoded
+    from tdabench.sections import BM25Config
+
+    rng = np.random.default_rng(seed)
+    per_topic = min(64, (vocab - 1) // topics)
+    words = rng.choice(np.arange(1, vocab), (topics, per_topic), replace=False)  # [topics, words] disjoint
+
+    def example(topic: int, n: int):
+        prompt = rng.choice(words[topic], n // 2).tolist()
+        return prompt, rng.integers(1, vocab, n - n // 2).tolist()
+
+    topic_of = rng.integers(0, topics, n_train)
+    train_parts = [example(int(t), int(rng.integers(length // 2, length + 1))) for t in topic_of]
+    sources = rng.integers(0, n_train, n_queries)
+    query_parts = []
+    for s in sources:
+        prompt, response = train_parts[s]
+        prompt = list(prompt)
+        for i in rng.choice(len(prompt), len(prompt) // 3, replace=False):
+            prompt[i] = int(rng.choice(words[topic_of[s]]))
+        query_parts.append((prompt, response))
+
+    def encode(prompt, response):
+        return Encoded(prompt + response, [-100] * len(prompt) + response, len(prompt), False)
+
+    def text(prompt):
+        return " ".join(map(str, prompt))
+
+    cfg = BM25Config("lucene", "whitespace", "prompt")
+    scores = bm25_scores([text(p) for p, _ in query_parts], [text(p) for p, _ in train_parts], cfg)
+    candidates = top_candidates(scores, sources, b)
+    train = [encode(*parts) for parts in train_parts]
+    queries = [encode(*parts) for parts in query_parts]
+    return train, queries, candidates, sources
+
+
 def run(args) -> None:
     """Streamed similarity vs the reference loop, materialised-only and cache-then-similarity."""
     print(
         f"# tdabench.dev.bench similarity --model {args.model} --lengths {' '.join(map(str, args.lengths))} "
         f"--candidates {' '.join(map(str, args.candidates))} --queries-per-round {args.queries_per_round} "
         f"--train {args.train} --dense-queries {args.dense_queries} --dense-train {args.dense_train} "
-        f"--batch-size {args.batch_size} "
+        f"--batch-size {args.batch_size} --overlap-queries {args.overlap_queries} --overlap-train "
+        f"{args.overlap_train} --overlap-b {args.overlap_b} --overlap-topics {args.overlap_topics} "
         f"--rounds {args.rounds} --memory-gb {args.memory_gb} --max-cache-gb {args.max_cache_gb}"
     )
     print(f"# {machine()}; load average {load()} at start")
@@ -77,7 +140,7 @@ def _similarity_at(args, length: int) -> None:
     from tdabench.extraction import Extraction, ExtractionConfig
     from tdabench.factored import FACTORED, MATERIALISED
     from tdabench.store import GradientStore, GradientStoreWriter, estimate_bytes
-    from tdabench.streaming import Streamer, StreamSpec, header, plan_ways
+    from tdabench.streaming import Sink, Streamer, StreamSpec, header, plan_ways
 
     rounds, per = args.rounds, args.queries_per_round
     n_q = per * (rounds + 1)  # every round (and the warm-up) on other queries
@@ -111,13 +174,13 @@ def _similarity_at(args, length: int) -> None:
                 path = Path(tmp) / f"{layout}-{force}.h5"
                 path.unlink(missing_ok=True)
                 c = None if cand is None else cand[qr]
-                return streamer.run(
-                    [queries[i] for i in qr],
-                    pool,
+                sink = Sink(
                     path,
                     lambda w: header(extraction, w, [f"q{i}" for i in qr], ids, truth[qr], c, {}),
+                    np.arange(len(qr)),
                     c,
                 )
+                return streamer.run([queries[i] for i in qr], pool, [sink])
 
             return run
 
@@ -138,13 +201,7 @@ def _similarity_at(args, length: int) -> None:
             layout = "dense" if cand is None else "candidates"
             sim = load_similarity(Path(tmp) / f"{layout}-None.h5")
             ref = reference_similarity(model, extraction.names, queries, pool, rows, cand)
-            worst = 0.0
-            for qi, q in enumerate(rows):
-                cols = range(len(pool)) if cand is None else cand[q]
-                for j, t in enumerate(cols):
-                    scale = np.sqrt(np.array(ref[("q", q)]) * np.array(ref[("t", int(t))]))
-                    got = sim.dot[:, qi, j if cand is not None else t]
-                    worst = max(worst, float((np.abs(got - np.array(ref[(q, int(t))])) / scale).max()))
+            worst = worst_disagreement(sim, ref, rows, cand, len(pool))
             print(f"# {layout}: streamed dot products vs the reference loop's, worst |diff| / (|a| |b|) = {worst:.1e}")
 
         for b in args.candidates:
@@ -204,6 +261,57 @@ def _similarity_at(args, length: int) -> None:
             print(f"# dense: cache-then-similarity left out: its cache would take {cache / 1e9:.1f} GB")
         title = f"dense layout, {args.dense_queries} queries x {len(pool)} training examples"
         _report(title, contenders, rounds, "reference_loop")
+        if args.overlap_queries:
+            _overlap(args, length, model, extraction, Path(tmp))
+
+
+def _overlap(args, length: int, model, extraction, tmp: Path) -> None:
+    """The candidate layout with the paper's overlap: one stream over every query (in units as
+    memory_gb holds them, each distinct candidate once per unit) against the reference loop, which
+    recomputes each query's candidates for it."""
+    import numpy as np
+
+    from tdabench.similarity import load_similarity
+    from tdabench.streaming import Sink, Streamer, StreamSpec, header
+
+    b, topics = args.overlap_b, args.overlap_topics
+    train, queries, cand, sources = overlap_workload(
+        model.config.vocab_size, args.overlap_train, args.overlap_queries, length, b, topics
+    )
+    n_q, rows = len(queries), np.arange(len(queries))
+    sets = np.bincount(cand.ravel(), minlength=len(train))
+    distinct = int((sets > 0).sum())
+    print(
+        f"\n### candidate layout with the paper's overlap: {n_q} queries over {len(train)} training examples, "
+        f"b = {b}, BM25 over prompts from {topics} topics: {distinct} distinct candidates, each in "
+        f"{sets[sets > 0].mean():.1f} sets on average (the paper: about 5)"
+    )
+    path, ids, done = tmp / "overlap.h5", [f"t{i}" for i in range(len(train))], {}
+
+    def stream(r):
+        path.unlink(missing_ok=True)
+        streamer = Streamer(extraction, 0, StreamSpec("candidates", args.memory_gb))
+        make = lambda w: header(extraction, w, [f"q{i}" for i in rows], ids, sources, cand, {})  # noqa: E731
+        report = streamer.run(queries, train, [Sink(path, make, rows, cand)])
+        done.update(units=report.n_units, samples=report.samples_computed)
+
+    def reference(r):
+        return reference_similarity(model, extraction.names, queries, train, rows, cand)
+
+    stream(0)
+    check = rows[:2]
+    ref = reference_similarity(model, extraction.names, queries, train, check, cand)
+    worst = worst_disagreement(load_similarity(path), ref, check, cand, len(train))
+    print(f"# streamed dot products vs the reference loop's (queries 0, 1), worst |diff| / (|a| |b|) = {worst:.1e}")
+    print(
+        f"# samples through the model: stream {done['samples']} in {done['units']} unit(s) at memory_gb "
+        f"{args.memory_gb}; reference loop {n_q * (1 + b)}; the floor (each distinct sample once) {n_q + distinct}"
+    )
+    contenders = [
+        Contender("stream", stream, lambda r: n_q, f"memory_gb {args.memory_gb}"),
+        Contender("reference_loop", reference, lambda r: n_q, "bs=1, each query's candidates recomputed"),
+    ]
+    _report(f"paper overlap, {n_q} queries a round", contenders, args.rounds, "reference_loop")
 
 
 def _forced(streamer, way):

@@ -1,6 +1,8 @@
 """The benchmark commands run, interleave their contenders, and check peers against the loop
 (their numbers are printed, never asserted)."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -84,3 +86,18 @@ def test_counts_below_one_are_refused_before_anything_runs(capsys):
         main(["store", "--rounds", "1", "--samples", "2"])
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         interleave([Contender("a", lambda r: None, lambda r: 1)], rounds=0)
+
+
+@pytest.mark.slow
+def test_the_similarity_benchmark_agrees_with_the_loop_and_shares_candidates_at_the_papers_overlap(capsys):
+    main(
+        ["similarity", "--model", "tiny", "--lengths", "16", "--candidates", "3", "--train", "6", "--rounds", "1"]
+        + ["--overlap-queries", "12", "--overlap-train", "12", "--overlap-topics", "3", "--threads", "1"]
+    )
+    out = capsys.readouterr().out
+    worst = [float(line.rsplit("= ", 1)[1]) for line in out.splitlines() if "worst |diff|" in line]
+    assert len(worst) == 3 and max(worst) < 1e-6, out  # candidates, dense, the overlap case
+    line = next(line for line in out.splitlines() if line.startswith("# samples through the model"))
+    stream, loop, floor = (int(x) for x in re.findall(r"(?:stream|loop|once\)) (\d+)", line))
+    assert loop == 12 * (1 + 5) and stream == floor < loop  # one unit: each distinct candidate once
+    assert "\nstream " in out and "\nreference_loop " in out

@@ -291,6 +291,68 @@ def test_one_pass_writes_each_settings_store_as_its_own_pass_would(tmp_path, lay
     assert both.n_units == 1 and both.samples_computed < alone_computed
 
 
+def test_units_group_queries_that_share_candidates():
+    """Against every way of cutting 6 queries into units of 2, on 20 seeded cases: the grouping
+    computes no more candidates than the contiguous cut there, and finds the best cut when queries
+    come in twins (the published protocol: both settings query one prompt, so their BM25 sets
+    are equal)."""
+    from itertools import permutations
+
+    from tdabench.streaming import group_queries
+
+    def cost(units, cand):  # candidates computed: the distinct ones of each unit, summed
+        return sum(len(np.unique(cand[u])) for u in units)
+
+    g = np.random.default_rng(0)
+    for trial in range(20):
+        base = np.stack([g.choice(12, 3, replace=False) for _ in range(3)])
+        cand = (
+            base[g.permutation([0, 1, 2, 0, 1, 2])]
+            if trial % 2
+            else np.stack([g.choice(12, 3, replace=False) for _ in range(6)])
+        )
+        mine = np.ones_like(cand, dtype=bool)
+        units = group_queries(cand, mine, 2)
+        assert sorted(np.concatenate(units).tolist()) == list(range(6))
+        assert all(len(u) <= 2 and (np.diff(u) > 0).all() for u in units)
+        best = min(cost([list(p[i : i + 2]) for i in range(0, 6, 2)], cand) for p in permutations(range(6)))
+        contiguous = cost([[0, 1], [2, 3], [4, 5]], cand)
+        assert best <= cost(units, cand) <= contiguous
+        if trial % 2:  # twins: each unit one twin pair
+            assert cost(units, cand) == best == 9
+    assert [u.tolist() for u in group_queries(cand, mine, 6)] == [list(range(6))]
+    # candidates outside the shard do not count: with none in it, queries stay in order
+    assert [u.tolist() for u in group_queries(cand, np.zeros_like(mine), 4)] == [[0, 1, 2, 3], [4, 5]]
+
+
+def test_twin_queries_of_two_settings_share_their_units(tmp_path):
+    """Setting b's queries repeat setting a's prompts' candidate sets (as both settings query one
+    paraphrased prompt): with room for two queries a unit, each unit holds a twin pair and
+    computes its candidates once; the stores equal a pass per setting."""
+    extraction, train, queries, gt = setup()
+    cand = candidates_of(gt)
+    a, b = SETTINGS["a"][:3], SETTINGS["b"]  # 3 twin pairs: b[i] takes a[i]'s candidates
+    cand[b] = cand[a]
+    rows = np.sort(np.concatenate([a, b]))
+    one = smallest_memory_gb(tmp_path, "candidates", cand) * 1.0001
+    ids, train_ids = [f"queries{i}" for i in range(N_QUERY)], [f"train{i}" for i in range(N_TRAIN)]
+    producer = StreamProducer(extraction, 0, StreamSpec("candidates", 2 * one), queries, train, ids)
+    targets = [
+        Target([ids[r] for r in r_], train_ids, gt[r_], cand[r_], {"setting": s}) for s, r_ in (("a", a), ("b", b))
+    ]
+    report = producer.write_all([tmp_path / "a.h5", tmp_path / "b.h5"], targets)
+    assert report.n_units == 3
+    assert report.samples_computed == len(rows) + sum(len(np.unique(cand[[x, y]])) for x, y in zip(a, b))
+    for s, r_ in (("a", a), ("b", b)):
+        alone = StreamProducer(extraction, 0, StreamSpec("candidates", 1.0), queries, train, ids)
+        alone.write(
+            tmp_path / f"{s}-alone.h5", Target([ids[r] for r in r_], train_ids, gt[r_], cand[r_], {"setting": s})
+        )
+        assert_same_numbers(
+            load_similarity(tmp_path / f"{s}.h5"), load_similarity(tmp_path / f"{s}-alone.h5"), rtol=1e-6
+        )
+
+
 def test_factored_components_come_back_as_inputs_and_output_gradients():
     extraction, train, queries, gt = setup()
     batch = next(iter(extraction.batches(train, 0)))[1]

@@ -404,7 +404,7 @@ class SimilarityWriter:
     def write(
         self,
         unit: int,
-        queries: slice,
+        queries: slice | np.ndarray,
         dot: np.ndarray,
         columns: slice | np.ndarray = slice(None),
         query_sqnorm: np.ndarray | None = None,
@@ -412,13 +412,14 @@ class SimilarityWriter:
         train_sqnorm: np.ndarray | None = None,
     ) -> None:
         """Unit `unit`: dot [C, queries, columns], optional query_sqnorm [C, queries] and
-        train_sqnorm [C, train_rows] (train_rows increasing), then mark it done."""
+        train_sqnorm [C, train_rows] (queries and train_rows: slices or increasing rows), then
+        mark it done."""
         self.put(queries, dot, columns, query_sqnorm, train_rows, train_sqnorm)
         self.mark(unit)
 
     def put(
         self,
-        queries: slice,
+        queries: slice | np.ndarray,
         dot: np.ndarray | None,
         columns: slice | np.ndarray = slice(None),
         query_sqnorm: np.ndarray | None = None,

@@ -5,9 +5,9 @@ Layouts (tdabench.similarity):
 * dense — every query against every training example of this job's shard. Queries are taken in
   chunks whose representations fit `memory_gb`; the shard's training examples stream past each
   chunk once, so a chunk costs one pass over the shard (larger chunks: fewer passes).
-* candidates — each query against its candidates only. A unit is a few queries plus the union of
-  their candidates in this shard (about one batch, within `memory_gb`), computed in one batched
-  pass (a shared candidate once).
+* candidates — each query against its candidates only. A unit is as many queries as `memory_gb`
+  holds, grouped by shared candidates (`group_queries`), plus the union of their candidates in
+  this shard, computed in one batched pass (a shared candidate once).
 
 Each component is represented one of two ways (tdabench.representation), chosen once per job by
 `plan_ways` from the multiply-adds of tdabench.factored: materialised (`Dense`: its per-sample
@@ -125,6 +125,42 @@ def check_budget(memory_gb: float, need: float, what: str) -> None:
         f"config key similarity.memory_gb: {memory_gb:g} GB cannot hold {what} ({gb:.3g} GB); "
         f"the smallest value that works is {smallest:.3g}"
     )
+
+
+def group_queries(candidates: np.ndarray, mine: np.ndarray, per_unit: int) -> list[np.ndarray]:
+    """The candidate layout's queries in units of at most `per_unit`, grouped so that a unit's
+    queries share candidates (each distinct candidate is computed once per unit; two settings'
+    queries on one prompt share all b): a unit starts at the first query left and grows by the
+    query left with most of its candidates in this shard (`mine` [Q, b]) already in the unit, the
+    earliest on ties. -> per unit, its query positions, increasing."""
+    n_q = len(candidates)
+    if per_unit >= n_q:
+        return [np.arange(n_q)]
+    qi, ji = np.nonzero(mine)
+    used, column = np.unique(candidates[qi, ji], return_inverse=True)
+    incidence = np.zeros((n_q, len(used)), dtype=np.int32)  # [Q, distinct] 1: the query holds it
+    incidence[qi, column] = 1
+    left, units = np.ones(n_q, dtype=bool), []
+    while left.any():
+        unit, held = [], np.zeros(len(used), dtype=bool)
+        shared = np.zeros(n_q, dtype=np.int64)  # [Q] candidates each query shares with the unit
+        while len(unit) < per_unit and left.any():
+            q = int(np.argmax(np.where(left, shared, -1)))  # the first query left on ties
+            unit.append(q)
+            left[q] = False
+            new = incidence[q].astype(bool) & ~held
+            if new.any():
+                shared += incidence[:, new].sum(1)
+                held |= new
+        units.append(np.sort(np.array(unit, dtype=np.int64)))
+    return units
+
+
+def _as_slice(rows: np.ndarray) -> slice | np.ndarray:
+    """Consecutive rows as a slice (HDF5 writes a slice faster than a list of rows)."""
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
 
 
 def component_columns(extraction: Extraction, ways: dict[str, str]) -> dict[str, list]:
@@ -362,20 +398,20 @@ class Streamer:
         per_query = bytes_per_sample(self.extraction, ways, tokens)
         check_budget(self.spec.memory_gb, per_query, "one query's representation")
         per_unit = max(1, int(self.spec.memory_gb * 1e9 // per_query))
-        units = [(q0, min(q0 + per_unit, n_q)) for q0 in range(0, n_q, per_unit)]
-        needed = [np.unique(candidates[q0:q1][mine[q0:q1]]) for q0, q1 in units]  # training rows, once each
+        units = group_queries(candidates, mine, per_unit)  # [unit] increasing query positions
+        needed = [np.unique(candidates[q][mine[q]]) for q in units]  # training rows, once each
         samples = n_q + sum(len(t) for t in needed)
         pairs = int(mine.sum()) + samples  # cross pairs plus every sample's norm
         report = StreamReport(ways=ways, tokens=tokens, pairs_per_sample=pairs / max(samples, 1), n_units=len(units))
         _start(progress, len(units))
         with self._writers(sinks, ways, len(units)) as (writers, done):
             report.units_resumed = int(np.logical_and.reduce(done).sum())
-            for u, (q0, q1) in enumerate(units):
+            for u, unit in enumerate(units):
                 if all(d[u] for d in done):
                     _tick(progress)
                     continue
-                nq, cand, ok, need = q1 - q0, candidates[q0:q1], mine[q0:q1], needed[u]
-                parts = [reps for _, reps in self.represent(queries[q0:q1])]
+                nq, cand, ok, need = len(unit), candidates[unit], mine[unit], needed[u]
+                parts = [reps for _, reps in self.represent([queries[q] for q in unit])]
                 held = {n: concat([reps[n] for reps in parts]) for n in self.names}  # [nq, ...] each
                 del parts
                 q_sq = np.stack([held[n].self_dots().cpu().numpy() for n in self.names])  # [C, nq]
@@ -401,13 +437,14 @@ class Streamer:
                 for writer, d, a in zip(writers, done, at):
                     if d[u]:
                         continue
-                    rows, local = self._in_unit(a, q0, q1)
+                    rows = np.flatnonzero(np.isin(a, unit))  # this store's queries in the unit (increasing)
+                    local = np.searchsorted(unit, a[rows])  # ... and their places in the unit
                     has = len(local) > 0
                     # the norms of this store's own candidates only: as a pass of its queries alone
                     own = np.unique(cand[local][ok[local]]) if has else need[:0]
                     writer.write(
                         u,
-                        rows,
+                        _as_slice(rows),
                         dot[:, local] if has else None,
                         query_sqnorm=q_sq[:, local] if has and self.spec.shard == 0 else None,
                         train_rows=own if len(own) else None,

@@ -49,6 +49,19 @@ def test_cuda_without_cuda_is_an_error_naming_the_device_never_a_cpu_fallback(sp
         resolve_device(spec)
 
 
+def test_a_small_batch_does_not_shrink_the_batches_after_it():
+    """Only an out-of-memory split lowers the batch size: a unit of 2 queries (or a table's last,
+    short batch) before a batch of 5 leaves the 5 in one pass."""
+    model = tiny_llama()
+    cfg = ExtractionConfig(components=("down",), batch_size=5, max_component_dim=None, sketch_seed=0, autocast=None)
+    extraction = Extraction(model, cfg)
+    seen = memory_limit(model, max_rows=5)
+    for lengths in ([9, 5], [9, 5, 7, 8, 6]):
+        ids, mask, labels = padded_batch(lengths, [2] * len(lengths))
+        extraction({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    assert seen == [2, 5] and extraction.max_rows is None
+
+
 def test_out_of_memory_halves_the_batch_keeps_the_size_and_stays_exact(caplog):
     model = tiny_llama()
     ids, mask, labels = padded_batch([9, 5, 7, 8, 6], [3, 2, 4, 2, 3])

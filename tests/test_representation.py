@@ -46,3 +46,20 @@ def test_concat_take_and_collect_keep_rows_in_order():
         got = box.result()
         want = concat(reps).take(torch.tensor([1, 2, 4]))
         torch.testing.assert_close(got.self_dots(), want.self_dots())
+
+
+def test_dense_products_over_many_blocks_are_the_float64_products():
+    """Formed gradients wider than a block (converted to float64 block by block) give the float64
+    products of their float32 values, as a whole-row conversion would, to float64 rounding."""
+    from tdabench.representation import BLOCK
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 2 * BLOCK + 123, generator=g), torch.randn(3, 2 * BLOCK + 123, generator=g)
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    ia, ib = torch.tensor([0, 4, 4, 2]), torch.tensor([1, 0, 2, 2])
+    np.testing.assert_allclose(Dense(a).gram(Dense(b)).numpy(), a64 @ b64.T, rtol=1e-13)
+    np.testing.assert_allclose(Dense(a).self_dots().numpy(), (a64 * a64).sum(1), rtol=1e-13)
+    np.testing.assert_allclose(
+        Dense(a).aligned(ia, Dense(b), ib).numpy(), (a64[ia.numpy()] * b64[ib.numpy()]).sum(1), rtol=1e-13
+    )
+    assert Dense(a).ready().tensor is a  # formed gradients stay float32 until a product reads them

@@ -117,7 +117,10 @@ class Extraction:
             }
 
         n = batch["input_ids"].shape[0]
-        parts, self.max_rows = halving(run, n, self.max_rows or n, "per-sample gradients")
+        start = min(n, self.max_rows or n)
+        parts, rows = halving(run, n, start, "per-sample gradients")
+        if rows < start:  # split after running out of memory: later batches keep the smaller size
+            self.max_rows = rows
         return {k: Dense(out[k]) if k in out else concat([p[k] for p in parts]) for k in extractor.names}
 
     def factorable(self, names: Sequence[str] | None = None) -> list[str]:

@@ -42,6 +42,12 @@ class Representation(ABC):
         """The same numbers in float64 (converted once, reused for many products)."""
 
     @abstractmethod
+    def ready(self) -> Representation:
+        """The same numbers held as its products read them best, for a batch that takes part in
+        several products (its norms and its pairs): factors in float64, converted once; formed
+        gradients as they are (their products convert them block by block)."""
+
+    @abstractmethod
     def take(self, rows: torch.Tensor) -> Representation:
         """Samples `rows` ([k] indices) -> k samples."""
 
@@ -84,9 +90,18 @@ class Collector(ABC):
     def result(self) -> Representation: ...
 
 
+BLOCK = 16384  # columns of formed gradients converted to float64 at a time (stays in cache)
+
+
+def _blocks(dim: int) -> list[slice]:
+    return [slice(s, min(s + BLOCK, dim)) for s in range(0, dim, BLOCK)]
+
+
 @dataclass
 class Dense(Representation):
-    """Formed per-sample gradients (or their count sketches)."""
+    """Formed per-sample gradients (or their count sketches). Products run in float64 over blocks
+    of `BLOCK` columns, each converted as it is read: a product of [n, dim] float32 rows converted
+    whole would cost more memory traffic than the product itself."""
 
     tensor: torch.Tensor  # [n, dim]
 
@@ -103,18 +118,33 @@ class Dense(Representation):
     def double(self) -> Dense:
         return Dense(self.tensor.double())
 
+    def ready(self) -> Dense:
+        return self
+
     def take(self, rows: torch.Tensor) -> Dense:
         return Dense(self.tensor[rows])
 
     def self_dots(self) -> torch.Tensor:
-        r = self.tensor.double()  # [n, dim]
-        return torch.einsum("nd,nd->n", r, r)  # no [n, dim] temporary
+        t = self.tensor  # [n, dim]
+        out = torch.zeros(t.shape[0], dtype=torch.float64, device=t.device)
+        for b in _blocks(t.shape[1]):
+            r = t[:, b].double()
+            out += (r * r).sum(1)  # (a block-sized temporary: faster than einsum's reduction)
+        return out
 
     def gram(self, other: Dense) -> torch.Tensor:
-        return self.tensor.double() @ other.tensor.double().T  # [n, m]
+        a, b = self.tensor, other.tensor  # [n, dim], [m, dim]
+        out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+        for blk in _blocks(a.shape[1]):
+            out.addmm_(a[:, blk].double(), b[:, blk].double().T)
+        return out  # [n, m]
 
     def aligned(self, ia: torch.Tensor, other: Dense, ib: torch.Tensor) -> torch.Tensor:
-        return (self.tensor[ia].double() * other.tensor[ib].double()).sum(1)  # [P]
+        a, b = self.tensor, other.tensor  # [n, dim], [m, dim]
+        out = torch.zeros(len(ia), dtype=torch.float64, device=a.device)
+        for blk in _blocks(a.shape[1]):  # the pairs' rows gathered block by block: no [P, dim] copy
+            out += (a[ia, blk].double() * b[ib, blk].double()).sum(1)
+        return out  # [P]
 
     def unit_dots(self, ia: torch.Tensor, ib: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         g = self.gram(self)  # [n, n]: one matrix product, no [P, dim] copies
@@ -151,6 +181,9 @@ class Factors(Representation):
 
     def double(self) -> Factors:
         return Factors(self.x.double(), self.g.double())
+
+    def ready(self) -> Factors:
+        return self.double()
 
     def take(self, rows: torch.Tensor) -> Factors:
         return Factors(self.x[rows], self.g[rows])

@@ -48,7 +48,7 @@ from tdabench.gradients import iter_batches
 from tdabench.models import Encoded, collate
 from tdabench.plan import shard_rows
 from tdabench.producer import Report, SimilarityProducer, Target
-from tdabench.representation import Collector, Representation, concat
+from tdabench.representation import Collector, Dense, Representation, concat
 from tdabench.similarity import Header, SimilarityWriter
 
 log = logging.getLogger(__name__)
@@ -205,6 +205,7 @@ class Streamer:
         self.extraction, self.pad_id, self.spec = extraction, pad_id, spec
         self.names = extraction.names
         self.factored: list[str] = []
+        self._blocks: dict[str, torch.Tensor] | None = None  # dense: the held queries' formed gradients
         # Representations and dot products stay where the model is (a GPU's memory, then), only
         # the dot products come back to the host.
         self.device = extraction.device
@@ -336,7 +337,7 @@ class Streamer:
                     continue
                 q0 = position[int(part[0][1][0])]
                 q1 = position[int(part[-1][1][-1])] + 1  # the chunk's queries: positions [q0, q1)
-                held = self._hold(queries, part, position, q0, q1)  # {component: [chunk, ...]}
+                held = self._hold(queries, part, position, q0, q1, chunk)  # {component: [chunk, ...]}
                 report.samples_computed += sum(rows.stop - rows.start for rows, _ in part) + n_t
                 q_sq = np.stack([held[n].self_dots().cpu().numpy() for n in self.names])  # [C, chunk]
                 t_sq, dot = self._pass(held, train[t_rows])
@@ -356,6 +357,7 @@ class Streamer:
                         train_sqnorm=t_sq,
                     )
                 _tick(progress)
+        self._blocks = None
         return report
 
     def _pass(self, held: dict[str, Representation], train: Sequence[Encoded]) -> tuple[np.ndarray, np.ndarray]:
@@ -365,24 +367,40 @@ class Streamer:
         dot = np.zeros((len(self.names), n_q, len(train)))
         for rows, reps in self.represent(train, reuse=True):
             for ci, n in enumerate(self.names):
-                t = reps[n].double()  # converted once, used for norms and every query
+                t = reps[n].ready()  # factors converted once, used for norms and every query
                 t_sq[ci, rows] = t.self_dots().cpu().numpy()
                 dot[ci, :, rows] = held[n].gram(t).cpu().numpy()
         return t_sq, dot
 
-    def _hold(self, queries, part, position, q0: int, q1: int) -> dict[str, Representation]:
+    def _hold(self, queries, part, position, q0: int, q1: int, capacity: int) -> dict[str, Representation]:
         """A chunk's query representations, one per component, rows in store order [q0, q1):
-        whole table batches computed, the setting's rows kept."""
+        whole table batches computed, the pass' rows kept. On the host, formed gradients go
+        straight into blocks of `capacity` rows reused chunk after chunk (a fresh block would
+        cost a page fault per page: as much as computing the gradients, at 100 M parameters)."""
         held: dict[str, Collector] = {}
+        blocks = {}
+        if not self.on_device:
+            formed = [n for n in self.names if n not in self.factored]
+            if self._blocks is None or next(iter(self._blocks.values()), torch.empty(0)).shape[0] < capacity:
+                self._blocks = None  # (freed before the larger ones are made)
+                self._blocks = self.extraction.buffers(capacity, formed)
+            blocks = {n: self._blocks[n][: q1 - q0] for n in formed}
         for rows, mine in part:
             batch = collate(list(queries[rows]), self.pad_id)
-            reps = self.extraction.represent(batch, factored=self.factored, on_device=self.on_device)
+            at = slice(position[int(mine[0])] - q0, position[int(mine[-1])] - q0 + 1)  # consecutive
+            whole = len(mine) == rows.stop - rows.start  # every row of the batch is kept: write in place
+            out = {n: b[at] for n, b in blocks.items()} if whole else {}
+            reps = self.extraction.represent(batch, out=out, factored=self.factored, on_device=self.on_device)
             local = torch.as_tensor(mine - rows.start, device=self.device)
-            at = [position[int(r)] - q0 for r in mine]  # consecutive
             for n, r in reps.items():
-                held.setdefault(n, r.collector(q1 - q0)).add(r, local, slice(at[0], at[-1] + 1))
+                if n in out:
+                    continue
+                if n in blocks:
+                    torch.index_select(r.tensor, 0, local, out=blocks[n][at])
+                else:
+                    held.setdefault(n, r.collector(q1 - q0)).add(r, local, at)
             del reps  # before the next batch's are made: one batch of gradients at a time
-        return {n: held[n].result() for n in self.names}
+        return {n: Dense(blocks[n]) if n in blocks else held[n].result() for n in self.names}
 
     def _candidates(self, queries, train, t_rows, candidates, tokens, sinks, at, progress) -> StreamReport:
         n_q, b = candidates.shape
@@ -428,7 +446,7 @@ class Streamer:
                     ia = torch.as_tensor(qi[sel], device=self.device)
                     ib = torch.as_tensor(at_pair[sel] - rows.start, device=self.device)
                     for ci, n in enumerate(self.names):
-                        t = reps[n].double()  # converted once, used for its norms and its pairs
+                        t = reps[n].ready()  # factors converted once, used for its norms and its pairs
                         t_sq[ci, order[rows]] = t.self_dots().cpu().numpy()
                         if len(ia):
                             dot[ci, qi[sel], ji[sel]] = held[n].aligned(ia, t, ib).cpu().numpy()

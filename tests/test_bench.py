@@ -96,7 +96,8 @@ def test_the_similarity_benchmark_agrees_with_the_loop_and_shares_candidates_at_
     )
     out = capsys.readouterr().out
     worst = [float(line.rsplit("= ", 1)[1]) for line in out.splitlines() if "worst |diff|" in line]
-    assert len(worst) == 3 and max(worst) < 1e-6, out  # candidates, dense, the overlap case
+    # candidates, dense, the overlap case (and dattri-llm's in each, where it is installed)
+    assert len(worst) in (3, 6) and max(worst) < 1e-6, out
     line = next(line for line in out.splitlines() if line.startswith("# samples through the model"))
     stream, loop, floor = (int(x) for x in re.findall(r"(?:stream|loop|once\)) (\d+)", line))
     assert loop == 12 * (1 + 5) and stream == floor < loop  # one unit: each distinct candidate once

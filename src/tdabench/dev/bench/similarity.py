@@ -54,6 +54,85 @@ def reference_similarity(model, names, queries, train, query_rows, candidates=No
     return out
 
 
+def dattri_similarity(model, names, queries, train, query_rows, candidates=None, batch_size: int = 8) -> dict:
+    """The same dot products by dattri-llm 0.1 (`pip install --no-deps dattri-llm`; skipped when
+    absent): its HookManager captures each linear layer's inputs and output gradients (factorised,
+    `invasive_linear_io`: no weight gradient formed) from batched backwards of the same loss (the
+    sum of per-sample mean cross-entropies), and its ops score them in float64: every pair with
+    `Gradient.similarity(mode="auto")` (its FLOP rule picks factorised or materialised per layer),
+    the candidate layout's pairs with `ops.dot` on gathered rows (it has no candidate op; each
+    distinct candidate is captured once). -> {(q, t) | ("q"|"t", i): [C]} as reference_similarity."""
+    import re
+
+    import numpy as np
+    from dattri_llm import HookManager, HookManagerConfig
+    from dattri_llm.gradient import ops
+
+    from tdabench.gradients import per_sample_loss
+    from tdabench.models import collate
+
+    modules = [n.removesuffix(".weight") for n in names]
+    select = ["^" + re.escape(m) + "$" for m in modules]
+
+    def capture(examples):
+        hm = HookManager(model, config=HookManagerConfig(invasive_linear_io=select))
+        blocks = []
+        with hm.collect(deregister_on_exit=True):
+            for s in range(0, len(examples), batch_size):
+                batch = collate(list(examples[s : s + batch_size]), 0)
+                model.zero_grad(set_to_none=True)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                per_sample_loss(logits, batch["labels"]).sum().backward()
+                blocks.append(hm.get_gradient())  # read before the next forward
+        model.zero_grad(set_to_none=True)
+        grads = blocks[0]
+        for b in blocks[1:]:
+            grads = grads.concatenate(b, dim="batch")
+        return grads
+
+    def self_dots(g):  # [C, n]
+        return np.stack([ops.dot(g.data[m], g.data[m], g.layer_types[m]).double().numpy() for m in modules])
+
+    rows = [int(q) for q in query_rows]
+    columns = sorted({int(t) for q in rows for t in candidates[q]}) if candidates is not None else range(len(train))
+    columns = list(columns)
+    out = {}
+    with ops.compute_dtype(torch.float64):
+        gq, gt = capture([queries[q] for q in rows]), capture([train[t] for t in columns])
+        for sq, q in zip(self_dots(gq).T, rows):
+            out[("q", q)] = list(sq)
+        for st, t in zip(self_dots(gt).T, columns):
+            out[("t", t)] = list(st)
+        if candidates is None:
+            dots = gq.similarity(gt, metric="dot", reduce="none", mode="auto")  # {module: [Q, T]}
+            for i, q in enumerate(rows):
+                for j, t in enumerate(columns):
+                    out[(q, t)] = [float(dots[m][i, j]) for m in modules]
+        else:
+            at = {t: j for j, t in enumerate(columns)}
+            qi = torch.tensor([i for i, q in enumerate(rows) for _ in candidates[q]])
+            ti = torch.tensor([at[int(t)] for q in rows for t in candidates[q]])
+            sq, st = gq.slice("batch", qi), gt.slice("batch", ti)
+            pair = np.stack([ops.dot(sq.data[m], st.data[m], sq.layer_types[m]).double().numpy() for m in modules])
+            for p, (i, t) in enumerate(zip(qi.tolist(), [columns[j] for j in ti.tolist()])):
+                out[(rows[i], t)] = list(pair[:, p])
+    return out
+
+
+def worst_between(got: dict, ref: dict) -> float:
+    """Largest |got - ref| / (|a| |b|) over the reference's pairs (norms from the reference)."""
+    import numpy as np
+
+    worst = 0.0
+    for key, want in ref.items():
+        if key[0] in ("q", "t"):
+            continue
+        q, t = key
+        scale = np.sqrt(np.array(ref[("q", q)]) * np.array(ref[("t", t)]))
+        worst = max(worst, float((np.abs(np.array(got[key]) - np.array(want)) / scale).max()))
+    return worst
+
+
 def worst_disagreement(sim, ref: dict, rows, candidates, n_train: int) -> float:
     """Largest |store dot - reference dot| / (|a| |b|) over the reference's queries `rows` (store
     row i holds query rows[i]) and their columns (every training example, or the candidates)."""
@@ -220,6 +299,8 @@ def _similarity_at(args, length: int) -> None:
             if n_f:
                 materialised = stream(cand, round_queries, MATERIALISED)
                 contenders.insert(1, Contender("stream_materialised", materialised, units, "every one materialised"))
+            peer = _dattri(model, extraction.names, queries, train, cand, round_queries, units, np.arange(1))
+            contenders += [peer] if peer else []
             _report(f"candidate layout, b = {b}, {per} queries a round", contenders, rounds, "reference_loop")
 
         def dense_rows(r):
@@ -239,6 +320,10 @@ def _similarity_at(args, length: int) -> None:
             ),
         ]
         check(None, pool, truth, np.arange(args.dense_queries))
+        peer = _dattri(
+            model, extraction.names, queries, pool, None, dense_rows, dense_units, np.arange(args.dense_queries)
+        )
+        contenders += [peer] if peer else []
         cache = estimate_bytes(args.dense_queries + len(pool), extraction.stored_dims, "float32")
         if cache <= args.max_cache_gb * 1e9:
 
@@ -311,7 +396,28 @@ def _overlap(args, length: int, model, extraction, tmp: Path) -> None:
         Contender("stream", stream, lambda r: n_q, f"memory_gb {args.memory_gb}"),
         Contender("reference_loop", reference, lambda r: n_q, "bs=1, each query's candidates recomputed"),
     ]
+    peer = _dattri(model, extraction.names, queries, train, cand, lambda r: rows, lambda r: n_q, check)
+    contenders += [peer] if peer else []
     _report(f"paper overlap, {n_q} queries a round", contenders, args.rounds, "reference_loop", warmup=0)
+
+
+def _dattri(model, names, queries, pool, cand, rows, units, check_rows):
+    """dattri-llm as a contender on the same work, after its dot products are checked against the
+    reference loop's on `check_rows`; None (said so) when it is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("dattri_llm") is None:
+        print("# dattri_llm: not installed (pip install --no-deps dattri-llm); left out")
+        return None
+    ref = reference_similarity(model, names, queries, pool, check_rows, cand)
+    got = dattri_similarity(model, names, queries, pool, check_rows, cand)
+    worst = worst_between(got, ref)
+    print(f"# dattri_llm: its dot products vs the reference loop's, worst |diff| / (|a| |b|) = {worst:.1e}")
+
+    def run(r):
+        return dattri_similarity(model, names, queries, pool, rows(r), cand)
+
+    return Contender("dattri_llm", run, units, "HookManager invasive_linear_io, ops in float64, auto")
 
 
 def _forced(streamer, way):

@@ -102,12 +102,12 @@ def brute_force_ranks(qg, tg, gt, comps, queries, candidates=None):
 VOCAB = 50
 
 
-def tiny_llama(tie=False):
+def tiny_llama(tie=False, hidden=16, intermediate=24):
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=24,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

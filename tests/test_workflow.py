@@ -53,6 +53,7 @@ MICRO = {
     "evaluation": {"cost_samples": 4},
 }
 NO_MLFLOW = {"mlflow": {"enabled": False}}  # for the runs after the MLflow checks: less to wait for
+MICRO_METHODS = ("sjlt", "blockwise", "blockwise_unnormalized", "select_then_project")  # config.yaml's
 pytestmark = pytest.mark.workflow
 
 
@@ -535,11 +536,14 @@ def test_auto_streams_when_the_cache_would_not_fit_and_nothing_then_builds_it(st
         **MICRO,
         "gradients": {**MICRO["gradients"], "max_cache_gb": 1e-6},
         "similarity": {"source": "auto"},
-        "projection": {**MICRO["projection"], "methods": []},
     }
     stats = planned_with(root, cfg)
     assert stats["similarity_stream"] == 1 and stats["similarity_merge"] == 2  # one pass for both settings
+    assert stats["projection_stream"] == 1 and stats["project_selected_stream"] == 2  # projections too
     assert not {"gradients", "projection", "project_selected"} & set(stats)
+    # Only select-then-project: no full-gradient pass
+    only_selected = {**cfg, "projection": {**MICRO["projection"], "methods": ["select_then_project"]}}
+    assert "projection_stream" not in planned_with(root, only_selected)
     # The same with room for the cache: auto keeps the cached path (nothing of it to redo)
     assert "similarity_stream" not in planned_with(root, {**cfg, "gradients": MICRO["gradients"]})
 
@@ -578,6 +582,38 @@ def test_streamed_similarity_in_shards_gives_the_cached_stores(study):
     assert (root / "results/similarity/model_generated/part-1.h5").exists()  # the same passes wrote it
     assert "streamed from the model" in read_provenance(root / store)
     assert "from the gradient cache" in read_provenance(root / "results/similarity/model_generated.h5")
+
+
+def test_streamed_projections_give_the_cached_files(study):
+    """similarity.source stream: the projections come from the model in one pass for every method
+    (and select-then-project from the selected components only), with no gradient job, and equal
+    the cached files (the same gradients, up to float32 rounding: the cache batches the training
+    examples per shard, the pass over the whole table)."""
+    from tdabench.projection_files import read_projections
+
+    root, _ = study
+    snakemake(root, "--touch")
+    methods = [m for m in MICRO_METHODS if m != "select_then_project"]
+    targets = [f"results/projection/{m}.h5" for m in methods] + ["results/projection/select_then_project/paraphrased.h5"]
+    ids = pl.read_parquet(root / "results/data/queries_all.parquet")["id"].to_list()
+    cached = {t: read_projections(root / t, ids) for t in targets}
+    cfg = {**MICRO, "similarity": {"source": "stream", "shards": 2, "max_component_dim": 600}, **NO_MLFLOW}
+    write_config(root, cfg)
+    try:
+        r = snakemake(root, *targets)
+        built = job_stats(r.stdout + r.stderr)
+    finally:
+        write_config(root, MICRO)
+    assert built.get("projection_stream") == 1 and built.get("project_selected_stream") == 1
+    assert not {"gradients", "projection", "project_selected"} & set(built)
+    for t in targets:
+        got = read_projections(root / t, ids)
+        assert [(p.method, p.k, p.seed, p.split, p.components) for p in got] == [
+            (p.method, p.k, p.seed, p.split, p.components) for p in cached[t]
+        ], t
+        for a, b in zip(got, cached[t]):
+            for x, y in ((a.train, b.train), (a.queries, b.queries)):
+                assert abs(x - y).max() <= 1e-4 * abs(y).max(), (t, a.k, a.seed)
 
 
 def test_a_corrupted_shard_stops_its_readers_and_the_named_command_rebuilds_it(study):

@@ -207,8 +207,8 @@ def check_consistency(config: dict) -> None:
             f"{n_train} training examples; use at most {n_train}"
         )
     n_queries = syn["planted_facts"] * len(data["settings"])
-    if sim["source"] != "cache" and not config["projection"]["methods"]:
-        return  # nothing reads a gradient cache (auto: the similarity store streams if it is too large)
+    if sim["source"] != "cache":
+        return  # nothing reads a gradient cache: stores and projections stream (auto: when it is too large)
     itemsize = {"float32": 4, "float16": 2}[config["gradients"]["dtype"]]
     gb = (n_train + n_queries) * dim * itemsize / 1e9
     if gb > config["gradients"]["max_cache_gb"]:

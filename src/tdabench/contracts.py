@@ -171,6 +171,30 @@ class SelectedProjectionParams(ProjectionParams):
 
 
 @dataclass(frozen=True)
+class ModelProjectionParams(ProjectionParams):
+    """Projections straight from the model (similarity.source stream): the gradients' keys as
+    configured (a count-sketched component is projected as the cache would hold it)."""
+
+    model: str = given()
+    extraction: ExtractionConfig = section("gradients")
+    memory_gb: float = key("similarity.memory_gb")  # the stream's budget: gradients held at once
+    verify: int = key("gradients.verify")
+    verify_tolerance: float | None = key("gradients.verify_tolerance")
+    tokenize: TokenizeConfig = section("tokenize")
+    device: str = key("device")
+
+
+@dataclass(frozen=True)
+class StreamProjectionParams(ModelProjectionParams):
+    methods: tuple[str, ...] = key("projection.methods")  # one pass projects every full-gradient one
+
+
+@dataclass(frozen=True)
+class SelectedStreamParams(ModelProjectionParams):
+    select_kind: str = key("projection.select_kind")
+
+
+@dataclass(frozen=True)
 class CostsParams:
     model: str = given()
     settings: tuple[str, ...] = key("dataset.settings")
@@ -233,6 +257,10 @@ CONTRACTS: dict[str, Contract] = {
         Contract("selection", "tdabench.pipeline.selection:main", SelectionParams),
         Contract("projection", "tdabench.pipeline.projection:main", ProjectionParams),
         Contract("project_selected", "tdabench.pipeline.projection:main_selected", SelectedProjectionParams),
+        Contract("projection_stream", "tdabench.pipeline.projection_stream:main_stream", StreamProjectionParams),
+        Contract(
+            "project_selected_stream", "tdabench.pipeline.projection_stream:main_selected_stream", SelectedStreamParams
+        ),
         Contract("costs", "tdabench.pipeline.costs:main", CostsParams),
         Contract("evaluate", "tdabench.pipeline.evaluate:main", EvaluateParams),
         Contract("summary", "tdabench.pipeline.summary:main", SummaryParams),

@@ -384,6 +384,15 @@ class GradientExtractor:
             and all(attr == "weight" and stock_layer(m) in (nn.Linear, Conv1D) for m, attr in owners)
         )
 
+    def form(self, name: str, factors: Factors) -> torch.Tensor:
+        """The per-sample gradient [n, numel] of a component that came back as `Factors`, formed by
+        the product the hook path forms it with (`_stock_grad`), so it is the gradient `__call__`
+        would have returned formed (calls of a shared layer: summed over their tokens at once)."""
+        module, attr = self.owners[id(self.params[name])][0]
+        param = self.params[name]
+        out = torch.empty(factors.x.shape[0], param.numel(), device=factors.x.device)
+        return _stock_grad(module, stock_layer(module), attr, factors.x, factors.g, 0, param.shape[0], out)
+
     def path_counts(self) -> dict[str, int]:
         counts = {HOOK: 0, VMAP: 0, LOOP: 0}
         for p in self.paths.values():

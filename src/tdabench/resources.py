@@ -24,9 +24,10 @@ CPU_FLOPS = 4e10  # effective FLOP/s of fwd+bwd on 2 CPU cores (SmolLM2-135M fin
 MIN_RUNTIME = 10  # minutes: start-up, imports, self-checks
 UNTRUNCATED_TOKENS = 4096  # tokens per example assumed when tokenize.max_length is null
 HUB_PARAMETERS = 1_000_000_000  # assumed for a hub name that is not on disk (set resources.model_parameters)
-MODEL_RULES = ("pretrain", "convert", "finetune", "generate", "gradients", "similarity_stream", "costs")
+STREAM_PROJECTION_RULES = ("projection_stream", "project_selected_stream")
+MODEL_RULES = ("pretrain", "convert", "finetune", "generate", "gradients", "similarity_stream", *STREAM_PROJECTION_RULES, "costs")
 # convert dequantises on the CPU
-GPU_RULES = ("pretrain", "finetune", "generate", "gradients", "similarity_stream", "costs")
+GPU_RULES = ("pretrain", "finetune", "generate", "gradients", "similarity_stream", *STREAM_PROJECTION_RULES, "costs")
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,10 @@ def estimate(rule: str, config: dict, rows: int, attempt: int = 1) -> dict[str, 
         chunks = max(1, math.ceil(held / (sim["memory_gb"] * 1e9)))
         mem = 16 * p + min(held, sim["memory_gb"] * 1e9) + 3 * grads["batch_size"] * held / max(n_queries, 1)
         flops = 6 * p * (n_queries + chunks * rows / sim["shards"]) * length * 2
+    elif rule in STREAM_PROJECTION_RULES:  # rows: training examples and queries, each through the model once
+        budget = config["similarity"]["memory_gb"] * 1e9  # gradients held at once (a group of samples)
+        mem = 16 * p + min(budget, rows * stored_dims(size, grads["max_component_dim"]) * 4) + 3 * (p / 7) * 4
+        flops = 6 * p * tokens * 2  # the pass and forming the gradients (projections ride on it)
     elif rule == "costs":
         n = config["evaluation"]["cost_samples"]
         variants = 4 + len(config["projection"]["methods"]) * len(config["projection"]["dims"])

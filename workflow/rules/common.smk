@@ -87,6 +87,11 @@ def rows_of(name):
     return lambda wildcards, input: resources.table_rows(input[name], config)
 
 
+def samples_of(*names):
+    """rows(wildcards, input): the rows of the tables named `names` among a rule's inputs, together."""
+    return lambda wildcards, input: sum(resources.table_rows(input[n], config) for n in names)
+
+
 def gradient_job_rows(wildcards, input):
     """Rows of one gradients job: its split's table over the split's shards."""
     table = input.train if wildcards.split == "train" else input.queries

@@ -95,46 +95,97 @@ rule selection:
         STAGE
 
 
-rule projection:
-    """One projection method of the full gradient, at every k and seed."""
-    input:
-        code=stage_code("projection"),
-        train=gradient_shards("train"),
-        query_grads=gradient_shards("queries"),
-    output:
-        projection="results/projection/{method}.h5",
-    log:
-        "logs/projection/{method}.log",
-    benchmark:
-        "benchmarks/projection/{method}.tsv"
-    conda:
-        ENV
-    resources:
-        **io_resources(),
-    params:
-        **stage_params("projection"),
-    script:
-        STAGE
+if plan.similarity_source(config) == "cache":
+
+    rule projection:
+        """One projection method of the full gradient, at every k and seed."""
+        input:
+            code=stage_code("projection"),
+            train=gradient_shards("train"),
+            query_grads=gradient_shards("queries"),
+        output:
+            projection="results/projection/{method}.h5",
+        log:
+            "logs/projection/{method}.log",
+        benchmark:
+            "benchmarks/projection/{method}.tsv"
+        conda:
+            ENV
+        resources:
+            **io_resources(),
+        params:
+            **stage_params("projection"),
+        script:
+            STAGE
 
 
-rule project_selected:
-    """Select-then-project: each split's greedy set, projected to every k with every seed."""
-    input:
-        code=stage_code("project_selected"),
-        train=gradient_shards("train"),
-        query_grads=gradient_shards("queries"),
-        selection="results/selection/{setting}.parquet",
-    output:
-        projection="results/projection/select_then_project/{setting}.h5",
-    log:
-        "logs/projection/select_then_project-{setting}.log",
-    benchmark:
-        "benchmarks/projection/select_then_project-{setting}.tsv"
-    conda:
-        ENV
-    resources:
-        **io_resources(),
-    params:
-        **stage_params("project_selected"),
-    script:
-        STAGE
+    rule project_selected:
+        """Select-then-project: each split's greedy set, projected to every k with every seed."""
+        input:
+            code=stage_code("project_selected"),
+            train=gradient_shards("train"),
+            query_grads=gradient_shards("queries"),
+            selection="results/selection/{setting}.parquet",
+        output:
+            projection="results/projection/select_then_project/{setting}.h5",
+        log:
+            "logs/projection/select_then_project-{setting}.log",
+        benchmark:
+            "benchmarks/projection/select_then_project-{setting}.tsv"
+        conda:
+            ENV
+        resources:
+            **io_resources(),
+        params:
+            **stage_params("project_selected"),
+        script:
+            STAGE
+
+else:
+
+    rule projection_stream:
+        """Every projection method of the full gradient, at every k and seed, from one pass over the model (exact, no cache)."""
+        input:
+            model=local(ATTRIBUTED_MODEL),
+            code=stage_code("projection_stream"),
+            train="results/data/train.parquet",
+            queries=QUERY_TABLE,
+        output:
+            projection=expand("results/projection/{method}.h5", method=plan.projection_methods(config)),
+        log:
+            "logs/projection/stream.log",
+        benchmark:
+            "benchmarks/projection/stream.tsv"
+        conda:
+            ENV
+        threads: max_threads()
+        resources:
+            **model_resources("projection_stream", samples_of("train", "queries")),
+        params:
+            **stage_params("projection_stream", model=model_param(ATTRIBUTED_MODEL)),
+        script:
+            STAGE
+
+    rule project_selected_stream:
+        """Select-then-project of one setting from the model: only the selected components' gradients are computed."""
+        input:
+            model=local(ATTRIBUTED_MODEL),
+            code=stage_code("project_selected_stream"),
+            train="results/data/train.parquet",
+            queries=QUERY_TABLE,
+            selection="results/selection/{setting}.parquet",
+        output:
+            projection="results/projection/select_then_project/{setting}.h5",
+        log:
+            "logs/projection/select_then_project-{setting}.log",
+        benchmark:
+            "benchmarks/projection/select_then_project-{setting}.tsv"
+        conda:
+            ENV
+        threads: max_threads()
+        resources:
+            **model_resources("project_selected_stream", samples_of("train", "queries")),
+        params:
+            **stage_params("project_selected_stream", model=model_param(ATTRIBUTED_MODEL)),
+        script:
+            STAGE

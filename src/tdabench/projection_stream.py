@@ -1,0 +1,166 @@
+"""Projections of exact per-sample gradients straight from the model (`similarity.source: stream`):
+no gradient cache, and no sample's gradient is ever held whole beside the others.
+
+The samples (training examples, then queries) go through the model batch by batch, as the
+gradients stage batches them, and are held in groups as large as `memory_gb` allows: a linear
+layer's gradient as its factors (inputs and output gradients, tokens x (d_in + d_out) a sample)
+where that is smaller than the formed d_out x d_in, other components formed. A full group is then
+projected one component at a time: the component's gradients are formed ([group, d_c], by the
+product the extractor forms them with) and every projection adds its block
+(`tdabench.projection.Projector`). A Gaussian or Rademacher block is drawn once per group and
+component, and drawing is most of a block-wise projection's time at 135M parameters, so a larger
+budget means fewer draws; the numbers do not depend on it.
+
+Each projection's result is what `project_store` computes from a cache of the same gradients:
+the same blocks (drawn from the seed, the component's index and the chunk), applied to the same
+rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tdabench.extraction import Extraction
+from tdabench.models import Encoded
+from tdabench.numerics import PAD_MULTIPLE
+from tdabench.projection import ProjectionConfig, Projector
+from tdabench.representation import Factors, Representation
+from tdabench.streaming import check_budget
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One projection to compute: its config and the components it projects (all of them: the
+    full gradient; a selection: select-then-project)."""
+
+    cfg: ProjectionConfig
+    components: tuple[str, ...]
+
+
+@dataclass
+class ProjectionReport:
+    seconds: float = 0.0  # the whole pass
+    extract_seconds: float = 0.0  # forward/backward and forming the gradients
+    groups: int = 0
+    group_rows: int = 0
+    factored: list[str] = field(default_factory=list)
+    plan_seconds: list[float] = field(default_factory=list)  # per plan: its projection time
+
+
+@dataclass
+class _Projection:
+    """A plan's projector, its output [n, out_dim] and where each of its components goes."""
+
+    plan: Plan
+    projector: Projector
+    out: np.ndarray
+    index: dict[str, int]  # component -> the index that seeds its blocks (as in project_store)
+    seconds: float = 0.0
+
+
+def _projection(plan: Plan, names: Sequence[str], dims: dict[str, int], n: int) -> _Projection:
+    proj = Projector(plan.cfg, [dims[c] for c in plan.components])
+    position = {c: i for i, c in enumerate(names)}  # a component's index among all extracted ones
+    # project_store: a full-gradient kind seeds a block by the component's place in the store (so a
+    # subset's blocks are the full projection's); a block-wise one by its place in the plan.
+    index = {c: position[c] if proj.dims is None else i for i, c in enumerate(plan.components)}
+    return _Projection(plan, proj, np.zeros((n, proj.out_dim), dtype=np.float32), index)
+
+
+def padded_tokens(examples: Sequence[Encoded]) -> int:
+    """The longest example's tokens, padded as a batch pads them (an upper bound for any batch)."""
+    longest = max((len(e.input_ids) for e in examples), default=1)
+    return math.ceil(longest / PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def held_factored(extraction: Extraction, names: Sequence[str], tokens: int) -> list[str]:
+    """Those of `names` held as factors: factorable, and smaller so at `tokens` tokens."""
+    shapes = {c.name: c.shape for c in extraction.components}
+    sketched = extraction.sketch_info
+    return [
+        n
+        for n in extraction.factorable(names)
+        if n not in sketched and tokens * sum(shapes[n]) < math.prod(shapes[n])
+    ]
+
+
+def sample_bytes(extraction: Extraction, names: Sequence[str], factored: Sequence[str], tokens: int) -> float:
+    """float32 bytes one sample holds: factors or formed gradient per component."""
+    shapes = {c.name: c.shape for c in extraction.components}
+    dims = dict(zip(extraction.names, extraction.stored_dims))
+    return 4.0 * sum(tokens * sum(shapes[n]) if n in factored else dims[n] for n in names)
+
+
+def project_from_model(
+    extraction: Extraction,
+    pad_id: int,
+    parts: Sequence[Sequence[Encoded]],
+    plans: Sequence[Plan],
+    memory_gb: float,
+    progress=None,
+) -> tuple[list[np.ndarray], ProjectionReport]:
+    """Every plan's projection of the samples of `parts` (e.g. training examples, queries), rows in
+    order, each part batched on its own -> ([n, out_dim] float32 per plan, report)."""
+    start = time.perf_counter()
+    names = extraction.names
+    needed = [n for n in names if any(n in p.components for p in plans)]
+    dims = dict(zip(names, extraction.stored_dims))
+    n_samples = sum(len(p) for p in parts)
+    tokens = padded_tokens([e for p in parts for e in p])
+    factored = held_factored(extraction, needed, tokens)
+    per_sample = sample_bytes(extraction, needed, factored, tokens)
+    check_budget(memory_gb, per_sample + 4.0 * max(dims[n] for n in needed), "one sample's gradient, held and formed")
+    group_rows = max(1, int(memory_gb * 1e9 // per_sample))
+    projections = [_projection(p, names, dims, n_samples) for p in plans]
+    report = ProjectionReport(group_rows=group_rows, factored=factored)
+    extractor = extraction.extractor(needed)
+
+    held: list[tuple[int, dict[str, Representation]]] = []  # (first row, a batch's gradients)
+
+    def flush() -> None:
+        first, rows = held[0][0], row - held[0][0]
+        for name in needed:
+            tick = time.perf_counter()
+            grads = torch.empty(rows, dims[name])  # [group, d_c] this component's formed gradients
+            at = 0
+            for _, reps in held:
+                rep = reps.pop(name)  # (its memory goes once formed)
+                size = rep.rows
+                grads[at : at + size] = extractor.form(name, rep) if isinstance(rep, Factors) else rep.tensor
+                at += size
+            report.extract_seconds += time.perf_counter() - tick
+            for p in projections:
+                if name in p.index:
+                    tick = time.perf_counter()
+                    p.projector.add(p.out[first : first + rows], p.index[name], grads)
+                    p.seconds += time.perf_counter() - tick
+        held.clear()
+        report.groups += 1
+
+    row = 0
+    for examples in parts:
+        for _, batch in extraction.batches(examples, pad_id):
+            size = batch["input_ids"].shape[0]
+            if held and row - held[0][0] + size > group_rows:
+                flush()
+            tick = time.perf_counter()
+            reps = extraction.represent(batch, needed, factored=factored)
+            report.extract_seconds += time.perf_counter() - tick
+            held.append((row, reps))
+            row += size
+            if progress is not None:
+                progress.update(size)
+    if held:
+        flush()
+    report.seconds = time.perf_counter() - start
+    report.plan_seconds = [p.seconds for p in projections]
+    return [p.out for p in projections], report

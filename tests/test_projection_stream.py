@@ -1,0 +1,82 @@
+"""Projections straight from the model against `project_store` on a cache of the same gradients:
+every kind, full gradient and a selection, held factored or formed, in groups of any size."""
+
+import numpy as np
+import pytest
+
+from tdabench.config import ConfigError
+from tdabench.extraction import Extraction, ExtractionConfig
+from tdabench.projection import ProjectionConfig, method_config, project_store
+from tdabench.projection_stream import Plan, held_factored, padded_tokens, project_from_model
+from tdabench.store import GradientStore, GradientStoreWriter
+
+from helpers import tiny_llama
+from test_streaming import examples
+
+COMPONENTS = ("q", "v", "down", "lm_head", "norm")  # linear weights, the head, RMSNorm (vmap)
+
+
+def model():
+    """Wide enough that the linear layers' factors (<= 16 tokens) are smaller than their gradients."""
+    return tiny_llama(hidden=64, intermediate=96)
+METHODS = ("sjlt", "gaussian", "rademacher", "blockwise", "blockwise_unnormalized", "paper")
+
+
+def cached(extraction, parts, path):
+    """One gradient store of all samples, batched per part as the stream batches them."""
+    n = sum(len(p) for p in parts)
+    with GradientStoreWriter(
+        path, [f"s{i}" for i in range(n)], extraction.components, "float32", {}, extraction.sketch_info
+    ) as w:
+        offset = 0
+        for part in parts:
+            for rows, batch in extraction.batches(part, 0):
+                w.write(slice(offset + rows.start, offset + rows.stop), {k: g.numpy() for k, g in extraction(batch).items()})
+            offset += len(part)
+    return GradientStore(path)
+
+
+def plans(names, selected):
+    out = [Plan(method_config(m, k, seed, nonzeros=2), tuple(names)) for m in METHODS for k in (16, 64) for seed in (0, 1)]
+    out += [Plan(ProjectionConfig(kind, 8, 3, 1), tuple(selected)) for kind in ("sjlt", "gaussian")]
+    return out
+
+
+@pytest.mark.parametrize("cap, memory_gb", [(None, 1.0), (None, 1e-4), (300, 1e-4)])
+def test_streamed_projections_are_the_cached_ones(tmp_path, cap, memory_gb):
+    """Budgets: one group; a group a batch (factors formed per batch); count-sketched components."""
+    extraction = Extraction(model(), ExtractionConfig(COMPONENTS, 4, cap, 0, None))
+    parts = [examples(11, 1), examples(7, 2)]
+    names = extraction.names
+    selected = [names[3], names[1]]  # out of order: indices are the store's, not the selection's
+    todo = plans(names, selected)
+    got, report = project_from_model(extraction, 0, parts, todo, memory_gb)
+    if memory_gb == 1.0:
+        assert report.groups == 1
+    else:
+        assert report.groups >= 2
+    with cached(extraction, parts, tmp_path / "g.h5") as store:
+        for plan, out in zip(todo, got):
+            want = project_store(store, plan.cfg, components=None if len(plan.components) == len(names) else list(plan.components))
+            assert out.shape == want.shape
+            if report.groups == 1:  # the same rows in every product: the same bits
+                np.testing.assert_array_equal(out, want, err_msg=str(plan.cfg))
+            else:  # a product's rounding depends on how many rows it multiplies at once
+                np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(), err_msg=str(plan.cfg))
+
+
+def test_linear_layers_are_held_as_factors_where_that_is_smaller():
+    extraction = Extraction(model(), ExtractionConfig(COMPONENTS, 4, None, 0, None))
+    tokens = padded_tokens(examples(11, 1))
+    held = held_factored(extraction, extraction.names, tokens)
+    shapes = {c.name: c.shape for c in extraction.components}
+    assert held and all(tokens * sum(shapes[n]) < shapes[n][0] * shapes[n][1] for n in held)
+    assert not any("norm" in n for n in held)  # a vector is never factorable
+    assert held_factored(extraction, extraction.names, 10**6) == []  # long sequences: formed is smaller
+
+
+def test_a_budget_below_one_sample_names_the_key_and_the_smallest_value():
+    extraction = Extraction(model(), ExtractionConfig(COMPONENTS, 4, None, 0, None))
+    plan = [Plan(method_config("sjlt", 8, 0), tuple(extraction.names))]
+    with pytest.raises(ConfigError, match=r"similarity\.memory_gb: 1e-09 GB .* the smallest value that works is"):
+        project_from_model(extraction, 0, [examples(3, 1)], plan, 1e-9)

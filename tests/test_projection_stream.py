@@ -19,6 +19,8 @@ COMPONENTS = ("q", "v", "down", "lm_head", "norm")  # linear weights, the head, 
 def model():
     """Wide enough that the linear layers' factors (<= 16 tokens) are smaller than their gradients."""
     return tiny_llama(hidden=64, intermediate=96)
+
+
 METHODS = ("sjlt", "gaussian", "rademacher", "blockwise", "blockwise_unnormalized", "paper")
 
 
@@ -31,13 +33,14 @@ def cached(extraction, parts, path):
         offset = 0
         for part in parts:
             for rows, batch in extraction.batches(part, 0):
-                w.write(slice(offset + rows.start, offset + rows.stop), {k: g.numpy() for k, g in extraction(batch).items()})
+                grads = {k: g.numpy() for k, g in extraction(batch).items()}
+                w.write(slice(offset + rows.start, offset + rows.stop), grads)
             offset += len(part)
     return GradientStore(path)
 
 
 def plans(names, selected):
-    out = [Plan(method_config(m, k, seed, nonzeros=2), tuple(names)) for m in METHODS for k in (16, 64) for seed in (0, 1)]
+    out = [Plan(method_config(m, k, s, nonzeros=2), tuple(names)) for m in METHODS for k in (16, 64) for s in (0, 1)]
     out += [Plan(ProjectionConfig(kind, 8, 3, 1), tuple(selected)) for kind in ("sjlt", "gaussian")]
     return out
 
@@ -57,7 +60,8 @@ def test_streamed_projections_are_the_cached_ones(tmp_path, cap, memory_gb):
         assert report.groups >= 2
     with cached(extraction, parts, tmp_path / "g.h5") as store:
         for plan, out in zip(todo, got):
-            want = project_store(store, plan.cfg, components=None if len(plan.components) == len(names) else list(plan.components))
+            subset = None if len(plan.components) == len(names) else list(plan.components)
+            want = project_store(store, plan.cfg, components=subset)
             assert out.shape == want.shape
             if report.groups == 1:  # the same rows in every product: the same bits
                 np.testing.assert_array_equal(out, want, err_msg=str(plan.cfg))

@@ -594,7 +594,8 @@ def test_streamed_projections_give_the_cached_files(study):
     root, _ = study
     snakemake(root, "--touch")
     methods = [m for m in MICRO_METHODS if m != "select_then_project"]
-    targets = [f"results/projection/{m}.h5" for m in methods] + ["results/projection/select_then_project/paraphrased.h5"]
+    targets = [f"results/projection/{m}.h5" for m in methods]
+    targets.append("results/projection/select_then_project/paraphrased.h5")
     ids = pl.read_parquet(root / "results/data/queries_all.parquet")["id"].to_list()
     cached = {t: read_projections(root / t, ids) for t in targets}
     cfg = {**MICRO, "similarity": {"source": "stream", "shards": 2, "max_component_dim": 600}, **NO_MLFLOW}

@@ -87,9 +87,7 @@ def held_factored(extraction: Extraction, names: Sequence[str], tokens: int) -> 
     shapes = {c.name: c.shape for c in extraction.components}
     sketched = extraction.sketch_info
     return [
-        n
-        for n in extraction.factorable(names)
-        if n not in sketched and tokens * sum(shapes[n]) < math.prod(shapes[n])
+        n for n in extraction.factorable(names) if n not in sketched and tokens * sum(shapes[n]) < math.prod(shapes[n])
     ]
 
 

@@ -25,9 +25,8 @@ MIN_RUNTIME = 10  # minutes: start-up, imports, self-checks
 UNTRUNCATED_TOKENS = 4096  # tokens per example assumed when tokenize.max_length is null
 HUB_PARAMETERS = 1_000_000_000  # assumed for a hub name that is not on disk (set resources.model_parameters)
 STREAM_PROJECTION_RULES = ("projection_stream", "project_selected_stream")
-MODEL_RULES = ("pretrain", "convert", "finetune", "generate", "gradients", "similarity_stream", *STREAM_PROJECTION_RULES, "costs")
-# convert dequantises on the CPU
 GPU_RULES = ("pretrain", "finetune", "generate", "gradients", "similarity_stream", *STREAM_PROJECTION_RULES, "costs")
+MODEL_RULES = ("convert", *GPU_RULES)  # convert dequantises on the CPU
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def plans(names, selected):
     return out
 
 
-@pytest.mark.parametrize("cap, memory_gb", [(None, 1.0), (None, 1e-4), (300, 1e-4)])
+@pytest.mark.parametrize("cap, memory_gb", [(None, 1.0), (None, 2e-4), (300, 2e-4)])
 def test_streamed_projections_are_the_cached_ones(tmp_path, cap, memory_gb):
     """Budgets: one group; a group a batch (factors formed per batch); count-sketched components."""
     extraction = Extraction(model(), ExtractionConfig(COMPONENTS, 4, cap, 0, None))
@@ -84,3 +84,59 @@ def test_a_budget_below_one_sample_names_the_key_and_the_smallest_value():
     plan = [Plan(method_config("sjlt", 8, 0), tuple(extraction.names))]
     with pytest.raises(ConfigError, match=r"similarity\.memory_gb: 1e-09 GB .* the smallest value that works is"):
         project_from_model(extraction, 0, [examples(3, 1)], plan, 1e-9)
+
+
+KILL = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_projection_stream import COMPONENTS, examples, model
+from tdabench.extraction import Extraction, ExtractionConfig
+from tdabench.projection import method_config
+from tdabench.projection_files import ProjectionWriter
+from tdabench.projection_stream import Plan, project_from_model
+
+class Progress:  # killed (-9) once the pass is past its first group
+    seen = 0
+    def update(self, n):
+        self.seen += n
+        if {kill!r} and self.seen > 8:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+def run(path, progress):
+    extraction = Extraction(model(), ExtractionConfig(COMPONENTS, 4, None, 0, None))
+    parts = [examples(11, 1), examples(7, 2)]
+    plans = [Plan(method_config(m, 16, 0), tuple(extraction.names)) for m in ("sjlt", "blockwise")]
+    outs, _ = project_from_model(extraction, 0, parts, plans, 2e-4, progress)
+    with ProjectionWriter(path, "mixed", [f"t{{i}}" for i in range(11)], [f"q{{i}}" for i in range(7)]) as w:
+        for seed, out in enumerate(outs):
+            w.add(16, seed, out[:11], out[11:], 0.0)
+
+run({path!r}, Progress())
+if {straight!r}:  # the uninterrupted run, in this process too (the same thread count)
+    run({straight!r}, None)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_projection_pass_leaves_nothing_and_its_rerun_gives_the_uninterrupted_files(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tdabench.projection_files import read_projections
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = {"tests": os.path.dirname(__file__), "path": str(tmp_path / "p.h5")}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL.format(**args, kill=True, straight="")], env=env, capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (tmp_path / "p.h5").exists() and not (tmp_path / ".p.h5.partial").exists()
+    script = KILL.format(**args, kill=False, straight=str(tmp_path / "straight.h5"))
+    rerun = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    ids = [f"q{i}" for i in range(7)]
+    for a, b in zip(read_projections(tmp_path / "p.h5", ids), read_projections(tmp_path / "straight.h5", ids)):
+        np.testing.assert_array_equal(a.train, b.train)
+        np.testing.assert_array_equal(a.queries, b.queries)

@@ -539,7 +539,7 @@ def test_auto_streams_when_the_cache_would_not_fit_and_nothing_then_builds_it(st
     }
     stats = planned_with(root, cfg)
     assert stats["similarity_stream"] == 1 and stats["similarity_merge"] == 2  # one pass for both settings
-    assert stats["projection_stream"] == 1 and stats["project_selected_stream"] == 2  # projections too
+    assert stats["projection_stream"] == 1 and stats["project_selected_stream"] == 1  # projections too: a pass each
     assert not {"gradients", "projection", "project_selected"} & set(stats)
     # Only select-then-project: no full-gradient pass
     only_selected = {**cfg, "projection": {**MICRO["projection"], "methods": ["select_then_project"]}}
@@ -595,7 +595,7 @@ def test_streamed_projections_give_the_cached_files(study):
     snakemake(root, "--touch")
     methods = [m for m in MICRO_METHODS if m != "select_then_project"]
     targets = [f"results/projection/{m}.h5" for m in methods]
-    targets.append("results/projection/select_then_project/paraphrased.h5")
+    targets += [f"results/projection/select_then_project/{s}.h5" for s in ("paraphrased", "model_generated")]
     ids = pl.read_parquet(root / "results/data/queries_all.parquet")["id"].to_list()
     cached = {t: read_projections(root / t, ids) for t in targets}
     cfg = {**MICRO, "similarity": {"source": "stream", "shards": 2, "max_component_dim": 600}, **NO_MLFLOW}

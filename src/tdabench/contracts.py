@@ -191,6 +191,7 @@ class StreamProjectionParams(ModelProjectionParams):
 
 @dataclass(frozen=True)
 class SelectedStreamParams(ModelProjectionParams):
+    settings: tuple[str, ...] = key("dataset.settings")  # one pass projects every setting's selections
     select_kind: str = key("projection.select_kind")
 
 

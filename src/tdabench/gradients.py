@@ -384,13 +384,15 @@ class GradientExtractor:
             and all(attr == "weight" and stock_layer(m) in (nn.Linear, Conv1D) for m, attr in owners)
         )
 
-    def form(self, name: str, factors: Factors) -> torch.Tensor:
+    def form(self, name: str, factors: Factors, out: torch.Tensor | None = None) -> torch.Tensor:
         """The per-sample gradient [n, numel] of a component that came back as `Factors`, formed by
         the product the hook path forms it with (`_stock_grad`), so it is the gradient `__call__`
-        would have returned formed (calls of a shared layer: summed over their tokens at once)."""
+        would have returned formed (calls of a shared layer: summed over their tokens at once);
+        into `out` (contiguous [n, numel] float32) when given."""
         module, attr = self.owners[id(self.params[name])][0]
         param = self.params[name]
-        out = torch.empty(factors.x.shape[0], param.numel(), device=factors.x.device)
+        if out is None:
+            out = torch.empty(factors.x.shape[0], param.numel(), device=factors.x.device)
         return _stock_grad(module, stock_layer(module), attr, factors.x, factors.g, 0, param.shape[0], out)
 
     def path_counts(self) -> dict[str, int]:

@@ -126,9 +126,16 @@ class CountSketch:
 
 
 def project_component(
-    x: torch.Tensor, component_index: int, cfg: ProjectionConfig, k: int | None = None
+    x: torch.Tensor,
+    component_index: int,
+    cfg: ProjectionConfig,
+    k: int | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """P_c x for rows x [n, d_c] of component `component_index` -> [n, k] float32 (k = cfg.k unless given)."""
+    """P_c x for rows x [n, d_c] of component `component_index` -> [n, k] float32 (k = cfg.k unless given).
+    scratch: a float32 buffer of at least x.numel() elements for the sketch's signed copy of x (a
+    temporary this large is fresh memory from the OS on every call: page faults cost more than the
+    sketch)."""
     k = cfg.k if k is None else k
     x = x.to(torch.float32)
     n, d = x.shape
@@ -170,7 +177,11 @@ def project_component(
     elif cfg.kind == "sjlt":  # sum of `nonzeros` independent count sketches
         scale = cfg.nonzeros**-0.5 if cfg.normalized else 1.0
         for rep in range(cfg.nonzeros):
-            CountSketch(d, k, cfg.seed, (component_index, rep)).add(out, 0, x, scale)
+            sketch = CountSketch(d, k, cfg.seed, (component_index, rep))
+            if scratch is None:
+                sketch.add(out, 0, x, scale)
+            else:  # the same products, signed in place in the reused buffer
+                sketch.add(out, 0, scratch[: x.numel()].view(n, d).copy_(x), scale, overwrite=True)
     else:
         raise ValueError(f"unknown projection kind {cfg.kind!r} (allowed: gaussian, rademacher, sjlt)")
     return out
@@ -189,13 +200,14 @@ class Projector:
             self.offsets = np.concatenate([[0], np.cumsum(self.dims)]).tolist()
             self.out_dim = int(self.offsets[-1])
 
-    def add(self, out: np.ndarray, component_index: int, x: torch.Tensor) -> None:
-        """out [n, out_dim] += the contribution of component `component_index`'s rows x [n, d_c]."""
+    def add(self, out: np.ndarray, component_index: int, x: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
+        """out [n, out_dim] += the contribution of component `component_index`'s rows x [n, d_c]
+        (scratch: see `project_component`)."""
         if self.dims is None:
-            out += project_component(x, component_index, self.cfg).numpy()
+            out += project_component(x, component_index, self.cfg, scratch=scratch).numpy()
         else:
             lo, hi = self.offsets[component_index], self.offsets[component_index + 1]
-            out[:, lo:hi] += project_component(x, component_index, self.cfg, k=hi - lo).numpy()
+            out[:, lo:hi] += project_component(x, component_index, self.cfg, k=hi - lo, scratch=scratch).numpy()
 
 
 def project_store(

@@ -107,7 +107,10 @@ def project_from_model(
     progress=None,
 ) -> tuple[list[np.ndarray], ProjectionReport]:
     """Every plan's projection of the samples of `parts` (e.g. training examples, queries), rows in
-    order, each part batched on its own -> ([n, out_dim] float32 per plan, report)."""
+    order, each part batched on its own -> ([n, out_dim] float32 per plan, report).
+
+    progress: advanced by each sample twice, as it goes through the model and as its group is
+    projected (component by component): 2 n steps in all."""
     start = time.perf_counter()
     names = extraction.names
     needed = [n for n in names if any(n in p.components for p in plans)]
@@ -115,32 +118,45 @@ def project_from_model(
     n_samples = sum(len(p) for p in parts)
     tokens = padded_tokens([e for p in parts for e in p])
     factored = held_factored(extraction, needed, tokens)
-    per_sample = sample_bytes(extraction, needed, factored, tokens)
-    check_budget(memory_gb, per_sample + 4.0 * max(dims[n] for n in needed), "one sample's gradient, held and formed")
-    group_rows = max(1, int(memory_gb * 1e9 // per_sample))
+    widest = max(dims[n] for n in needed)
+    # Held: its gradients as held, plus its rows of two reused [group, widest] buffers (the formed
+    # component, and a sketch's signed copy of it).
+    per_sample = sample_bytes(extraction, needed, factored, tokens) + 8.0 * widest
+    check_budget(memory_gb, per_sample, "one sample's gradient, held and formed")
+    group_rows = min(n_samples, max(1, int(memory_gb * 1e9 // per_sample)))
     projections = [_projection(p, names, dims, n_samples) for p in plans]
     report = ProjectionReport(group_rows=group_rows, factored=factored)
     extractor = extraction.extractor(needed)
+    buffers: list[torch.Tensor] = []  # [formed, scratch], sized by the largest group (fresh memory
+    # from the OS on every call would cost page faults on every component of every group)
 
     held: list[tuple[int, dict[str, Representation]]] = []  # (first row, a batch's gradients)
 
     def flush() -> None:
         first, rows = held[0][0], row - held[0][0]
-        for name in needed:
+        if not buffers or buffers[0].numel() < rows * widest:
+            buffers[:] = [torch.empty(rows * widest), torch.empty(rows * widest)]
+        formed_buf, scratch = buffers
+        for i, name in enumerate(needed):
             tick = time.perf_counter()
-            grads = torch.empty(rows, dims[name])  # [group, d_c] this component's formed gradients
+            grads = formed_buf[: rows * dims[name]].view(rows, dims[name])  # [group, d_c] formed
             at = 0
             for _, reps in held:
                 rep = reps.pop(name)  # (its memory goes once formed)
                 size = rep.rows
-                grads[at : at + size] = extractor.form(name, rep) if isinstance(rep, Factors) else rep.tensor
+                if isinstance(rep, Factors):
+                    extractor.form(name, rep, out=grads[at : at + size])
+                else:
+                    grads[at : at + size] = rep.tensor
                 at += size
             report.extract_seconds += time.perf_counter() - tick
             for p in projections:
                 if name in p.index:
                     tick = time.perf_counter()
-                    p.projector.add(p.out[first : first + rows], p.index[name], grads)
+                    p.projector.add(p.out[first : first + rows], p.index[name], grads, scratch)
                     p.seconds += time.perf_counter() - tick
+            if progress is not None:  # this component's share of the group's rows
+                progress.update(rows * (i + 1) // len(needed) - rows * i // len(needed))
         held.clear()
         report.groups += 1
 

@@ -167,19 +167,19 @@ else:
             STAGE
 
     rule project_selected_stream:
-        """Select-then-project of one setting from the model: only the selected components' gradients are computed."""
+        """Select-then-project of every setting in one pass over the model: only the selected components' gradients are computed."""
         input:
             model=local(ATTRIBUTED_MODEL),
             code=stage_code("project_selected_stream"),
             train="results/data/train.parquet",
             queries=QUERY_TABLE,
-            selection="results/selection/{setting}.parquet",
+            selection=expand("results/selection/{setting}.parquet", setting=SETTINGS),
         output:
-            projection="results/projection/select_then_project/{setting}.h5",
+            projection=expand("results/projection/select_then_project/{setting}.h5", setting=SETTINGS),
         log:
-            "logs/projection/select_then_project-{setting}.log",
+            "logs/projection/select_then_project-stream.log",
         benchmark:
-            "benchmarks/projection/select_then_project-{setting}.tsv"
+            "benchmarks/projection/select_then_project-stream.tsv"
         conda:
             ENV
         threads: max_threads()

@@ -1,11 +1,13 @@
 """Stages `projection_stream` (every projection method of the full gradient, in one pass) and
-`project_selected_stream` (select-then-project of one setting), straight from the model: the
+`project_selected_stream` (select-then-project of every setting, in one pass), straight from the model: the
 `similarity.source: stream` counterparts of `projection` and `project_selected`, with the same
 files and, for the same gradients, the same numbers (tdabench.projection_stream)."""
 
 from __future__ import annotations
 
 import logging
+
+import numpy as np
 
 from tdabench.contracts import SelectedStreamParams, StreamProjectionParams
 from tdabench.data.sources import read_queries, read_train
@@ -35,7 +37,8 @@ def _open(job: JobContext, mlrun, p) -> tuple[AttributionKit, list, list, list[s
 
 
 def _run(kit: AttributionKit, parts, plans: list[Plan], memory_gb: float, desc: str):
-    with Progress(total=sum(len(p) for p in parts), desc=desc, unit="samples") as bar:
+    # each sample twice: through the model, then projected with its group
+    with Progress(total=2 * sum(len(p) for p in parts), desc=desc, unit="sample steps") as bar:
         outs, report = project_from_model(kit.extraction, kit.pad_id, parts, plans, memory_gb, bar)
     log.info(
         "%d projection(s) of %d samples in %.1f s (gradients %.1f s), %d group(s) of up to %d samples, "
@@ -87,30 +90,33 @@ def main_stream(job: JobContext, mlrun) -> None:
 
 
 def main_selected_stream(job: JobContext, mlrun) -> None:
-    """select-then-project of one setting: each split's greedy set, at every k and seed, from one
-    pass that computes only the selected components' gradients."""
+    """select-then-project of every setting: each split's greedy set, at every k and seed, from one
+    pass that computes only the selected components' gradients (those of any setting's sets)."""
     p = job.typed_params(SelectedStreamParams)
-    selection = SelectionTable.read(job.input["selection"])
     kit, parts, train_ids, query_ids = _open(job, mlrun, p)
     dims = dict(zip(kit.extraction.names, kit.extraction.stored_dims))
-    keys, plans = [], []
-    for split in selection.splits:
-        names = selection.greedy_set(split)
-        dim = sum(dims[c] for c in names)
-        for k in p.dims:
-            if k >= dim:  # projecting up (or to the same size) adds nothing over the selection itself
-                log.info("split %d: k=%d >= selected dim %d, skipped", split, k, dim)
-                continue
-            for seed in p.seeds:
-                keys.append((split, k, seed, names))
-                plans.append(Plan(ProjectionConfig(p.select_kind, k, seed, p.nonzeros), tuple(names)))
+    keys, plans = [], []  # keys: (setting, split, k, seed, components)
+    for setting, path in zip(p.settings, job.input["selection"]):
+        selection = SelectionTable.read(path)
+        for split in selection.splits:
+            names = selection.greedy_set(split)
+            dim = sum(dims[c] for c in names)
+            for k in p.dims:
+                if k >= dim:  # projecting up (or to the same size) adds nothing over the selection itself
+                    log.info("%s split %d: k=%d >= selected dim %d, skipped", setting, split, k, dim)
+                    continue
+                for seed in p.seeds:
+                    keys.append((setting, split, k, seed, names))
+                    plans.append(Plan(ProjectionConfig(p.select_kind, k, seed, p.nonzeros), tuple(names)))
+    outs, seconds = [np.zeros((0, 0))] * len(plans), [0.0] * len(plans)
     n_train, n = len(train_ids), len(train_ids) + len(query_ids)
-    with ProjectionWriter(
-        job.output["projection"], "select_then_project", train_ids, query_ids, kind=p.select_kind
-    ) as writer:
-        if plans:
-            outs, report = _run(kit, parts, plans, p.memory_gb, f"select-then-project {job.wildcards['setting']}")
-            for (split, k, seed, names), out, seconds in zip(keys, outs, report.plan_seconds):
-                writer.add(k, seed, out[:n_train], out[n_train:], seconds / n, split=split, components=names)
-            mlrun.log_metrics({"seconds": report.seconds, "extract_seconds": report.extract_seconds})
+    if plans:
+        outs, report = _run(kit, parts, plans, p.memory_gb, f"select-then-project ({', '.join(p.settings)})")
+        seconds = report.plan_seconds
+        mlrun.log_metrics({"seconds": report.seconds, "extract_seconds": report.extract_seconds})
+    for setting, path in zip(p.settings, job.output["projection"]):
+        with ProjectionWriter(path, "select_then_project", train_ids, query_ids, kind=p.select_kind) as writer:
+            for (s, split, k, seed, names), out, t in zip(keys, outs, seconds):
+                if s == setting:
+                    writer.add(k, seed, out[:n_train], out[n_train:], t / n, split=split, components=names)
     mlrun.log_metrics({"n_projections": len(plans)})

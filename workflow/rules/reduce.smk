@@ -118,7 +118,6 @@ if plan.similarity_source(config) == "cache":
         script:
             STAGE
 
-
     rule project_selected:
         """Select-then-project: each split's greedy set, projected to every k with every seed."""
         input:

@@ -6,11 +6,13 @@ import torch
 
 from tdabench.projection import (
     CHUNK,
+    Block,
     ProjectionConfig,
     Projector,
     block_dims,
     method_config,
     project_component,
+    project_many,
     project_store,
 )
 from tdabench.store import GradientStore
@@ -142,6 +144,35 @@ def test_chunks_drawn_in_threads_give_the_projection_drawn_in_order(monkeypatch,
     assert torch.equal(in_order, threaded)
     explicit = project_component(torch.eye(x.shape[1]), 2, ProjectionConfig(kind, 5, seed=3, nonzeros=1))  # [D, k]
     torch.testing.assert_close(threaded, x @ explicit, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_many_projections_in_one_sweep_are_each_projection_bit_for_bit(monkeypatch, threads):
+    import tdabench.projection as P
+
+    monkeypatch.setattr(P, "CHUNK", 16)  # 8 chunks, the last one short
+    x = torch.randn(5, 16 * 7 + 5, generator=torch.Generator().manual_seed(1))
+    blocks = [
+        Block(ProjectionConfig("gaussian", 6, seed=0, nonzeros=1), 2, 6),
+        Block(ProjectionConfig("gaussian", 6, seed=1, nonzeros=1), 2, 6),
+        Block(ProjectionConfig("rademacher", 9, seed=0, nonzeros=1, normalized=False), 0, 3),
+        Block(ProjectionConfig("sjlt", 7, seed=0, nonzeros=1), 2, 7),
+        Block(ProjectionConfig("sjlt", 11, seed=4, nonzeros=3), 1, 11),  # three sweeps, in turn
+        Block(ProjectionConfig("sjlt", 5, seed=2, nonzeros=2, normalized=False), 2, 5),
+        Block(ProjectionConfig("gaussian", 40, seed=3, nonzeros=1, blockwise="proportional"), 5, 13),
+    ]
+    want = [project_component(x, b.index, b.cfg, k=b.k) for b in blocks]  # one projection at a time
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the draws run ahead in up to this many threads
+    try:
+        got, seconds = project_many(x, blocks)
+    finally:
+        torch.set_num_threads(saved)
+    for b, g, w in zip(blocks, got, want):
+        assert g.shape == (5, b.k)
+        assert torch.equal(g, w), b
+    assert len(seconds) == len(blocks) and all(t >= 0 for t in seconds)
+    assert project_many(x, []) == ([], [])
 
 
 def mean_inner_product(cfg_of_seed, dims, x, y, n_seeds):

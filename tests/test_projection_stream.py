@@ -45,7 +45,7 @@ def plans(names, selected):
     return out
 
 
-@pytest.mark.parametrize("cap, memory_gb", [(None, 1.0), (None, 2e-4), (300, 2e-4)])
+@pytest.mark.parametrize("cap, memory_gb", [(None, 1.0), (None, 2e-4), (300, 1e-4)])
 def test_streamed_projections_are_the_cached_ones(tmp_path, cap, memory_gb):
     """Budgets: one group; a group a batch (factors formed per batch); count-sketched components."""
     extraction = Extraction(model(), ExtractionConfig(COMPONENTS, 4, cap, 0, None))

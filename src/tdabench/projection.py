@@ -17,6 +17,7 @@ re-weights components by their share of the dimensions: by parameter count when 
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -125,6 +126,39 @@ class CountSketch:
         return out
 
 
+@dataclass(frozen=True)
+class Block:
+    """One projection's block of one component: `cfg`'s projection of rows [n, d_c] to `k` dims,
+    its random numbers keyed by `index` (see `Projector.block`)."""
+
+    cfg: ProjectionConfig
+    index: int
+    k: int
+
+
+def _scale(cfg: ProjectionConfig, k: int) -> float:
+    if cfg.kind == "sjlt":
+        return cfg.nonzeros**-0.5 if cfg.normalized else 1.0
+    return k**-0.5 if cfg.normalized else 1.0
+
+
+def _draw(block: Block, j: int, out: torch.Tensor) -> torch.Tensor:
+    """Chunk j of a Gaussian or Rademacher block: its [chunk, k] numbers, drawn into `out` from
+    their own generator (seed, component index, chunk) and scaled in place."""
+    gen = _generator(block.cfg.seed, block.index, j)
+    if block.cfg.kind == "gaussian":
+        out.normal_(generator=gen)
+    else:
+        torch.randint(0, 2, out.shape, generator=gen, out=out)
+        out.mul_(2).sub_(1)
+    return out.mul_(_scale(block.cfg, block.k))
+
+
+def _check_kind(cfg: ProjectionConfig) -> None:
+    if cfg.kind not in ("gaussian", "rademacher", "sjlt"):
+        raise ValueError(f"unknown projection kind {cfg.kind!r} (allowed: gaussian, rademacher, sjlt)")
+
+
 def project_component(
     x: torch.Tensor,
     component_index: int,
@@ -135,56 +169,97 @@ def project_component(
     """P_c x for rows x [n, d_c] of component `component_index` -> [n, k] float32 (k = cfg.k unless given).
     scratch: a float32 buffer of at least x.numel() elements for the sketch's signed copy of x (a
     temporary this large is fresh memory from the OS on every call: page faults cost more than the
-    sketch)."""
-    k = cfg.k if k is None else k
+    sketch). `project_many` computes several at once, with the same numbers."""
+    block = Block(cfg, component_index, cfg.k if k is None else k)
+    _check_kind(cfg)
     x = x.to(torch.float32)
     n, d = x.shape
-    out = torch.zeros(n, k, dtype=torch.float32)
-    scale = k**-0.5 if cfg.normalized else 1.0
+    out = torch.zeros(n, block.k, dtype=torch.float32)
     if cfg.kind in ("gaussian", "rademacher"):
         # Drawing the D x k numbers is most of the time, and one generator draws on one core. Each
         # chunk has a generator of its own, so chunks are drawn ahead in worker threads (torch lets
         # go of the GIL) while this thread adds them up in chunk order: the same numbers and the
-        # same sums as drawing them one after another. Each draw goes into a reused buffer and is
-        # scaled in place (no new [chunk, k] allocation, no temporaries of `2b - 1` or `b * s`).
-        starts = list(range(0, d, CHUNK))
-        ahead = min(len(starts), MAX_DRAW_THREADS, torch.get_num_threads())  # the job's thread budget
-        buffers = [torch.empty(min(CHUNK, d), k) for _ in range(ahead)]
-
-        def draw(j: int) -> torch.Tensor:
-            block = buffers[j % ahead][: min(CHUNK, d - starts[j])]  # [chunk, k]
-            gen = _generator(cfg.seed, component_index, j)
-            if cfg.kind == "gaussian":
-                block.normal_(generator=gen)
-            else:
-                torch.randint(0, 2, block.shape, generator=gen, out=block)
-                block.mul_(2).sub_(1)
-            return block.mul_(scale)
-
-        def drawn() -> Iterator[torch.Tensor]:  # the blocks in chunk order
-            if ahead == 1:  # (no thread for a component of one chunk, or a one-thread job)
-                yield from map(draw, range(len(starts)))
-                return
-            with ThreadPoolExecutor(ahead) as pool:
-                pending = [pool.submit(draw, j) for j in range(ahead)]
-                for j in range(len(starts)):
-                    yield pending[j].result()
-                    if j + ahead < len(starts):  # block j has been added: its buffer is free again
-                        pending.append(pool.submit(draw, j + ahead))
-
-        for block, start in zip(drawn(), starts):  # (drawn first: its pool closes when it ends)
-            out += x[:, start : start + block.shape[0]] @ block
-    elif cfg.kind == "sjlt":  # sum of `nonzeros` independent count sketches
-        scale = cfg.nonzeros**-0.5 if cfg.normalized else 1.0
+        # same sums as drawing them one after another.
+        starts = range(0, d, CHUNK)
+        for b, start in zip(_drawn([(block, j) for j in range(len(starts))], d), starts):
+            out += x[:, start : start + b.shape[0]] @ b
+    else:  # sjlt: the sum of `nonzeros` independent count sketches
         for rep in range(cfg.nonzeros):
-            sketch = CountSketch(d, k, cfg.seed, (component_index, rep))
+            sketch = CountSketch(d, block.k, cfg.seed, (component_index, rep))
             if scratch is None:
-                sketch.add(out, 0, x, scale)
+                sketch.add(out, 0, x, _scale(cfg, block.k))
             else:  # the same products, signed in place in the reused buffer
-                sketch.add(out, 0, scratch[: x.numel()].view(n, d).copy_(x), scale, overwrite=True)
-    else:
-        raise ValueError(f"unknown projection kind {cfg.kind!r} (allowed: gaussian, rademacher, sjlt)")
+                sketch.add(out, 0, scratch[: x.numel()].view(n, d).copy_(x), _scale(cfg, block.k), overwrite=True)
     return out
+
+
+def _drawn(draws: list[tuple[Block, int]], d: int) -> Iterator[torch.Tensor]:
+    """The numbers of each (block, chunk) of `draws`, in that order, drawn up to MAX_DRAW_THREADS
+    ahead in worker threads, each into a reused buffer (no new [chunk, k] memory per draw): a
+    yielded block is valid until the next one is asked for."""
+    if not draws:
+        return
+    ahead = min(len(draws), MAX_DRAW_THREADS, torch.get_num_threads())  # the job's thread budget
+    widest = max(b.k for b, _ in draws)
+    ring = [torch.empty(min(CHUNK, d) * widest) for _ in range(ahead)]
+
+    def draw(t: int) -> torch.Tensor:
+        block, j = draws[t]
+        rows = min(CHUNK, d - j * CHUNK)
+        return _draw(block, j, ring[t % ahead][: rows * block.k].view(rows, block.k))
+
+    if ahead == 1:  # (no thread for a single draw, or a one-thread job)
+        yield from map(draw, range(len(draws)))
+        return
+    with ThreadPoolExecutor(ahead) as pool:
+        pending = [pool.submit(draw, t) for t in range(ahead)]
+        for t in range(len(draws)):
+            yield pending[t].result()
+            if t + ahead < len(draws):  # draw t has been used: its buffer is free again
+                pending.append(pool.submit(draw, t + ahead))
+
+
+def project_many(x: torch.Tensor, blocks: list[Block]) -> tuple[list[torch.Tensor], list[float]]:
+    """[project_component(x, b.index, b.cfg, b.k) for b in blocks], bit for bit, and the seconds
+    spent on each, from one sweep over the columns of x [n, d_c] (one per sketch repetition).
+
+    Each chunk of columns is read from memory once and used by every block while it is in cache:
+    at 135M parameters x is hundreds of MB a component, and reading it once per projection (12
+    of them: 2 methods at 3 k and 2 seeds) cost more than the projections. Every block still
+    adds its chunks in column order, and a sketch repetition its chunks after the previous
+    repetition's, so each sum is the one `project_component` makes. Chunks are drawn in this
+    thread: the sweep keeps the cores busy without worker threads, and with them it ran slower on
+    2 cores."""
+    for b in blocks:
+        _check_kind(b.cfg)
+    x = x.to(torch.float32)
+    n, d = x.shape
+    outs = [torch.zeros(n, b.k, dtype=torch.float32) for b in blocks]
+    seconds = [0.0] * len(blocks)
+    starts = range(0, d, CHUNK)
+    drawn = [i for i, b in enumerate(blocks) if b.cfg.kind != "sjlt"]
+    sketched = [i for i, b in enumerate(blocks) if b.cfg.kind == "sjlt"]
+    signed = torch.empty(n * min(CHUNK, d))  # a chunk's signed copy, for each sketch in turn
+    numbers = torch.empty(min(CHUNK, d) * max([1] + [blocks[i].k for i in drawn]))  # a chunk's draw, in turn
+    for rep in range(max([1] + [blocks[i].cfg.nonzeros for i in sketched])):
+        sketches = {
+            i: CountSketch(d, blocks[i].k, blocks[i].cfg.seed, (blocks[i].index, rep))
+            for i in sketched
+            if blocks[i].cfg.nonzeros > rep
+        }
+        for j, start in enumerate(starts):
+            xs = x[:, start : start + CHUNK]  # [n, chunk]
+            if rep == 0:
+                for i in drawn:
+                    tick = time.perf_counter()
+                    outs[i] += xs @ _draw(blocks[i], j, numbers[: xs.shape[1] * blocks[i].k].view(-1, blocks[i].k))
+                    seconds[i] += time.perf_counter() - tick
+            for i, sketch in sketches.items():
+                tick = time.perf_counter()
+                chunk = signed[: xs.numel()].view(xs.shape).copy_(xs)
+                sketch.add(outs[i], start, chunk, _scale(blocks[i].cfg, blocks[i].k), overwrite=True)
+                seconds[i] += time.perf_counter() - tick
+    return outs, seconds
 
 
 class Projector:
@@ -200,14 +275,24 @@ class Projector:
             self.offsets = np.concatenate([[0], np.cumsum(self.dims)]).tolist()
             self.out_dim = int(self.offsets[-1])
 
+    def block(self, component_index: int) -> Block:
+        """What component `component_index` contributes: its block of the projection."""
+        if self.dims is None:
+            return Block(self.cfg, component_index, self.cfg.k)
+        return Block(self.cfg, component_index, self.dims[component_index])
+
+    def put(self, out: np.ndarray, component_index: int, y: torch.Tensor) -> None:
+        """out [n, out_dim] += y [n, k], the component's projected rows, where they go."""
+        if self.dims is None:
+            out += y.numpy()
+        else:
+            out[:, self.offsets[component_index] : self.offsets[component_index + 1]] += y.numpy()
+
     def add(self, out: np.ndarray, component_index: int, x: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
         """out [n, out_dim] += the contribution of component `component_index`'s rows x [n, d_c]
         (scratch: see `project_component`)."""
-        if self.dims is None:
-            out += project_component(x, component_index, self.cfg, scratch=scratch).numpy()
-        else:
-            lo, hi = self.offsets[component_index], self.offsets[component_index + 1]
-            out[:, lo:hi] += project_component(x, component_index, self.cfg, k=hi - lo, scratch=scratch).numpy()
+        b = self.block(component_index)
+        self.put(out, component_index, project_component(x, b.index, self.cfg, k=b.k, scratch=scratch))
 
 
 def project_store(

@@ -7,9 +7,11 @@ layer's gradient as its factors (inputs and output gradients, tokens x (d_in + d
 where that is smaller than the formed d_out x d_in, other components formed. A full group is then
 projected one component at a time: the component's gradients are formed ([group, d_c], by the
 product the extractor forms them with) and every projection adds its block
-(`tdabench.projection.Projector`). A Gaussian or Rademacher block is drawn once per group and
-component, and drawing is most of a block-wise projection's time at 135M parameters, so a larger
-budget means fewer draws; the numbers do not depend on it.
+(`tdabench.projection.Projector`), all of them from one sweep over the formed gradients
+(`project_many`: each chunk read from memory once). A Gaussian or Rademacher block is drawn once
+per group and component, and drawing is much of a block-wise projection's time at 135M
+parameters, so a larger budget means fewer draws; the numbers depend on it only through float32
+rounding (a product rounds by how many rows it multiplies).
 
 Each projection's result is what `project_store` computes from a cache of the same gradients:
 the same blocks (drawn from the seed, the component's index and the chunk), applied to the same
@@ -30,7 +32,7 @@ import torch
 from tdabench.extraction import Extraction
 from tdabench.models import Encoded
 from tdabench.numerics import PAD_MULTIPLE
-from tdabench.projection import ProjectionConfig, Projector
+from tdabench.projection import ProjectionConfig, Projector, project_many
 from tdabench.representation import Factors, Representation
 from tdabench.streaming import check_budget
 
@@ -119,24 +121,25 @@ def project_from_model(
     tokens = padded_tokens([e for p in parts for e in p])
     factored = held_factored(extraction, needed, tokens)
     widest = max(dims[n] for n in needed)
-    # Held: its gradients as held, plus its rows of two reused [group, widest] buffers (the formed
-    # component, and a sketch's signed copy of it).
-    per_sample = sample_bytes(extraction, needed, factored, tokens) + 8.0 * widest
+    # Held: its gradients as held, plus its row of the reused [group, widest] buffer each
+    # component is formed in.
+    per_sample = sample_bytes(extraction, needed, factored, tokens) + 4.0 * widest
     check_budget(memory_gb, per_sample, "one sample's gradient, held and formed")
     group_rows = min(n_samples, max(1, int(memory_gb * 1e9 // per_sample)))
     projections = [_projection(p, names, dims, n_samples) for p in plans]
     report = ProjectionReport(group_rows=group_rows, factored=factored)
     extractor = extraction.extractor(needed)
-    buffers: list[torch.Tensor] = []  # [formed, scratch], sized by the largest group (fresh memory
-    # from the OS on every call would cost page faults on every component of every group)
+    formed_buf = torch.empty(0)  # sized by the largest group (fresh memory from the OS on every
+    # call would cost page faults on every component of every group)
 
     held: list[tuple[int, dict[str, Representation]]] = []  # (first row, a batch's gradients)
 
     def flush() -> None:
+        nonlocal formed_buf
         first, rows = held[0][0], row - held[0][0]
-        if not buffers or buffers[0].numel() < rows * widest:
-            buffers[:] = [torch.empty(rows * widest), torch.empty(rows * widest)]
-        formed_buf, scratch = buffers
+        if formed_buf.numel() < rows * widest:
+            formed_buf = torch.empty(0)  # (freed before the larger one is made)
+            formed_buf = torch.empty(rows * widest)
         for i, name in enumerate(needed):
             tick = time.perf_counter()
             grads = formed_buf[: rows * dims[name]].view(rows, dims[name])  # [group, d_c] formed
@@ -150,11 +153,13 @@ def project_from_model(
                     grads[at : at + size] = rep.tensor
                 at += size
             report.extract_seconds += time.perf_counter() - tick
-            for p in projections:
-                if name in p.index:
-                    tick = time.perf_counter()
-                    p.projector.add(p.out[first : first + rows], p.index[name], grads, scratch)
-                    p.seconds += time.perf_counter() - tick
+            # every projection's block at once: each chunk of the formed gradients read once
+            takers = [p for p in projections if name in p.index]
+            ys, seconds = project_many(grads, [p.projector.block(p.index[name]) for p in takers])
+            for p, y, spent in zip(takers, ys, seconds):
+                tick = time.perf_counter()
+                p.projector.put(p.out[first : first + rows], p.index[name], y)
+                p.seconds += spent + time.perf_counter() - tick
             if progress is not None:  # this component's share of the group's rows
                 progress.update(rows * (i + 1) // len(needed) - rows * i // len(needed))
         held.clear()

@@ -329,6 +329,7 @@ class Streamer:
         ways = self._plan(tokens, pps)
         report = StreamReport(ways=ways, tokens=tokens, pairs_per_sample=pps, n_units=len(chunks), chunk_queries=chunk)
         _start(progress, len(chunks))
+        t_sq = None  # [C, T] the training examples' squared norms: the first pass computes them
         with self._writers(sinks, ways, len(chunks)) as (writers, done):
             report.units_resumed = int(np.logical_and.reduce(done).sum())
             for u, part in enumerate(chunks):
@@ -340,7 +341,7 @@ class Streamer:
                 held = self._hold(queries, part, position, q0, q1, chunk)  # {component: [chunk, ...]}
                 report.samples_computed += sum(rows.stop - rows.start for rows, _ in part) + n_t
                 q_sq = np.stack([held[n].self_dots().cpu().numpy() for n in self.names])  # [C, chunk]
-                t_sq, dot = self._pass(held, train[t_rows])
+                t_sq, dot = self._pass(held, train[t_rows], t_sq)
                 del held  # before the next chunk is held: one chunk at a time
                 for writer, d, a in zip(writers, done, at):
                     if d[u]:
@@ -360,15 +361,20 @@ class Streamer:
         self._blocks = None
         return report
 
-    def _pass(self, held: dict[str, Representation], train: Sequence[Encoded]) -> tuple[np.ndarray, np.ndarray]:
-        """One pass of `train` against a held chunk -> (train_sqnorm [C, T], dot [C, chunk, T])."""
+    def _pass(
+        self, held: dict[str, Representation], train: Sequence[Encoded], t_sq: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One pass of `train` against a held chunk -> (train_sqnorm [C, T], dot [C, chunk, T]).
+        t_sq: the norms from an earlier pass (the same numbers: not computed again), or None."""
         n_q = held[self.names[0]].rows
-        t_sq = np.zeros((len(self.names), len(train)))
+        fresh = t_sq is None
+        t_sq = np.zeros((len(self.names), len(train))) if fresh else t_sq
         dot = np.zeros((len(self.names), n_q, len(train)))
         for rows, reps in self.represent(train, reuse=True):
             for ci, n in enumerate(self.names):
                 t = reps[n].ready()  # factors converted once, used for norms and every query
-                t_sq[ci, rows] = t.self_dots().cpu().numpy()
+                if fresh:
+                    t_sq[ci, rows] = t.self_dots().cpu().numpy()
                 dot[ci, :, rows] = held[n].gram(t).cpu().numpy()
         return t_sq, dot
 

@@ -29,7 +29,9 @@ def test_each_component_set_is_extracted_once_and_shared_by_the_methods_that_nee
     names = extraction.names
     greedy = names[:2]
     rows = [{"split": 0, "kind": "single", "component": c, "chosen": i == 2} for i, c in enumerate(names)]
-    rows += [{"split": 0, "kind": "greedy", "component": c, "chosen": i == 1, "step": i + 1} for i, c in enumerate(names)]
+    rows += [
+        {"split": 0, "kind": "greedy", "component": c, "chosen": i == 1, "step": i + 1} for i, c in enumerate(names)
+    ]
     # budget 0.5 keeps the greedy set itself; budget 0.1 a prefix of one
     rows += [
         {"split": 0, "kind": "budget", "component": c, "chosen": i == kept - 1, "step": i + 1, "budget": budget}
@@ -56,7 +58,10 @@ def test_each_component_set_is_extracted_once_and_shared_by_the_methods_that_nee
     }
     greedy_s = by[("greedy", None, None)]["extract_seconds"]
     assert greedy_s > 0
-    for key in [("greedy_budget", "budget 0.5", None), *[("select_then_project", "select_then_project", k) for k in (2, 4)]]:
+    for key in [
+        ("greedy_budget", "budget 0.5", None),
+        *[("select_then_project", "select_then_project", k) for k in (2, 4)],
+    ]:
         assert by[key]["extract_seconds"] == greedy_s  # the greedy set's one measurement
     for key in [("projection", "sjlt", 2), ("projection", "sjlt", 4)]:
         assert by[key]["extract_seconds"] == by[("full", None, None)]["extract_seconds"]

@@ -155,6 +155,23 @@ def test_dense_stream_equals_the_cached_store(tmp_path, way, memory_gb):
     assert report.samples_computed == report.n_units * N_TRAIN + N_QUERY
 
 
+def test_training_examples_held_as_factors_in_groups_give_the_cached_store(tmp_path):
+    """A model wide enough that a batch's factors take under half its formed gradients: the dense
+    pass holds its training examples as factors, several batches at a time, and forms each
+    component for the whole group (one wider product with the held queries)."""
+    model = tiny_llama(hidden=128, intermediate=256)
+    extraction = Extraction(model, ExtractionConfig(("q", "v", "down", "norm"), 2, None, 0, None))
+    train, queries = examples(N_TRAIN, 1), examples(N_QUERY, 2)
+    gt = np.random.default_rng(3).integers(0, N_TRAIN, N_QUERY)
+    want = cached_store(extraction, train, queries, gt, tmp_path / "cached.h5")
+    report = streamed_store(extraction, train, queries, gt, tmp_path / "s.h5", ways=MATERIALISED)
+    assert report.train_group_rows >= 4  # two batches of 2 or more a group
+    assert_same_numbers(load_similarity(tmp_path / "s.h5"), want, rtol=1e-9)
+    mixed = streamed_store(extraction, train, queries, gt, tmp_path / "f.h5", ways=FACTORED)  # factors kept as such
+    assert mixed.train_group_rows == report.train_group_rows
+    assert_same_numbers(load_similarity(tmp_path / "f.h5"), want, rtol=1e-6)
+
+
 def test_candidate_stream_equals_the_cached_store_and_sketches_are_recorded(tmp_path):
     extraction, train, queries, gt = setup(cap=100)
     cand = candidates_of(gt)

@@ -48,7 +48,7 @@ from tdabench.gradients import iter_batches
 from tdabench.models import Encoded, collate
 from tdabench.plan import shard_rows
 from tdabench.producer import Report, SimilarityProducer, Target
-from tdabench.representation import Collector, Dense, Representation, concat
+from tdabench.representation import Collector, Dense, Factors, Representation, concat
 from tdabench.similarity import Header, SimilarityWriter
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class StreamReport(Report):
     pairs_per_sample: float
     samples_computed: int = 0  # forward/backward passes of one sample, summed
     chunk_queries: int | None = None  # dense: queries held per chunk
+    train_group_rows: int | None = None  # dense: training examples formed and multiplied at once
     extra: dict = field(default_factory=dict)
 
 
@@ -330,6 +331,8 @@ class Streamer:
         report = StreamReport(ways=ways, tokens=tokens, pairs_per_sample=pps, n_units=len(chunks), chunk_queries=chunk)
         _start(progress, len(chunks))
         t_sq = None  # [C, T] the training examples' squared norms: the first pass computes them
+        groups = self._group_batches(train[t_rows])
+        report.train_group_rows = max(g[-1][0].stop - g[0][0].start for g in groups)
         with self._writers(sinks, ways, len(chunks)) as (writers, done):
             report.units_resumed = int(np.logical_and.reduce(done).sum())
             for u, part in enumerate(chunks):
@@ -341,7 +344,7 @@ class Streamer:
                 held = self._hold(queries, part, position, q0, q1, chunk)  # {component: [chunk, ...]}
                 report.samples_computed += sum(rows.stop - rows.start for rows, _ in part) + n_t
                 q_sq = np.stack([held[n].self_dots().cpu().numpy() for n in self.names])  # [C, chunk]
-                t_sq, dot = self._pass(held, train[t_rows], t_sq)
+                t_sq, dot = self._pass(held, groups, t_sq)
                 del held  # before the next chunk is held: one chunk at a time
                 for writer, d, a in zip(writers, done, at):
                     if d[u]:
@@ -362,21 +365,87 @@ class Streamer:
         return report
 
     def _pass(
-        self, held: dict[str, Representation], train: Sequence[Encoded], t_sq: np.ndarray | None
+        self, held: dict[str, Representation], groups: list[list[tuple[slice, dict]]], t_sq: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """One pass of `train` against a held chunk -> (train_sqnorm [C, T], dot [C, chunk, T]).
-        t_sq: the norms from an earlier pass (the same numbers: not computed again), or None."""
-        n_q = held[self.names[0]].rows
+        """One pass of the training batches (`_group_batches`) against a held chunk ->
+        (train_sqnorm [C, T], dot [C, chunk, T]). t_sq: the norms from an earlier pass (the same
+        numbers: not computed again), or None."""
+        n_q, n_t = held[self.names[0]].rows, groups[-1][-1][0].stop
         fresh = t_sq is None
-        t_sq = np.zeros((len(self.names), len(train))) if fresh else t_sq
-        dot = np.zeros((len(self.names), n_q, len(train)))
-        for rows, reps in self.represent(train, reuse=True):
+        t_sq = np.zeros((len(self.names), n_t)) if fresh else t_sq
+        dot = np.zeros((len(self.names), n_q, n_t))
+        for parts in self._training(groups):
             for ci, n in enumerate(self.names):
-                t = reps[n].ready()  # factors converted once, used for norms and every query
-                if fresh:
-                    t_sq[ci, rows] = t.self_dots().cpu().numpy()
-                dot[ci, :, rows] = held[n].gram(t).cpu().numpy()
+                for rows, rep in parts(n):
+                    t = rep.ready()  # factors converted once, used for norms and every query
+                    if fresh:
+                        t_sq[ci, rows] = t.self_dots().cpu().numpy()
+                    dot[ci, :, rows] = held[n].gram(t).cpu().numpy()
         return t_sq, dot
+
+    def _training(
+        self, groups: list[list[tuple[slice, dict]]]
+    ) -> Iterator[Callable[[str], list[tuple[slice, Representation]]]]:
+        """The training examples of one pass, a group of batches at a time: per group, a function
+        giving a component's [(rows, representation)].
+
+        On the host every factorable component comes back from the model as factors, and those
+        planned materialised are formed one component at a time for the whole group, into one
+        reused [group, d_c] buffer, with the extractor's own product (the same gradients as
+        formed in the pass). Held as factors, a group of several batches takes less memory than
+        one batch of formed gradients, and each held query is read once per group rather than
+        once per batch: its products with the group are one wider product (faster per pair)."""
+        if self.on_device:  # formed in the pass, batch by batch, and kept on the device
+            for rows, batch in (b for group in groups for b in group):
+                reps = self.extraction.represent(batch, factored=self.factored, on_device=True)
+                yield lambda n, rows=rows, reps=reps: [(rows, reps[n])]
+            return
+        factors = self.extraction.factorable()
+        formed_later = set(factors) - set(self.factored)
+        formed_now = [n for n in self.names if n not in factors]  # (into buffers reused group after group)
+        extractor = self.extraction.extractor()
+        dims = dict(zip(self.names, self.extraction.stored_dims))
+        width = max([dims[n] for n in formed_later], default=0)
+        rows_max = max(group[-1][0].stop - group[0][0].start for group in groups)
+        formed = torch.empty(rows_max * width)  # [group, d_c] of one component at a time
+        buffers = self.extraction.buffers(rows_max, formed_now)
+        for group in groups:
+            first, stop = group[0][0].start, group[-1][0].stop
+            reps = []
+            for rows, batch in group:
+                out = {n: b[rows.start - first : rows.stop - first] for n, b in buffers.items()}
+                reps.append((rows, self.extraction.represent(batch, out=out, factored=factors)))
+
+            def parts(n: str, reps=reps, first=first, stop=stop) -> list[tuple[slice, Representation]]:
+                if n in formed_now:
+                    return [(slice(first, stop), Dense(buffers[n][: stop - first]))]
+                if n not in formed_later:  # planned factored: products batch by batch, as factors
+                    return [(rows, r[n]) for rows, r in reps]
+                grads = formed[: (stop - first) * dims[n]].view(stop - first, dims[n])
+                for rows, r in reps:
+                    rep, at = r.pop(n), slice(rows.start - first, rows.stop - first)
+                    if isinstance(rep, Factors):
+                        extractor.form(n, rep, out=grads[at])
+                    else:  # (a layer the batched pass gave up on comes back formed by the loop)
+                        grads[at] = rep.tensor
+                return [(slice(first, stop), Dense(grads))]
+
+            yield parts
+            del reps
+
+    def _group_batches(self, train: Sequence[Encoded]) -> list[list[tuple[slice, dict]]]:
+        """The training batches (rows, padded batch) in groups that hold, as factors, at most half
+        what one batch of formed gradients would (at least one batch a group; on a GPU, one)."""
+        batches = list(self.extraction.batches(train, self.pad_id))
+        if self.on_device:
+            return [[b] for b in batches]
+        factors = self.extraction.factorable()
+        ways = {n: FACTORED if n in factors else MATERIALISED for n in self.names}
+        tokens = max((b["input_ids"].shape[1] for _, b in batches), default=1)
+        formed = bytes_per_sample(self.extraction, dict.fromkeys(self.names, MATERIALISED), tokens)
+        held = bytes_per_sample(self.extraction, ways, tokens)
+        per_group = max(1, int(formed // (2 * held)))
+        return [batches[i : i + per_group] for i in range(0, len(batches), per_group)]
 
     def _hold(self, queries, part, position, q0: int, q1: int, capacity: int) -> dict[str, Representation]:
         """A chunk's query representations, one per component, rows in store order [q0, q1):

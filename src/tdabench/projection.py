@@ -164,12 +164,10 @@ def project_component(
     component_index: int,
     cfg: ProjectionConfig,
     k: int | None = None,
-    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """P_c x for rows x [n, d_c] of component `component_index` -> [n, k] float32 (k = cfg.k unless given).
-    scratch: a float32 buffer of at least x.numel() elements for the sketch's signed copy of x (a
-    temporary this large is fresh memory from the OS on every call: page faults cost more than the
-    sketch). `project_many` computes several at once, with the same numbers."""
+    """P_c x for rows x [n, d_c] of component `component_index` -> [n, k] float32 (k = cfg.k unless
+    given): one projection, the obvious way. `project_many` computes several at once, with the
+    same numbers."""
     block = Block(cfg, component_index, cfg.k if k is None else k)
     _check_kind(cfg)
     x = x.to(torch.float32)
@@ -185,11 +183,7 @@ def project_component(
             out += x[:, start : start + b.shape[0]] @ b
     else:  # sjlt: the sum of `nonzeros` independent count sketches
         for rep in range(cfg.nonzeros):
-            sketch = CountSketch(d, block.k, cfg.seed, (component_index, rep))
-            if scratch is None:
-                sketch.add(out, 0, x, _scale(cfg, block.k))
-            else:  # the same products, signed in place in the reused buffer
-                sketch.add(out, 0, scratch[: x.numel()].view(n, d).copy_(x), _scale(cfg, block.k), overwrite=True)
+            CountSketch(d, block.k, cfg.seed, (component_index, rep)).add(out, 0, x, _scale(cfg, block.k))
     return out
 
 
@@ -288,11 +282,10 @@ class Projector:
         else:
             out[:, self.offsets[component_index] : self.offsets[component_index + 1]] += y.numpy()
 
-    def add(self, out: np.ndarray, component_index: int, x: torch.Tensor, scratch: torch.Tensor | None = None) -> None:
-        """out [n, out_dim] += the contribution of component `component_index`'s rows x [n, d_c]
-        (scratch: see `project_component`)."""
+    def add(self, out: np.ndarray, component_index: int, x: torch.Tensor) -> None:
+        """out [n, out_dim] += the contribution of component `component_index`'s rows x [n, d_c]."""
         b = self.block(component_index)
-        self.put(out, component_index, project_component(x, b.index, self.cfg, k=b.k, scratch=scratch))
+        self.put(out, component_index, project_component(x, b.index, self.cfg, k=b.k))
 
 
 def project_store(

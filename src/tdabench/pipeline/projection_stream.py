@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
 from tdabench.contracts import SelectedStreamParams, StreamProjectionParams
 from tdabench.data.sources import read_queries, read_train
 from tdabench.models import model_fingerprint
@@ -108,7 +106,7 @@ def main_selected_stream(job: JobContext, mlrun) -> None:
                 for seed in p.seeds:
                     keys.append((setting, split, k, seed, names))
                     plans.append(Plan(ProjectionConfig(p.select_kind, k, seed, p.nonzeros), tuple(names)))
-    outs, seconds = [np.zeros((0, 0))] * len(plans), [0.0] * len(plans)
+    outs, seconds = [], []  # (no plan: every file is written empty)
     n_train, n = len(train_ids), len(train_ids) + len(query_ids)
     if plans:
         outs, report = _run(kit, parts, plans, p.memory_gb, f"select-then-project ({', '.join(p.settings)})")

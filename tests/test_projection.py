@@ -163,7 +163,7 @@ def test_many_projections_in_one_sweep_are_each_projection_bit_for_bit(monkeypat
     ]
     want = [project_component(x, b.index, b.cfg, k=b.k) for b in blocks]  # one projection at a time
     saved = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the draws run ahead in up to this many threads
+    torch.set_num_threads(threads)  # (the numbers may not depend on the threads)
     try:
         got, seconds = project_many(x, blocks)
     finally:

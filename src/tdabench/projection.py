@@ -217,13 +217,13 @@ def project_many(x: torch.Tensor, blocks: list[Block]) -> tuple[list[torch.Tenso
     """[project_component(x, b.index, b.cfg, b.k) for b in blocks], bit for bit, and the seconds
     spent on each, from one sweep over the columns of x [n, d_c] (one per sketch repetition).
 
-    Each chunk of columns is read from memory once and used by every block while it is in cache:
-    at 135M parameters x is hundreds of MB a component, and reading it once per projection (12
-    of them: 2 methods at 3 k and 2 seeds) cost more than the projections. Every block still
-    adds its chunks in column order, and a sketch repetition its chunks after the previous
+    Each chunk of columns is read from memory once and used by every block while it is in cache,
+    rather than the whole of x (hundreds of MB a component at 135M parameters) once per
+    projection, and scratch memory is chunk-sized. On SmolLM2 this saved no measurable time: the
+    scatter-adds, the draws and the skinny products dominate (docs/benchmarks.md). Every block
+    still adds its chunks in column order, and a sketch repetition its chunks after the previous
     repetition's, so each sum is the one `project_component` makes. Chunks are drawn in this
-    thread: the sweep keeps the cores busy without worker threads, and with them it ran slower on
-    2 cores."""
+    thread: with worker threads drawing ahead the sweep ran slower on 2 cores."""
     for b in blocks:
         _check_kind(b.cfg)
     x = x.to(torch.float32)

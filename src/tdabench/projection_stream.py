@@ -8,7 +8,7 @@ where that is smaller than the formed d_out x d_in, other components formed. A f
 projected one component at a time: the component's gradients are formed ([group, d_c], by the
 product the extractor forms them with) and every projection adds its block
 (`tdabench.projection.Projector`), all of them from one sweep over the formed gradients
-(`project_many`: each chunk read from memory once). A Gaussian or Rademacher block is drawn once
+(`project_many`). A Gaussian or Rademacher block is drawn once
 per group and component, and drawing is much of a block-wise projection's time at 135M
 parameters, so a larger budget means fewer draws; the numbers depend on it only through float32
 rounding (a product rounds by how many rows it multiplies).
@@ -153,7 +153,7 @@ def project_from_model(
                     grads[at : at + size] = rep.tensor
                 at += size
             report.extract_seconds += time.perf_counter() - tick
-            # every projection's block at once: each chunk of the formed gradients read once
+            # every projection's block from one sweep over the formed gradients
             takers = [p for p in projections if name in p.index]
             ys, seconds = project_many(grads, [p.projector.block(p.index[name]) for p in takers])
             for p, y, spent in zip(takers, ys, seconds):

@@ -48,9 +48,14 @@ def test_the_gradients_benchmark_runs_every_contender_and_its_peers_agree_with_t
 def test_projection_and_greedy_benchmarks_run(capsys):
     main(["projections", "--dim", "4096", "--samples", "4", "--k", "64", "--rounds", "2"])
     main(["greedy", "--components", "6", "--queries", "20", "--rounds", "2"])
+    main(["sweep", "--samples", "5", "--layers", "2", "--hidden", "64", "--kv", "16", "--intermediate", "96"])
     out = capsys.readouterr().out
     for name in ("ours_gaussian", "ours_rademacher", "ours_sjlt", "greedy top1", "greedy mrr", "greedy rho"):
         assert name in out, out
+    for name in ("one_at_a_time", "sweep_unshared", "sweep "):
+        assert name in out, out
+    worst = float(out.split("one sweep vs one at a time: worst |diff| / max |value| = ")[1].split()[0])
+    assert worst < 1e-5
 
 
 def test_store_benchmark_interleaves_writing_and_completes_the_store(capsys):

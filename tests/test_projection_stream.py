@@ -11,7 +11,7 @@ from tdabench.projection_stream import Plan, held_factored, padded_tokens, proje
 from tdabench.store import GradientStore, GradientStoreWriter
 
 from helpers import tiny_llama
-from test_streaming import examples
+from test_streaming import VOCAB, examples
 
 COMPONENTS = ("q", "v", "down", "lm_head", "norm")  # linear weights, the head, RMSNorm (vmap)
 
@@ -46,8 +46,13 @@ def plans(names, selected):
 
 
 @pytest.mark.parametrize("cap, memory_gb", [(None, 1.0), (None, 2e-4), (300, 1e-4)])
-def test_streamed_projections_are_the_cached_ones(tmp_path, cap, memory_gb):
-    """Budgets: one group; a group a batch (factors formed per batch); count-sketched components."""
+def test_streamed_projections_are_the_cached_ones(tmp_path, monkeypatch, cap, memory_gb):
+    """Budgets: one group; a group a batch (factors formed per batch); count-sketched components.
+    One group, each block in a product of its own: bit for bit."""
+    import tdabench.projection as P
+
+    if memory_gb == 1.0:
+        monkeypatch.setattr(P, "FUSED_COLUMNS", 1)  # (narrow blocks sharing a product round as it rounds)
     extraction = Extraction(model(), ExtractionConfig(COMPONENTS, 4, cap, 0, None))
     parts = [examples(11, 1), examples(7, 2)]
     names = extraction.names
@@ -65,8 +70,32 @@ def test_streamed_projections_are_the_cached_ones(tmp_path, cap, memory_gb):
             assert out.shape == want.shape
             if report.groups == 1:  # the same rows in every product: the same bits
                 np.testing.assert_array_equal(out, want, err_msg=str(plan.cfg))
-            else:  # a product's rounding depends on how many rows it multiplies at once
+            else:  # a product's rounding depends on how many rows and columns it multiplies at once
                 np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(), err_msg=str(plan.cfg))
+
+
+def test_groups_hold_as_many_samples_as_their_batches_lengths_allow(tmp_path):
+    """The budget is spent on what each batch holds at its own padded length: short batches fill
+    a group with more samples than the longest sample's size would allow."""
+    from tdabench.models import Encoded
+    from tdabench.projection_stream import sample_bytes
+
+    extraction = Extraction(model(), ExtractionConfig(COMPONENTS, 2, None, 0, None))
+    g = np.random.default_rng(5)
+    short = [Encoded([int(t) for t in g.integers(1, VOCAB, 5)], [-100] + [1] * 4, 1, False) for _ in range(8)]
+    long = [Encoded([int(t) for t in g.integers(1, VOCAB, 16)], [-100] + [1] * 15, 1, False) for _ in range(2)]
+    parts = [short + long]
+    names = extraction.names
+    factored = held_factored(extraction, names, padded_tokens(long))
+    widest = max(extraction.stored_dims)
+    at_longest = sample_bytes(extraction, names, factored, padded_tokens(long)) + 4.0 * widest
+    plan = [Plan(method_config("gaussian", 8, 0), tuple(names)), Plan(method_config("sjlt", 8, 0), tuple(names))]
+    got, report = project_from_model(extraction, 0, parts, plan, 4.5 * at_longest / 1e9)  # 4 samples at the longest
+    assert report.group_rows >= 6 and report.groups >= 2
+    with cached(extraction, parts, tmp_path / "g.h5") as store:
+        for p, out in zip(plan, got):
+            want = project_store(store, p.cfg)
+            np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
 def test_linear_layers_are_held_as_factors_where_that_is_smaller():

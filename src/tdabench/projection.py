@@ -22,11 +22,13 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
 CHUNK = 8192  # columns of a Gaussian block generated at once (fixed: results never depend on memory)
+FUSED_COLUMNS = 256  # Gaussian/Rademacher blocks narrower than this share one product per chunk
 MAX_DRAW_THREADS = 4  # chunks drawn at once, at most (each holds a [CHUNK, k] buffer); same result for any
 
 
@@ -214,46 +216,103 @@ def _drawn(draws: list[tuple[Block, int]], d: int) -> Iterator[torch.Tensor]:
 
 
 def project_many(x: torch.Tensor, blocks: list[Block]) -> tuple[list[torch.Tensor], list[float]]:
-    """[project_component(x, b.index, b.cfg, b.k) for b in blocks], bit for bit, and the seconds
-    spent on each, from one sweep over the columns of x [n, d_c] (one per sketch repetition).
+    """[project_component(x, b.index, b.cfg, b.k) for b in blocks] and the seconds spent on each,
+    from one sweep over the columns of x [n, d_c] (one per sketch repetition).
 
     Each chunk of columns is read from memory once and used by every block while it is in cache,
-    rather than the whole of x (hundreds of MB a component at 135M parameters) once per
-    projection, and scratch memory is chunk-sized. On SmolLM2 this saved no measurable time: the
-    scatter-adds, the draws and the skinny products dominate (docs/benchmarks.md). Every block
-    still adds its chunks in column order, and a sketch repetition its chunks after the previous
-    repetition's, so each sum is the one `project_component` makes. Chunks are drawn in this
-    thread: with worker threads drawing ahead the sweep ran slower on 2 cores."""
+    and scratch memory is chunk-sized. Gaussian and Rademacher blocks narrower than
+    `FUSED_COLUMNS` (a block-wise projection's blocks: a few dozen columns at 135M parameters)
+    share one product per chunk, their numbers drawn side by side by worker threads: skinny
+    products run at a fraction of the machine's speed, and one generator draws on one core
+    (docs/benchmarks.md). A shared block's numbers are its own draws, but its sums round as the
+    wider product rounds them (float32; MKL takes another path for a few columns), so it equals
+    `project_component`'s to float32 rounding; every other block, and every count sketch, bit
+    for bit. Every block adds its chunks in column order, and a sketch repetition its chunks
+    after the previous repetition's."""
     for b in blocks:
         _check_kind(b.cfg)
     x = x.to(torch.float32)
     n, d = x.shape
+    rows = min(CHUNK, d)  # of a full chunk
     outs = [torch.zeros(n, b.k, dtype=torch.float32) for b in blocks]
     seconds = [0.0] * len(blocks)
-    starts = range(0, d, CHUNK)
-    drawn = [i for i, b in enumerate(blocks) if b.cfg.kind != "sjlt"]
     sketched = [i for i, b in enumerate(blocks) if b.cfg.kind == "sjlt"]
-    signed = torch.empty(n * min(CHUNK, d))  # a chunk's signed copy, for each sketch in turn
-    numbers = torch.empty(min(CHUNK, d) * max([1] + [blocks[i].k for i in drawn]))  # a chunk's draw, in turn
-    for rep in range(max([1] + [blocks[i].cfg.nonzeros for i in sketched])):
-        sketches = {
-            i: CountSketch(d, blocks[i].k, blocks[i].cfg.seed, (blocks[i].index, rep))
-            for i in sketched
-            if blocks[i].cfg.nonzeros > rep
-        }
-        for j, start in enumerate(starts):
-            xs = x[:, start : start + CHUNK]  # [n, chunk]
-            if rep == 0:
-                for i in drawn:
+    products = _fused([(i, b.k) for i, b in enumerate(blocks) if b.cfg.kind != "sjlt"])
+    widths = [sum(k for _, k in p) for p in products]
+    numbers = torch.empty(rows * max([1] + widths))  # a product's numbers, side by side
+    drawn = torch.empty(rows * max([1] + [w for p, w in zip(products, widths) if len(p) > 1]))  # drawn whole
+    signed = torch.empty(n * rows)  # a chunk's signed copy, for each sketch in turn
+    workers = min(MAX_DRAW_THREADS, torch.get_num_threads())
+    shares = [_shares(p, workers) for p in products]
+    with ThreadPoolExecutor(workers) as pool:
+        for rep in range(max([1] + [blocks[i].cfg.nonzeros for i in sketched])):
+            sketches = {
+                i: CountSketch(d, blocks[i].k, blocks[i].cfg.seed, (blocks[i].index, rep))
+                for i in sketched
+                if blocks[i].cfg.nonzeros > rep
+            }
+            for j, start in enumerate(range(0, d, CHUNK)):
+                xs = x[:, start : start + CHUNK]  # [n, chunk]
+                for product, width, share in zip(products, widths, shares) if rep == 0 else ():
                     tick = time.perf_counter()
-                    outs[i] += xs @ _draw(blocks[i], j, numbers[: xs.shape[1] * blocks[i].k].view(-1, blocks[i].k))
+                    fused = numbers[: xs.shape[1] * width].view(-1, width)  # [chunk, width]
+                    if len(product) == 1:  # drawn in place: the product project_component makes
+                        _draw(blocks[product[0][0]], j, fused)
+                    else:
+                        members = [blocks[i] for i, _ in product]
+                        list(pool.map(partial(_place, members, j, fused, drawn), share))
+                    y = xs @ fused  # [n, width]
+                    spent = time.perf_counter() - tick
+                    at = 0
+                    for i, k in product:
+                        outs[i] += y[:, at : at + k]
+                        seconds[i] += spent * k / width  # (a shared product's time, by width)
+                        at += k
+                for i, sketch in sketches.items():
+                    tick = time.perf_counter()
+                    chunk = signed[: xs.numel()].view(xs.shape).copy_(xs)
+                    sketch.add(outs[i], start, chunk, _scale(blocks[i].cfg, blocks[i].k), overwrite=True)
                     seconds[i] += time.perf_counter() - tick
-            for i, sketch in sketches.items():
-                tick = time.perf_counter()
-                chunk = signed[: xs.numel()].view(xs.shape).copy_(xs)
-                sketch.add(outs[i], start, chunk, _scale(blocks[i].cfg, blocks[i].k), overwrite=True)
-                seconds[i] += time.perf_counter() - tick
     return outs, seconds
+
+
+def _shares(product: list[tuple[int, int]], workers: int) -> list[list[tuple[int, int, int]]]:
+    """A shared product's draws split between `workers` threads, balanced by width: per thread,
+    (member, width, first column) triples."""
+    shares: list[list[tuple[int, int, int]]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    at = 0
+    for member, (_, k) in enumerate(product):
+        t = load.index(min(load))
+        shares[t].append((member, k, at))
+        load[t] += k
+        at += k
+    return [s for s in shares if s]
+
+
+def _place(members: list[Block], j: int, fused: torch.Tensor, drawn: torch.Tensor, share) -> None:
+    """Draw chunk j of the members in `share` whole and place each in its columns of `fused`
+    [chunk, width] (a column slice would be drawn in another order). Run in a worker thread: each
+    block has its own generator, so the numbers do not depend on which thread draws them."""
+    rows = fused.shape[0]
+    for member, k, at in share:
+        fused[:, at : at + k] = _draw(members[member], j, drawn[rows * at : rows * (at + k)].view(rows, k))
+
+
+def _fused(blocks: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """(block, width) pairs in products that each multiply a chunk once: narrow blocks side by
+    side, in order, up to FUSED_COLUMNS wide together; a wider block on its own."""
+    products: list[list[tuple[int, int]]] = []
+    open_: list[tuple[int, int]] = []  # the narrow blocks' product being filled (in products too)
+    for i, k in blocks:
+        if k >= FUSED_COLUMNS:
+            products.append([(i, k)])
+            continue
+        if not open_ or sum(w for _, w in open_) + k > FUSED_COLUMNS:
+            open_ = []
+            products.append(open_)
+        open_.append((i, k))
+    return products
 
 
 class Projector:

@@ -2,7 +2,8 @@
 no gradient cache, and no sample's gradient is ever held whole beside the others.
 
 The samples (training examples, then queries) go through the model batch by batch, as the
-gradients stage batches them, and are held in groups as large as `memory_gb` allows: a linear
+gradients stage batches them, and are held in groups as large as `memory_gb` allows (each batch
+counted at its own padded length): a linear
 layer's gradient as its factors (inputs and output gradients, tokens x (d_in + d_out) a sample)
 where that is smaller than the formed d_out x d_in, other components formed. A full group is then
 projected one component at a time: the component's gradients are formed ([group, d_c], by the
@@ -11,7 +12,7 @@ product the extractor forms them with) and every projection adds its block
 (`project_many`). A Gaussian or Rademacher block is drawn once
 per group and component, and drawing is much of a block-wise projection's time at 135M
 parameters, so a larger budget means fewer draws; the numbers depend on it only through float32
-rounding (a product rounds by how many rows it multiplies).
+rounding (a product rounds by how many rows it multiplies, and narrow blocks share products).
 
 Each projection's result is what `project_store` computes from a cache of the same gradients:
 the same blocks (drawn from the seed, the component's index and the chunk), applied to the same
@@ -53,7 +54,7 @@ class ProjectionReport:
     seconds: float = 0.0  # the whole pass
     extract_seconds: float = 0.0  # forward/backward and forming the gradients
     groups: int = 0
-    group_rows: int = 0
+    group_rows: int = 0  # the largest group's samples
     factored: list[str] = field(default_factory=list)
     plan_seconds: list[float] = field(default_factory=list)  # per plan: its projection time
 
@@ -100,6 +101,18 @@ def sample_bytes(extraction: Extraction, names: Sequence[str], factored: Sequenc
     return 4.0 * sum(tokens * sum(shapes[n]) if n in factored else dims[n] for n in names)
 
 
+def _group_starts(batch_bytes: Sequence[float], budget: float) -> set[int]:
+    """The batches that open a group: batches in order, each group as many as `budget` bytes hold
+    (at least one)."""
+    starts, held = {0}, 0.0
+    for i, size in enumerate(batch_bytes):
+        if held and held + size > budget:
+            starts.add(i)
+            held = 0.0
+        held += size
+    return starts
+
+
 def project_from_model(
     extraction: Extraction,
     pad_id: int,
@@ -121,13 +134,23 @@ def project_from_model(
     tokens = padded_tokens([e for p in parts for e in p])
     factored = held_factored(extraction, needed, tokens)
     widest = max(dims[n] for n in needed)
-    # Held: its gradients as held, plus its row of the reused [group, widest] buffer each
-    # component is formed in.
-    per_sample = sample_bytes(extraction, needed, factored, tokens) + 4.0 * widest
-    check_budget(memory_gb, per_sample, "one sample's gradient, held and formed")
-    group_rows = min(n_samples, max(1, int(memory_gb * 1e9 // per_sample)))
+
+    def held_bytes(length: int) -> float:
+        # a sample of a batch padded to `length` tokens: its gradients as held, plus its row of
+        # the reused [group, widest] buffer each component is formed in
+        return sample_bytes(extraction, needed, factored, length) + 4.0 * widest
+
+    check_budget(memory_gb, held_bytes(tokens), "one sample's gradient, held and formed")
+    starts = _group_starts(
+        [
+            b["input_ids"].shape[0] * held_bytes(b["input_ids"].shape[1])
+            for p in parts
+            for _, b in extraction.batches(p, pad_id)
+        ],
+        memory_gb * 1e9,
+    )
     projections = [_projection(p, names, dims, n_samples) for p in plans]
-    report = ProjectionReport(group_rows=group_rows, factored=factored)
+    report = ProjectionReport(factored=factored)
     extractor = extraction.extractor(needed)
     formed_buf = torch.empty(0)  # sized by the largest group (fresh memory from the OS on every
     # call would cost page faults on every component of every group)
@@ -164,13 +187,15 @@ def project_from_model(
                 progress.update(rows * (i + 1) // len(needed) - rows * i // len(needed))
         held.clear()
         report.groups += 1
+        report.group_rows = max(report.group_rows, rows)
 
-    row = 0
+    row, number = 0, 0  # rows and batches so far
     for examples in parts:
         for _, batch in extraction.batches(examples, pad_id):
             size = batch["input_ids"].shape[0]
-            if held and row - held[0][0] + size > group_rows:
+            if held and number in starts:
                 flush()
+            number += 1
             tick = time.perf_counter()
             reps = extraction.represent(batch, needed, factored=factored)
             report.extract_seconds += time.perf_counter() - tick

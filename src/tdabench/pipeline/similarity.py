@@ -105,6 +105,8 @@ def main_stream(job: JobContext, mlrun) -> None:
         report.pairs_per_sample,
         f", {report.chunk_queries} queries per chunk" if report.chunk_queries else "",
     )
+    if report.train_group_rows:
+        log.info("training examples formed and multiplied %d at a time", report.train_group_rows)
     counts = Counter(report.ways.values())
     mlrun.log_metrics(
         {
@@ -120,6 +122,7 @@ def main_stream(job: JobContext, mlrun) -> None:
             "seconds": report.seconds,
             "seconds_per_query": report.seconds / max(n_queries, 1),
             "pairs_per_sample": report.pairs_per_sample,
+            **({"train_group_rows": report.train_group_rows} if report.train_group_rows else {}),
             **(check.metrics if check else {}),
         }
     )

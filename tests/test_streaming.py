@@ -76,9 +76,20 @@ def cached_store(extraction, train, queries, gt, path, candidates=None):
 
 
 def streamed_store(
-    extraction, train, queries, gt, path, layout="dense", candidates=None, memory_gb=1.0, shard=0, shards=1, ways=None
+    extraction,
+    train,
+    queries,
+    gt,
+    path,
+    layout="dense",
+    candidates=None,
+    memory_gb=1.0,
+    shard=0,
+    shards=1,
+    ways=None,
+    spill=True,
 ):
-    producer = StreamProducer(extraction, 0, StreamSpec(layout, memory_gb, shard, shards), queries, train)
+    producer = StreamProducer(extraction, 0, StreamSpec(layout, memory_gb, shard, shards, spill), queries, train)
     query_ids, train_ids = [f"queries{i}" for i in range(len(queries))], [f"train{i}" for i in range(len(train))]
     if ways is not None:  # force one way where it is possible
         import tdabench.streaming as s
@@ -152,7 +163,34 @@ def test_dense_stream_equals_the_cached_store(tmp_path, way, memory_gb):
     assert got.component_way == [way if n in factorable else MATERIALISED for n in got.components]
     assert got.component_method == ["exact"] * len(got.components) and got.attrs["source"] == "stream"
     assert report.n_units == (1 if memory_gb == 1.0 else 2)  # at least one whole batch of 4 per chunk
-    assert report.samples_computed == report.n_units * N_TRAIN + N_QUERY
+    assert report.samples_computed == N_TRAIN + N_QUERY  # later passes read the training examples from disk
+    assert list(tmp_path.iterdir()) and not list(tmp_path.glob(".*.spill"))
+
+
+@pytest.mark.parametrize("way", [MATERIALISED, FACTORED])
+def test_later_passes_read_the_training_examples_back_from_disk_bit_for_bit(tmp_path, monkeypatch, way):
+    """Several passes (a batch of queries a chunk): with the training examples kept on disk after
+    the first pass, without (turned off; too little disk free), the same bits; only the first
+    pass runs them through the model."""
+    import tdabench.streaming as streaming
+
+    memory_gb = smallest_memory_gb(tmp_path)
+    extraction, train, queries, gt = setup()
+    kept = streamed_store(extraction, train, queries, gt, tmp_path / "kept.h5", memory_gb=memory_gb, ways=way)
+    off = streamed_store(
+        extraction, train, queries, gt, tmp_path / "off.h5", memory_gb=memory_gb, ways=way, spill=False
+    )
+    monkeypatch.setattr(streaming, "fits", lambda directory, need: (False, 0.0))
+    full = streamed_store(extraction, train, queries, gt, tmp_path / "full.h5", memory_gb=memory_gb, ways=way)
+    assert kept.n_units >= 2 and kept.spill_gb > 0 and off.spill_gb == 0 and full.spill_gb == 0
+    assert kept.samples_computed == N_TRAIN + N_QUERY
+    assert off.samples_computed == full.samples_computed == kept.n_units * N_TRAIN + N_QUERY
+    want = load_similarity(tmp_path / "off.h5")
+    for name in ("kept", "full"):
+        got = load_similarity(tmp_path / f"{name}.h5")
+        for field in ("dot", "query_sqnorm", "train_sqnorm"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    assert not list(tmp_path.glob(".*.spill"))  # removed when the job ends
 
 
 def test_training_examples_held_as_factors_in_groups_give_the_cached_store(tmp_path):
@@ -268,6 +306,8 @@ def test_a_killed_pass_resumes_to_the_same_file_contents(tmp_path, layout):
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     for n in names:
         assert not (tmp_path / f"resumed{n}").exists() and (tmp_path / f".resumed{n}.partial").exists()
+    left = sorted(p.name for p in tmp_path.glob(".*.spill"))  # the training examples kept on disk
+    assert left == ([f".resumed{names[0]}.spill"] if layout == "dense" else [])
     script = KILL.format(**args, kill_after=-1, straight=str(tmp_path / "straight"))
     resumed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
@@ -277,6 +317,7 @@ def test_a_killed_pass_resumes_to_the_same_file_contents(tmp_path, layout):
         for name in ("dot", "query_sqnorm", "train_sqnorm"):
             np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
         assert a.query_ids == b.query_ids and not (tmp_path / f".resumed{n}.partial").exists()
+    assert not list(tmp_path.glob(".*.spill"))
 
 
 @pytest.mark.parametrize("layout", ["dense", "candidates"])

@@ -50,6 +50,7 @@ from tdabench.plan import shard_rows
 from tdabench.producer import Report, SimilarityProducer, Target
 from tdabench.representation import Collector, Dense, Factors, Representation, concat
 from tdabench.similarity import Header, SimilarityWriter
+from tdabench.spill import Spill, fits, spill_directory
 
 log = logging.getLogger(__name__)
 LAYOUTS = ("dense", "candidates")
@@ -61,6 +62,7 @@ class StreamSpec:
     memory_gb: float  # representations held at once: a dense chunk of queries, a candidate unit
     shard: int = 0  # this job's training shard (0-based) ...
     shards: int = 1  # ... of this many near-equal contiguous shards
+    spill: bool = True  # dense, on the host: keep the training examples on disk between passes (tdabench.spill)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class StreamReport(Report):
     samples_computed: int = 0  # forward/backward passes of one sample, summed
     chunk_queries: int | None = None  # dense: queries held per chunk
     train_group_rows: int | None = None  # dense: training examples formed and multiplied at once
+    spill_gb: float = 0.0  # dense: training examples written to disk for the later passes (tdabench.spill)
     extra: dict = field(default_factory=dict)
 
 
@@ -333,8 +336,10 @@ class Streamer:
         t_sq = None  # [C, T] the training examples' squared norms: the first pass computes them
         groups = self._group_batches(train[t_rows])
         report.train_group_rows = max(g[-1][0].stop - g[0][0].start for g in groups)
-        with self._writers(sinks, ways, len(chunks)) as (writers, done):
+        with self._writers(sinks, ways, len(chunks)) as (writers, done), self._spill(sinks[0].out, groups) as spill:
             report.units_resumed = int(np.logical_and.reduce(done).sum())
+            if spill is not None and len(chunks) - report.units_resumed < 2:  # one pass: nothing to read back
+                spill = None
             for u, part in enumerate(chunks):
                 if all(d[u] for d in done):
                     _tick(progress)
@@ -342,9 +347,10 @@ class Streamer:
                 q0 = position[int(part[0][1][0])]
                 q1 = position[int(part[-1][1][-1])] + 1  # the chunk's queries: positions [q0, q1)
                 held = self._hold(queries, part, position, q0, q1, chunk)  # {component: [chunk, ...]}
-                report.samples_computed += sum(rows.stop - rows.start for rows, _ in part) + n_t
+                report.samples_computed += sum(rows.stop - rows.start for rows, _ in part)
                 q_sq = np.stack([held[n].self_dots().cpu().numpy() for n in self.names])  # [C, chunk]
-                t_sq, dot = self._pass(held, groups, t_sq)
+                t_sq, dot, computed = self._pass(held, groups, t_sq, spill)
+                report.samples_computed += computed
                 del held  # before the next chunk is held: one chunk at a time
                 for writer, d, a in zip(writers, done, at):
                     if d[u]:
@@ -361,30 +367,71 @@ class Streamer:
                         train_sqnorm=t_sq,
                     )
                 _tick(progress)
+            report.spill_gb = spill.bytes / 1e9 if spill is not None else 0.0
         self._blocks = None
         return report
 
+    @contextlib.contextmanager
+    def _spill(self, out: str | Path, groups: list[list[tuple[slice, dict]]]) -> Iterator[Spill | None]:
+        """The job's `Spill` of training examples (removed when the job ends), or None: on a
+        GPU (the model is fast there, and its results stay on the device), when turned off, or
+        when the disk has less than twice their size free."""
+        if self.on_device or not self.spec.spill:
+            yield None
+            return
+        factors = set(self.extraction.factorable())
+        ways = {n: FACTORED if n in factors else MATERIALISED for n in self.names}
+        need = sum(
+            (rows.stop - rows.start) * bytes_per_sample(self.extraction, ways, batch["input_ids"].shape[1])
+            for group in groups
+            for rows, batch in group
+        )
+        directory = spill_directory(out)
+        ok, free = fits(directory, need)
+        if not ok:
+            log.info(
+                "training examples not kept on disk between passes: %.1f GB needed twice, %.1f GB free at %s",
+                need / 1e9,
+                free / 1e9,
+                directory.parent,
+            )
+            yield None
+            return
+        spill = Spill(directory)
+        log.info("training examples kept on disk between passes (about %.1f GB, %s)", need / 1e9, directory)
+        try:
+            yield spill
+        finally:
+            spill.close()
+
     def _pass(
-        self, held: dict[str, Representation], groups: list[list[tuple[slice, dict]]], t_sq: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self,
+        held: dict[str, Representation],
+        groups: list[list[tuple[slice, dict]]],
+        t_sq: np.ndarray | None,
+        spill: Spill | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, int]:
         """One pass of the training batches (`_group_batches`) against a held chunk ->
-        (train_sqnorm [C, T], dot [C, chunk, T]). t_sq: the norms from an earlier pass (the same
-        numbers: not computed again), or None."""
+        (train_sqnorm [C, T], dot [C, chunk, T], training examples run through the model). t_sq:
+        the norms from an earlier pass (the same numbers: not computed again), or None."""
         n_q, n_t = held[self.names[0]].rows, groups[-1][-1][0].stop
         fresh = t_sq is None
         t_sq = np.zeros((len(self.names), n_t)) if fresh else t_sq
         dot = np.zeros((len(self.names), n_q, n_t))
-        for parts in self._training(groups):
+        computed = sum(  # through the model: those the spill does not hold yet
+            g[-1][0].stop - g[0][0].start for key, g in enumerate(groups) if spill is None or key not in spill.saved
+        )
+        for parts in self._training(groups, spill):
             for ci, n in enumerate(self.names):
                 for rows, rep in parts(n):
                     t = rep.ready()  # factors converted once, used for norms and every query
                     if fresh:
                         t_sq[ci, rows] = t.self_dots().cpu().numpy()
                     dot[ci, :, rows] = held[n].gram(t).cpu().numpy()
-        return t_sq, dot
+        return t_sq, dot, computed
 
     def _training(
-        self, groups: list[list[tuple[slice, dict]]]
+        self, groups: list[list[tuple[slice, dict]]], spill: Spill | None = None
     ) -> Iterator[Callable[[str], list[tuple[slice, Representation]]]]:
         """The training examples of one pass, a group of batches at a time: per group, a function
         giving a component's [(rows, representation)].
@@ -394,7 +441,9 @@ class Streamer:
         reused [group, d_c] buffer, with the extractor's own product (the same gradients as
         formed in the pass). Held as factors, a group of several batches takes less memory than
         one batch of formed gradients, and each held query is read once per group rather than
-        once per batch: its products with the group are one wider product (faster per pair)."""
+        once per batch: its products with the group are one wider product (faster per pair).
+        With a `spill`, a group it holds is read back from disk rather than run through the
+        model, and one it lacks is written there once computed."""
         if self.on_device:  # formed in the pass, batch by batch, and kept on the device
             for rows, batch in (b for group in groups for b in group):
                 reps = self.extraction.represent(batch, factored=self.factored, on_device=True)
@@ -409,12 +458,20 @@ class Streamer:
         rows_max = max(group[-1][0].stop - group[0][0].start for group in groups)
         formed = torch.empty(rows_max * width)  # [group, d_c] of one component at a time
         buffers = self.extraction.buffers(rows_max, formed_now)
-        for group in groups:
+        for key, group in enumerate(groups):
             first, stop = group[0][0].start, group[-1][0].stop
-            reps = []
-            for rows, batch in group:
-                out = {n: b[rows.start - first : rows.stop - first] for n, b in buffers.items()}
-                reps.append((rows, self.extraction.represent(batch, out=out, factored=factors)))
+            if spill is not None and key in spill.saved:
+                reps = spill.load(key)
+                for rows, r in reps:  # formed ones into the buffers, as the model pass puts them
+                    for n in formed_now:
+                        buffers[n][rows.start - first : rows.stop - first] = r.pop(n).tensor
+            else:
+                reps = []
+                for rows, batch in group:
+                    out = {n: b[rows.start - first : rows.stop - first] for n, b in buffers.items()}
+                    reps.append((rows, self.extraction.represent(batch, out=out, factored=factors)))
+                if spill is not None:
+                    spill.save(key, reps)
 
             def parts(n: str, reps=reps, first=first, stop=stop) -> list[tuple[slice, Representation]]:
                 if n in formed_now:

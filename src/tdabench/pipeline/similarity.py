@@ -107,6 +107,8 @@ def main_stream(job: JobContext, mlrun) -> None:
     )
     if report.train_group_rows:
         log.info("training examples formed and multiplied %d at a time", report.train_group_rows)
+    if report.spill_gb:
+        log.info("training examples read back from disk after the first pass: %.1f GB written", report.spill_gb)
     counts = Counter(report.ways.values())
     mlrun.log_metrics(
         {
@@ -123,6 +125,7 @@ def main_stream(job: JobContext, mlrun) -> None:
             "seconds_per_query": report.seconds / max(n_queries, 1),
             "pairs_per_sample": report.pairs_per_sample,
             **({"train_group_rows": report.train_group_rows} if report.train_group_rows else {}),
+            "spill_gb": report.spill_gb,
             **(check.metrics if check else {}),
         }
     )

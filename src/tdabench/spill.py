@@ -4,14 +4,14 @@ A dense streamed similarity job makes one pass over its training examples per ch
 queries (`tdabench.streaming`). On the host the training examples come back from the model as
 factors (a linear layer's inputs and output gradients), a few times smaller than the formed
 gradients: for SmolLM2-135M at 57 tokens about 70 MB a sample, against 424 MB formed. `Spill`
-writes each group of them to a file during the first pass, and the later passes read the group
-back instead of running the model again: the same tensors, so the same numbers, bit for bit.
-Reading a group is a sequential read of a file the page cache often still holds; running it
-through the model is a forward and backward pass per sample.
+keeps them on disk, a file per group of batches and component, so that every pass reads one
+component of all the training examples at a time instead of running the model again: the same
+tensors, so the same gradients. Reading a component is a read of files the page cache often
+still holds; running the examples through the model is a forward and backward pass per sample.
 
-The files live in one directory beside the job's output, named after it, written to a temporary
-name and then renamed (a killed job leaves no file that looks whole), and removed when the job
-ends, however it ends; a rerun of a killed job removes what it left first.
+The files live in one directory beside the job's output, named after it, each written to a
+temporary name and then renamed (a killed job leaves no file that looks whole), and the directory
+is removed when the job ends, however it ends; a rerun of a killed job removes what it left first.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ Group = list[tuple[slice, dict[str, Representation]]]  # (rows, {component: repr
 
 
 class Spill:
-    """A directory of groups of representations, keyed by the group's place in the pass."""
+    """A directory of groups of representations, keyed by the group's place in the pass: one file
+    per group and component, so that a pass can read one component of every group at a time."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -40,32 +41,33 @@ class Spill:
         self.saved: set[int] = set()
         self.bytes = 0
 
-    def path(self, key: int) -> Path:
-        return self.directory / f"group-{key:05d}.pt"
+    def path(self, key: int, name: str) -> Path:
+        return self.directory / f"group-{key:05d}" / f"{name}.pt"
 
     def save(self, key: int, group: Group) -> None:
-        """Write a group: factors as they are, formed gradients copied out of any reused buffer
-        (a view would save the whole buffer)."""
-        batches = []
-        for rows, reps in group:
-            factors = {n: (r.x, r.g) for n, r in reps.items() if isinstance(r, Factors)}
-            formed = {n: r.tensor.clone() for n, r in reps.items() if isinstance(r, Dense)}
-            batches.append({"rows": (rows.start, rows.stop), "factors": factors, "formed": formed})
-        path, tmp = self.path(key), self.path(key).with_suffix(".tmp")
-        torch.save(batches, tmp)
-        os.replace(tmp, path)
+        """Write a group, a file per component: factors as they are, formed gradients copied out
+        of any reused buffer (a view would save the whole buffer)."""
+        (self.directory / f"group-{key:05d}").mkdir()
+        for name in group[0][1]:
+            batches = []
+            for rows, reps in group:
+                r = reps[name]
+                held = ("factors", r.x, r.g) if isinstance(r, Factors) else ("formed", r.tensor.clone())
+                batches.append(((rows.start, rows.stop), held))
+            path = self.path(key, name)
+            tmp = path.with_suffix(".tmp")
+            torch.save(batches, tmp)
+            os.replace(tmp, path)
+            self.bytes += path.stat().st_size
         self.saved.add(key)
-        self.bytes += path.stat().st_size
 
-    def load(self, key: int) -> Group:
-        """A saved group, as `save` was given it (tensors mapped from the file)."""
-        batches = torch.load(self.path(key), mmap=True, weights_only=True)
-        group: Group = []
-        for b in batches:
-            reps: dict[str, Representation] = {n: Factors(x, g) for n, (x, g) in b["factors"].items()}
-            reps.update({n: Dense(t) for n, t in b["formed"].items()})
-            group.append((slice(*b["rows"]), reps))
-        return group
+    def load(self, key: int, name: str) -> list[tuple[slice, Representation]]:
+        """One component of a saved group: (rows, representation) per batch, read into memory (a
+        mapped file would count in the job's resident memory for as long as it stays mapped)."""
+        out: list[tuple[slice, Representation]] = []
+        for (start, stop), held in torch.load(self.path(key, name), weights_only=True):
+            out.append((slice(start, stop), Factors(held[1], held[2]) if held[0] == "factors" else Dense(held[1])))
+        return out
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -4,7 +4,9 @@ squared norms with no gradient cache, at any model size (`similarity.source: str
 Layouts (tdabench.similarity):
 * dense — every query against every training example of this job's shard. Queries are taken in
   chunks whose representations fit `memory_gb`; the shard's training examples stream past each
-  chunk once, so a chunk costs one pass over the shard (larger chunks: fewer passes).
+  chunk once, so a chunk costs one pass over the shard (larger chunks: fewer passes). On the host
+  only the first pass runs them through the model: they are kept on disk and read back a
+  component at a time (tdabench.spill).
 * candidates — each query against its candidates only. A unit is as many queries as `memory_gb`
   holds, grouped by shared candidates (`group_queries`), plus the union of their candidates in
   this shard, computed in one batched pass (a shared candidate once).
@@ -413,25 +415,86 @@ class Streamer:
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """One pass of the training batches (`_group_batches`) against a held chunk ->
         (train_sqnorm [C, T], dot [C, chunk, T], training examples run through the model). t_sq:
-        the norms from an earlier pass (the same numbers: not computed again), or None."""
+        the norms from an earlier pass (the same numbers: not computed again), or None.
+
+        With a `spill`, the groups it lacks go through the model onto disk first, and the pass
+        then reads the training examples back one component at a time (`_from_disk`); without,
+        they come from the model a group at a time (`_training`)."""
         n_q, n_t = held[self.names[0]].rows, groups[-1][-1][0].stop
         fresh = t_sq is None
         t_sq = np.zeros((len(self.names), n_t)) if fresh else t_sq
         dot = np.zeros((len(self.names), n_q, n_t))
-        computed = sum(  # through the model: those the spill does not hold yet
-            g[-1][0].stop - g[0][0].start for key, g in enumerate(groups) if spill is None or key not in spill.saved
-        )
-        for parts in self._training(groups, spill):
+        if spill is None:
+            computed, source = n_t, self._training(groups)
+        else:
+            computed, source = self._fill(spill, groups), self._from_disk(spill, groups)
+        for parts in source:
             for ci, n in enumerate(self.names):
                 for rows, rep in parts(n):
                     t = rep.ready()  # factors converted once, used for norms and every query
                     if fresh:
                         t_sq[ci, rows] = t.self_dots().cpu().numpy()
                     dot[ci, :, rows] = held[n].gram(t).cpu().numpy()
+                    del rep, t
+            del parts  # (before the next group is made: one group at a time)
         return t_sq, dot, computed
 
+    def _fill(self, spill: Spill, groups: list[list[tuple[slice, dict]]]) -> int:
+        """Run the groups `spill` lacks through the model onto disk, one group at a time ->
+        training examples run through the model."""
+        factors = self.extraction.factorable()
+        computed = 0
+        for key, group in enumerate(groups):
+            if key in spill.saved:
+                continue
+            spill.save(key, [(rows, self.extraction.represent(batch, factored=factors)) for rows, batch in group])
+            computed += group[-1][0].stop - group[0][0].start
+        return computed
+
+    def _from_disk(
+        self, spill: Spill, groups: list[list[tuple[slice, dict]]]
+    ) -> Iterator[Callable[[str], Iterator[tuple[slice, Representation]]]]:
+        """The training examples of one pass read back from `spill`, all of them at once: one
+        function giving a component's (rows, representation). A component planned materialised
+        is formed for as many training examples as the group budget holds at its width (every
+        example of a SmolLM2 shard) with the extractor's own product, into one reused buffer, so
+        each held query block is converted to float64 once per pass and multiplied with them in
+        one wide product; one planned factored comes batch by batch, as factors."""
+        extractor = self.extraction.extractor()
+        dims = dict(zip(self.names, self.extraction.stored_dims))
+        n_t = groups[-1][-1][0].stop
+        rows_of = [g[-1][0].stop - g[0][0].start for g in groups]
+        budget = max(self._group_bytes(groups), 4.0 * max(dims.values()) * max(rows_of))  # bytes formed at once
+        formed = torch.empty(0)
+
+        def parts(n: str) -> Iterator[tuple[slice, Representation]]:
+            nonlocal formed
+            batches = (b for key in range(len(groups)) for b in spill.load(key, n))  # a group's file at a time
+            if n in self.factored:
+                yield from batches
+                return
+            at_once = min(n_t, max(1, int(budget // (4 * dims[n]))))  # training rows formed at once (>= a group's)
+            if formed.numel() < at_once * dims[n]:
+                formed = torch.empty(0)  # (freed before the larger one is made)
+                formed = torch.empty(at_once * dims[n])
+            grads = formed[: at_once * dims[n]].view(at_once, dims[n])  # [rows, d_c]
+            first = stop = 0
+            for rows, rep in batches:
+                if rows.stop - first > at_once:  # this batch opens the next product
+                    yield slice(first, stop), Dense(grads[: stop - first])
+                    first = rows.start
+                at = slice(rows.start - first, rows.stop - first)
+                if isinstance(rep, Factors):
+                    extractor.form(n, rep, out=grads[at])
+                else:  # not factorable, or a layer the batched pass gave up on (formed by the loop)
+                    grads[at] = rep.tensor
+                stop = rows.stop
+            yield slice(first, stop), Dense(grads[: stop - first])
+
+        yield parts
+
     def _training(
-        self, groups: list[list[tuple[slice, dict]]], spill: Spill | None = None
+        self, groups: list[list[tuple[slice, dict]]]
     ) -> Iterator[Callable[[str], list[tuple[slice, Representation]]]]:
         """The training examples of one pass, a group of batches at a time: per group, a function
         giving a component's [(rows, representation)].
@@ -441,9 +504,7 @@ class Streamer:
         reused [group, d_c] buffer, with the extractor's own product (the same gradients as
         formed in the pass). Held as factors, a group of several batches takes less memory than
         one batch of formed gradients, and each held query is read once per group rather than
-        once per batch: its products with the group are one wider product (faster per pair).
-        With a `spill`, a group it holds is read back from disk rather than run through the
-        model, and one it lacks is written there once computed."""
+        once per batch: its products with the group are one wider product (faster per pair)."""
         if self.on_device:  # formed in the pass, batch by batch, and kept on the device
             for rows, batch in (b for group in groups for b in group):
                 reps = self.extraction.represent(batch, factored=self.factored, on_device=True)
@@ -458,20 +519,12 @@ class Streamer:
         rows_max = max(group[-1][0].stop - group[0][0].start for group in groups)
         formed = torch.empty(rows_max * width)  # [group, d_c] of one component at a time
         buffers = self.extraction.buffers(rows_max, formed_now)
-        for key, group in enumerate(groups):
+        for group in groups:
             first, stop = group[0][0].start, group[-1][0].stop
-            if spill is not None and key in spill.saved:
-                reps = spill.load(key)
-                for rows, r in reps:  # formed ones into the buffers, as the model pass puts them
-                    for n in formed_now:
-                        buffers[n][rows.start - first : rows.stop - first] = r.pop(n).tensor
-            else:
-                reps = []
-                for rows, batch in group:
-                    out = {n: b[rows.start - first : rows.stop - first] for n, b in buffers.items()}
-                    reps.append((rows, self.extraction.represent(batch, out=out, factored=factors)))
-                if spill is not None:
-                    spill.save(key, reps)
+            reps = []
+            for rows, batch in group:
+                out = {n: b[rows.start - first : rows.stop - first] for n, b in buffers.items()}
+                reps.append((rows, self.extraction.represent(batch, out=out, factored=factors)))
 
             def parts(n: str, reps=reps, first=first, stop=stop) -> list[tuple[slice, Representation]]:
                 if n in formed_now:
@@ -488,7 +541,19 @@ class Streamer:
                 return [(slice(first, stop), Dense(grads))]
 
             yield parts
-            del reps
+            del reps, parts  # (the group goes before the next one is made)
+
+    def _group_bytes(self, groups: list[list[tuple[slice, dict]]]) -> float:
+        """The most memory a group of `_group_batches` holds as factors."""
+        factors = set(self.extraction.factorable())
+        ways = {n: FACTORED if n in factors else MATERIALISED for n in self.names}
+        return max(
+            sum(
+                (rows.stop - rows.start) * bytes_per_sample(self.extraction, ways, b["input_ids"].shape[1])
+                for rows, b in g
+            )
+            for g in groups
+        )
 
     def _group_batches(self, train: Sequence[Encoded]) -> list[list[tuple[slice, dict]]]:
         """The training batches (rows, padded batch) in groups that hold, as factors, at most half

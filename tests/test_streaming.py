@@ -186,7 +186,7 @@ def test_later_passes_read_the_training_examples_back_from_disk(tmp_path, monkey
 
     kept, off = run("kept"), run("off", spill=False)
     with monkeypatch.context() as m:  # products of at most one group's rows: several a component
-        m.setattr(streaming.Streamer, "_group_bytes", lambda self, groups: 1.0)
+        m.setattr(streaming.Streamer, "_held_bytes", lambda self, batch: 1.0)
         narrow = run("narrow")
     monkeypatch.setattr(streaming, "fits", lambda directory, need: (False, 0.0))
     full = run("full")

@@ -4,7 +4,7 @@ A dense streamed similarity job makes one pass over its training examples per ch
 queries (`tdabench.streaming`). On the host the training examples come back from the model as
 factors (a linear layer's inputs and output gradients), a few times smaller than the formed
 gradients: for SmolLM2-135M at 57 tokens about 70 MB a sample, against 424 MB formed. `Spill`
-keeps them on disk, a file per group of batches and component, so that every pass reads one
+keeps them on disk, a file per batch and component, so that every pass reads one
 component of all the training examples at a time instead of running the model again: the same
 tensors, so the same gradients. Reading a component is a read of files the page cache often
 still holds; running the examples through the model is a forward and backward pass per sample.
@@ -16,7 +16,6 @@ is removed when the job ends, however it ends; a rerun of a killed job removes w
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -25,14 +24,10 @@ import torch
 
 from tdabench.representation import Dense, Factors, Representation
 
-log = logging.getLogger(__name__)
-
-Group = list[tuple[slice, dict[str, Representation]]]  # (rows, {component: representation}) per batch
-
 
 class Spill:
-    """A directory of groups of representations, keyed by the group's place in the pass: one file
-    per group and component, so that a pass can read one component of every group at a time."""
+    """A directory of batches' representations, keyed by the batch's place in the pass: one file
+    per batch and component, so that a pass can read one component of every batch at a time."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -42,32 +37,26 @@ class Spill:
         self.bytes = 0
 
     def path(self, key: int, name: str) -> Path:
-        return self.directory / f"group-{key:05d}" / f"{name}.pt"
+        return self.directory / f"batch-{key:05d}" / f"{name}.pt"
 
-    def save(self, key: int, group: Group) -> None:
-        """Write a group, a file per component: factors as they are, formed gradients copied out
-        of any reused buffer (a view would save the whole buffer)."""
-        (self.directory / f"group-{key:05d}").mkdir()
-        for name in group[0][1]:
-            batches = []
-            for rows, reps in group:
-                r = reps[name]
-                held = ("factors", r.x, r.g) if isinstance(r, Factors) else ("formed", r.tensor.clone())
-                batches.append(((rows.start, rows.stop), held))
+    def save(self, key: int, rows: slice, reps: dict[str, Representation]) -> None:
+        """Write a batch's representations, a file per component: factors as they are, formed
+        gradients copied out of any reused buffer (a view would save the whole buffer)."""
+        (self.directory / f"batch-{key:05d}").mkdir()
+        for name, r in reps.items():
+            held = ("factors", r.x, r.g) if isinstance(r, Factors) else ("formed", r.tensor.clone())
             path = self.path(key, name)
             tmp = path.with_suffix(".tmp")
-            torch.save(batches, tmp)
+            torch.save(((rows.start, rows.stop), held), tmp)
             os.replace(tmp, path)
             self.bytes += path.stat().st_size
         self.saved.add(key)
 
-    def load(self, key: int, name: str) -> list[tuple[slice, Representation]]:
-        """One component of a saved group: (rows, representation) per batch, read into memory (a
-        mapped file would count in the job's resident memory for as long as it stays mapped)."""
-        out: list[tuple[slice, Representation]] = []
-        for (start, stop), held in torch.load(self.path(key, name), weights_only=True):
-            out.append((slice(start, stop), Factors(held[1], held[2]) if held[0] == "factors" else Dense(held[1])))
-        return out
+    def load(self, key: int, name: str) -> tuple[slice, Representation]:
+        """One component of a saved batch: (rows, representation), read into memory (a mapped
+        file would count in the job's resident memory for as long as it stays mapped)."""
+        (start, stop), held = torch.load(self.path(key, name), weights_only=True)
+        return slice(start, stop), Factors(held[1], held[2]) if held[0] == "factors" else Dense(held[1])
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

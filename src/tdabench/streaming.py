@@ -381,13 +381,7 @@ class Streamer:
         if self.on_device or not self.spec.spill:
             yield None
             return
-        factors = set(self.extraction.factorable())
-        ways = {n: FACTORED if n in factors else MATERIALISED for n in self.names}
-        need = sum(
-            (rows.stop - rows.start) * bytes_per_sample(self.extraction, ways, batch["input_ids"].shape[1])
-            for group in groups
-            for rows, batch in group
-        )
+        need = sum(self._held_bytes(batch) for group in groups for batch in group)
         directory = spill_directory(out)
         ok, free = fits(directory, need)
         if not ok:
@@ -440,15 +434,14 @@ class Streamer:
         return t_sq, dot, computed
 
     def _fill(self, spill: Spill, groups: list[list[tuple[slice, dict]]]) -> int:
-        """Run the groups `spill` lacks through the model onto disk, one group at a time ->
+        """Run the batches `spill` lacks through the model onto disk, one batch at a time ->
         training examples run through the model."""
         factors = self.extraction.factorable()
         computed = 0
-        for key, group in enumerate(groups):
-            if key in spill.saved:
-                continue
-            spill.save(key, [(rows, self.extraction.represent(batch, factored=factors)) for rows, batch in group])
-            computed += group[-1][0].stop - group[0][0].start
+        for key, (rows, batch) in enumerate(b for group in groups for b in group):
+            if key not in spill.saved:
+                spill.save(key, rows, self.extraction.represent(batch, factored=factors))
+                computed += rows.stop - rows.start
         return computed
 
     def _from_disk(
@@ -464,12 +457,13 @@ class Streamer:
         dims = dict(zip(self.names, self.extraction.stored_dims))
         n_t = groups[-1][-1][0].stop
         rows_of = [g[-1][0].stop - g[0][0].start for g in groups]
-        budget = max(self._group_bytes(groups), 4.0 * max(dims.values()) * max(rows_of))  # bytes formed at once
+        group_bytes = max(sum(self._held_bytes(batch) for batch in group) for group in groups)
+        budget = max(group_bytes, 4.0 * max(dims.values()) * max(rows_of))  # bytes formed at once
         formed = torch.empty(0)
 
         def parts(n: str) -> Iterator[tuple[slice, Representation]]:
             nonlocal formed
-            batches = (b for key in range(len(groups)) for b in spill.load(key, n))  # a group's file at a time
+            batches = (spill.load(key, n) for key in range(sum(map(len, groups))))  # a batch's file at a time
             if n in self.factored:
                 yield from batches
                 return
@@ -543,17 +537,13 @@ class Streamer:
             yield parts
             del reps, parts  # (the group goes before the next one is made)
 
-    def _group_bytes(self, groups: list[list[tuple[slice, dict]]]) -> float:
-        """The most memory a group of `_group_batches` holds as factors."""
+    def _held_bytes(self, batch: tuple[slice, dict]) -> float:
+        """The memory a training batch (rows, padded batch) holds as it comes back from the model
+        on the host: factorable components as factors, others formed."""
+        rows, padded = batch
         factors = set(self.extraction.factorable())
         ways = {n: FACTORED if n in factors else MATERIALISED for n in self.names}
-        return max(
-            sum(
-                (rows.stop - rows.start) * bytes_per_sample(self.extraction, ways, b["input_ids"].shape[1])
-                for rows, b in g
-            )
-            for g in groups
-        )
+        return (rows.stop - rows.start) * bytes_per_sample(self.extraction, ways, padded["input_ids"].shape[1])
 
     def _group_batches(self, train: Sequence[Encoded]) -> list[list[tuple[slice, dict]]]:
         """The training batches (rows, padded batch) in groups that hold, as factors, at most half

@@ -179,23 +179,25 @@ def test_later_passes_read_the_training_examples_back_from_disk(tmp_path, monkey
     memory_gb = smallest_memory_gb(tmp_path)
     extraction, train, queries, gt = setup()
 
-    def run(name, **kw):
-        return streamed_store(
-            extraction, train, queries, gt, tmp_path / f"{name}.h5", memory_gb=memory_gb, ways=way, **kw
-        )
+    def run(name, budget=memory_gb, **kw):
+        return streamed_store(extraction, train, queries, gt, tmp_path / f"{name}.h5", memory_gb=budget, ways=way, **kw)
 
     kept, off = run("kept"), run("off", spill=False)
     with monkeypatch.context() as m:  # products of at most one group's rows: several a component
         m.setattr(streaming.Streamer, "_held_bytes", lambda self, batch: 1.0)
         narrow = run("narrow")
+    with monkeypatch.context() as m:  # every factorable component's queries held as factors (larger here)
+        m.setattr(streaming.Streamer, "_formed_later", lambda self, q, b: self.extraction.factorable())
+        later = run("later", 1.5 * memory_gb)
     monkeypatch.setattr(streaming, "fits", lambda directory, need: (False, 0.0))
     full = run("full")
     assert kept.n_units >= 2 and kept.spill_gb > 0 and narrow.spill_gb > 0 and off.spill_gb == full.spill_gb == 0
-    assert kept.train_group_rows < N_TRAIN  # (so "narrow" multiplies fewer rows at a time than "kept")
-    assert kept.samples_computed == narrow.samples_computed == N_TRAIN + N_QUERY
+    assert narrow.train_group_rows < kept.train_group_rows == N_TRAIN  # several products a component
+    assert kept.samples_computed == narrow.samples_computed == later.samples_computed == N_TRAIN + N_QUERY
+    assert later.n_units >= 2
     assert off.samples_computed == full.samples_computed == kept.n_units * N_TRAIN + N_QUERY
     want = load_similarity(tmp_path / "off.h5")
-    for name in ("kept", "narrow", "full"):
+    for name in ("kept", "narrow", "later", "full"):
         got = load_similarity(tmp_path / f"{name}.h5")
         for field in ("query_sqnorm", "train_sqnorm"):
             np.testing.assert_array_equal(getattr(got, field), getattr(want, field))

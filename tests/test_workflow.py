@@ -539,11 +539,14 @@ def test_auto_streams_when_the_cache_would_not_fit_and_nothing_then_builds_it(st
     }
     stats = planned_with(root, cfg)
     assert stats["similarity_stream"] == 1 and stats["similarity_merge"] == 2  # one pass for both settings
-    assert stats["projection_stream"] == 1 and stats["project_selected_stream"] == 1  # projections too: a pass each
+    assert stats["projection_stream"] == 1 and stats["project_selected_stream"] == 1  # projections: one pass
     assert not {"gradients", "projection", "project_selected"} & set(stats)
-    # Only select-then-project: no full-gradient pass
+    # Only select-then-project: still the pass, which keeps the blocks select-then-project sums
     only_selected = {**cfg, "projection": {**MICRO["projection"], "methods": ["select_then_project"]}}
-    assert "projection_stream" not in planned_with(root, only_selected)
+    assert planned_with(root, only_selected)["projection_stream"] == 1
+    # No select-then-project: the pass keeps no blocks, and nothing sums them
+    no_selected = {**cfg, "projection": {**MICRO["projection"], "methods": ["sjlt"]}}
+    assert "project_selected_stream" not in planned_with(root, no_selected)
     # The same with room for the cache: auto keeps the cached path (nothing of it to redo)
     assert "similarity_stream" not in planned_with(root, {**cfg, "gradients": MICRO["gradients"]})
 

@@ -187,11 +187,14 @@ class ModelProjectionParams(ProjectionParams):
 @dataclass(frozen=True)
 class StreamProjectionParams(ModelProjectionParams):
     methods: tuple[str, ...] = key("projection.methods")  # one pass projects every full-gradient one
+    select_kind: str = key("projection.select_kind")  # ... and keeps this kind's blocks for select-then-project
 
 
 @dataclass(frozen=True)
-class SelectedStreamParams(ModelProjectionParams):
-    settings: tuple[str, ...] = key("dataset.settings")  # one pass projects every setting's selections
+class SelectedStreamParams(ProjectionParams):
+    """Select-then-project summed from the blocks projection_stream kept (tdabench.projection_parts)."""
+
+    settings: tuple[str, ...] = key("dataset.settings")
     select_kind: str = key("projection.select_kind")
 
 

@@ -110,6 +110,14 @@ def selected_projections(config: dict) -> list[str]:
     return [f"results/projection/select_then_project/{s}.h5" for s in settings(config)]
 
 
+def projection_parts(config: dict) -> list[str]:
+    """The blocks projection_stream keeps for select-then-project (tdabench.projection_parts),
+    when that method is requested."""
+    if "select_then_project" not in config["projection"]["methods"]:
+        return []
+    return ["results/projection/select_then_project/parts.h5"]
+
+
 def similarity_source(config: dict) -> str:
     """cache | stream: similarity.source, with auto resolved against the estimated gradient cache
     (over the tables' rows when they exist, else the config's estimate)."""

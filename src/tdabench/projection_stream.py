@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,7 +35,7 @@ from tdabench.models import Encoded
 from tdabench.numerics import PAD_MULTIPLE
 from tdabench.projection import ProjectionConfig, Projector, project_many
 from tdabench.representation import Factors, Representation
-from tdabench.streaming import check_budget
+from tdabench.streaming import check_budget, group_starts
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ class Plan:
 
     cfg: ProjectionConfig
     components: tuple[str, ...]
+    parts: bool = False  # also hand each component's block to `on_part` (select-then-project sums them)
 
 
 @dataclass
@@ -101,18 +102,6 @@ def sample_bytes(extraction: Extraction, names: Sequence[str], factored: Sequenc
     return 4.0 * sum(tokens * sum(shapes[n]) if n in factored else dims[n] for n in names)
 
 
-def _group_starts(batch_bytes: Sequence[float], budget: float) -> set[int]:
-    """The batches that open a group: batches in order, each group as many as `budget` bytes hold
-    (at least one)."""
-    starts, held = {0}, 0.0
-    for i, size in enumerate(batch_bytes):
-        if held and held + size > budget:
-            starts.add(i)
-            held = 0.0
-        held += size
-    return starts
-
-
 def project_from_model(
     extraction: Extraction,
     pad_id: int,
@@ -120,12 +109,14 @@ def project_from_model(
     plans: Sequence[Plan],
     memory_gb: float,
     progress=None,
+    on_part: Callable[[int, str, int, np.ndarray, float], None] | None = None,
 ) -> tuple[list[np.ndarray], ProjectionReport]:
     """Every plan's projection of the samples of `parts` (e.g. training examples, queries), rows in
     order, each part batched on its own -> ([n, out_dim] float32 per plan, report).
 
     progress: advanced by each sample twice, as it goes through the model and as its group is
-    projected (component by component): 2 n steps in all."""
+    projected (component by component): 2 n steps in all. on_part(plan, component, first row,
+    block [rows, k], seconds): each block of a plan with `parts` set, as it is added."""
     start = time.perf_counter()
     names = extraction.names
     needed = [n for n in names if any(n in p.components for p in plans)]
@@ -141,7 +132,7 @@ def project_from_model(
         return sample_bytes(extraction, needed, factored, length) + 4.0 * widest
 
     check_budget(memory_gb, held_bytes(tokens), "one sample's gradient, held and formed")
-    starts = _group_starts(
+    starts = group_starts(
         [
             b["input_ids"].shape[0] * held_bytes(b["input_ids"].shape[1])
             for p in parts
@@ -183,6 +174,8 @@ def project_from_model(
                 tick = time.perf_counter()
                 p.projector.put(p.out[first : first + rows], p.index[name], y)
                 p.seconds += spent + time.perf_counter() - tick
+                if p.plan.parts and on_part is not None:
+                    on_part(projections.index(p), name, first, y.numpy(), spent)
             if progress is not None:  # this component's share of the group's rows
                 progress.update(rows * (i + 1) // len(needed) - rows * i // len(needed))
         held.clear()

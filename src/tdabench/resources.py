@@ -24,7 +24,7 @@ CPU_FLOPS = 4e10  # effective FLOP/s of fwd+bwd on 2 CPU cores (SmolLM2-135M fin
 MIN_RUNTIME = 10  # minutes: start-up, imports, self-checks
 UNTRUNCATED_TOKENS = 4096  # tokens per example assumed when tokenize.max_length is null
 HUB_PARAMETERS = 1_000_000_000  # assumed for a hub name that is not on disk (set resources.model_parameters)
-STREAM_PROJECTION_RULES = ("projection_stream", "project_selected_stream")
+STREAM_PROJECTION_RULES = ("projection_stream",)
 GPU_RULES = ("pretrain", "finetune", "generate", "gradients", "similarity_stream", *STREAM_PROJECTION_RULES, "costs")
 MODEL_RULES = ("convert", *GPU_RULES)  # convert dequantises on the CPU
 

@@ -6,7 +6,8 @@ Layouts (tdabench.similarity):
   chunks whose representations fit `memory_gb`; the shard's training examples stream past each
   chunk once, so a chunk costs one pass over the shard (larger chunks: fewer passes). On the host
   only the first pass runs them through the model: they are kept on disk and read back a
-  component at a time (tdabench.spill).
+  component at a time (tdabench.spill), and the held queries are then kept as factors where
+  those are smaller, each component formed just before its products (`_query`).
 * candidates — each query against its candidates only. A unit is as many queries as `memory_gb`
   holds, grouped by shared candidates (`group_queries`), plus the union of their candidates in
   this shard, computed in one batched pass (a shared candidate once).
@@ -162,6 +163,18 @@ def group_queries(candidates: np.ndarray, mine: np.ndarray, per_unit: int) -> li
     return units
 
 
+def group_starts(sizes: Sequence[float], budget: float) -> set[int]:
+    """The items (batches, in order, of `sizes` bytes) that open a group, each group as many as
+    `budget` bytes hold (at least one)."""
+    starts, held = {0}, 0.0
+    for i, size in enumerate(sizes):
+        if held and held + size > budget:
+            starts.add(i)
+            held = 0.0
+        held += size
+    return starts
+
+
 def _as_slice(rows: np.ndarray) -> slice | np.ndarray:
     """Consecutive rows as a slice (HDF5 writes a slice faster than a list of rows)."""
     if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
@@ -212,6 +225,10 @@ class Streamer:
         self.names = extraction.names
         self.factored: list[str] = []
         self._blocks: dict[str, torch.Tensor] | None = None  # dense: the held queries' formed gradients
+        self._formed = torch.empty(0)  # dense: a held component formed in the pass (`_query`)
+        self._arena = _Arena()  # dense: the held queries' factors (`_hold`)
+        self._chunk_bytes = 0.0  # ... sized for the largest chunk
+        self._as_returned: dict[str, str] | None = None  # the ways components come back from the model on the host
         # Representations and dot products stay where the model is (a GPU's memory, then), only
         # the dot products come back to the host.
         self.device = extraction.device
@@ -314,44 +331,48 @@ class Streamer:
         return ways
 
     def _dense(self, queries, query_rows, train, t_rows, tokens, sinks, at, progress) -> StreamReport:
-        n_t, bs = t_rows.stop - t_rows.start, self.extraction.cfg.batch_size
+        n_t = t_rows.stop - t_rows.start
         # Query batches as a gradients job batches the whole query table (so the per-sample
         # gradients, and the store, agree with the cached path's); those holding none are skipped.
         batches = [
             (rows, query_rows[(query_rows >= rows.start) & (query_rows < rows.stop)])
-            for rows in iter_batches(len(queries), bs)
+            for rows in iter_batches(len(queries), self.extraction.cfg.batch_size)
         ]
         batches = [(rows, mine) for rows, mine in batches if len(mine)]
         position = {int(r): i for i, r in enumerate(query_rows)}  # table row -> position among the pass' queries
-        # Whole batches per chunk, as many as the budget holds (at least one); the size is that of
-        # materialised representations (an upper bound), the ways then follow from the pairs.
-        per_query = bytes_per_sample(self.extraction, dict.fromkeys(self.names, MATERIALISED), tokens)
-        largest = max(len(mine) for _, mine in batches)
-        check_budget(self.spec.memory_gb, per_query * largest, f"one batch of query gradients ({largest} queries)")
-        per_chunk = max(1, int(self.spec.memory_gb * 1e9 // (per_query * bs)))
-        chunks = [batches[i : i + per_chunk] for i in range(0, len(batches), per_chunk)]
-        chunk = min(per_chunk * bs, len(query_rows))
+        t_sq = None  # [C, T] the training examples' squared norms: the first pass computes them
+        groups = self._group_batches(train[t_rows])
+        need = self._on_disk_bytes(sinks[0].out, groups)  # None: not kept on disk
+        keep = need is not None
+        # On disk, the training examples come back a component at a time, all in one product: a
+        # held query's component can then be formed just before it (once per pass, as if formed
+        # when held), so queries are held as factors where those are smaller (`later`).
+        later = self._formed_later(queries, batches) if keep else []
+        chunks, chunk = self._chunks(queries, batches, later, len(query_rows))
         pps = (chunk * n_t + chunk + n_t) / (chunk + n_t)  # cross pairs plus every sample's norm
         ways = self._plan(tokens, pps)
         report = StreamReport(ways=ways, tokens=tokens, pairs_per_sample=pps, n_units=len(chunks), chunk_queries=chunk)
         _start(progress, len(chunks))
-        t_sq = None  # [C, T] the training examples' squared norms: the first pass computes them
-        groups = self._group_batches(train[t_rows])
         report.train_group_rows = max(g[-1][0].stop - g[0][0].start for g in groups)
-        with self._writers(sinks, ways, len(chunks)) as (writers, done), self._spill(sinks[0].out, groups) as spill:
+        with self._writers(sinks, ways, len(chunks)) as (writers, done), contextlib.ExitStack() as stack:
             report.units_resumed = int(np.logical_and.reduce(done).sum())
-            if spill is not None and len(chunks) - report.units_resumed < 2:  # one pass: nothing to read back
-                spill = None
+            later = [n for n in later if n not in self.factored]  # (planned factored: held as factors anyway)
+            if not later and len(chunks) - report.units_resumed < 2:  # one pass: nothing to read back
+                keep = False
+            spill = stack.enter_context(self._spill(sinks[0].out, need)) if keep else None
+            if spill is not None:  # rows multiplied at once, at the widest component
+                report.train_group_rows = self._at_once(groups, max(self.extraction.stored_dims))
             for u, part in enumerate(chunks):
                 if all(d[u] for d in done):
                     _tick(progress)
                     continue
                 q0 = position[int(part[0][1][0])]
                 q1 = position[int(part[-1][1][-1])] + 1  # the chunk's queries: positions [q0, q1)
-                held = self._hold(queries, part, position, q0, q1, chunk)  # {component: [chunk, ...]}
+                if spill is not None:  # first, with nothing held (what the model pass leaves is not held beside it)
+                    report.samples_computed += self._fill(spill, groups)
+                held = self._hold(queries, part, position, q0, q1, chunk, later)  # {component: [chunk, ...]}
                 report.samples_computed += sum(rows.stop - rows.start for rows, _ in part)
-                q_sq = np.stack([held[n].self_dots().cpu().numpy() for n in self.names])  # [C, chunk]
-                t_sq, dot, computed = self._pass(held, groups, t_sq, spill)
+                q_sq, t_sq, dot, computed = self._pass(held, groups, t_sq, spill)
                 report.samples_computed += computed
                 del held  # before the next chunk is held: one chunk at a time
                 for writer, d, a in zip(writers, done, at):
@@ -370,17 +391,16 @@ class Streamer:
                     )
                 _tick(progress)
             report.spill_gb = spill.bytes / 1e9 if spill is not None else 0.0
-        self._blocks = None
+        self._blocks, self._formed = None, torch.empty(0)
+        self._arena.reset(0)
         return report
 
-    @contextlib.contextmanager
-    def _spill(self, out: str | Path, groups: list[list[tuple[slice, dict]]]) -> Iterator[Spill | None]:
-        """The job's `Spill` of training examples (removed when the job ends), or None: on a
-        GPU (the model is fast there, and its results stay on the device), when turned off, or
-        when the disk has less than twice their size free."""
+    def _on_disk_bytes(self, out: str | Path, groups: list[list[tuple[slice, dict]]]) -> float | None:
+        """The bytes of training examples the job keeps on disk (`_spill`), or None where it does
+        not: on a GPU (the model is fast there, and its results stay on the device), when turned
+        off, or when the disk lacks room for them (`fits`)."""
         if self.on_device or not self.spec.spill:
-            yield None
-            return
+            return None
         need = sum(self._held_bytes(batch) for group in groups for batch in group)
         directory = spill_directory(out)
         ok, free = fits(directory, need)
@@ -391,10 +411,13 @@ class Streamer:
                 free / 1e9,
                 directory.parent,
             )
-            yield None
-            return
-        spill = Spill(directory)
-        log.info("training examples kept on disk between passes (about %.1f GB, %s)", need / 1e9, directory)
+        return need if ok else None
+
+    @contextlib.contextmanager
+    def _spill(self, out: str | Path, need: float) -> Iterator[Spill]:
+        """The job's `Spill` of training examples beside `out`, removed when the job ends."""
+        spill = Spill(spill_directory(out))
+        log.info("training examples kept on disk (about %.1f GB, %s)", need / 1e9, spill.directory)
         try:
             yield spill
         finally:
@@ -402,36 +425,64 @@ class Streamer:
 
     def _pass(
         self,
-        held: dict[str, Representation],
+        held: dict[str, Representation | list],
         groups: list[list[tuple[slice, dict]]],
         t_sq: np.ndarray | None,
         spill: Spill | None = None,
-    ) -> tuple[np.ndarray, np.ndarray, int]:
-        """One pass of the training batches (`_group_batches`) against a held chunk ->
-        (train_sqnorm [C, T], dot [C, chunk, T], training examples run through the model). t_sq:
-        the norms from an earlier pass (the same numbers: not computed again), or None.
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """One pass of the training batches (`_group_batches`) against a held chunk (`_hold`) ->
+        (query_sqnorm [C, chunk], train_sqnorm [C, T], dot [C, chunk, T], training examples run
+        through the model). t_sq: the norms from an earlier pass (the same numbers: not computed
+        again), or None.
 
         With a `spill`, the groups it lacks go through the model onto disk first, and the pass
         then reads the training examples back one component at a time (`_from_disk`); without,
         they come from the model a group at a time (`_training`)."""
-        n_q, n_t = held[self.names[0]].rows, groups[-1][-1][0].stop
+        n_q, n_t = self._held_rows(held), groups[-1][-1][0].stop
         fresh = t_sq is None
         t_sq = np.zeros((len(self.names), n_t)) if fresh else t_sq
+        q_sq = np.zeros((len(self.names), n_q))
         dot = np.zeros((len(self.names), n_q, n_t))
         if spill is None:
             computed, source = n_t, self._training(groups)
         else:
             computed, source = self._fill(spill, groups), self._from_disk(spill, groups)
-        for parts in source:
+        for g, parts in enumerate(source):
             for ci, n in enumerate(self.names):
+                q = self._query(held, n)  # (a component held as factors: formed now, once a group)
+                if g == 0:
+                    q_sq[ci] = q.self_dots().cpu().numpy()
                 for rows, rep in parts(n):
                     t = rep.ready()  # factors converted once, used for norms and every query
                     if fresh:
                         t_sq[ci, rows] = t.self_dots().cpu().numpy()
-                    dot[ci, :, rows] = held[n].gram(t).cpu().numpy()
+                    dot[ci, :, rows] = q.gram(t).cpu().numpy()
                     del rep, t
+                del q
             del parts  # (before the next group is made: one group at a time)
-        return t_sq, dot, computed
+        return q_sq, t_sq, dot, computed
+
+    @staticmethod
+    def _held_rows(held: dict[str, Representation | list]) -> int:
+        rep = next(iter(held.values()))
+        return rep[-1][0].stop if isinstance(rep, list) else rep.rows
+
+    def _query(self, held: dict[str, Representation | list], n: str) -> Representation:
+        """A held chunk's component: as held, or (held as factors to be formed later: a list of
+        (rows, batch piece)) formed into one reused buffer by the extractor's product, the
+        product the model's pass forms it with."""
+        pieces = held[n]
+        if not isinstance(pieces, list):
+            return pieces
+        dim = dict(zip(self.names, self.extraction.stored_dims))[n]
+        grads = self._formed[: pieces[-1][0].stop * dim].view(-1, dim)  # [chunk, d_c]
+        extractor = self.extraction.extractor()
+        for at, rep in pieces:
+            if isinstance(rep, Factors):
+                extractor.form(n, rep, out=grads[at])
+            else:  # (a layer the batched pass gave up on comes back formed by the loop)
+                grads[at] = rep.tensor
+        return Dense(grads)
 
     def _fill(self, spill: Spill, groups: list[list[tuple[slice, dict]]]) -> int:
         """Run the batches `spill` lacks through the model onto disk, one batch at a time ->
@@ -455,10 +506,6 @@ class Streamer:
         one wide product; one planned factored comes batch by batch, as factors."""
         extractor = self.extraction.extractor()
         dims = dict(zip(self.names, self.extraction.stored_dims))
-        n_t = groups[-1][-1][0].stop
-        rows_of = [g[-1][0].stop - g[0][0].start for g in groups]
-        group_bytes = max(sum(self._held_bytes(batch) for batch in group) for group in groups)
-        budget = max(group_bytes, 4.0 * max(dims.values()) * max(rows_of))  # bytes formed at once
         formed = torch.empty(0)
 
         def parts(n: str) -> Iterator[tuple[slice, Representation]]:
@@ -467,7 +514,7 @@ class Streamer:
             if n in self.factored:
                 yield from batches
                 return
-            at_once = min(n_t, max(1, int(budget // (4 * dims[n]))))  # training rows formed at once (>= a group's)
+            at_once = self._at_once(groups, dims[n])
             if formed.numel() < at_once * dims[n]:
                 formed = torch.empty(0)  # (freed before the larger one is made)
                 formed = torch.empty(at_once * dims[n])
@@ -486,6 +533,16 @@ class Streamer:
             yield slice(first, stop), Dense(grads[: stop - first])
 
         yield parts
+
+    def _at_once(self, groups: list[list[tuple[slice, dict]]], dim: int) -> int:
+        """Training rows `_from_disk` forms at once for a component of `dim`: as many as the
+        largest group holds as it comes from the model, or as one formed group of the widest
+        component takes (at SmolLM2's size every example of a shard)."""
+        n_t = groups[-1][-1][0].stop
+        rows_of = [g[-1][0].stop - g[0][0].start for g in groups]
+        group_bytes = max(sum(self._held_bytes(batch) for batch in group) for group in groups)
+        budget = max(group_bytes, 4.0 * max(self.extraction.stored_dims) * max(rows_of))  # bytes formed at once
+        return min(n_t, max(1, int(budget // (4 * dim))))
 
     def _training(
         self, groups: list[list[tuple[slice, dict]]]
@@ -541,9 +598,12 @@ class Streamer:
         """The memory a training batch (rows, padded batch) holds as it comes back from the model
         on the host: factorable components as factors, others formed."""
         rows, padded = batch
-        factors = set(self.extraction.factorable())
-        ways = {n: FACTORED if n in factors else MATERIALISED for n in self.names}
-        return (rows.stop - rows.start) * bytes_per_sample(self.extraction, ways, padded["input_ids"].shape[1])
+        if self._as_returned is None:
+            factors = set(self.extraction.factorable())
+            self._as_returned = {n: FACTORED if n in factors else MATERIALISED for n in self.names}
+        return (rows.stop - rows.start) * bytes_per_sample(
+            self.extraction, self._as_returned, padded["input_ids"].shape[1]
+        )
 
     def _group_batches(self, train: Sequence[Encoded]) -> list[list[tuple[slice, dict]]]:
         """The training batches (rows, padded batch) in groups that hold, as factors, at most half
@@ -559,35 +619,98 @@ class Streamer:
         per_group = max(1, int(formed // (2 * held)))
         return [batches[i : i + per_group] for i in range(0, len(batches), per_group)]
 
-    def _hold(self, queries, part, position, q0: int, q1: int, capacity: int) -> dict[str, Representation]:
+    def _hold(
+        self, queries, part, position, q0: int, q1: int, capacity: int, later: Sequence[str] = ()
+    ) -> dict[str, Representation | list]:
         """A chunk's query representations, one per component, rows in store order [q0, q1):
         whole table batches computed, the pass' rows kept. On the host, formed gradients go
         straight into blocks of `capacity` rows reused chunk after chunk (a fresh block would
-        cost a page fault per page: as much as computing the gradients, at 100 M parameters)."""
+        cost a page fault per page: as much as computing the gradients, at 100 M parameters).
+        Components in `later` are kept as each batch's factors, (rows, piece) in a list, and
+        formed when the pass reaches them (`_query`)."""
         held: dict[str, Collector] = {}
+        pieces: dict[str, list] = {n: [] for n in later}
         blocks = {}
         if not self.on_device:
-            formed = [n for n in self.names if n not in self.factored]
+            formed = [n for n in self.names if n not in self.factored and n not in later]
             if self._blocks is None or next(iter(self._blocks.values()), torch.empty(0)).shape[0] < capacity:
                 self._blocks = None  # (freed before the larger ones are made)
                 self._blocks = self.extraction.buffers(capacity, formed)
             blocks = {n: self._blocks[n][: q1 - q0] for n in formed}
+            dims = dict(zip(self.names, self.extraction.stored_dims))
+            widest = capacity * max([dims[n] for n in later], default=0)
+            if later and self._formed.numel() < widest:
+                self._formed = torch.empty(0)
+                self._formed = torch.empty(widest)  # [capacity, widest of `later`], a component at a time
+            if later:
+                self._arena.reset(self._chunk_bytes)
         for rows, mine in part:
             batch = collate(list(queries[rows]), self.pad_id)
             at = slice(position[int(mine[0])] - q0, position[int(mine[-1])] - q0 + 1)  # consecutive
             whole = len(mine) == rows.stop - rows.start  # every row of the batch is kept: write in place
             out = {n: b[at] for n, b in blocks.items()} if whole else {}
-            reps = self.extraction.represent(batch, out=out, factored=self.factored, on_device=self.on_device)
+            factored = [*self.factored, *later]
+            reps = self.extraction.represent(batch, out=out, factored=factored, on_device=self.on_device)
             local = torch.as_tensor(mine - rows.start, device=self.device)
             for n, r in reps.items():
                 if n in out:
                     continue
-                if n in blocks:
+                if n in pieces:
+                    pieces[n].append((at, self._arena.keep(r if whole else r.take(local))))
+                elif n in blocks:
                     torch.index_select(r.tensor, 0, local, out=blocks[n][at])
                 else:
                     held.setdefault(n, r.collector(q1 - q0)).add(r, local, at)
             del reps  # before the next batch's are made: one batch of gradients at a time
-        return {n: Dense(blocks[n]) if n in blocks else held[n].result() for n in self.names}
+            self._arena.next_batch()
+        return {
+            n: pieces[n] if n in pieces else Dense(blocks[n]) if n in blocks else held[n].result() for n in self.names
+        }
+
+    def _formed_later(self, queries, batches) -> list[str]:
+        """The factorable components, unsketched, whose factors at the pass' longest query batch
+        are smaller than the formed gradient: held so, and formed in the pass (`_hold`)."""
+        tokens = max(self._padded(queries, rows) for rows, _ in batches)
+        shapes = {c.name: c.shape for c in self.extraction.components}
+        sketched = self.extraction.sketch_info
+        return [
+            n
+            for n in self.extraction.factorable()
+            if n not in sketched and tokens * sum(shapes[n]) < math.prod(shapes[n])
+        ]
+
+    def _padded(self, queries, rows: slice) -> int:
+        """The padded length of the query table's batch `rows`."""
+        return collate(list(queries[rows]), self.pad_id)["input_ids"].shape[1]
+
+    def _chunks(self, queries, batches, later: Sequence[str], n_queries: int) -> tuple[list[list], int]:
+        """The pass' query batches in chunks held at once, as many whole batches as the budget
+        holds (at least one) -> (chunks, the most queries a chunk holds). Sized as held: formed
+        (materialised: an upper bound, the ways then follow from the pairs) or, for `later`, as
+        factors at the batch's own padded length plus a row of the buffer they are formed in."""
+        bs = self.extraction.cfg.batch_size
+        formed = dict.fromkeys(self.names, MATERIALISED)
+        if not later:
+            per_query = bytes_per_sample(self.extraction, formed, 0.0)
+            largest = max(len(mine) for _, mine in batches)
+            check_budget(self.spec.memory_gb, per_query * largest, f"one batch of query gradients ({largest} queries)")
+            per_chunk = max(1, int(self.spec.memory_gb * 1e9 // (per_query * bs)))
+            chunks = [batches[i : i + per_chunk] for i in range(0, len(batches), per_chunk)]
+            return chunks, min(per_chunk * bs, n_queries)
+        ways = {**formed, **dict.fromkeys(later, FACTORED)}
+        dims = dict(zip(self.names, self.extraction.stored_dims))
+        buffer_row = 4.0 * max(dims[n] for n in later)
+        sizes = [
+            len(mine) * (bytes_per_sample(self.extraction, ways, self._padded(queries, rows)) + buffer_row)
+            for rows, mine in batches
+        ]
+        largest = int(np.argmax(sizes))
+        what = f"one batch of query gradients ({len(batches[largest][1])} queries, as factors where smaller)"
+        check_budget(self.spec.memory_gb, sizes[largest], what)
+        starts = sorted(group_starts(sizes, self.spec.memory_gb * 1e9)) + [len(batches)]
+        chunks = [batches[a:b] for a, b in zip(starts, starts[1:])]
+        self._chunk_bytes = max(sum(sizes[a:b]) for a, b in zip(starts, starts[1:]))  # (an upper bound)
+        return chunks, max(sum(len(mine) for _, mine in c) for c in chunks)
 
     def _candidates(self, queries, train, t_rows, candidates, tokens, sinks, at, progress) -> StreamReport:
         n_q, b = candidates.shape
@@ -657,6 +780,46 @@ class Streamer:
                     )
                 _tick(progress)
         return report
+
+
+class _Arena:
+    """One block of memory that held factors are copied into, batch after batch. Kept as they
+    come from the model, a chunk's factors (a megabyte or so a tensor, thousands of them) would
+    sit between the model's freed temporaries, and the process would hold about 1.4 times their
+    size (measured at SmolLM2's shape); in one block it holds what they take. A tensor several
+    components share (a layer input) is copied once a batch."""
+
+    def __init__(self):
+        self.buffer, self.used = torch.empty(0), 0
+        self.copies: dict[tuple, torch.Tensor] = {}
+
+    def reset(self, nbytes: float) -> None:
+        """Empty it, with room for `nbytes` (an upper bound: pages never written cost nothing)."""
+        numel = int(nbytes // 4) + 1
+        if self.buffer.numel() < numel or nbytes == 0:
+            self.buffer = torch.empty(0)  # (freed before the larger one is made)
+            self.buffer = torch.empty(numel) if nbytes else self.buffer
+        self.used, self.copies = 0, {}
+
+    def next_batch(self) -> None:
+        self.copies = {}
+
+    def keep(self, rep: Representation) -> Representation:
+        """`rep` with its factors copied in (as they are when they do not fit or are not float32)."""
+        if not isinstance(rep, Factors):
+            return rep
+        return Factors(self._copy(rep.x), self._copy(rep.g))
+
+    def _copy(self, t: torch.Tensor) -> torch.Tensor:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        if key in self.copies:
+            return self.copies[key]
+        if t.dtype != torch.float32 or t.device.type != "cpu" or self.used + t.numel() > self.buffer.numel():
+            return t
+        out = self.buffer[self.used : self.used + t.numel()].view(t.shape).copy_(t)
+        self.used += t.numel()
+        self.copies[key] = out
+        return out
 
 
 class StreamProducer(SimilarityProducer):

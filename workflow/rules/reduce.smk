@@ -151,6 +151,7 @@ else:
             queries=QUERY_TABLE,
         output:
             projection=expand("results/projection/{method}.h5", method=plan.projection_methods(config)),
+            parts=plan.projection_parts(config),
         log:
             "logs/projection/stream.log",
         benchmark:
@@ -166,12 +167,10 @@ else:
             STAGE
 
     rule project_selected_stream:
-        """Select-then-project of every setting in one pass over the model: only the selected components' gradients are computed."""
+        """Select-then-project of every setting, summed from the selected components' blocks that projection_stream kept (no pass over the model)."""
         input:
-            model=local(ATTRIBUTED_MODEL),
             code=stage_code("project_selected_stream"),
-            train="results/data/train.parquet",
-            queries=QUERY_TABLE,
+            parts=plan.projection_parts(config),
             selection=expand("results/selection/{setting}.parquet", setting=SETTINGS),
         output:
             projection=expand("results/projection/select_then_project/{setting}.h5", setting=SETTINGS),
@@ -181,10 +180,9 @@ else:
             "benchmarks/projection/select_then_project-stream.tsv"
         conda:
             ENV
-        threads: max_threads()
         resources:
-            **model_resources("project_selected_stream", samples_of("train", "queries")),
+            **io_resources(),
         params:
-            **stage_params("project_selected_stream", model=model_param(ATTRIBUTED_MODEL)),
+            **stage_params("project_selected_stream"),
         script:
             STAGE

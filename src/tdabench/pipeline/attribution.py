@@ -11,6 +11,8 @@ depend on the gradient code (their rules' `code` inputs stay exact).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -42,12 +44,23 @@ class AttributionKit(ModelKit):
     def batches(self, examples: list[Encoded]) -> list[tuple[slice, dict[str, torch.Tensor]]]:
         return list(self.extraction.batches(examples, self.pad_id))
 
-    def self_check(self, first_batch: dict[str, torch.Tensor] | None, samples: int, tolerance: float | None):
+    def self_check(
+        self,
+        first_batch: dict[str, torch.Tensor] | None,
+        samples: int,
+        tolerance: float | None,
+        keep_grads: bool = True,
+    ):
         """Check the extractor on `samples` rows of the first batch before anything is written
-        (raises with a table of the failing components); None when switched off (samples 0)."""
+        (raises with a table of the failing components); None when switched off (samples 0).
+        keep_grads=False: the batch's formed gradients (3.4 GB at SmolLM2's size) are dropped and
+        their memory handed back to the system, for a job that will not write them."""
         if not samples or first_batch is None:
             return None
         grads, report = self.extraction.check(first_batch, samples, tolerance)
+        if not keep_grads:
+            grads = {}
+            release_free_memory()
         log.info(
             "self-check: %d samples of the first batch vs a bs=1 loss.backward() loop: worst relative "
             "error %.2e (tolerance %.0e), %.2f s",
@@ -59,6 +72,17 @@ class AttributionKit(ModelKit):
         metrics = {"verify_max_error": report.worst, "verify_seconds": report.seconds}
         attrs = {"verify_samples": len(report.samples), "verify_tolerance": report.tolerance}
         return SelfCheck(grads, metrics, {**attrs, "verify_max_error": report.worst})
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim). Large tensors freed
+    between smaller live ones leave the pages counted in the process' memory, where a job that
+    next holds gigabytes of gradients would stack them on top; a no-op where there is no glibc."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def open_extraction(

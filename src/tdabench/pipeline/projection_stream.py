@@ -5,6 +5,7 @@ files and, for the same gradients, the same numbers (tdabench.projection_stream)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from tdabench.contracts import SelectedStreamParams, StreamProjectionParams
@@ -15,6 +16,7 @@ from tdabench.pipeline.common import JobContext
 from tdabench.progress import Progress
 from tdabench.projection import ProjectionConfig, method_config
 from tdabench.projection_files import ProjectionWriter
+from tdabench.projection_parts import Parts, PartsWriter, select_sum
 from tdabench.projection_stream import Plan, project_from_model
 from tdabench.selection import SelectionTable
 
@@ -28,16 +30,16 @@ def _open(job: JobContext, mlrun, p) -> tuple[AttributionKit, list, list, list[s
     kit = open_extraction(job, mlrun, p.model, p.device, p.extraction)
     parts = [kit.encode(train, p.tokenize, "training"), kit.encode(queries, p.tokenize, "query")]
     first = next(iter(kit.extraction.batches(parts[0], kit.pad_id)), (None, None))[1]
-    check = kit.self_check(first, p.verify, p.verify_tolerance)
+    check = kit.self_check(first, p.verify, p.verify_tolerance, keep_grads=False)
     if check:
         mlrun.log_metrics(check.metrics)
     return kit, parts, train["id"].to_list(), queries["id"].to_list()
 
 
-def _run(kit: AttributionKit, parts, plans: list[Plan], memory_gb: float, desc: str):
+def _run(kit: AttributionKit, parts, plans: list[Plan], memory_gb: float, desc: str, on_part=None):
     # each sample twice: through the model, then projected with its group
     with Progress(total=2 * sum(len(p) for p in parts), desc=desc, unit="sample steps") as bar:
-        outs, report = project_from_model(kit.extraction, kit.pad_id, parts, plans, memory_gb, bar)
+        outs, report = project_from_model(kit.extraction, kit.pad_id, parts, plans, memory_gb, bar, on_part)
     log.info(
         "%d projection(s) of %d samples in %.1f s (gradients %.1f s), %d group(s) of up to %d samples, "
         "%d component(s) held as factors",
@@ -63,10 +65,41 @@ def main_stream(job: JobContext, mlrun) -> None:
     if too_big:
         raise ValueError(f"config key projection.dims: {too_big} exceed the full gradient dimension {full_dim}")
     keys = [(m, k, seed) for m in methods for k in p.dims for seed in p.seeds]
-    plans = [Plan(method_config(m, k, seed, p.nonzeros), tuple(extraction.names)) for m, k, seed in keys]
-    outs, report = _run(kit, parts, plans, p.memory_gb, f"projections ({', '.join(methods)})")
-    n_train, n = len(train_ids), len(train_ids) + len(query_ids)
+    everything = tuple(extraction.names)
+    plans = [Plan(method_config(m, k, seed, p.nonzeros), everything) for m, k, seed in keys]
     fingerprint = model_fingerprint(p.model)
+    with contextlib.ExitStack() as stack:
+        on_part = None
+        kept = _paths(job.output.get("parts"))
+        if kept:  # select-then-project's blocks, kept: each component of the kind
+            part_keys = [(k, seed) for k in p.dims for seed in p.seeds]  # its plans, new or shared
+            for k, seed in part_keys:
+                cfg = ProjectionConfig(p.select_kind, k, seed, p.nonzeros)
+                at = next((i for i, plan in enumerate(plans) if plan.cfg == cfg), None)
+                if at is None:
+                    plans.append(Plan(cfg, everything, parts=True))
+                else:
+                    plans[at] = Plan(cfg, everything, parts=True)
+            writer = stack.enter_context(
+                PartsWriter(
+                    kept[0],
+                    p.select_kind,
+                    p.nonzeros,
+                    everything,
+                    extraction.stored_dims,
+                    part_keys,
+                    train_ids,
+                    query_ids,
+                    model_fingerprint=fingerprint,
+                )
+            )
+            column = {name: c for c, name in enumerate(everything)}
+
+            def on_part(i: int, name: str, first: int, block, seconds: float) -> None:
+                writer.add(plans[i].cfg.k, plans[i].cfg.seed, column[name], first, block, seconds)
+
+        outs, report = _run(kit, parts, plans, p.memory_gb, f"projections ({', '.join(p.methods)})", on_part)
+    n_train, n = len(train_ids), len(train_ids) + len(query_ids)
     for i, method in enumerate(methods):
         path = job.output["projection"][i]
         with ProjectionWriter(
@@ -87,34 +120,53 @@ def main_stream(job: JobContext, mlrun) -> None:
     )
 
 
+def _paths(value) -> list[str]:
+    """A named input/output as a list of paths (Snakemake gives one path or a list)."""
+    if not value:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 def main_selected_stream(job: JobContext, mlrun) -> None:
-    """select-then-project of every setting: each split's greedy set, at every k and seed, from one
-    pass that computes only the selected components' gradients (those of any setting's sets)."""
+    """select-then-project of every setting: each split's greedy set, at every k and seed, summed
+    from the components' blocks that `projection_stream` kept (tdabench.projection_parts): the
+    numbers a pass over the model computes, with no pass."""
     p = job.typed_params(SelectedStreamParams)
-    kit, parts, train_ids, query_ids = _open(job, mlrun, p)
-    dims = dict(zip(kit.extraction.names, kit.extraction.stored_dims))
-    keys, plans = [], []  # keys: (setting, split, k, seed, components)
-    for setting, path in zip(p.settings, job.input["selection"]):
-        selection = SelectionTable.read(path)
-        for split in selection.splits:
-            names = selection.greedy_set(split)
-            dim = sum(dims[c] for c in names)
-            for k in p.dims:
-                if k >= dim:  # projecting up (or to the same size) adds nothing over the selection itself
-                    log.info("%s split %d: k=%d >= selected dim %d, skipped", setting, split, k, dim)
-                    continue
-                for seed in p.seeds:
-                    keys.append((setting, split, k, seed, names))
-                    plans.append(Plan(ProjectionConfig(p.select_kind, k, seed, p.nonzeros), tuple(names)))
-    outs, seconds = [], []  # (no plan: every file is written empty)
-    n_train, n = len(train_ids), len(train_ids) + len(query_ids)
-    if plans:
-        outs, report = _run(kit, parts, plans, p.memory_gb, f"select-then-project ({', '.join(p.settings)})")
-        seconds = report.plan_seconds
-        mlrun.log_metrics({"seconds": report.seconds, "extract_seconds": report.extract_seconds})
+    keys = [(k, seed) for k in p.dims for seed in p.seeds]
+    with Parts(_paths(job.input["parts"])[0]) as parts:
+        parts.check(p.select_kind, p.nonzeros, keys)
+        dims = {name: int(d) for name, d in zip(parts.components, parts.component_dims)}
+        n_train = len(parts.train_ids)
+        wanted = []  # (setting, split, k, seed, components)
+        for setting, path in zip(p.settings, job.input["selection"]):
+            selection = SelectionTable.read(path)
+            for split in selection.splits:
+                names = selection.greedy_set(split)
+                dim = sum(dims[c] for c in names)
+                for k in p.dims:
+                    if k >= dim:  # projecting up (or to the same size) adds nothing over the selection itself
+                        log.info("%s split %d: k=%d >= selected dim %d, skipped", setting, split, k, dim)
+                        continue
+                    wanted.extend((setting, split, k, seed, names) for seed in p.seeds)
+        outs = {}  # (setting, split, k, seed) -> (projection [n, k], seconds)
+        for k, seed in keys:
+            if not any(w[2:4] == (k, seed) for w in wanted):
+                continue
+            blocks, seconds = parts.blocks(k, seed)  # [C, n, k], [C]
+            for setting, split, k_, seed_, names in wanted:
+                if (k_, seed_) == (k, seed):
+                    chosen = [parts.components.index(c) for c in names]
+                    outs[setting, split, k, seed] = (
+                        select_sum(blocks, parts.components, names),
+                        float(seconds[chosen].sum()),
+                    )
+            del blocks
+        train_ids, query_ids = parts.train_ids, parts.query_ids
+    n = len(train_ids) + len(query_ids)
     for setting, path in zip(p.settings, job.output["projection"]):
         with ProjectionWriter(path, "select_then_project", train_ids, query_ids, kind=p.select_kind) as writer:
-            for (s, split, k, seed, names), out, t in zip(keys, outs, seconds):
+            for s, split, k, seed, names in wanted:
                 if s == setting:
+                    out, t = outs[s, split, k, seed]
                     writer.add(k, seed, out[:n_train], out[n_train:], t / n, split=split, components=names)
-    mlrun.log_metrics({"n_projections": len(plans)})
+    mlrun.log_metrics({"n_projections": len(wanted)})

@@ -16,16 +16,16 @@ from helpers import config_leaves
 REPO = Path(__file__).resolve().parents[1]
 
 
-def parsed_rules(source: str) -> tuple[dict, set[str]]:
-    """The Snakefile's rules as Snakemake parses them (similarity.source picks a rule set), and
-    its local rules. Parsing only: no job runs, nothing is written."""
+def parsed_rules(source: str, share_pass: bool = True) -> tuple[dict, set[str]]:
+    """The Snakefile's rules as Snakemake parses them (similarity.source and share_pass pick a rule
+    set), and its local rules. Parsing only: no job runs, nothing is written."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings, StorageSettings
 
     with SnakemakeApi(OutputSettings()) as api:
         wf = api.workflow(
             resource_settings=ResourceSettings(cores=2),
-            config_settings=ConfigSettings(config={"similarity": {"source": source}}),
+            config_settings=ConfigSettings(config={"similarity": {"source": source, "share_pass": share_pass}}),
             storage_settings=StorageSettings(),
             workdir=REPO,
             snakefile=REPO / "Snakefile",
@@ -37,8 +37,9 @@ def parsed_rules(source: str) -> tuple[dict, set[str]]:
 @pytest.fixture(scope="module")
 def rules():
     cache, local = parsed_rules("cache")
-    stream, _ = parsed_rules("stream")
-    return {**cache, **stream}, local
+    stream, _ = parsed_rules("stream")  # the similarity stores and projections from one pass
+    apart, _ = parsed_rules("stream", share_pass=False)  # ... from a pass each
+    return {**cache, **stream, **apart}, local
 
 
 def test_every_contract_has_its_rule_and_every_rule_its_contract(rules):

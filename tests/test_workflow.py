@@ -587,11 +587,13 @@ def test_streamed_similarity_in_shards_gives_the_cached_stores(study):
     assert "from the gradient cache" in read_provenance(root / "results/similarity/model_generated.h5")
 
 
-def test_streamed_projections_give_the_cached_files(study):
+@pytest.mark.parametrize("shards", [1, 2])
+def test_streamed_projections_give_the_cached_files(study, shards):
     """similarity.source stream: the projections come from the model in one pass for every method
-    (and select-then-project from the selected components only), with no gradient job, and equal
+    (and select-then-project from the blocks that pass keeps), with no gradient job, and equal
     the cached files (the same gradients, up to float32 rounding: the cache batches the training
-    examples per shard, the pass over the whole table)."""
+    examples per shard, the pass over the whole table). One similarity shard: that pass is the
+    similarity job's (similarity_projection_stream); two: projection_stream's own."""
     from tdabench.projection_files import read_projections
 
     root, _ = study
@@ -601,15 +603,19 @@ def test_streamed_projections_give_the_cached_files(study):
     targets += [f"results/projection/select_then_project/{s}.h5" for s in ("paraphrased", "model_generated")]
     ids = pl.read_parquet(root / "results/data/queries_all.parquet")["id"].to_list()
     cached = {t: read_projections(root / t, ids) for t in targets}
-    cfg = {**MICRO, "similarity": {"source": "stream", "shards": 2, "max_component_dim": 600}, **NO_MLFLOW}
+    cfg = {**MICRO, "similarity": {"source": "stream", "shards": shards, "max_component_dim": 600}, **NO_MLFLOW}
     write_config(root, cfg)
     try:
         r = snakemake(root, *targets)
         built = job_stats(r.stdout + r.stderr)
     finally:
         write_config(root, MICRO)
-    assert built.get("projection_stream") == 1 and built.get("project_selected_stream") == 1
+    pass_ = "similarity_projection_stream" if shards == 1 else "projection_stream"
+    assert built.get(pass_) == 1 and built.get("project_selected_stream") == 1, built
     assert not {"gradients", "projection", "project_selected"} & set(built)
+    if shards == 1:
+        log = (root / "logs/similarity/stream-projections.log").read_text()
+        assert "taken from the similarity pass" in log and "1 units (0 resumed)" in log
     for t in targets:
         got = read_projections(root / t, ids)
         assert [(p.method, p.k, p.seed, p.split, p.components) for p in got] == [

@@ -145,6 +145,17 @@ class StreamParams:
 
 
 @dataclass(frozen=True)
+class SharedStreamParams(StreamParams):
+    """The similarity stores and every projection from one pass (tdabench.pipeline.shared_stream)."""
+
+    methods: tuple[str, ...] = key("projection.methods")
+    dims: tuple[int, ...] = key("projection.dims")
+    seeds: tuple[int, ...] = key("projection.seeds")
+    nonzeros: int = key("projection.nonzeros")
+    select_kind: str = key("projection.select_kind")
+
+
+@dataclass(frozen=True)
 class MergeParams:
     dtype: str = key("similarity.dtype")
 
@@ -257,6 +268,7 @@ CONTRACTS: dict[str, Contract] = {
         Contract("bm25_candidates", "tdabench.pipeline.candidates:main", CandidatesParams),
         Contract("similarity", "tdabench.pipeline.similarity:main", SimilarityParams),
         Contract("similarity_stream", "tdabench.pipeline.similarity:main_stream", StreamParams),
+        Contract("similarity_projection_stream", "tdabench.pipeline.shared_stream:main", SharedStreamParams),
         Contract("similarity_merge", "tdabench.pipeline.similarity:main_merge", MergeParams),
         Contract("selection", "tdabench.pipeline.selection:main", SelectionParams),
         Contract("projection", "tdabench.pipeline.projection:main", ProjectionParams),

@@ -118,6 +118,21 @@ def projection_parts(config: dict) -> list[str]:
     return ["results/projection/select_then_project/parts.h5"]
 
 
+def shared_pass(config: dict) -> bool:
+    """The similarity stores and the projections from one pass over the model (rule
+    similarity_projection_stream): streamed, dense, one shard, projections requested, the same
+    gradients for both (similarity.max_component_dim as gradients'), and similarity.share_pass."""
+    sim = config["similarity"]
+    return (
+        sim["share_pass"]
+        and bool(config["projection"]["methods"])
+        and sim["layout"] == "dense"
+        and sim["shards"] == 1
+        and sim["max_component_dim"] == config["gradients"]["max_component_dim"]
+        and similarity_source(config) == "stream"
+    )
+
+
 def similarity_source(config: dict) -> str:
     """cache | stream: similarity.source, with auto resolved against the estimated gradient cache
     (over the tables' rows when they exist, else the config's estimate)."""

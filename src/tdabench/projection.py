@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -215,9 +215,14 @@ def _drawn(draws: list[tuple[Block, int]], d: int) -> Iterator[torch.Tensor]:
                 pending.append(pool.submit(draw, t + ahead))
 
 
-def project_many(x: torch.Tensor, blocks: list[Block]) -> tuple[list[torch.Tensor], list[float]]:
+def project_many(
+    x: torch.Tensor | Sequence[torch.Tensor], blocks: list[Block]
+) -> tuple[list[torch.Tensor], list[float]]:
     """[project_component(x, b.index, b.cfg, b.k) for b in blocks] and the seconds spent on each,
-    from one sweep over the columns of x [n, d_c] (one per sketch repetition).
+    from one sweep over the columns of x [n, d_c] (one per sketch repetition). x may also be row
+    blocks [n_i, d_c] held apart (e.g. a pass' training examples and its queries): the outputs
+    are then theirs stacked [sum n_i, k], every random block drawn once for all of them, and
+    each row block multiplied on its own.
 
     Each chunk of columns is read from memory once and used by every block while it is in cache,
     and scratch memory is chunk-sized. Gaussian and Rademacher blocks narrower than
@@ -231,8 +236,10 @@ def project_many(x: torch.Tensor, blocks: list[Block]) -> tuple[list[torch.Tenso
     after the previous repetition's."""
     for b in blocks:
         _check_kind(b.cfg)
-    x = x.to(torch.float32)
-    n, d = x.shape
+    parts = [p.to(torch.float32) for p in ([x] if isinstance(x, torch.Tensor) else x)]
+    d = parts[0].shape[1]
+    starts = np.cumsum([0] + [p.shape[0] for p in parts]).tolist()  # each row block's first output row
+    n = starts[-1]
     rows = min(CHUNK, d)  # of a full chunk
     outs = [torch.zeros(n, b.k, dtype=torch.float32) for b in blocks]
     seconds = [0.0] * len(blocks)
@@ -241,7 +248,7 @@ def project_many(x: torch.Tensor, blocks: list[Block]) -> tuple[list[torch.Tenso
     widths = [sum(k for _, k in p) for p in products]
     numbers = torch.empty(rows * max([1] + widths))  # a product's numbers, side by side
     drawn = torch.empty(rows * max([1] + [w for p, w in zip(products, widths) if len(p) > 1]))  # drawn whole
-    signed = torch.empty(n * rows)  # a chunk's signed copy, for each sketch in turn
+    signed = torch.empty(max(p.shape[0] for p in parts) * rows)  # a chunk's signed copy, for each sketch in turn
     workers = min(MAX_DRAW_THREADS, torch.get_num_threads())
     shares = [_shares(p, workers) for p in products]
     with ThreadPoolExecutor(workers) as pool:
@@ -252,26 +259,30 @@ def project_many(x: torch.Tensor, blocks: list[Block]) -> tuple[list[torch.Tenso
                 if blocks[i].cfg.nonzeros > rep
             }
             for j, start in enumerate(range(0, d, CHUNK)):
-                xs = x[:, start : start + CHUNK]  # [n, chunk]
+                width_j = min(CHUNK, d - start)  # columns of this chunk
                 for product, width, share in zip(products, widths, shares) if rep == 0 else ():
                     tick = time.perf_counter()
-                    fused = numbers[: xs.shape[1] * width].view(-1, width)  # [chunk, width]
+                    fused = numbers[: width_j * width].view(-1, width)  # [chunk, width]
                     if len(product) == 1:  # drawn in place: the product project_component makes
                         _draw(blocks[product[0][0]], j, fused)
                     else:
                         members = [blocks[i] for i, _ in product]
                         list(pool.map(partial(_place, members, j, fused, drawn), share))
-                    y = xs @ fused  # [n, width]
+                    for p, r0, r1 in zip(parts, starts, starts[1:]):
+                        y = p[:, start : start + CHUNK] @ fused  # [n_i, width]
+                        at = 0
+                        for i, k in product:
+                            outs[i][r0:r1] += y[:, at : at + k]
+                            at += k
                     spent = time.perf_counter() - tick
-                    at = 0
                     for i, k in product:
-                        outs[i] += y[:, at : at + k]
                         seconds[i] += spent * k / width  # (a shared product's time, by width)
-                        at += k
                 for i, sketch in sketches.items():
                     tick = time.perf_counter()
-                    chunk = signed[: xs.numel()].view(xs.shape).copy_(xs)
-                    sketch.add(outs[i], start, chunk, _scale(blocks[i].cfg, blocks[i].k), overwrite=True)
+                    for p, r0, r1 in zip(parts, starts, starts[1:]):
+                        xs = p[:, start : start + CHUNK]  # [n_i, chunk]
+                        chunk = signed[: xs.numel()].view(xs.shape).copy_(xs)
+                        sketch.add(outs[i][r0:r1], start, chunk, _scale(blocks[i].cfg, blocks[i].k), overwrite=True)
                     seconds[i] += time.perf_counter() - tick
     return outs, seconds
 

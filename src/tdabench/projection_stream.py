@@ -80,6 +80,119 @@ def _projection(plan: Plan, names: Sequence[str], dims: dict[str, int], n: int) 
     return _Projection(plan, proj, np.zeros((n, proj.out_dim), dtype=np.float32), index)
 
 
+class Projections:
+    """Every plan's projection of `n` samples ([n, out_dim] float32 each), added a component and a
+    range of rows at a time: each projection's block of the component from one sweep over its
+    formed gradients (`project_many`). on_part(plan, component, first row, block [rows, k],
+    seconds): each block of a plan with `parts` set, as it is added."""
+
+    def __init__(
+        self,
+        plans: Sequence[Plan],
+        names: Sequence[str],
+        dims: dict[str, int],
+        n: int,
+        on_part: Callable[[int, str, int, np.ndarray, float], None] | None = None,
+    ):
+        self.n = n
+        self.items = [_projection(p, names, dims, n) for p in plans]
+        self.needed = [c for c in names if any(c in p.components for p in plans)]
+        self.on_part = on_part
+
+    def add(self, name: str, first: int, grads: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """Rows [first, first + rows) of component `name`: grads [rows, d_c], or row blocks of
+        them held apart (stacked in order; each random block is drawn once for all of them)."""
+        takers = [p for p in self.items if name in p.index]
+        if not takers:
+            return
+        ys, seconds = project_many(grads, [p.projector.block(p.index[name]) for p in takers])
+        rows = ys[0].shape[0]
+        for p, y, spent in zip(takers, ys, seconds):
+            tick = time.perf_counter()
+            p.projector.put(p.out[first : first + rows], p.index[name], y)
+            p.seconds += spent + time.perf_counter() - tick
+            if p.plan.parts and self.on_part is not None:
+                self.on_part(self.items.index(p), name, first, y.numpy(), spent)
+
+    @property
+    def outs(self) -> list[np.ndarray]:
+        return [p.out for p in self.items]
+
+    @property
+    def seconds(self) -> list[float]:
+        return [p.seconds for p in self.items]
+
+
+class InPass:
+    """Projections of every sample of a streamed similarity pass (tdabench.streaming: dense layout,
+    one unit, training examples read back from disk), from the gradients the pass forms for its
+    dot products anyway: no pass over the model of their own. Rows: the training examples, then
+    the queries. For each component the pass hands over its training examples (`train`, piece by
+    piece), then its queries (`queries`), which projects them together: every random block is
+    drawn once for both, as in one group of `project_from_model`."""
+
+    def __init__(self, projections: Projections, extraction: Extraction, n_train: int, n_queries: int):
+        self.projections, self.extraction = projections, extraction
+        self.n_train, self.n_queries = n_train, n_queries
+        self.dims = dict(zip(extraction.names, extraction.stored_dims))
+        self.done: set[str] = set()
+        self._train: torch.Tensor | None = None  # [T, d_c] of the component being handed over
+        self._buffer = torch.empty(0)  # pieces of it formed or copied here
+        self._queries = torch.empty(0)  # held queries kept as factors: formed here
+
+    @property
+    def complete(self) -> bool:
+        """Every needed component projected."""
+        return set(self.projections.needed) <= self.done
+
+    def wants(self, name: str) -> bool:
+        return name in self.projections.needed
+
+    def train(self, name: str, rows: slice, rep: Representation) -> None:
+        """A piece of the training examples' component `name` (rows [a, b) of [0, T)). A formed
+        piece holding them all is used where it is (valid until the pass moves on); others are
+        formed or copied into one [T, d_c] buffer."""
+        if rows == slice(0, self.n_train) and not isinstance(rep, Factors):
+            self._train = rep.tensor
+            return
+        self._train = _formed(self.extraction, name, rep, self._buffer_rows(self.n_train, name), rows)
+
+    def queries(self, name: str, rep: Representation) -> None:
+        """The queries' component `name` [Q, ...]: projected with the training examples."""
+        if not isinstance(rep, Factors):
+            q = rep.tensor
+        else:
+            need = self.n_queries * self.dims[name]
+            if self._queries.numel() < need:
+                self._queries = torch.empty(0)
+                self._queries = torch.empty(need)
+            q = self._queries[:need].view(self.n_queries, self.dims[name])
+            self.extraction.extractor().form(name, rep, out=q)
+        if self._train is None or self._train.shape[0] != self.n_train or q.shape[0] != self.n_queries:
+            raise RuntimeError(
+                f"component {name}: the pass handed over other rows than its training examples and queries"
+            )
+        self.projections.add(name, 0, [self._train, q])
+        self._train = None
+        self.done.add(name)
+
+    def _buffer_rows(self, n: int, name: str) -> torch.Tensor:
+        need = n * self.dims[name]
+        if self._buffer.numel() < need:
+            self._buffer = torch.empty(0)  # (freed before the larger one is made)
+            self._buffer = torch.empty(need)
+        return self._buffer[:need].view(n, self.dims[name])
+
+
+def _formed(extraction: Extraction, name: str, rep: Representation, out: torch.Tensor, rows: slice) -> torch.Tensor:
+    """`rep` (rows `rows` of `out`) formed into its rows by the extractor's product -> out."""
+    if isinstance(rep, Factors):
+        extraction.extractor().form(name, rep, out=out[rows])
+    else:
+        out[rows] = rep.tensor
+    return out
+
+
 def padded_tokens(examples: Sequence[Encoded]) -> int:
     """The longest example's tokens, padded as a batch pads them (an upper bound for any batch)."""
     longest = max((len(e.input_ids) for e in examples), default=1)
@@ -140,7 +253,7 @@ def project_from_model(
         ],
         memory_gb * 1e9,
     )
-    projections = [_projection(p, names, dims, n_samples) for p in plans]
+    projections = Projections(plans, names, dims, n_samples, on_part)
     report = ProjectionReport(factored=factored)
     extractor = extraction.extractor(needed)
     formed_buf = torch.empty(0)  # sized by the largest group (fresh memory from the OS on every
@@ -167,15 +280,7 @@ def project_from_model(
                     grads[at : at + size] = rep.tensor
                 at += size
             report.extract_seconds += time.perf_counter() - tick
-            # every projection's block from one sweep over the formed gradients
-            takers = [p for p in projections if name in p.index]
-            ys, seconds = project_many(grads, [p.projector.block(p.index[name]) for p in takers])
-            for p, y, spent in zip(takers, ys, seconds):
-                tick = time.perf_counter()
-                p.projector.put(p.out[first : first + rows], p.index[name], y)
-                p.seconds += spent + time.perf_counter() - tick
-                if p.plan.parts and on_part is not None:
-                    on_part(projections.index(p), name, first, y.numpy(), spent)
+            projections.add(name, first, grads)
             if progress is not None:  # this component's share of the group's rows
                 progress.update(rows * (i + 1) // len(needed) - rows * i // len(needed))
         held.clear()
@@ -199,5 +304,5 @@ def project_from_model(
     if held:
         flush()
     report.seconds = time.perf_counter() - start
-    report.plan_seconds = [p.seconds for p in projections]
-    return [p.out for p in projections], report
+    report.plan_seconds = projections.seconds
+    return projections.outs, report

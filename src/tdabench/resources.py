@@ -25,7 +25,16 @@ MIN_RUNTIME = 10  # minutes: start-up, imports, self-checks
 UNTRUNCATED_TOKENS = 4096  # tokens per example assumed when tokenize.max_length is null
 HUB_PARAMETERS = 1_000_000_000  # assumed for a hub name that is not on disk (set resources.model_parameters)
 STREAM_PROJECTION_RULES = ("projection_stream",)
-GPU_RULES = ("pretrain", "finetune", "generate", "gradients", "similarity_stream", *STREAM_PROJECTION_RULES, "costs")
+GPU_RULES = (
+    "pretrain",
+    "finetune",
+    "generate",
+    "gradients",
+    "similarity_stream",
+    "similarity_projection_stream",
+    *STREAM_PROJECTION_RULES,
+    "costs",
+)
 MODEL_RULES = ("convert", *GPU_RULES)  # convert dequantises on the CPU
 
 
@@ -225,7 +234,8 @@ def estimate(rule: str, config: dict, rows: int, attempt: int = 1) -> dict[str, 
     elif rule == "gradients":  # weights + a load copy + count-sketch hashes (5 B a weight) + batch outputs
         mem = 16 * p + 3 * grads["batch_size"] * stored_dims(size, grads["max_component_dim"]) * 4
         flops = 6 * p * tokens * 2  # + the self-check loop and the per-sample products
-    elif rule == "similarity_stream":  # rows: training examples; each setting about as many queries
+    elif rule in ("similarity_stream", "similarity_projection_stream"):  # rows: training examples; each
+        # setting about as many queries (projections ride on the pass, or take one of their own)
         sim = config["similarity"]
         n_queries = rows * len(config["dataset"]["settings"])  # one pass holds every setting's queries
         held = n_queries * stored_dims(size, sim["max_component_dim"]) * 4  # every query's gradient

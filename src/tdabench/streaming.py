@@ -40,6 +40,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -68,6 +69,16 @@ class StreamSpec:
     spill: bool = True  # dense, on the host: keep the training examples on disk between passes (tdabench.spill)
 
 
+class InPassTap(Protocol):
+    """What a pass hands its formed components to (tdabench.projection_stream.InPass)."""
+
+    def wants(self, name: str) -> bool: ...
+
+    def train(self, name: str, rows: slice, rep: Representation) -> None: ...
+
+    def queries(self, name: str, rep: Representation) -> None: ...
+
+
 @dataclass(frozen=True)
 class Sink:
     """One store a pass writes: its queries as increasing rows of the query table, their candidates
@@ -91,6 +102,7 @@ class StreamReport(Report):
     chunk_queries: int | None = None  # dense: queries held per chunk
     train_group_rows: int | None = None  # dense: training examples formed and multiplied at once
     spill_gb: float = 0.0  # dense: training examples written to disk for the later passes (tdabench.spill)
+    tapped: bool = False  # dense: a tap was handed every component (`Streamer.run`)
     extra: dict = field(default_factory=dict)
 
 
@@ -249,7 +261,12 @@ class Streamer:
             yield rows, self.extraction.represent(batch, out=out, factored=self.factored, on_device=self.on_device)
 
     def run(
-        self, queries: Sequence[Encoded], train: Sequence[Encoded], sinks: Sequence[Sink], progress=None
+        self,
+        queries: Sequence[Encoded],
+        train: Sequence[Encoded],
+        sinks: Sequence[Sink],
+        progress=None,
+        tap: InPassTap | None = None,
     ) -> StreamReport:
         """Stream every sink's store of its queries x `train` (or their candidates) in one pass:
         each training gradient is computed once per unit and dotted with the queries of every
@@ -257,6 +274,9 @@ class Streamer:
 
         queries: the whole query table; the dense layout batches it as a gradients job does and
         keeps the sinks' rows.
+        tap: handed every component's formed training examples and queries, where the pass forms
+        them all (dense, one unit, read back from disk, every training example and query of the
+        table); `report.tapped` says whether it was (tdabench.projection_stream.InPass).
         """
         sinks = list(sinks)
         if not sinks:
@@ -284,7 +304,7 @@ class Streamer:
         lengths = [len(queries[r].input_ids) for r in union] + [len(e.input_ids) for e in train[t_rows]]
         tokens = float(np.mean(lengths)) if lengths else 1.0
         if dense:
-            report = self._dense(queries, union, train, t_rows, tokens, sinks, at, progress)
+            report = self._dense(queries, union, train, t_rows, tokens, sinks, at, progress, tap)
         else:
             candidates = self._joined_candidates(sinks, rows, at, len(union))
             chosen = [queries[r] for r in union]
@@ -330,7 +350,7 @@ class Streamer:
             log.debug("  %s: %s", name, way)
         return ways
 
-    def _dense(self, queries, query_rows, train, t_rows, tokens, sinks, at, progress) -> StreamReport:
+    def _dense(self, queries, query_rows, train, t_rows, tokens, sinks, at, progress, tap=None) -> StreamReport:
         n_t = t_rows.stop - t_rows.start
         # Query batches as a gradients job batches the whole query table (so the per-sample
         # gradients, and the store, agree with the cached path's); those holding none are skipped.
@@ -357,7 +377,17 @@ class Streamer:
         with self._writers(sinks, ways, len(chunks)) as (writers, done), contextlib.ExitStack() as stack:
             report.units_resumed = int(np.logical_and.reduce(done).sum())
             later = [n for n in later if n not in self.factored]  # (planned factored: held as factors anyway)
-            if not later and len(chunks) - report.units_resumed < 2:  # one pass: nothing to read back
+            # A tap takes every sample's components as the disk path forms them: one unit, the
+            # whole table's queries and every training example, nothing resumed.
+            tapping = (
+                tap is not None
+                and keep
+                and len(chunks) == 1
+                and report.units_resumed == 0
+                and np.array_equal(query_rows, np.arange(len(queries)))
+                and (t_rows.start, t_rows.stop) == (0, len(train))
+            )
+            if not later and not tapping and len(chunks) - report.units_resumed < 2:  # one pass: nothing to read back
                 keep = False
             spill = stack.enter_context(self._spill(sinks[0].out, need)) if keep else None
             if spill is not None:  # rows multiplied at once, at the widest component
@@ -372,7 +402,8 @@ class Streamer:
                     report.samples_computed += self._fill(spill, groups)
                 held = self._hold(queries, part, position, q0, q1, chunk, later)  # {component: [chunk, ...]}
                 report.samples_computed += sum(rows.stop - rows.start for rows, _ in part)
-                q_sq, t_sq, dot, computed = self._pass(held, groups, t_sq, spill)
+                q_sq, t_sq, dot, computed = self._pass(held, groups, t_sq, spill, tap if tapping else None)
+                report.tapped = tapping
                 report.samples_computed += computed
                 del held  # before the next chunk is held: one chunk at a time
                 for writer, d, a in zip(writers, done, at):
@@ -429,6 +460,7 @@ class Streamer:
         groups: list[list[tuple[slice, dict]]],
         t_sq: np.ndarray | None,
         spill: Spill | None = None,
+        tap: InPassTap | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """One pass of the training batches (`_group_batches`) against a held chunk (`_hold`) ->
         (query_sqnorm [C, chunk], train_sqnorm [C, T], dot [C, chunk, T], training examples run
@@ -437,7 +469,8 @@ class Streamer:
 
         With a `spill`, the groups it lacks go through the model onto disk first, and the pass
         then reads the training examples back one component at a time (`_from_disk`); without,
-        they come from the model a group at a time (`_training`)."""
+        they come from the model a group at a time (`_training`). tap (with a spill): handed each
+        component's training examples, then its queries, as the pass has them."""
         n_q, n_t = self._held_rows(held), groups[-1][-1][0].stop
         fresh = t_sq is None
         t_sq = np.zeros((len(self.names), n_t)) if fresh else t_sq
@@ -452,12 +485,17 @@ class Streamer:
                 q = self._query(held, n)  # (a component held as factors: formed now, once a group)
                 if g == 0:
                     q_sq[ci] = q.self_dots().cpu().numpy()
+                taking = tap is not None and tap.wants(n)
                 for rows, rep in parts(n):
+                    if taking:
+                        tap.train(n, rows, rep)
                     t = rep.ready()  # factors converted once, used for norms and every query
                     if fresh:
                         t_sq[ci, rows] = t.self_dots().cpu().numpy()
                     dot[ci, :, rows] = q.gram(t).cpu().numpy()
                     del rep, t
+                if taking:
+                    tap.queries(n, q)
                 del q
             del parts  # (before the next group is made: one group at a time)
         return q_sq, t_sq, dot, computed
@@ -850,11 +888,13 @@ class StreamProducer(SimilarityProducer):
     def write(self, out: str | Path, target: Target, progress=None) -> StreamReport:
         return self.write_all([out], [target], progress)
 
-    def write_all(self, outs: Sequence[str | Path], targets: Sequence[Target], progress=None) -> StreamReport:
-        """Every target's store (to the `outs` alongside) from one pass over the training examples."""
-        return self.streamer.run(
-            self.queries, self.train, [self._sink(o, t) for o, t in zip(outs, targets, strict=True)], progress
-        )
+    def write_all(
+        self, outs: Sequence[str | Path], targets: Sequence[Target], progress=None, tap: InPassTap | None = None
+    ) -> StreamReport:
+        """Every target's store (to the `outs` alongside) from one pass over the training examples
+        (and, where it can, `tap` handed the pass' formed components: `Streamer.run`)."""
+        sinks = [self._sink(o, t) for o, t in zip(outs, targets, strict=True)]
+        return self.streamer.run(self.queries, self.train, sinks, progress, tap)
 
     def _sink(self, out: str | Path, target: Target) -> Sink:
         if self.row_of is None:

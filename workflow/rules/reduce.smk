@@ -27,6 +27,33 @@ if plan.similarity_source(config) == "cache":
         script:
             STAGE
 
+elif plan.shared_pass(config):
+
+    rule similarity_projection_stream:
+        """Every setting's similarity store and every projection of the full gradient, at every k and seed, from one pass over the model (exact, no cache)."""
+        input:
+            model=local(ATTRIBUTED_MODEL),
+            code=stage_code("similarity_projection_stream"),
+            train="results/data/train.parquet",
+            queries=QUERY_TABLE,
+        output:
+            parts=expand("results/similarity/{setting}/part-0.h5", setting=SETTINGS),
+            projection=expand("results/projection/{method}.h5", method=plan.projection_methods(config)),
+            blocks=plan.projection_parts(config),
+        log:
+            "logs/similarity/stream-projections.log",
+        benchmark:
+            "benchmarks/similarity/stream-projections.tsv"
+        conda:
+            ENV
+        threads: max_threads()
+        resources:
+            **model_resources("similarity_projection_stream", rows_of("train")),
+        params:
+            **stage_params("similarity_projection_stream", model=model_param(ATTRIBUTED_MODEL)),
+        script:
+            STAGE
+
 else:
 
     rule similarity_stream:
@@ -52,6 +79,8 @@ else:
             **stage_params("similarity_stream", model=model_param(ATTRIBUTED_MODEL)),
         script:
             STAGE
+
+if plan.similarity_source(config) == "stream":
 
     rule similarity_merge:
         """A setting's streamed similarity store: its shards summed (exact)."""
@@ -140,7 +169,7 @@ if plan.similarity_source(config) == "cache":
         script:
             STAGE
 
-else:
+elif not plan.shared_pass(config):
 
     rule projection_stream:
         """Every projection method of the full gradient, at every k and seed, from one pass over the model (exact, no cache)."""
@@ -151,7 +180,7 @@ else:
             queries=QUERY_TABLE,
         output:
             projection=expand("results/projection/{method}.h5", method=plan.projection_methods(config)),
-            parts=plan.projection_parts(config),
+            blocks=plan.projection_parts(config),
         log:
             "logs/projection/stream.log",
         benchmark:
@@ -166,11 +195,13 @@ else:
         script:
             STAGE
 
+if plan.similarity_source(config) == "stream":
+
     rule project_selected_stream:
-        """Select-then-project of every setting, summed from the selected components' blocks that projection_stream kept (no pass over the model)."""
+        """Select-then-project of every setting, summed from the selected components' blocks the pass kept (projection_stream or similarity_projection_stream; no pass over the model)."""
         input:
             code=stage_code("project_selected_stream"),
-            parts=plan.projection_parts(config),
+            blocks=plan.projection_parts(config),
             selection=expand("results/selection/{setting}.parquet", setting=SETTINGS),
         output:
             projection=expand("results/projection/select_then_project/{setting}.h5", setting=SETTINGS),

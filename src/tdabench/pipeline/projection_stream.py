@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator
 
 from tdabench.contracts import SelectedStreamParams, StreamProjectionParams
 from tdabench.data.sources import read_queries, read_train
@@ -36,7 +37,7 @@ def _open(job: JobContext, mlrun, p) -> tuple[AttributionKit, list, list, list[s
     return kit, parts, train["id"].to_list(), queries["id"].to_list()
 
 
-def _run(kit: AttributionKit, parts, plans: list[Plan], memory_gb: float, desc: str, on_part=None):
+def run_projections(kit: AttributionKit, parts, plans: list[Plan], memory_gb: float, desc: str, on_part=None):
     # each sample twice: through the model, then projected with its group
     with Progress(total=2 * sum(len(p) for p in parts), desc=desc, unit="sample steps") as bar:
         outs, report = project_from_model(kit.extraction, kit.pad_id, parts, plans, memory_gb, bar, on_part)
@@ -57,67 +58,99 @@ def _run(kit: AttributionKit, parts, plans: list[Plan], memory_gb: float, desc: 
 def main_stream(job: JobContext, mlrun) -> None:
     """Every configured full-gradient method at every k and seed, from one pass over the samples."""
     p = job.typed_params(StreamProjectionParams)
-    methods = [m for m in p.methods if m != "select_then_project"]
     kit, parts, train_ids, query_ids = _open(job, mlrun, p)
-    extraction = kit.extraction
-    full_dim = sum(extraction.stored_dims)
-    too_big = [k for k in p.dims if k > full_dim]
-    if too_big:
-        raise ValueError(f"config key projection.dims: {too_big} exceed the full gradient dimension {full_dim}")
-    keys = [(m, k, seed) for m in methods for k in p.dims for seed in p.seeds]
-    everything = tuple(extraction.names)
-    plans = [Plan(method_config(m, k, seed, p.nonzeros), everything) for m, k, seed in keys]
-    fingerprint = model_fingerprint(p.model)
-    with contextlib.ExitStack() as stack:
-        on_part = None
-        kept = _paths(job.output.get("parts"))
-        if kept:  # select-then-project's blocks, kept: each component of the kind
-            part_keys = [(k, seed) for k in p.dims for seed in p.seeds]  # its plans, new or shared
-            for k, seed in part_keys:
-                cfg = ProjectionConfig(p.select_kind, k, seed, p.nonzeros)
-                at = next((i for i, plan in enumerate(plans) if plan.cfg == cfg), None)
-                if at is None:
-                    plans.append(Plan(cfg, everything, parts=True))
-                else:
-                    plans[at] = Plan(cfg, everything, parts=True)
-            writer = stack.enter_context(
-                PartsWriter(
-                    kept[0],
-                    p.select_kind,
-                    p.nonzeros,
-                    everything,
-                    extraction.stored_dims,
-                    part_keys,
-                    train_ids,
-                    query_ids,
-                    model_fingerprint=fingerprint,
-                )
-            )
-            column = {name: c for c, name in enumerate(everything)}
-
-            def on_part(i: int, name: str, first: int, block, seconds: float) -> None:
-                writer.add(plans[i].cfg.k, plans[i].cfg.seed, column[name], first, block, seconds)
-
-        outs, report = _run(kit, parts, plans, p.memory_gb, f"projections ({', '.join(p.methods)})", on_part)
-    n_train, n = len(train_ids), len(train_ids) + len(query_ids)
-    for i, method in enumerate(methods):
-        path = job.output["projection"][i]
-        with ProjectionWriter(
-            path, method, train_ids, query_ids, full_dim=full_dim, model_fingerprint=fingerprint
-        ) as writer:
-            for (m, k, seed), out, seconds in zip(keys, outs, report.plan_seconds):
-                if m == method:
-                    writer.add(k, seed, out[:n_train], out[n_train:], seconds / n)
+    with projection_plans(job, p, kit.extraction, train_ids, query_ids) as (plans, keys, on_part):
+        outs, report = run_projections(kit, parts, plans, p.memory_gb, f"projections ({', '.join(p.methods)})", on_part)
+    full_dim = sum(kit.extraction.stored_dims)
+    write_projections(job, p, full_dim, keys, outs, report.plan_seconds, train_ids, query_ids)
     mlrun.log_metrics(
         {
-            "n_samples": n,
+            "n_samples": len(train_ids) + len(query_ids),
             "seconds": report.seconds,
             "extract_seconds": report.extract_seconds,
             "groups": report.groups,
             "group_rows": report.group_rows,
-            **{f"seconds.{m}_k{k}_seed{s}": t for (m, k, s), t in zip(keys, report.plan_seconds)},
+            **projection_seconds(keys, report.plan_seconds),
         }
     )
+
+
+Key = tuple[str, int, int]  # (method, k, seed) of a full-gradient projection
+
+
+@contextlib.contextmanager
+def projection_plans(
+    job: JobContext, p, extraction, train_ids: list[str], query_ids: list[str]
+) -> Iterator[tuple[list[Plan], list[Key], Callable | None]]:
+    """(plans, their keys, on_part) of every configured full-gradient method at every k and seed,
+    plus, where the job keeps select-then-project's blocks (output `blocks`), the `select_kind`
+    plans whose blocks go to the parts file (output `blocks`) (shared with an equal full-gradient plan), that file
+    open for writing while the context lasts. The first len(keys) plans are the keys'."""
+    full_dim = sum(extraction.stored_dims)
+    too_big = [k for k in p.dims if k > full_dim]
+    if too_big:
+        raise ValueError(f"config key projection.dims: {too_big} exceed the full gradient dimension {full_dim}")
+    keys = [(m, k, seed) for m in p.methods if m != "select_then_project" for k in p.dims for seed in p.seeds]
+    everything = tuple(extraction.names)
+    plans = [Plan(method_config(m, k, seed, p.nonzeros), everything) for m, k, seed in keys]
+    kept = _paths(job.output.get("blocks"))
+    if not kept:
+        yield plans, keys, None
+        return
+    part_keys = [(k, seed) for k in p.dims for seed in p.seeds]  # each component's block of the kind
+    for k, seed in part_keys:
+        cfg = ProjectionConfig(p.select_kind, k, seed, p.nonzeros)
+        at = next((i for i, plan in enumerate(plans) if plan.cfg == cfg), None)
+        if at is None:
+            plans.append(Plan(cfg, everything, parts=True))
+        else:
+            plans[at] = Plan(cfg, everything, parts=True)
+    column = {name: c for c, name in enumerate(everything)}
+    with PartsWriter(
+        kept[0],
+        p.select_kind,
+        p.nonzeros,
+        everything,
+        extraction.stored_dims,
+        part_keys,
+        train_ids,
+        query_ids,
+        model_fingerprint=model_fingerprint(p.model),
+    ) as writer:
+
+        def on_part(i: int, name: str, first: int, block, seconds: float) -> None:
+            writer.add(plans[i].cfg.k, plans[i].cfg.seed, column[name], first, block, seconds)
+
+        yield plans, keys, on_part
+
+
+def write_projections(
+    job: JobContext,
+    p,
+    full_dim: int,
+    keys: list[Key],
+    outs,
+    seconds: list[float],
+    train_ids: list[str],
+    query_ids: list[str],
+) -> None:
+    """Each method's projection file (output `projection`, in p.methods' order) from the keys'
+    results [n, out_dim] (training examples, then queries) and seconds."""
+    n_train, n = len(train_ids), len(train_ids) + len(query_ids)
+    methods = [m for m in p.methods if m != "select_then_project"]
+    fingerprint = model_fingerprint(p.model)
+    for i, method in enumerate(methods):
+        with ProjectionWriter(
+            job.output["projection"][i], method, train_ids, query_ids, full_dim=full_dim, model_fingerprint=fingerprint
+        ) as writer:
+            for (m, k, seed), out, spent in zip(keys, outs, seconds):
+                if m == method:
+                    writer.add(k, seed, out[:n_train], out[n_train:], spent / n)
+
+
+def projection_seconds(keys: list[Key], seconds: list[float]) -> dict[str, float]:
+    """MLflow metrics: each key's projection time."""
+    return {f"seconds.{m}_k{k}_seed{s}": t for (m, k, s), t in zip(keys, seconds)}
 
 
 def _paths(value) -> list[str]:
@@ -133,7 +166,7 @@ def main_selected_stream(job: JobContext, mlrun) -> None:
     numbers a pass over the model computes, with no pass."""
     p = job.typed_params(SelectedStreamParams)
     keys = [(k, seed) for k in p.dims for seed in p.seeds]
-    with Parts(_paths(job.input["parts"])[0]) as parts:
+    with Parts(_paths(job.input["blocks"])[0]) as parts:
         parts.check(p.select_kind, p.nonzeros, keys)
         dims = {name: int(d) for name, d in zip(parts.components, parts.component_dims)}
         n_train = len(parts.train_ids)

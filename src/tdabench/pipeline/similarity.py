@@ -8,19 +8,22 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
+
+import polars as pl
 
 from tdabench.cached import CacheProducer
 from tdabench.candidates import candidate_rows, read_candidates
 from tdabench.contracts import MergeParams, SimilarityParams, StreamParams
 from tdabench.data.sources import read_setting_queries, read_train
 from tdabench.models import model_fingerprint
-from tdabench.pipeline.attribution import open_extraction
+from tdabench.pipeline.attribution import AttributionKit, open_extraction
 from tdabench.pipeline.common import JobContext
 from tdabench.producer import Target, ground_truth
 from tdabench.progress import Progress
 from tdabench.similarity import merge_similarity
 from tdabench.store import GradientStore
-from tdabench.streaming import StreamProducer, StreamSpec
+from tdabench.streaming import StreamProducer, StreamReport, StreamSpec
 from tdabench.tracking import file_manifest
 
 log = logging.getLogger(__name__)
@@ -57,10 +60,31 @@ def main_stream(job: JobContext, mlrun) -> None:
     """One training shard of every setting's similarity store, streamed from the model in one pass:
     each training gradient is computed once and dotted with the queries of all settings."""
     p = job.typed_params(StreamParams)
-    shard = int(job.wildcards["part"])
+    stream = open_stream(job, mlrun, p, int(job.wildcards["part"]))
+    write_stream(job, mlrun, p, stream)
+
+
+@dataclass
+class StreamJob:
+    """What a streamed similarity job works on: the model's extraction, the query table and the
+    training examples (tables, encoded), each setting's target, the stores' paths."""
+
+    kit: AttributionKit
+    shard: int
+    train: pl.DataFrame
+    queries: pl.DataFrame  # the whole query table
+    encoded_train: list
+    encoded_queries: list
+    targets: list[Target]
+    outs: list[str]
+    check_metrics: dict
+
+
+def open_stream(job: JobContext, mlrun, p: StreamParams, shard: int) -> StreamJob:
+    """The model's extraction, checked on the first training batch, and every setting's target."""
     train = read_train(job.input["train"])
     train_ids = train["id"].to_list()
-    targets, n_queries = [], 0
+    targets = []
     for setting in p.settings:
         everything, rows = read_setting_queries(job.input["queries"], setting)  # the whole table, its rows
         queries = everything[rows]
@@ -77,21 +101,26 @@ def main_stream(job: JobContext, mlrun) -> None:
         }
         gt = ground_truth(train_ids, queries["source_id"].to_list())
         targets.append(Target(queries["id"].to_list(), train_ids, gt, candidates, attrs, p.dtype))
-        n_queries += queries.height
 
     kit = open_extraction(job, mlrun, p.model, p.device, p.extraction)
-    extraction = kit.extraction
     encoded_queries = kit.encode(everything, p.tokenize, "query")
     encoded_train = kit.encode(train, p.tokenize, "training")
-    first = next(iter(extraction.batches(encoded_train, kit.pad_id)), (None, None))[1]
+    first = next(iter(kit.extraction.batches(encoded_train, kit.pad_id)), (None, None))[1]
     check = kit.self_check(first, p.verify, p.verify_tolerance, keep_grads=False)
-
-    spec = StreamSpec(p.layout, p.memory_gb, shard, p.shards)
-    ids = everything["id"].to_list()
-    producer = StreamProducer(extraction, kit.pad_id, spec, encoded_queries, encoded_train, ids)
     outs = [job.output["parts"][i] for i in range(len(p.settings))]
-    with Progress(desc=f"similarity shard {shard} ({', '.join(p.settings)})", unit="units") as bar:
-        report = producer.write_all(outs, targets, bar)
+    metrics = check.metrics if check else {}
+    return StreamJob(kit, shard, train, everything, encoded_train, encoded_queries, targets, outs, metrics)
+
+
+def write_stream(job: JobContext, mlrun, p: StreamParams, s: StreamJob, tap=None) -> StreamReport:
+    """Every setting's store of the job's shard in one pass (handing `tap` the pass' formed
+    components where it can: tdabench.streaming.Streamer.run), logged."""
+    spec = StreamSpec(p.layout, p.memory_gb, s.shard, p.shards)
+    ids = s.queries["id"].to_list()
+    producer = StreamProducer(s.kit.extraction, s.kit.pad_id, spec, s.encoded_queries, s.encoded_train, ids)
+    with Progress(desc=f"similarity shard {s.shard} ({', '.join(p.settings)})", unit="units") as bar:
+        report = producer.write_all(s.outs, s.targets, bar, tap)
+    n_queries = sum(len(t.query_ids) for t in s.targets)
     log.info(
         "%s layout, %d setting(s) in one pass: %d units (%d resumed), %d samples through the model, %.1f s; "
         "mean %.0f tokens, %.1f pairs per sample%s",
@@ -114,7 +143,7 @@ def main_stream(job: JobContext, mlrun) -> None:
         {
             "n_queries": n_queries,
             "n_settings": len(p.settings),
-            "n_train": train.height,
+            "n_train": s.train.height,
             "n_components": len(report.ways),
             "n_factored": counts.get("factored", 0),
             "n_materialised": counts.get("materialised", 0),
@@ -126,11 +155,12 @@ def main_stream(job: JobContext, mlrun) -> None:
             "pairs_per_sample": report.pairs_per_sample,
             **({"train_group_rows": report.train_group_rows} if report.train_group_rows else {}),
             "spill_gb": report.spill_gb,
-            **(check.metrics if check else {}),
+            **s.check_metrics,
         }
     )
     mlrun.log_dict(report.ways, "component_ways.json")
-    mlrun.log_dict(file_manifest(outs), "manifest.json")
+    mlrun.log_dict(file_manifest(s.outs), "manifest.json")
+    return report
 
 
 def main_merge(job: JobContext, mlrun) -> None:

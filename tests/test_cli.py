@@ -231,6 +231,7 @@ def _results_folder(root, weight=0.0, top1=0.5, seconds=0.1):
     (root / "similarity").mkdir()
     with h5py.File(root / "similarity" / "paraphrased.h5", "w") as f:
         f["dot"] = np.linspace(0, 1, 12).reshape(3, 4) + weight
+        f["k8/seconds"] = np.full(3, seconds)  # a dataset of wall times (projection parts): ignored
         f.attrs["checksums"] = "ignored"
     (root / "evaluation").mkdir()
     pl.DataFrame(

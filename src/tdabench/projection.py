@@ -104,15 +104,26 @@ class CountSketch:
         self._moved: tuple[torch.device, torch.Tensor, torch.Tensor] | None = None  # copies on a GPU
 
     def add(
-        self, out: torch.Tensor, offset: int, block: torch.Tensor, scale: float = 1.0, overwrite: bool = False
+        self,
+        out: torch.Tensor,
+        offset: int,
+        block: torch.Tensor,
+        scale: float = 1.0,
+        overwrite: bool = False,
+        into: torch.Tensor | None = None,
     ) -> None:
         """out [n, k] += S restricted to input coordinates [offset, offset + block.shape[1]).
-        overwrite: `block` is scratch, signed in place (no block-sized temporary)."""
+        overwrite: `block` is scratch, signed in place; into: block-shaped scratch the signed
+        block is written to (either way no block-sized temporary)."""
         stop = offset + block.shape[1]
         rows, signs = self._hash_on(block.device)
         signs = signs[offset:stop].to(block.dtype) * scale
+        if into is not None:  # (one sweep: a copy, then signing it in place, would take two)
+            signed = torch.mul(block, signs, out=into)
+        else:
+            signed = block.mul_(signs) if overwrite else block * signs
         # int64 indices: index_add_ is ~15x slower with int32 ones (kept int32 only to halve memory)
-        out.index_add_(1, rows[offset:stop].long(), block.mul_(signs) if overwrite else block * signs)
+        out.index_add_(1, rows[offset:stop].long(), signed)
 
     def _hash_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The hash arrays on `device` (copied there once, for sketches computed on a GPU)."""
@@ -281,8 +292,8 @@ def project_many(
                     tick = time.perf_counter()
                     for p, r0, r1 in zip(parts, starts, starts[1:]):
                         xs = p[:, start : start + CHUNK]  # [n_i, chunk]
-                        chunk = signed[: xs.numel()].view(xs.shape).copy_(xs)
-                        sketch.add(outs[i][r0:r1], start, chunk, _scale(blocks[i].cfg, blocks[i].k), overwrite=True)
+                        scratch = signed[: xs.numel()].view(xs.shape)
+                        sketch.add(outs[i][r0:r1], start, xs, _scale(blocks[i].cfg, blocks[i].k), into=scratch)
                     seconds[i] += time.perf_counter() - tick
     return outs, seconds
 

@@ -80,3 +80,67 @@ def test_a_pass_that_cannot_hand_every_sample_over_takes_no_tap(tmp_path):
         report = stream(extraction, train, queries, tmp_path / path, budget, t, spill)
         assert not report.tapped and not t.done and not np.any(t.projections.outs[0])
         assert report.n_units >= 2 if spill else report.spill_gb == 0
+
+
+KILL = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import numpy as np
+import test_shared_pass as t
+from tdabench.extraction import Extraction, ExtractionConfig
+from tdabench.projection import method_config
+from tdabench.projection_stream import InPass, Plan, Projections
+calls = {{"n": 0}}
+real = InPass.queries
+def queries(self, name, rep):
+    if calls["n"] == {kill_after}:
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 mid-pass, a few components projected
+    calls["n"] += 1
+    real(self, name, rep)
+InPass.queries = queries
+def run(path):
+    extraction = Extraction(t.model(), ExtractionConfig(t.COMPONENTS, 4, None, 0, None))
+    train, queries_ = t.examples(t.N_TRAIN, 1), t.examples(t.N_QUERY, 2)
+    names = tuple(extraction.names)
+    plans = [Plan(method_config(m, 16, 0), names) for m in ("sjlt", "blockwise")]
+    dims = dict(zip(names, extraction.stored_dims))
+    projections = Projections(plans, names, dims, t.N_TRAIN + t.N_QUERY)
+    tap = InPass(projections, extraction, t.N_TRAIN, t.N_QUERY)
+    report = t.stream(extraction, train, queries_, path + ".h5", 1.0, tap)
+    assert report.tapped and tap.complete
+    np.savez(path + ".npz", *projections.outs)
+run({path!r})
+if {straight!r}:  # the uninterrupted run, in this process too (the same thread count)
+    run({straight!r})
+"""
+
+
+@pytest.mark.slow
+def test_a_pass_killed_while_projecting_reruns_to_the_same_files(tmp_path):
+    """kill -9 mid-pass, after some components were projected: nothing is left that a rerun
+    would trust (the store is a partial file, the projections were never written), and the rerun
+    writes the store and the projections of a run that was never killed, bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    args = {"tests": os.path.dirname(__file__), "path": str(tmp_path / "rerun")}
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL.format(**args, kill_after=2, straight="")], env=env, capture_output=True, text=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (tmp_path / "rerun.h5").exists() and not (tmp_path / "rerun.npz").exists()
+    assert (tmp_path / ".rerun.h5.partial").exists()
+    script = KILL.format(**args, kill_after=-1, straight=str(tmp_path / "straight"))
+    rerun = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    got, want = np.load(tmp_path / "rerun.npz"), np.load(tmp_path / "straight.npz")
+    assert len(want.files) == 2
+    for name in want.files:
+        np.testing.assert_array_equal(got[name], want[name])
+    a, b = load_similarity(tmp_path / "rerun.h5"), load_similarity(tmp_path / "straight.h5")
+    for name in ("dot", "query_sqnorm", "train_sqnorm"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert not list(tmp_path.glob(".*.spill")) and not (tmp_path / ".rerun.h5.partial").exists()

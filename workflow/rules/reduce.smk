@@ -80,6 +80,7 @@ else:
         script:
             STAGE
 
+
 if plan.similarity_source(config) == "stream":
 
     rule similarity_merge:
@@ -194,6 +195,7 @@ elif not plan.shared_pass(config):
             **stage_params("projection_stream", model=model_param(ATTRIBUTED_MODEL)),
         script:
             STAGE
+
 
 if plan.similarity_source(config) == "stream":
 

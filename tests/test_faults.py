@@ -463,6 +463,26 @@ def test_non_finite_projection_is_never_renamed_into_place(tmp_path):
     assert no_files(tmp_path, "*p.h5*")
 
 
+def test_kept_blocks_non_finite_or_interrupted_are_never_renamed_into_place(tmp_path):
+    """The parts file goes through the same sealed write (tdabench.integrity.sealed_hdf5): a
+    non-finite block is refused when sealed, an error inside the block propagates as it is, and
+    neither leaves a file (or its temporary) behind."""
+    from tdabench.projection_parts import PartsWriter
+
+    def write(block):
+        with PartsWriter(tmp_path / "parts.h5", "sjlt", 1, ["a"], [4], [(2, 0)], ["t"], ["q"]) as w:
+            w.add(2, 0, 0, 0, block, 0.1)
+
+    with pytest.raises(CorruptFileError, match=r"non-finite values in dataset\(s\) k2/seed0/blocks"):
+        write(np.full((2, 2), np.nan, np.float32))
+    assert no_files(tmp_path, "*parts.h5*")
+    with pytest.raises(TypeError, match="broadcast"):
+        write(np.ones((3, 5), np.float32))  # a block of the wrong shape, mid-write
+    assert no_files(tmp_path, "*parts.h5*")
+    write(np.ones((2, 2), np.float32))
+    assert (tmp_path / "parts.h5").exists() and no_files(tmp_path, "*.partial")
+
+
 # ---------------------------------------------------------------- command line
 
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 from tdabench.errors import StudyError
-from tdabench.io import fsync
+from tdabench.io import atomic_path, fsync
 
 CHECKSUMS = "checksums"
 BLOCK_BYTES = 64 << 20  # read datasets in blocks of about this size
@@ -132,6 +134,20 @@ def seal_hdf5(path: str | Path) -> None:
     except (OSError, RuntimeError) as e:
         raise CorruptFileError(f"{path}: could not be read back after writing ({e})") from e
     fsync(path)
+
+
+@contextmanager
+def sealed_hdf5(path: str | Path, **options) -> Iterator[h5py.File]:
+    """A new HDF5 file (h5py `options`) written at a temporary sibling of `path`: when the block
+    ends without an error it is closed, sealed (`seal_hdf5`) and renamed into place; otherwise,
+    or when sealing refuses it, removed."""
+    with atomic_path(path) as tmp:
+        f = h5py.File(tmp, "w", **options)
+        try:
+            yield f
+        finally:
+            f.close()
+        seal_hdf5(tmp)  # read back: finite, checksums stored, fsynced
 
 
 def verify_hdf5(path: str | Path) -> list[str]:

@@ -25,8 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tdabench.integrity import CorruptFileError, open_hdf5, read_checked, seal_hdf5
-from tdabench.io import atomic_path
+from tdabench.integrity import open_hdf5, read_checked, sealed_hdf5
 
 FORMAT = "tdabench-projection/1"
 STR = h5py.string_dtype("utf-8")
@@ -54,9 +53,8 @@ class ProjectionWriter:
         self.train_ids, self.query_ids, self.attrs = list(train_ids), list(query_ids), attrs
 
     def __enter__(self) -> ProjectionWriter:
-        self._atomic = atomic_path(self.path)
-        self._tmp = tmp = self._atomic.__enter__()
-        self.file = h5py.File(tmp, "w")
+        self._sealed = sealed_hdf5(self.path)
+        self.file = self._sealed.__enter__()
         self.file.attrs.update({"format": FORMAT, "method": self.method, **self.attrs})
         self.file.create_dataset("train_ids", data=np.array(self.train_ids, dtype=object), dtype=STR)
         self.file.create_dataset("query_ids", data=np.array(self.query_ids, dtype=object), dtype=STR)
@@ -92,14 +90,7 @@ class ProjectionWriter:
         )
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.file.close()
-        if exc is None:
-            try:
-                seal_hdf5(self._tmp)  # read back: finite, checksums stored, fsynced
-            except CorruptFileError as e:
-                self._atomic.__exit__(type(e), e, e.__traceback__)
-                raise
-        self._atomic.__exit__(exc_type, exc, tb)
+        self._sealed.__exit__(exc_type, exc, tb)
 
 
 def read_projections(path: str | Path, query_ids: Sequence[str]) -> list[Projected]:

@@ -26,8 +26,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tdabench.integrity import CorruptFileError, open_hdf5, read_checked, seal_hdf5
-from tdabench.io import atomic_path
+from tdabench.integrity import CorruptFileError, open_hdf5, read_checked, sealed_hdf5
 
 FORMAT = "tdabench-projection-parts/1"
 STR = h5py.string_dtype("utf-8")
@@ -61,11 +60,10 @@ class PartsWriter:
         }
 
     def __enter__(self) -> PartsWriter:
-        self._atomic = atomic_path(self.path)
-        self._tmp = self._atomic.__enter__()
         # a chunk cache (per dataset) that holds one write's chunks: a group's rows seldom end on a
         # chunk's edge, and an edge chunk is then read back once when the next group fills it
-        self.file = h5py.File(self._tmp, "w", rdcc_nbytes=8 << 20)
+        self._sealed = sealed_hdf5(self.path, rdcc_nbytes=8 << 20)
+        self.file = self._sealed.__enter__()
         self.file.attrs.update({"format": FORMAT, **self.attrs})
         for name, ids in zip(("train_ids", "query_ids"), self.ids):
             self.file.create_dataset(name, data=np.array(ids, dtype=object), dtype=STR)
@@ -88,14 +86,7 @@ class PartsWriter:
         if exc is None:
             for (k, seed), seconds in self.seconds.items():
                 self.file[f"k{k}/seed{seed}"]["seconds"] = seconds
-        self.file.close()
-        if exc is None:
-            try:
-                seal_hdf5(self._tmp)  # read back: finite, checksums stored, fsynced
-            except CorruptFileError as e:
-                self._atomic.__exit__(type(e), e, e.__traceback__)
-                raise
-        self._atomic.__exit__(exc_type, exc, tb)
+        self._sealed.__exit__(exc_type, exc, tb)
 
 
 class Parts:
@@ -119,12 +110,13 @@ class Parts:
         self.file.close()
 
     def check(self, kind: str, nonzeros: int, keys: Sequence[tuple[int, int]]) -> None:
-        """Refuse a file made for another projection (a stale file: rerun projection_stream)."""
+        """Refuse a file made for another projection (a stale file: rerun the job that wrote it)."""
         missing = [f"k{k}/seed{s}" for k, s in keys if f"k{k}/seed{s}" not in self.file]
         if (self.kind, self.nonzeros) != (kind, nonzeros) or missing:
             raise CorruptFileError(
                 f"{self.path}: holds kind {self.kind!r}, nonzeros {self.nonzeros}; needed kind {kind!r}, "
-                f"nonzeros {nonzeros}{f', and it lacks {missing}' if missing else ''}: rerun projection_stream"
+                f"nonzeros {nonzeros}{f', and it lacks {missing}' if missing else ''}: rerun the job that "
+                "writes it (similarity_projection_stream or projection_stream)"
             )
 
     def blocks(self, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,15 +127,20 @@ class Parts:
         )
 
 
-def select_sum(blocks: np.ndarray, components: Sequence[str], chosen: Sequence[str]) -> np.ndarray:
-    """The projection of the `chosen` components: their blocks [C, n, k] summed in component
-    order into float32 zeros -> [n, k] (the streamed pass's sum, bit for bit)."""
+def positions(components: Sequence[str], chosen: Sequence[str]) -> list[int]:
+    """Where the `chosen` components are among the file's `components`, in component order."""
     want = set(chosen)
     unknown = want - set(components)
     if unknown:
         raise KeyError(f"components not in the parts file: {sorted(unknown)[:5]}")
+    return [c for c, name in enumerate(components) if name in want]
+
+
+def select_sum(blocks: np.ndarray, at: Sequence[int]) -> np.ndarray:
+    """The projection of the components at positions `at` (in component order, `positions`):
+    their blocks [C, n, k] summed into float32 zeros -> [n, k] (the streamed pass's sum, bit for
+    bit)."""
     out = np.zeros(blocks.shape[1:], dtype=np.float32)
-    for c, name in enumerate(components):
-        if name in want:
-            out += blocks[c]
+    for c in at:
+        out += blocks[c]
     return out

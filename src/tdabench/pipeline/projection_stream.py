@@ -17,7 +17,7 @@ from tdabench.pipeline.common import JobContext
 from tdabench.progress import Progress
 from tdabench.projection import ProjectionConfig, method_config
 from tdabench.projection_files import ProjectionWriter
-from tdabench.projection_parts import Parts, PartsWriter, select_sum
+from tdabench.projection_parts import Parts, PartsWriter, positions, select_sum
 from tdabench.projection_stream import Plan, project_from_model
 from tdabench.selection import SelectionTable
 
@@ -188,11 +188,8 @@ def main_selected_stream(job: JobContext, mlrun) -> None:
             blocks, seconds = parts.blocks(k, seed)  # [C, n, k], [C]
             for setting, split, k_, seed_, names in wanted:
                 if (k_, seed_) == (k, seed):
-                    chosen = [parts.components.index(c) for c in names]
-                    outs[setting, split, k, seed] = (
-                        select_sum(blocks, parts.components, names),
-                        float(seconds[chosen].sum()),
-                    )
+                    at = positions(parts.components, names)
+                    outs[setting, split, k, seed] = (select_sum(blocks, at), float(seconds[at].sum()))
             del blocks
         train_ids, query_ids = parts.train_ids, parts.query_ids
     n = len(train_ids) + len(query_ids)

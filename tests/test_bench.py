@@ -107,3 +107,14 @@ def test_the_similarity_benchmark_agrees_with_the_loop_and_shares_candidates_at_
     stream, loop, floor = (int(x) for x in re.findall(r"(?:stream|loop|once\)) (\d+)", line))
     assert loop == 12 * (1 + 5) and stream == floor < loop  # one unit: each distinct candidate once
     assert "\nstream " in out and "\nreference_loop " in out
+
+
+@pytest.mark.slow
+def test_the_similarity_benchmark_runs_only_the_cases_asked_for(capsys):
+    main(
+        ["similarity", "--model", "tiny", "--lengths", "16", "--train", "6", "--rounds", "1", "--threads", "1"]
+        + ["--overlap-queries", "6", "--overlap-train", "6", "--overlap-topics", "2", "--cases", "overlap"]
+    )
+    out = capsys.readouterr().out
+    assert "### paper overlap" in out and "--cases overlap" in out
+    assert "### candidate layout, b =" not in out and "### dense layout" not in out, out

@@ -8,7 +8,7 @@ import logging
 import polars as pl
 
 from tdabench.contracts import CostsParams
-from tdabench.costs import TimedExtraction, measure_setting
+from tdabench.costs import ReduceTimes, TimedExtraction, measure_setting
 from tdabench.costs_table import costs_table, write_costs
 from tdabench.data.sources import read_queries
 from tdabench.pipeline.attribution import open_extraction
@@ -22,12 +22,12 @@ def main(job: JobContext, mlrun) -> None:
     p = job.typed_params(CostsParams)
     kit = open_extraction(job, mlrun, p.model, p.device, p.extraction)
     queries = read_queries(job.input["queries"])
-    rows = []
+    rows, reduce = [], ReduceTimes()  # projections timed once for both settings
     for setting, sel_path in zip(p.settings, job.input["selection"]):
         sample = queries.filter(pl.col("setting") == setting).sort("id").head(p.cost_samples)
         examples = kit.encode(sample, p.tokenize, f"{setting} query", require_labels=False)
         timed = TimedExtraction(kit.extraction, examples, kit.pad_id)
-        rows += measure_setting(setting, timed, SelectionTable.read(sel_path), p.costs, sample.height)
+        rows += measure_setting(setting, timed, SelectionTable.read(sel_path), p.costs, sample.height, reduce)
     table = costs_table(rows)
     write_costs(table, job.output["costs"])
     for r in table.iter_rows(named=True):

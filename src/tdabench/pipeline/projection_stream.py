@@ -84,7 +84,7 @@ def projection_plans(
 ) -> Iterator[tuple[list[Plan], list[Key], Callable | None]]:
     """(plans, their keys, on_part) of every configured full-gradient method at every k and seed,
     plus, where the job keeps select-then-project's blocks (output `blocks`), the `select_kind`
-    plans whose blocks go to the parts file (output `blocks`) (shared with an equal full-gradient plan), that file
+    plans whose blocks go to that parts file (shared with an equal full-gradient plan), the file
     open for writing while the context lasts. The first len(keys) plans are the keys'."""
     full_dim = sum(extraction.stored_dims)
     too_big = [k for k in p.dims if k > full_dim]

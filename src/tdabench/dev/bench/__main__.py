@@ -78,6 +78,13 @@ def main(argv=None) -> None:
     sm.add_argument("--overlap-train", type=positive, default=60, help="the paper-overlap case's training examples")
     sm.add_argument("--overlap-b", type=positive, default=5, help="the paper-overlap case's candidates per query")
     sm.add_argument("--overlap-topics", type=positive, default=12, help="prompt vocabularies BM25 clusters by")
+    sm.add_argument(
+        "--cases",
+        nargs="+",
+        choices=["candidates", "dense", "overlap"],
+        default=["candidates", "dense", "overlap"],
+        help="which cases to run (e.g. the paper-overlap case alone, in a process of its own)",
+    )
     sm.add_argument("--threads", type=positive, default=torch.get_num_threads())
     nm = sub.add_parser("numerics")
     nm.add_argument("--model", default="tiny", help="tiny (the default study's shape), llama-135m, or a local path")

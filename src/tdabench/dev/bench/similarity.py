@@ -110,12 +110,15 @@ def dattri_similarity(model, names, queries, train, query_rows, candidates=None,
                     out[(q, t)] = [float(dots[m][i, j]) for m in modules]
         else:
             at = {t: j for j, t in enumerate(columns)}
-            qi = torch.tensor([i for i, q in enumerate(rows) for _ in candidates[q]])
-            ti = torch.tensor([at[int(t)] for q in rows for t in candidates[q]])
-            sq, st = gq.slice("batch", qi), gt.slice("batch", ti)
-            pair = np.stack([ops.dot(sq.data[m], st.data[m], sq.layer_types[m]).double().numpy() for m in modules])
-            for p, (i, t) in enumerate(zip(qi.tolist(), [columns[j] for j in ti.tolist()])):
-                out[(rows[i], t)] = list(pair[:, p])
+            # one query's pairs at a time: a slice copies its rows' factors, and all of the paper
+            # overlap's 300 pairs at once would copy about 48 GB at 256 tokens
+            for i, q in enumerate(rows):
+                ts = [int(t) for t in candidates[q]]
+                sq = gq.slice("batch", torch.full((len(ts),), i))
+                st = gt.slice("batch", torch.tensor([at[t] for t in ts]))
+                pair = np.stack([ops.dot(sq.data[m], st.data[m], sq.layer_types[m]).double().numpy() for m in modules])
+                for p, t in enumerate(ts):
+                    out[(q, t)] = list(pair[:, p])
     return out
 
 
@@ -203,7 +206,8 @@ def run(args) -> None:
         f"--train {args.train} --dense-queries {args.dense_queries} --dense-train {args.dense_train} "
         f"--batch-size {args.batch_size} --overlap-queries {args.overlap_queries} --overlap-train "
         f"{args.overlap_train} --overlap-b {args.overlap_b} --overlap-topics {args.overlap_topics} "
-        f"--rounds {args.rounds} --memory-gb {args.memory_gb} --max-cache-gb {args.max_cache_gb}"
+        f"--rounds {args.rounds} --memory-gb {args.memory_gb} --max-cache-gb {args.max_cache_gb} "
+        f"--cases {' '.join(args.cases)}"
     )
     print(f"# {machine()}; load average {load()} at start")
     for length in args.lengths:
@@ -283,7 +287,7 @@ def _similarity_at(args, length: int) -> None:
             worst = worst_disagreement(sim, ref, rows, cand, len(pool))
             print(f"# {layout}: streamed dot products vs the reference loop's, worst |diff| / (|a| |b|) = {worst:.1e}")
 
-        for b in args.candidates:
+        for b in args.candidates if "candidates" in args.cases else []:
             cand = np.stack([rng.choice(args.train, b, replace=False) for _ in range(n_q)])
             miss = ~(cand == gt[:, None]).any(1)
             cand[miss, -1] = gt[miss]
@@ -303,50 +307,55 @@ def _similarity_at(args, length: int) -> None:
             contenders += [peer] if peer else []
             _report(f"candidate layout, b = {b}, {per} queries a round", contenders, rounds, "reference_loop")
 
-        def dense_rows(r):
-            return np.arange(args.dense_queries)
+        if "dense" in args.cases:
 
-        def dense_units(r):
-            return args.dense_queries
+            def dense_rows(r):
+                return np.arange(args.dense_queries)
 
-        pool = train[: args.dense_train]
-        truth = gt % len(pool)
-        contenders = [
-            Contender(
-                "stream", stream(None, dense_rows, pool=pool, truth=truth), dense_units, f"memory_gb {args.memory_gb}"
-            ),
-            Contender(
-                "reference_loop", reference(None, dense_rows, pool), dense_units, "bs=1, clone grads, dot per pair"
-            ),
-        ]
-        check(None, pool, truth, np.arange(args.dense_queries))
-        peer = _dattri(
-            model, extraction.names, queries, pool, None, dense_rows, dense_units, np.arange(args.dense_queries)
-        )
-        contenders += [peer] if peer else []
-        cache = estimate_bytes(args.dense_queries + len(pool), extraction.stored_dims, "float32")
-        if cache <= args.max_cache_gb * 1e9:
+            def dense_units(r):
+                return args.dense_queries
 
-            def cached(r):
-                paths = {}
-                for split, exs in (("train", pool), ("queries", queries[: args.dense_queries])):
-                    paths[split] = Path(tmp) / f"{split}.h5"
-                    names = [f"{split}{i}" for i in range(len(exs))]
-                    meta = {"model_fingerprint": "m"}
-                    with GradientStoreWriter(paths[split], names, extraction.components, "float32", meta) as w:
-                        for rows, batch in extraction.batches(exs, 0):
-                            w.write(rows, {n: g.numpy() for n, g in extraction(batch).items()})
-                with GradientStore(paths["train"]) as t_, GradientStore(paths["queries"]) as q_:
-                    sources = [f"train{i}" for i in truth[: args.dense_queries]]
-                    build_similarity(t_, q_, q_.sample_ids, sources, Path(tmp) / "cached.h5", "s")
+            pool = train[: args.dense_train]
+            truth = gt % len(pool)
+            contenders = [
+                Contender(
+                    "stream",
+                    stream(None, dense_rows, pool=pool, truth=truth),
+                    dense_units,
+                    f"memory_gb {args.memory_gb}",
+                ),
+                Contender(
+                    "reference_loop", reference(None, dense_rows, pool), dense_units, "bs=1, clone grads, dot per pair"
+                ),
+            ]
+            check(None, pool, truth, np.arange(args.dense_queries))
+            peer = _dattri(
+                model, extraction.names, queries, pool, None, dense_rows, dense_units, np.arange(args.dense_queries)
+            )
+            contenders += [peer] if peer else []
+            cache = estimate_bytes(args.dense_queries + len(pool), extraction.stored_dims, "float32")
+            if cache <= args.max_cache_gb * 1e9:
 
-            note = f"gradient store of {cache / 1e9:.2f} GB, then build_similarity"
-            contenders.append(Contender("cache_then_similarity", cached, dense_units, note))
-        else:
-            print(f"# dense: cache-then-similarity left out: its cache would take {cache / 1e9:.1f} GB")
-        title = f"dense layout, {args.dense_queries} queries x {len(pool)} training examples"
-        _report(title, contenders, rounds, "reference_loop")
-        if args.overlap_queries:
+                def cached(r):
+                    paths = {}
+                    for split, exs in (("train", pool), ("queries", queries[: args.dense_queries])):
+                        paths[split] = Path(tmp) / f"{split}.h5"
+                        names = [f"{split}{i}" for i in range(len(exs))]
+                        meta = {"model_fingerprint": "m"}
+                        with GradientStoreWriter(paths[split], names, extraction.components, "float32", meta) as w:
+                            for rows, batch in extraction.batches(exs, 0):
+                                w.write(rows, {n: g.numpy() for n, g in extraction(batch).items()})
+                    with GradientStore(paths["train"]) as t_, GradientStore(paths["queries"]) as q_:
+                        sources = [f"train{i}" for i in truth[: args.dense_queries]]
+                        build_similarity(t_, q_, q_.sample_ids, sources, Path(tmp) / "cached.h5", "s")
+
+                note = f"gradient store of {cache / 1e9:.2f} GB, then build_similarity"
+                contenders.append(Contender("cache_then_similarity", cached, dense_units, note))
+            else:
+                print(f"# dense: cache-then-similarity left out: its cache would take {cache / 1e9:.1f} GB")
+            title = f"dense layout, {args.dense_queries} queries x {len(pool)} training examples"
+            _report(title, contenders, rounds, "reference_loop")
+        if args.overlap_queries and "overlap" in args.cases:
             _overlap(args, length, model, extraction, Path(tmp))
 
 

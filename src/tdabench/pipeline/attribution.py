@@ -11,14 +11,13 @@ depend on the gradient code (their rules' `code` inputs stay exact).
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from tdabench import tracking
+from tdabench.device import release_free_memory
 from tdabench.extraction import Extraction
 from tdabench.models import Encoded
 from tdabench.pipeline.common import JobContext
@@ -72,17 +71,6 @@ class AttributionKit(ModelKit):
         metrics = {"verify_max_error": report.worst, "verify_seconds": report.seconds}
         attrs = {"verify_samples": len(report.samples), "verify_tolerance": report.tolerance}
         return SelfCheck(grads, metrics, {**attrs, "verify_max_error": report.worst})
-
-
-def release_free_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc's malloc_trim). Large tensors freed
-    between smaller live ones leave the pages counted in the process' memory, where a job that
-    next holds gigabytes of gradients would stack them on top; a no-op where there is no glibc."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def open_extraction(

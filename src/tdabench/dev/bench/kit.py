@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tdabench.device import release_free_memory
+
 
 @dataclass
 class Contender:
@@ -36,12 +38,16 @@ def interleave(
         raise ValueError(f"rounds must be >= 1 (timed rounds after the warm-up), not {rounds}")
     for w in range(warmup):
         for c in contenders:
+            release_free_memory()
             c.run(w)
     seconds: dict[str, list[float]] = {c.name: [] for c in contenders}
     n = len(contenders)
     for r in range(rounds):
         for c in list(contenders[r % n :]) + list(contenders[: r % n]):
-            gc.collect()  # as timeit does: no collection (of whatever came before) inside a timing
+            # as timeit does: no collection (of whatever came before) inside a timing; and the
+            # pages the previous contender freed handed back, so that its heap does not count
+            # under (or leave no room for) the next one
+            release_free_memory()
             gc.disable()
             try:
                 sync()

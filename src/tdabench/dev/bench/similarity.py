@@ -366,7 +366,7 @@ def _overlap(args, length: int, model, extraction, tmp: Path) -> None:
     import numpy as np
 
     from tdabench.similarity import load_similarity
-    from tdabench.streaming import Sink, Streamer, StreamSpec, header
+    from tdabench.streaming import Sink, Streamer, StreamSpec, group_queries, header
 
     b, topics = args.overlap_b, args.overlap_topics
     train, queries, cand, sources = overlap_workload(
@@ -405,14 +405,18 @@ def _overlap(args, length: int, model, extraction, tmp: Path) -> None:
         Contender("stream", stream, lambda r: n_q, f"memory_gb {args.memory_gb}"),
         Contender("reference_loop", reference, lambda r: n_q, "bs=1, each query's candidates recomputed"),
     ]
-    peer = _dattri(model, extraction.names, queries, train, cand, lambda r: rows, lambda r: n_q, check)
+    # dattri-llm in as many units as the stream, grouped as the stream groups them: each distinct
+    # candidate captured once per unit (all 60 queries' factors at once would not fit in 24 GB)
+    units = group_queries(cand, np.ones(cand.shape, dtype=bool), -(-n_q // done["units"]))
+    peer = _dattri(model, extraction.names, queries, train, cand, lambda r: rows, lambda r: n_q, check, units)
     contenders += [peer] if peer else []
     _report(f"paper overlap, {n_q} queries a round", contenders, args.rounds, "reference_loop", warmup=0)
 
 
-def _dattri(model, names, queries, pool, cand, rows, units, check_rows):
+def _dattri(model, names, queries, pool, cand, rows, units, check_rows, groups=None):
     """dattri-llm as a contender on the same work, after its dot products are checked against the
-    reference loop's on `check_rows`; None (said so) when it is not installed."""
+    reference loop's on `check_rows`; None (said so) when it is not installed. groups: the
+    queries' positions among rows(r) in groups scored one call each (as the stream's units)."""
     import importlib.util
 
     if importlib.util.find_spec("dattri_llm") is None:
@@ -424,9 +428,15 @@ def _dattri(model, names, queries, pool, cand, rows, units, check_rows):
     print(f"# dattri_llm: its dot products vs the reference loop's, worst |diff| / (|a| |b|) = {worst:.1e}")
 
     def run(r):
-        return dattri_similarity(model, names, queries, pool, rows(r), cand)
+        if groups is None:
+            return dattri_similarity(model, names, queries, pool, rows(r), cand)
+        out = {}
+        for group in groups:
+            out.update(dattri_similarity(model, names, queries, pool, rows(r)[group], cand))
+        return out
 
-    return Contender("dattri_llm", run, units, "HookManager invasive_linear_io, ops in float64, auto")
+    note = "HookManager invasive_linear_io, ops in float64, auto"
+    return Contender("dattri_llm", run, units, note + (f", {len(groups)} units" if groups else ""))
 
 
 def _forced(streamer, way):

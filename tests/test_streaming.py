@@ -494,3 +494,36 @@ def test_more_shards_than_training_examples_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="similarity.shards"):
         streamed_store(extraction, train[:2], queries, gt % 2, tmp_path / "s.h5", shard=0, shards=3)
     assert not list(tmp_path.iterdir())
+
+
+class Bar:
+    """A progress bar that records where it stands after each update."""
+
+    def __init__(self):
+        self.total, self.counts = None, [0]
+
+    def set_total(self, total):
+        self.total = total
+
+    def update(self, n=1):
+        self.counts.append(self.counts[-1] + n)
+
+
+@pytest.mark.parametrize("spill", [True, False])
+@pytest.mark.parametrize("units", ["one", "several"])
+def test_the_dense_pass_moves_its_bar_a_step_at_a_time_to_its_total(tmp_path, spill, units):
+    """Each training batch through the model, query batch held and component multiplied is one
+    step (a pass of one unit, as the SmolLM2 study's, shows progress too), counted exactly: every
+    update is one step, and the last reaches the total."""
+    extraction, train, queries, gt = setup()
+    memory_gb = 1.0 if units == "one" else smallest_memory_gb(tmp_path)
+    producer = StreamProducer(extraction, 0, StreamSpec("dense", memory_gb, spill=spill), queries, train)
+    target = Target([f"q{i}" for i in range(N_QUERY)], [f"t{i}" for i in range(N_TRAIN)], gt, None, {"setting": "s"})
+    bar = Bar()
+    report = producer.write(tmp_path / "s.h5", target, bar)
+    assert (report.n_units == 1) == (units == "one")
+    steps = np.diff(bar.counts)
+    assert bar.counts[-1] == bar.total and (steps == 1).all(), (bar.total, bar.counts)
+    batches = -(-N_TRAIN // 4), -(-N_QUERY // 4)  # training and query batches of 4
+    model = batches[0] * (1 if spill and report.spill_gb > 0 else report.n_units) + batches[1]
+    assert bar.total >= model + report.n_units * len(extraction.names)

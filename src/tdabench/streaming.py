@@ -241,6 +241,7 @@ class Streamer:
         self._arena = _Arena()  # dense: the held queries' factors (`_hold`)
         self._chunk_bytes = 0.0  # ... sized for the largest chunk
         self._as_returned: dict[str, str] | None = None  # the ways components come back from the model on the host
+        self._progress, self._stepped = None, 0  # dense: the pass' bar, and the steps it has been moved
         # Representations and dot products stay where the model is (a GPU's memory, then), only
         # the dot products come back to the host.
         self.device = extraction.device
@@ -372,7 +373,6 @@ class Streamer:
         pps = (chunk * n_t + chunk + n_t) / (chunk + n_t)  # cross pairs plus every sample's norm
         ways = self._plan(tokens, pps)
         report = StreamReport(ways=ways, tokens=tokens, pairs_per_sample=pps, n_units=len(chunks), chunk_queries=chunk)
-        _start(progress, len(chunks))
         report.train_group_rows = max(g[-1][0].stop - g[0][0].start for g in groups)
         with self._writers(sinks, ways, len(chunks)) as (writers, done), contextlib.ExitStack() as stack:
             report.units_resumed = int(np.logical_and.reduce(done).sum())
@@ -392,9 +392,11 @@ class Streamer:
             spill = stack.enter_context(self._spill(sinks[0].out, need)) if keep else None
             if spill is not None:  # rows multiplied at once, at the widest component
                 report.train_group_rows = self._at_once(groups, max(self.extraction.stored_dims))
+            todo = [u for u in range(len(chunks)) if not all(d[u] for d in done)]
+            steps = self._steps(chunks, groups, spill, progress, todo)  # the bar's count after each unit
             for u, part in enumerate(chunks):
                 if all(d[u] for d in done):
-                    _tick(progress)
+                    self._step(steps[u] - self._stepped)
                     continue
                 q0 = position[int(part[0][1][0])]
                 q1 = position[int(part[-1][1][-1])] + 1  # the chunk's queries: positions [q0, q1)
@@ -420,11 +422,34 @@ class Streamer:
                         train_rows=t_rows,
                         train_sqnorm=t_sq,
                     )
-                _tick(progress)
+                self._step(steps[u] - self._stepped)  # (whatever a path did not count on its way)
             report.spill_gb = spill.bytes / 1e9 if spill is not None else 0.0
         self._blocks, self._formed = None, torch.empty(0)
         self._arena.reset(0)
+        self._progress = None
         return report
+
+    def _steps(self, chunks, groups, spill: Spill | None, progress, todo: list[int]) -> list[int]:
+        """Start the dense pass' bar in steps, so that a pass of one unit moves too: each training
+        batch through the model (with a spill: those not on disk yet, in the first unit `todo`;
+        else every one, in each unit), each query batch held and each component multiplied (per
+        group of training examples). -> the bar's count after each unit."""
+        n_batches = sum(map(len, groups))
+        if spill is not None:
+            model, pass_groups = 0, 1
+        else:
+            model, pass_groups = n_batches, n_batches if self.on_device else len(groups)
+        unit = [len(part) + model + len(self.names) * pass_groups for part in chunks]
+        if spill is not None and todo:
+            unit[todo[0]] += n_batches - len(spill.saved)
+        self._progress, self._stepped = progress, 0
+        _start(progress, sum(unit))
+        return np.cumsum(unit).tolist()
+
+    def _step(self, n: int = 1) -> None:
+        if self._progress is not None and n > 0:
+            _tick(self._progress, n)
+            self._stepped += n
 
     def _on_disk_bytes(self, out: str | Path, groups: list[list[tuple[slice, dict]]]) -> float | None:
         """The bytes of training examples the job keeps on disk (`_spill`), or None where it does
@@ -497,6 +522,7 @@ class Streamer:
                 if taking:
                     tap.queries(n, q)
                 del q
+                self._step()
             del parts  # (before the next group is made: one group at a time)
         return q_sq, t_sq, dot, computed
 
@@ -531,6 +557,7 @@ class Streamer:
             if key not in spill.saved:
                 spill.save(key, rows, self.extraction.represent(batch, factored=factors))
                 computed += rows.stop - rows.start
+                self._step()
         return computed
 
     def _from_disk(
@@ -597,6 +624,7 @@ class Streamer:
         if self.on_device:  # formed in the pass, batch by batch, and kept on the device
             for rows, batch in (b for group in groups for b in group):
                 reps = self.extraction.represent(batch, factored=self.factored, on_device=True)
+                self._step()
                 yield lambda n, rows=rows, reps=reps: [(rows, reps[n])]
             return
         factors = self.extraction.factorable()
@@ -614,6 +642,7 @@ class Streamer:
             for rows, batch in group:
                 out = {n: b[rows.start - first : rows.stop - first] for n, b in buffers.items()}
                 reps.append((rows, self.extraction.represent(batch, out=out, factored=factors)))
+                self._step()
 
             def parts(n: str, reps=reps, first=first, stop=stop) -> list[tuple[slice, Representation]]:
                 if n in formed_now:
@@ -701,6 +730,7 @@ class Streamer:
                     held.setdefault(n, r.collector(q1 - q0)).add(r, local, at)
             del reps  # before the next batch's are made: one batch of gradients at a time
             self._arena.next_batch()
+            self._step()
         return {
             n: pieces[n] if n in pieces else Dense(blocks[n]) if n in blocks else held[n].result() for n in self.names
         }
@@ -919,6 +949,6 @@ def _start(progress, total: int) -> None:
         progress.set_total(total)
 
 
-def _tick(progress) -> None:
+def _tick(progress, n: int = 1) -> None:
     if progress is not None:
-        progress.update(1)
+        progress.update(n)

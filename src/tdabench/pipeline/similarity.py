@@ -118,7 +118,7 @@ def write_stream(job: JobContext, mlrun, p: StreamParams, s: StreamJob, tap=None
     spec = StreamSpec(p.layout, p.memory_gb, s.shard, p.shards)
     ids = s.queries["id"].to_list()
     producer = StreamProducer(s.kit.extraction, s.kit.pad_id, spec, s.encoded_queries, s.encoded_train, ids)
-    with Progress(desc=f"similarity shard {s.shard} ({', '.join(p.settings)})", unit="units") as bar:
+    with Progress(desc=f"similarity shard {s.shard} ({', '.join(p.settings)})", unit="steps") as bar:
         report = producer.write_all(s.outs, s.targets, bar, tap)
     n_queries = sum(len(t.query_ids) for t in s.targets)
     log.info(

@@ -3,6 +3,14 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The tests run the kernels a job pins under `numerics: portable` (exported before torch is
+# imported), so a bit-for-bit comparison in a test holds on any x86 CPU kind, as the jobs' numbers
+# do: unpinned, MKL's AVX-512 kernels round a float64 product by its row count.
+from tdabench import numerics  # noqa: E402  (does not import torch)
+
+if "avx2" in numerics.cpu_flags():
+    os.environ.update(numerics.CPU_PINS)
+
 # `make test` runs two pytest-xdist workers, each test file on one (--dist loadfile, in collection
 # order): the longest files go first so that neither worker is left with one at the end.
 LONGEST_FIRST = (

@@ -67,14 +67,18 @@ smollm2: $(VENV)/.smollm2
 
 # make test: every test but the long tier (whole studies through SLURM, a tracking server, the
 # default model sizes), which make test-long and CI run.
+# Tests compute as portable jobs do: tests/conftest.py exports the kernel pins, and on a CPU not
+# Intel's PRELOAD adds MKL's vendor shim (docs/running.md#same-numbers-on-any-machine).
+PRELOAD = LD_PRELOAD="$$($(BIN)/python -m tdabench.numerics preload)"
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not long"
+	$(PRELOAD) $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not long"
 
 test-long: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m long
+	$(PRELOAD) $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m long
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not workflow and not browser and not architectures and not slow"
+	$(PRELOAD) $(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not workflow and not browser and not architectures and not slow"
 
 # Lint and format checks (what CI runs); `make format` rewrites the tree in place.
 lint: $(STAMP)

@@ -27,7 +27,7 @@ sys.path.insert(0, str(SRC))
 
 from tdabench.config import NON_RESULT_KEYS, ConfigError, check_unique_keys, config_hash, validate_config
 from tdabench.integrity import ENV_CONFIGFILES
-from tdabench.numerics import NumericsError, check_host
+from tdabench.numerics import NumericsError, check_host, preload
 
 # Schema validation (defaults filled, unknown keys and wrong types refused) plus cross-key
 # checks, before any job is scheduled. The schema ships with the package
@@ -44,8 +44,11 @@ config.update(_validated)
 os.environ[ENV_CONFIGFILES] = json.dumps([os.path.relpath(p) for p in workflow.config_settings.configfiles])
 # numerics: portable needs a CPU that runs the pinned AVX2 kernels (checked where the Snakefile is
 # parsed: the submit host and, on a cluster, every job's node; jobs pin the kernels themselves).
+# On a CPU not Intel's, portable's jobs preload MKL's vendor shim: build it here, once, not in racing jobs.
 try:
     check_host(config["numerics"])
+    if config["numerics"] == "portable":
+        preload()
 except NumericsError as e:
     raise WorkflowError(str(e)) from None
 

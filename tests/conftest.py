@@ -11,6 +11,21 @@ from tdabench import numerics  # noqa: E402  (does not import torch)
 if "avx2" in numerics.cpu_flags():
     os.environ.update(numerics.CPU_PINS)
 
+
+def pytest_report_header(config):
+    # On a CPU not Intel's, MKL runs its AVX2 branch only with the vendor shim preloaded, which
+    # must happen before Python starts: `make test` does it (tdabench.numerics.preload).
+    if (
+        numerics.cpu_vendor() != "GenuineIntel"
+        and "avx2" in numerics.cpu_flags()
+        and numerics.restart_needed({"LD_PRELOAD": numerics.preload()})
+    ):
+        return (
+            "numerics: MKL's vendor shim is not preloaded: in-process products run MKL's AUTO branch (run `make test`)"
+        )
+    return None
+
+
 # `make test` runs two pytest-xdist workers, each test file on one (--dist loadfile, in collection
 # order): the longest files go first so that neither worker is left with one at the end.
 LONGEST_FIRST = (

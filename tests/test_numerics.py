@@ -4,6 +4,7 @@ at any thread count; native does neither; a CPU that cannot run the pins is refu
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +70,66 @@ def test_pins_override_a_kernel_level_forced_in_the_environment_and_a_late_pin_i
     )
     result = _capability(late, {"ATEN_CPU_CAPABILITY": "default"})
     assert result.returncode != 0 and "torch was imported before" in result.stderr
+
+
+def test_on_a_cpu_not_intels_portable_preloads_a_built_shim_that_answers_mkls_vendor_check_yes(tmp_path, monkeypatch):
+    import ctypes
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a fresh build, not a cached one
+    with numerics.active("native"):
+        env = {"LD_PRELOAD": "/opt/other.so"}
+        pins = numerics.pin_environment("portable", env, vendor="AuthenticAMD")
+        shim, other = pins["LD_PRELOAD"].split(":")
+        assert Path(shim).parent == tmp_path / "tdabench" and other == "/opt/other.so"
+        assert ctypes.CDLL(shim).mkl_serv_intel_cpu_true() == 1
+        assert numerics.pin_environment("portable", env, vendor="AuthenticAMD")["LD_PRELOAD"] == pins["LD_PRELOAD"]
+        assert numerics.restart_needed(env)  # this process started without it
+        intel = {}
+        assert "LD_PRELOAD" not in numerics.pin_environment("portable", intel, vendor="GenuineIntel")
+        assert not numerics.restart_needed(intel)
+    assert numerics.preload("GenuineIntel") == os.environ.get("LD_PRELOAD", "")
+    assert numerics.preload("AuthenticAMD").startswith(shim)
+
+
+@pytest.mark.slow  # fresh processes
+@pytest.mark.skipif(not HAS_AVX2, reason="portable needs an AVX2 CPU")
+def test_a_process_restarted_with_the_shim_runs_mkls_avx2_branch_with_the_same_products(tmp_path):
+    # What stage.py does on a CPU not Intel's, forced here by naming the vendor: pin, restart once,
+    # then MKL's vendor check answers yes and MKL runs its AVX2 branch.
+    code = (
+        "import ctypes, hashlib, os, sys; from tdabench import numerics; "
+        "numerics.pin_environment('portable', vendor=sys.argv[1]); "
+        "os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]]) if numerics.restart_needed() else None; "
+        "import torch; numerics.configure_torch('portable'); g = torch.Generator().manual_seed(0); "
+        "a, b = torch.randn(576, 256, generator=g), torch.randn(256, 1536, generator=g); "
+        "shim = hasattr(ctypes.CDLL(None), 'mkl_serv_intel_cpu_true'); "
+        "print(numerics.mkl_branch(), shim, hashlib.sha256((a @ b).numpy().tobytes()).hexdigest())"
+    )
+    env = {"XDG_CACHE_HOME": str(tmp_path), "LD_PRELOAD": ""}
+    runs = {vendor: _capability_args(code, vendor, env) for vendor in ("AuthenticAMD", "GenuineIntel")}
+    for result in runs.values():
+        assert result.returncode == 0, result.stderr
+    shimmed, plain = (runs[v].stdout.split() for v in ("AuthenticAMD", "GenuineIntel"))
+    assert shimmed[:2] == [str(numerics.MKL_BRANCH), "True"] and plain[1] == "False"
+    if numerics.cpu_vendor() == "GenuineIntel":
+        assert shimmed[2] == plain[2]  # on Intel's CPU the shim changes nothing
+
+
+@pytest.mark.slow  # a fresh process
+@pytest.mark.skipif(not HAS_AVX2, reason="portable needs an AVX2 CPU")
+def test_a_job_where_mkl_runs_another_branch_is_refused_naming_the_branch():
+    # MKL_CBWR changed after the pins stands in for a CPU where MKL ignores them (AUTO, on AMD's).
+    code = (
+        "import os; from tdabench import numerics; numerics.pin_environment('portable'); "
+        "os.environ['MKL_CBWR'] = 'COMPATIBLE'; import torch; numerics.configure_torch('portable')"
+    )
+    result = _capability(code, {})
+    assert result.returncode != 0
+    assert "needs MKL's AVX2 branch, but MKL runs its COMPATIBLE branch" in result.stderr
+
+
+def _capability_args(code: str, arg: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, arg], env={**os.environ, **env}, capture_output=True, text=True)
 
 
 def _examples(lengths: list[int]) -> list[Encoded]:

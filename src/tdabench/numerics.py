@@ -6,6 +6,11 @@ Two things besides those decide float32 results on a CPU, and `portable` (the de
   AVX-512), which round differently. Portable exports the AVX2 level for all three before torch is
   imported (`CPU_PINS`; MKL's conditional numerical reproducibility in its strict mode also keeps
   matrix products the same at any thread count), so any x86-64 CPU with AVX2 runs the same code.
+  MKL honours its AVX2 branch only where it finds an Intel CPU: elsewhere it silently runs its
+  AUTO branch, whose products and vector maths (sqrt, exp, log) round otherwise. So on another
+  vendor's CPU portable preloads a one-function library that answers MKL's vendor check with
+  yes (`MKL_VENDOR_SHIM`, built once with the C compiler), and every job checks that MKL runs the
+  AVX2 branch (`configure_torch`).
 - **How many threads share a reduction.** Measured on every aten operation of training and
   gradient extraction (default model size and SmolLM2-135M's) and of generation (default size),
   1 thread against 2 on the same inputs: one operation gave other bits, torch's CPU softmax backward
@@ -46,7 +51,13 @@ CPU_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2,STRICT", "ONEDNN_MA
 CUDA_PINS = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}  # deterministic cuBLAS (torch's documented setting)
 KERNEL_LEVEL = "AVX2"  # what torch.backends.cpu.get_cpu_capability() must report under portable
 PAD_MULTIPLE = 8  # tokens; the AVX2 vector holds 8 float32
-RECORDED_ENV = (*CPU_PINS, *CUDA_PINS, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE")
+RECORDED_ENV = (*CPU_PINS, *CUDA_PINS, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE", "LD_PRELOAD")
+# MKL takes a CNR branch other than AUTO or COMPATIBLE only on a CPU its vendor check calls Intel's
+# (Intel's MKL docs); on others MKL_CBWR=AVX2 falls back to AUTO without a word. Preloaded, this
+# answers the check with yes, so MKL runs the same AVX2 code as on Intel. Only MKL calls it.
+MKL_VENDOR_SHIM = "int mkl_serv_intel_cpu_true(void) { return 1; }\n"
+MKL_BRANCHES = {1: "off", 2: "AUTO", 3: "COMPATIBLE", 10: "AVX2", 12: "AVX512"}  # mkl_cbwr_get(MKL_CBWR_BRANCH)
+MKL_BRANCH = 10  # AVX2: what MKL must run under portable
 
 _active = "native"  # the mode of this process (set by pin_environment / active)
 
@@ -101,16 +112,107 @@ def check_host(mode: str, flags: set[str] | None = None, machine: str | None = N
         )
 
 
-def pin_environment(mode: str, environ=None) -> dict[str, str]:
+def pin_environment(mode: str, environ=None, vendor: str | None = None) -> dict[str, str]:
     """Export the pins of `mode` (call before torch is imported; a job's environment passes them on
-    to the libraries as they load) and make `mode` this process's. Returns what was set."""
+    to the libraries as they load) and make `mode` this process's. Returns what was set. On a CPU
+    not Intel's, portable also puts MKL's vendor shim on LD_PRELOAD, which takes hold in processes
+    started after this (`restart_needed` says whether this one must start again)."""
     global _active
     check_host(mode)
     environ = os.environ if environ is None else environ
     pins = {**CPU_PINS, **CUDA_PINS} if mode == "portable" else {}
+    if mode == "portable" and (vendor or cpu_vendor()) != "GenuineIntel":
+        pins["LD_PRELOAD"] = _with_shim(environ.get("LD_PRELOAD", ""))
     environ.update(pins)
     _active = mode
     return pins
+
+
+def _with_shim(ld_preload: str) -> str:
+    """LD_PRELOAD with MKL's vendor shim first and what it held after."""
+    shim = str(mkl_vendor_shim())
+    return ":".join([shim, *(p for p in re.split(r"[:\s]+", ld_preload) if p and p != shim)])
+
+
+def restart_needed(environ=None) -> bool:
+    """True where LD_PRELOAD names MKL's vendor shim but this process started without it (the
+    dynamic loader reads LD_PRELOAD at start only): a job then executes itself again."""
+    import ctypes
+
+    environ = os.environ if environ is None else environ
+    if _shim_name() not in environ.get("LD_PRELOAD", ""):
+        return False
+    try:
+        ctypes.CDLL(None).mkl_serv_intel_cpu_true  # noqa: B018  (found only if preloaded: torch loads MKL locally)
+    except AttributeError:
+        return True
+    return False
+
+
+def _shim_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tdabench"
+
+
+def _shim_name() -> str:
+    import hashlib
+
+    return f"mkl-vendor-shim-{hashlib.sha256(MKL_VENDOR_SHIM.encode()).hexdigest()[:12]}.so"
+
+
+def mkl_vendor_shim(directory: Path | None = None) -> Path:
+    """The shim library, built from `MKL_VENDOR_SHIM` with the C compiler the first time (into
+    ~/.cache/tdabench, written under a temporary name and renamed, so a half-built file is never
+    loaded)."""
+    import shutil
+    import subprocess
+    import sysconfig
+    import tempfile
+
+    directory = directory or _shim_dir()
+    target = directory / _shim_name()
+    if target.exists():
+        return target
+    named = [os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc"]  # CC as a user set it first
+    compiler = next((found for name in named if name and (found := shutil.which(name.split()[0]))), None)
+    if compiler is None:
+        raise NumericsError(
+            f"numerics: portable on this {cpu_vendor()} CPU preloads a one-line library so that MKL runs its AVX2 "
+            "branch, and building it needs a C compiler (cc or gcc; none found); install one, or run with "
+            "numerics: native (--config numerics=native), whose numbers may differ from other machines'"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        source, built = Path(tmp) / "shim.c", Path(tmp) / target.name
+        source.write_text(MKL_VENDOR_SHIM)
+        result = subprocess.run(
+            [compiler, "-O2", "-shared", "-fPIC", "-o", str(built), str(source)], capture_output=True, text=True
+        )
+        if result.returncode != 0:
+            raise NumericsError(
+                f"numerics: portable: building MKL's vendor shim with {compiler} failed "
+                f"({result.stderr.strip()[:300]}); run with numerics: native (--config numerics=native) instead"
+            )
+        os.replace(built, target)
+    return target
+
+
+def mkl_branch() -> int | None:
+    """The conditional-numerical-reproducibility branch MKL runs in this process (MKL_BRANCHES),
+    or None where torch carries no MKL. Asks torch's own MKL, so call it after torch is imported."""
+    import ctypes
+
+    import torch
+
+    if not torch.backends.mkl.is_available():
+        return None
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        get = ctypes.CDLL(str(library)).mkl_serv_cbwr_get
+    except (OSError, AttributeError):  # another build's layout: MKL not found where the wheel has it
+        return None
+    torch.ones(2, 2) @ torch.ones(2, 2)  # MKL reads MKL_CBWR on its first call
+    return get(1) & 0xFF  # 1 = MKL_CBWR_BRANCH; the strict flag sits above the branch bits
 
 
 def configure_torch(mode: str) -> None:
@@ -125,6 +227,15 @@ def configure_torch(mode: str) -> None:
             f"numerics: portable needs torch's {KERNEL_LEVEL} kernels, but this process runs {level} ones: "
             f"torch was imported before tdabench.numerics.pin_environment (export "
             f"ATEN_CPU_CAPABILITY={CPU_PINS['ATEN_CPU_CAPABILITY']} before starting Python)"
+        )
+    branch = mkl_branch()
+    if branch is not None and branch != MKL_BRANCH:
+        name = MKL_BRANCHES.get(branch, str(branch))
+        raise NumericsError(
+            f"numerics: portable needs MKL's {MKL_BRANCHES[MKL_BRANCH]} branch, but MKL runs its {name} branch on this "
+            f"{cpu_vendor()} CPU ({cpu_model()}): start the job after tdabench.numerics.pin_environment, which exports "
+            f"MKL_CBWR={CPU_PINS['MKL_CBWR']} and, on a CPU not Intel's, preloads MKL's vendor shim (LD_PRELOAD; "
+            "workflow/scripts/stage.py restarts a job for it), or run with numerics: native"
         )
     if torch.cuda.is_available():
         torch.use_deterministic_algorithms(True, warn_only=True)  # an op without one warns, not fails
@@ -183,3 +294,20 @@ def environment(device=None) -> dict:
         "cuda": torch.version.cuda,
         "gpu": gpu,
     }
+
+
+def preload(vendor: str | None = None) -> str:
+    """LD_PRELOAD for a process that must compute as portable jobs do (`make test`): MKL's vendor
+    shim first on a CPU not Intel's, then what LD_PRELOAD already held."""
+    held = os.environ.get("LD_PRELOAD", "")
+    if (vendor or cpu_vendor()) == "GenuineIntel" or "avx2" not in cpu_flags():
+        return held
+    return _with_shim(held)
+
+
+if __name__ == "__main__":  # python -m tdabench.numerics preload  (the Makefile's test targets)
+    import sys
+
+    if sys.argv[1:] != ["preload"]:
+        sys.exit("usage: python -m tdabench.numerics preload")
+    print(preload())

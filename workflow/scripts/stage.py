@@ -1,5 +1,6 @@
 # The one script every rule runs: unpack the Snakemake job and run the rule's stage
 # (rule -> entry point: tdabench.contracts.CONTRACTS; logic: src/tdabench/pipeline/<stage>.py).
+import os
 import sys
 from pathlib import Path
 
@@ -8,6 +9,8 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src")) 
 from tdabench import numerics  # noqa: E402  (imports nothing heavy)
 
 numerics.pin_environment(snakemake.params.numerics)  # noqa: F821
+if numerics.restart_needed():  # MKL's vendor shim (a CPU not Intel's) loads only at process start
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 from tdabench.pipeline import common  # noqa: E402
 
 common.run_job(common.JobContext.from_snakemake(snakemake))  # noqa: F821

@@ -83,7 +83,13 @@ def check_numerics(config: dict) -> Check:
     if mode == "native":
         return Check("info", "numerics", f"native: this CPU's own kernels ({numerics.cpu_model()}), no pins")
     pins = ", ".join(f"{k}={v}" for k, v in {**numerics.CPU_PINS, **numerics.CUDA_PINS}.items())
-    return Check("ok", "numerics", f"portable: jobs pin {pins} on {numerics.cpu_model()} (AVX2: yes)")
+    shim = ""
+    if numerics.cpu_vendor() != "GenuineIntel":  # MKL honours its AVX2 pin here only with the shim
+        try:
+            shim = f"; MKL's vendor shim preloaded: {numerics.mkl_vendor_shim()}"
+        except numerics.NumericsError as e:
+            return Check("FAIL", "numerics", str(e), "install a C compiler, or set numerics: native")
+    return Check("ok", "numerics", f"portable: jobs pin {pins} on {numerics.cpu_model()} (AVX2: yes){shim}")
 
 
 def check_mlflow(config: dict, workdir: Path) -> Check:

@@ -10,7 +10,13 @@ from tdabench import numerics  # noqa: E402  (imports nothing heavy)
 
 numerics.pin_environment(snakemake.params.numerics)  # noqa: F821
 if numerics.restart_needed():  # MKL's vendor shim (a CPU not Intel's) loads only at process start
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+    if os.environ.get("TDABENCH_RESTARTED"):  # started again and still without it: the loader refused it
+        sys.exit(
+            f"numerics: portable: the dynamic loader did not preload MKL's vendor shim (LD_PRELOAD="
+            f"{os.environ['LD_PRELOAD']}; its message is above); run with numerics: native instead"
+        )
+    os.environ["TDABENCH_RESTARTED"] = "1"
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 from tdabench.pipeline import common  # noqa: E402
 
 common.run_job(common.JobContext.from_snakemake(snakemake))  # noqa: F821

@@ -9,7 +9,7 @@
 A block's begin marker records the commit, config hash, code digest, numerics mode and CPU of
 the run (from the run's `provenance.json`); those and timing lines are not compared, everything
 else is, on any machine: under `numerics: portable` (the default) a study gives the same numbers
-on any x86-64 CPU with AVX2 at any thread count (tdabench.numerics). A block whose results were
+on any x86-64 CPU with AVX2, of any vendor, at any thread count (tdabench.numerics). A block whose results were
 made by code other than this checkout's (the code digest differs) is flagged stale in the README
 itself, with the command that refreshes it.
 """

@@ -68,8 +68,9 @@ smollm2: $(VENV)/.smollm2
 # make test: every test but the long tier (whole studies through SLURM, a tracking server, the
 # default model sizes), which make test-long and CI run.
 # Tests compute as portable jobs do: tests/conftest.py exports the kernel pins, and on a CPU not
-# Intel's PRELOAD adds MKL's vendor shim (docs/running.md#same-numbers-on-any-machine).
-PRELOAD = LD_PRELOAD="$$($(BIN)/python -m tdabench.numerics preload)"
+# Intel's PRELOAD adds MKL's vendor shim (docs/running.md#same-numbers-on-any-machine); a shim
+# that cannot be built stops the target.
+PRELOAD = preload=$$($(BIN)/python -m tdabench.numerics preload) && LD_PRELOAD="$$preload"
 
 test: $(STAMP)
 	$(PRELOAD) $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not long"

@@ -27,7 +27,7 @@ sys.path.insert(0, str(SRC))
 
 from tdabench.config import NON_RESULT_KEYS, ConfigError, check_unique_keys, config_hash, validate_config
 from tdabench.integrity import ENV_CONFIGFILES
-from tdabench.numerics import NumericsError, check_host, preload
+from tdabench.numerics import NumericsError, check_host, mkl_vendor_shim, needs_vendor_shim
 
 # Schema validation (defaults filled, unknown keys and wrong types refused) plus cross-key
 # checks, before any job is scheduled. The schema ships with the package
@@ -47,8 +47,8 @@ os.environ[ENV_CONFIGFILES] = json.dumps([os.path.relpath(p) for p in workflow.c
 # On a CPU not Intel's, portable's jobs preload MKL's vendor shim: build it here, once, not in racing jobs.
 try:
     check_host(config["numerics"])
-    if config["numerics"] == "portable":
-        preload()
+    if config["numerics"] == "portable" and needs_vendor_shim():
+        mkl_vendor_shim()
 except NumericsError as e:
     raise WorkflowError(str(e)) from None
 

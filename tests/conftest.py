@@ -15,11 +15,7 @@ if "avx2" in numerics.cpu_flags():
 def pytest_report_header(config):
     # On a CPU not Intel's, MKL runs its AVX2 branch only with the vendor shim preloaded, which
     # must happen before Python starts: `make test` does it (tdabench.numerics.preload).
-    if (
-        numerics.cpu_vendor() != "GenuineIntel"
-        and "avx2" in numerics.cpu_flags()
-        and numerics.restart_needed({"LD_PRELOAD": numerics.preload()})
-    ):
+    if numerics.needs_vendor_shim() and "avx2" in numerics.cpu_flags() and not numerics.shim_loaded():
         return (
             "numerics: MKL's vendor shim is not preloaded: in-process products run MKL's AUTO branch (run `make test`)"
         )

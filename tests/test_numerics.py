@@ -84,6 +84,7 @@ def test_on_a_cpu_not_intels_portable_preloads_a_built_shim_that_answers_mkls_ve
         assert ctypes.CDLL(shim).mkl_serv_intel_cpu_true() == 1
         assert numerics.pin_environment("portable", env, vendor="AuthenticAMD")["LD_PRELOAD"] == pins["LD_PRELOAD"]
         assert numerics.restart_needed(env)  # this process started without it
+        assert not numerics.shim_loaded()
         intel = {}
         assert "LD_PRELOAD" not in numerics.pin_environment("portable", intel, vendor="GenuineIntel")
         assert not numerics.restart_needed(intel)
@@ -94,12 +95,11 @@ def test_on_a_cpu_not_intels_portable_preloads_a_built_shim_that_answers_mkls_ve
 @pytest.mark.slow  # fresh processes
 @pytest.mark.skipif(not HAS_AVX2, reason="portable needs an AVX2 CPU")
 def test_a_process_restarted_with_the_shim_runs_mkls_avx2_branch_with_the_same_products(tmp_path):
-    # What stage.py does on a CPU not Intel's, forced here by naming the vendor: pin, restart once,
-    # then MKL's vendor check answers yes and MKL runs its AVX2 branch.
+    # What stage.py does, with the vendor named: on a CPU not Intel's the job restarts once, and then
+    # MKL's vendor check answers yes and MKL runs its AVX2 branch.
     code = (
         "import ctypes, hashlib, os, sys; from tdabench import numerics; "
-        "numerics.pin_environment('portable', vendor=sys.argv[1]); "
-        "os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]]) if numerics.restart_needed() else None; "
+        "numerics.pin_environment('portable', vendor=sys.argv[1]); numerics.restart_for_shim(); "
         "import torch; numerics.configure_torch('portable'); g = torch.Generator().manual_seed(0); "
         "a, b = torch.randn(576, 256, generator=g), torch.randn(256, 1536, generator=g); "
         "shim = hasattr(ctypes.CDLL(None), 'mkl_serv_intel_cpu_true'); "
@@ -113,6 +113,16 @@ def test_a_process_restarted_with_the_shim_runs_mkls_avx2_branch_with_the_same_p
     assert shimmed[:2] == [str(numerics.MKL_BRANCH), "True"] and plain[1] == "False"
     if numerics.cpu_vendor() == "GenuineIntel":
         assert shimmed[2] == plain[2]  # on Intel's CPU the shim changes nothing
+
+
+def test_a_process_restarted_once_and_still_without_the_shim_is_refused_not_restarted_again(monkeypatch):
+    with numerics.active("native"):
+        monkeypatch.setenv("LD_PRELOAD", str(numerics.mkl_vendor_shim()))  # named, not loaded here
+        monkeypatch.setenv(numerics.RESTARTED, "1")
+        with pytest.raises(numerics.NumericsError, match=r"did not preload MKL's vendor shim.*numerics: native"):
+            numerics.restart_for_shim()
+        monkeypatch.delenv("LD_PRELOAD")
+        numerics.restart_for_shim()  # no shim named: nothing to do
 
 
 @pytest.mark.slow  # a fresh process

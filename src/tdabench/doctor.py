@@ -84,7 +84,7 @@ def check_numerics(config: dict) -> Check:
         return Check("info", "numerics", f"native: this CPU's own kernels ({numerics.cpu_model()}), no pins")
     pins = ", ".join(f"{k}={v}" for k, v in {**numerics.CPU_PINS, **numerics.CUDA_PINS}.items())
     shim = ""
-    if numerics.cpu_vendor() != "GenuineIntel":  # MKL honours its AVX2 pin here only with the shim
+    if numerics.needs_vendor_shim():
         try:
             shim = f"; MKL's vendor shim preloaded: {numerics.mkl_vendor_shim()}"
         except numerics.NumericsError as e:

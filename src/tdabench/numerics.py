@@ -58,6 +58,7 @@ RECORDED_ENV = (*CPU_PINS, *CUDA_PINS, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OP
 MKL_VENDOR_SHIM = "int mkl_serv_intel_cpu_true(void) { return 1; }\n"
 MKL_BRANCHES = {1: "off", 2: "AUTO", 3: "COMPATIBLE", 10: "AVX2", 12: "AVX512"}  # mkl_cbwr_get(MKL_CBWR_BRANCH)
 MKL_BRANCH = 10  # AVX2: what MKL must run under portable
+RESTARTED = "TDABENCH_RESTARTED"  # set by restart_for_shim: a job restarts once, not in a loop
 
 _active = "native"  # the mode of this process (set by pin_environment / active)
 
@@ -121,7 +122,7 @@ def pin_environment(mode: str, environ=None, vendor: str | None = None) -> dict[
     check_host(mode)
     environ = os.environ if environ is None else environ
     pins = {**CPU_PINS, **CUDA_PINS} if mode == "portable" else {}
-    if mode == "portable" and (vendor or cpu_vendor()) != "GenuineIntel":
+    if mode == "portable" and needs_vendor_shim(vendor):
         pins["LD_PRELOAD"] = _with_shim(environ.get("LD_PRELOAD", ""))
     environ.update(pins)
     _active = mode
@@ -134,19 +135,40 @@ def _with_shim(ld_preload: str) -> str:
     return ":".join([shim, *(p for p in re.split(r"[:\s]+", ld_preload) if p and p != shim)])
 
 
-def restart_needed(environ=None) -> bool:
-    """True where LD_PRELOAD names MKL's vendor shim but this process started without it (the
-    dynamic loader reads LD_PRELOAD at start only): a job then executes itself again."""
+def needs_vendor_shim(vendor: str | None = None) -> bool:
+    """True on a CPU whose vendor MKL does not call Intel's: there MKL honours its AVX2 pin only
+    with the vendor shim preloaded."""
+    return (vendor or cpu_vendor()) != "GenuineIntel"
+
+
+def shim_loaded() -> bool:
+    """Whether this process started with MKL's vendor shim preloaded."""
     import ctypes
 
+    return hasattr(ctypes.CDLL(None), "mkl_serv_intel_cpu_true")  # only if preloaded: torch loads MKL locally
+
+
+def restart_needed(environ=None) -> bool:
+    """True where LD_PRELOAD names MKL's vendor shim but this process started without it (the
+    dynamic loader reads LD_PRELOAD at start only)."""
     environ = os.environ if environ is None else environ
-    if _shim_name() not in environ.get("LD_PRELOAD", ""):
-        return False
-    try:
-        ctypes.CDLL(None).mkl_serv_intel_cpu_true  # noqa: B018  (found only if preloaded: torch loads MKL locally)
-    except AttributeError:
-        return True
-    return False
+    return _shim_name() in environ.get("LD_PRELOAD", "") and not shim_loaded()
+
+
+def restart_for_shim() -> None:
+    """Execute this process again, once, where `restart_needed` (a job on a CPU not Intel's, after
+    `pin_environment`); a process restarted and still without the shim is refused in one line."""
+    import sys
+
+    if not restart_needed():
+        return
+    if os.environ.get(RESTARTED):
+        raise NumericsError(
+            f"numerics: portable: the dynamic loader did not preload MKL's vendor shim (LD_PRELOAD="
+            f"{os.environ['LD_PRELOAD']}; its message is above); run with numerics: native instead"
+        )
+    os.environ[RESTARTED] = "1"
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
 
 
 def _shim_dir() -> Path:
@@ -160,7 +182,7 @@ def _shim_name() -> str:
     return f"mkl-vendor-shim-{hashlib.sha256(MKL_VENDOR_SHIM.encode()).hexdigest()[:12]}.so"
 
 
-def mkl_vendor_shim(directory: Path | None = None) -> Path:
+def mkl_vendor_shim() -> Path:
     """The shim library, built from `MKL_VENDOR_SHIM` with the C compiler the first time (into
     ~/.cache/tdabench, written under a temporary name and renamed, so a half-built file is never
     loaded)."""
@@ -169,7 +191,7 @@ def mkl_vendor_shim(directory: Path | None = None) -> Path:
     import sysconfig
     import tempfile
 
-    directory = directory or _shim_dir()
+    directory = _shim_dir()
     target = directory / _shim_name()
     if target.exists():
         return target
@@ -300,9 +322,7 @@ def preload(vendor: str | None = None) -> str:
     """LD_PRELOAD for a process that must compute as portable jobs do (`make test`): MKL's vendor
     shim first on a CPU not Intel's, then what LD_PRELOAD already held."""
     held = os.environ.get("LD_PRELOAD", "")
-    if (vendor or cpu_vendor()) == "GenuineIntel" or "avx2" not in cpu_flags():
-        return held
-    return _with_shim(held)
+    return _with_shim(held) if needs_vendor_shim(vendor) and "avx2" in cpu_flags() else held
 
 
 if __name__ == "__main__":  # python -m tdabench.numerics preload  (the Makefile's test targets)
@@ -310,4 +330,7 @@ if __name__ == "__main__":  # python -m tdabench.numerics preload  (the Makefile
 
     if sys.argv[1:] != ["preload"]:
         sys.exit("usage: python -m tdabench.numerics preload")
-    print(preload())
+    try:
+        print(preload())
+    except NumericsError as e:  # no compiler, say: one line and a non-zero exit, so `make test` stops
+        sys.exit(str(e))

@@ -159,6 +159,7 @@ def test_many_projections_in_one_sweep_are_each_projection(monkeypatch, threads)
         Block(ProjectionConfig("gaussian", 6, seed=1, nonzeros=1), 2, 6),
         Block(ProjectionConfig("rademacher", 9, seed=0, nonzeros=1, normalized=False), 0, 3),
         Block(ProjectionConfig("sjlt", 7, seed=0, nonzeros=1), 2, 7),
+        Block(ProjectionConfig("sjlt", 3, seed=0, nonzeros=1), 2, 3),  # the signs above, another k
         Block(ProjectionConfig("sjlt", 11, seed=4, nonzeros=3), 1, 11),  # three sweeps, in turn
         Block(ProjectionConfig("sjlt", 5, seed=2, nonzeros=2, normalized=False), 2, 5),
         Block(ProjectionConfig("gaussian", 40, seed=3, nonzeros=1, blockwise="proportional"), 5, 13),
@@ -166,7 +167,11 @@ def test_many_projections_in_one_sweep_are_each_projection(monkeypatch, threads)
         Block(ProjectionConfig("gaussian", 40, seed=5, nonzeros=1, blockwise="proportional"), 1, 2),
     ]
     products = P._fused([(i, b.k) for i, b in enumerate(blocks) if b.cfg.kind != "sjlt"])
-    assert products == [[(0, 6), (1, 6), (2, 3)], [(6, 13), (8, 2)], [(7, 20)]]
+    assert products == [[(0, 6), (1, 6), (2, 3)], [(7, 13), (9, 2)], [(8, 20)]]
+    sketches = {
+        i: P.CountSketch(x.shape[1], b.k, b.cfg.seed, (b.index, 0)) for i, b in enumerate(blocks) if i in (3, 4, 6)
+    }
+    assert P._sign_groups(sketches, blocks) == [[3, 4], [6]]  # one signing for both; none with another scale
     shared = {i for p in products if len(p) > 1 for i, _ in p}
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)  # (a small product's bits may depend on the threads: both sides at the same)
@@ -183,6 +188,9 @@ def test_many_projections_in_one_sweep_are_each_projection(monkeypatch, threads)
             assert torch.equal(g, w), b
     assert len(seconds) == len(blocks) and all(t >= 0 for t in seconds)
     assert project_many(x, []) == ([], [])
+    apart, _ = project_many([x[:2], x[2:]], [blocks[i] for i in (3, 4, 5, 6)])  # row blocks held apart
+    for i, g in zip((3, 4, 5, 6), apart):
+        assert torch.equal(g, want[i]), blocks[i]
 
 
 def mean_inner_product(cfg_of_seed, dims, x, y, n_seeds):

@@ -10,7 +10,7 @@ from tdabench import resources
 from tdabench.config import ConfigError, validate_config
 from tdabench.models import TinyModelConfig, build_tiny_model, train_tokenizer
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, tiny_llama
 
 
 def study_config(**overrides):
@@ -49,7 +49,7 @@ def test_a_projection_larger_than_a_local_checkpoints_gradient_is_refused_at_con
     model = build_tiny_model(TinyModelConfig(320, 16, 24, 2, 2), tok, seed=0)
     model.save_pretrained(tmp_path)
     numels = {n: p.numel() for n, p in model.named_parameters()}
-    assert resources.checkpoint_numels(tmp_path) == numels
+    assert resources.checkpoint_shapes(tmp_path) == {n: tuple(p.shape) for n, p in model.named_parameters()}
     dim = sum(v for n, v in numels.items() if n.endswith(("mlp.up_proj.weight", "mlp.down_proj.weight")))
     model_cfg = {"kind": "huggingface", "name_or_path": str(tmp_path)}
     grads = {"components": ["up", "down"], "max_component_dim": None}
@@ -68,8 +68,8 @@ def test_gguf_count_equals_the_dequantised_model():
     model, _ = load_model(folder, gguf_file=file)
     size = resources.gguf_size(folder / file)
     assert size.parameters == n_params(model) and size.layers == model.config.num_hidden_layers
-    # The GGUF's tensors by the names and sizes of the converted model's parameters (config checks)
-    assert resources.gguf_numels(folder / file) == {n: p.numel() for n, p in model.named_parameters()}
+    # The GGUF's tensors by the names and shapes of the converted model's parameters (config checks)
+    assert resources.gguf_shapes(folder / file) == {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("rule", ["pretrain", "finetune", "generate", "gradients", "costs"])
@@ -113,3 +113,54 @@ def test_streamed_similarity_jobs_grow_with_their_budget_and_shrink_with_shards(
     assert big["mem_mb"] - small["mem_mb"] == pytest.approx(60e9 / 2**20, rel=0.01)  # the held queries
     assert big["runtime"] < small["runtime"]  # fewer passes over the training examples
     assert est(memory_gb=4, shards=8)["runtime"] < small["runtime"]
+
+
+@pytest.mark.parametrize("components,cap", [(["all"], None), (["q", "k", "down", "embed"], None), (["all"], 300)])
+def test_held_query_bytes_bound_what_the_stream_holds(tmp_path, components, cap):
+    """The estimate's bytes per held query, from the checkpoint's headers, against the stream's own
+    count for the loaded model: each weight as factors where smaller, where the stream can factor."""
+    from tdabench.extraction import Extraction
+    from tdabench.sections import ExtractionConfig
+    from tdabench.streaming import FACTORED, MATERIALISED, bytes_per_sample
+
+    model = tiny_llama(hidden=32, intermediate=48)  # k and v narrower than q (grouped-query attention)
+    model.save_pretrained(tmp_path)
+    cfg = study_config(
+        model={"kind": "huggingface", "name_or_path": str(tmp_path)},
+        gradients={"components": components, "max_component_dim": cap},
+        similarity={"max_component_dim": cap},
+    )
+    extraction = Extraction(model, ExtractionConfig(tuple(components), 4, cap, 0, None))
+    factorable = set(extraction.factorable())
+    dims = dict(zip(extraction.names, extraction.stored_dims))
+    for tokens in (3, 20, 200):  # factors smaller for every matrix, some, none
+        ways = {
+            c.name: FACTORED if c.name in factorable and tokens * sum(c.shape) < dims[c.name] else MATERIALISED
+            for c in extraction.components
+        }
+        assert resources.held_query_bytes(cfg, tokens) == bytes_per_sample(extraction, ways, tokens)
+    hub = study_config(model={"kind": "huggingface", "name_or_path": "org/not-local"})
+    assert resources.held_query_bytes(hub, 20) is None  # shapes unknown: the estimate holds them formed
+
+
+def test_a_stream_holding_queries_as_factors_needs_fewer_passes(tmp_path):
+    """With the queries' count known and held as factors, one pass: the runtime drops to it."""
+    model = tiny_llama(hidden=32, intermediate=48)
+    model.save_pretrained(tmp_path)
+    cfg = study_config(
+        model={"kind": "huggingface", "name_or_path": str(tmp_path)},
+        tokenize={"max_length": 8},
+        similarity={"memory_gb": 0.01},
+    )
+    per_query = resources.held_query_bytes(cfg, 8)
+    assert per_query < resources.stored_dims(resources.model_size(cfg), None) * 4  # factors smaller
+    fit = int(0.01e9 // per_query)  # queries one pass holds as factors
+    rows = 10**7  # training examples: enough for runtimes above the floor
+    assumed = resources.estimate("similarity_stream", cfg, rows)  # as many queries a setting, formed
+    one_pass = resources.estimate("similarity_stream", cfg, rows, queries=fit)
+    two_passes = resources.estimate("similarity_stream", cfg, rows, queries=fit + 1)
+    assert resources.MIN_RUNTIME < one_pass["runtime"] < two_passes["runtime"] < assumed["runtime"]
+    sized = study_config(
+        **{k: cfg[k] for k in ("model", "tokenize", "similarity")}, resources={"model_parameters": 10**9}
+    )
+    assert resources.held_query_bytes(sized, 8) is None  # a count for another model: its shapes unknown

@@ -60,7 +60,7 @@ def _layers(config_json: dict) -> int:
 
 def checkpoint_parameters(folder: Path) -> int:
     """Exact parameter count from the safetensors headers (no weights are read)."""
-    return sum(checkpoint_numels(folder).values())
+    return sum(math.prod(s) for s in checkpoint_shapes(folder).values())
 
 
 def gguf_location(path: str | None, package: str | None, file: str) -> tuple[Path, str]:
@@ -111,8 +111,9 @@ GGUF_AS_LLAMA = {
 }
 
 
-def gguf_numels(path: Path) -> dict[str, int]:
-    """{parameter name: element count} of a GGUF file's tensors, named as the converted model's."""
+def gguf_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """{parameter name: shape} of a GGUF file's tensors, named and shaped as the converted model's
+    (GGUF lists a tensor's dimensions innermost first)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -120,7 +121,7 @@ def gguf_numels(path: Path) -> dict[str, int]:
     arch_name = bytes(arch.parts[arch.data[0]]).decode() if arch else "llama"
     arch_id = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), gguf.MODEL_ARCH.LLAMA)
     name_map = gguf.get_tensor_name_map(arch_id, gguf_size(path).layers)
-    numels = {}
+    shapes = {}
     for t in reader.tensors:
         base, _, suffix = t.name.rpartition(".")  # "blk.3.attn_q", "weight"
         kind = name_map.mapping.get(base, (None,))[0]
@@ -131,46 +132,76 @@ def gguf_numels(path: Path) -> dict[str, int]:
             name = f"model.layers.{base.split('.')[1]}.{llama}.{suffix}"
         else:
             name = f"{llama}.{suffix}"
-        numels[name] = int(t.n_elements)
-    return numels
+        shapes[name] = tuple(int(n) for n in reversed(t.shape))
+    return shapes
 
 
-def checkpoint_numels(folder: Path) -> dict[str, int]:
-    """{parameter name: element count} from a checkpoint's safetensors headers (no weights read)."""
+def checkpoint_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """{parameter name: shape} from a checkpoint's safetensors headers (no weights read)."""
     from safetensors import safe_open
 
-    numels = {}
+    shapes = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), "pt") as fh:
-            numels.update({k: math.prod(fh.get_slice(k).get_shape()) for k in fh.keys()})
-    return numels
+            shapes.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
+    return shapes
 
 
 @functools.lru_cache(maxsize=8)
-def _parameter_numels(model_json: str) -> tuple[tuple[str, int], ...] | None:
+def _parameter_shapes(model_json: str) -> tuple[tuple[str, tuple[int, ...]], ...] | None:
     model = json.loads(model_json)
     if model["kind"] == "tiny":
         from tdabench.components import tiny_llama_shapes
 
-        return tuple((n, math.prod(s)) for n, s in tiny_llama_shapes(**model["tiny"]).items())
+        return tuple(tiny_llama_shapes(**model["tiny"]).items())
     if model["kind"] == "gguf":
         g = model["gguf"]
         try:
             folder, file = gguf_location(g["path"], g["package"], g["file"])
-            return tuple(gguf_numels(folder / file).items())
+            return tuple(gguf_shapes(folder / file).items())
         except (FileNotFoundError, ImportError):  # the convert job names what is missing
             return None
     folder = Path(model["name_or_path"] or "")
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
-        return tuple(checkpoint_numels(folder).items())
+        return tuple(checkpoint_shapes(folder).items())
     return None  # a hub name: its shapes are known once it is loaded
 
 
+def parameter_shapes(config: dict) -> dict[str, tuple[int, ...]] | None:
+    """Shape of each weight of the study's model by parameter name, read from its config, its
+    safetensors headers or its GGUF tensor table without loading it; None for a hub name."""
+    shapes = _parameter_shapes(json.dumps(config["model"], sort_keys=True))
+    return None if shapes is None else dict(shapes)
+
+
 def parameter_numels(config: dict) -> dict[str, int] | None:
-    """Element count of each weight of the study's model by parameter name, read from its config,
-    its safetensors headers or its GGUF tensor table without loading it; None for a hub name."""
-    numels = _parameter_numels(json.dumps(config["model"], sort_keys=True))
-    return None if numels is None else dict(numels)
+    """Element count of each weight of the study's model by parameter name (`parameter_shapes`)."""
+    shapes = parameter_shapes(config)
+    return None if shapes is None else {n: math.prod(s) for n, s in shapes.items()}
+
+
+def held_query_bytes(config: dict, tokens: int) -> float | None:
+    """Upper bound of the bytes a streamed job holds for one query of `tokens` tokens: each chosen
+    weight matrix as factors, tokens x (d_in + d_out), where that is smaller than the formed
+    gradient (as `streaming.plan_ways` holds it; an embedding formed), every other weight formed,
+    a sketched one at `similarity.max_component_dim`. None when the shapes are not known, or
+    `resources.model_parameters` stands for another model than the one they describe."""
+    from tdabench.components import family_of, match_components
+
+    shapes = parameter_shapes(config)
+    if shapes is None or config["resources"]["model_parameters"]:
+        return None
+    cap = config["similarity"]["max_component_dim"]
+    total = 0
+    for name in match_components(list(shapes), config["gradients"]["components"]):
+        shape, numel = shapes[name], math.prod(shapes[name])
+        if cap is not None and numel > cap:
+            total += cap  # count-sketched: never factored
+        elif len(shape) == 2 and family_of(name) != "embed":
+            total += min(numel, tokens * sum(shape))
+        else:
+            total += numel
+    return 4.0 * total
 
 
 @functools.lru_cache(maxsize=8)
@@ -217,8 +248,10 @@ def cache_bytes(config: dict, n_samples: int) -> int:
     return n_samples * stored_dims(model_size(config), grads["max_component_dim"]) * itemsize
 
 
-def estimate(rule: str, config: dict, rows: int, attempt: int = 1) -> dict[str, int]:
-    """{mem_mb, runtime} of one job of `rule` over `rows` examples (runtime in minutes)."""
+def estimate(rule: str, config: dict, rows: int, attempt: int = 1, queries: int | None = None) -> dict[str, int]:
+    """{mem_mb, runtime} of one job of `rule` over `rows` examples (runtime in minutes); for a
+    streamed similarity job, `queries` is every setting's queries (None: as many per setting as
+    `rows`)."""
     size = model_size(config)
     p, length = size.parameters, config["tokenize"]["max_length"] or UNTRUNCATED_TOKENS
     tokens = rows * length  # an upper bound: examples are padded to at most max_length
@@ -234,13 +267,15 @@ def estimate(rule: str, config: dict, rows: int, attempt: int = 1) -> dict[str, 
     elif rule == "gradients":  # weights + a load copy + count-sketch hashes (5 B a weight) + batch outputs
         mem = 16 * p + 3 * grads["batch_size"] * stored_dims(size, grads["max_component_dim"]) * 4
         flops = 6 * p * tokens * 2  # + the self-check loop and the per-sample products
-    elif rule in ("similarity_stream", "similarity_projection_stream"):  # rows: training examples; each
-        # setting about as many queries (projections ride on the pass, or take one of their own)
+    elif rule in ("similarity_stream", "similarity_projection_stream"):  # rows: training examples
+        # (projections ride on the pass, or take one of their own)
         sim = config["similarity"]
-        n_queries = rows * len(config["dataset"]["settings"])  # one pass holds every setting's queries
-        held = n_queries * stored_dims(size, sim["max_component_dim"]) * 4  # every query's gradient
-        chunks = max(1, math.ceil(held / (sim["memory_gb"] * 1e9)))
-        mem = 16 * p + min(held, sim["memory_gb"] * 1e9) + 3 * grads["batch_size"] * held / max(n_queries, 1)
+        n_queries = rows * len(config["dataset"]["settings"]) if queries is None else queries  # one pass: all
+        formed = stored_dims(size, sim["max_component_dim"]) * 4  # one sample's gradient, formed
+        per_query = held_query_bytes(config, length) or formed  # as factors where smaller
+        held = n_queries * per_query
+        chunks = max(1, math.ceil(held / (sim["memory_gb"] * 1e9)))  # passes over the training examples
+        mem = 16 * p + min(held, sim["memory_gb"] * 1e9) + 3 * grads["batch_size"] * formed
         flops = 6 * p * (n_queries + chunks * rows / sim["shards"]) * length * 2
     elif rule in STREAM_PROJECTION_RULES:  # rows: training examples and queries, each through the model once
         budget = config["similarity"]["memory_gb"] * 1e9  # gradients held at once (a group of samples)

@@ -60,12 +60,17 @@ def max_threads():
     return plan.model_threads(config, local_cores)
 
 
-def model_resources(name, rows=lambda wildcards, input: 0):
+def model_resources(name, rows=lambda wildcards, input: 0, queries=None):
     """Resources of the model-running rule `name`. Memory and runtime come from the model's size, the rows
-    one job handles (`rows(wildcards, input)`) and the attempt; gpu is added when device is cuda."""
+    one job handles (`rows(wildcards, input)`), for a streamed similarity job the queries it holds
+    (`queries(wildcards, input)`), and the attempt; gpu is added when device is cuda."""
 
     def get(key):
-        return lambda wildcards, input, attempt: resources.estimate(name, config, rows(wildcards, input), attempt)[key]
+        def value(wildcards, input, attempt):
+            held = None if queries is None else queries(wildcards, input)
+            return resources.estimate(name, config, rows(wildcards, input), attempt, queries=held)[key]
+
+        return value
 
     res = {"mem_mb": get("mem_mb"), "runtime": get("runtime")}
     if plan.requests_gpu(config, name):
@@ -85,6 +90,12 @@ def io_resources():
 def rows_of(name):
     """rows(wildcards, input) of the table named `name` among a rule's inputs."""
     return lambda wildcards, input: resources.table_rows(input[name], config)
+
+
+def queries_held(wildcards, input):
+    """The rows of a rule's query table once it exists (None before: the estimate assumes as many
+    per setting as training examples)."""
+    return resources.table_rows(input.queries, config) if Path(input.queries).is_file() else None
 
 
 def samples_of(*names):

@@ -48,7 +48,7 @@ elif plan.shared_pass(config):
             ENV
         threads: max_threads()
         resources:
-            **model_resources("similarity_projection_stream", rows_of("train")),
+            **model_resources("similarity_projection_stream", rows_of("train"), queries=queries_held),
         params:
             **stage_params("similarity_projection_stream", model=model_param(ATTRIBUTED_MODEL)),
         script:
@@ -74,7 +74,7 @@ else:
             ENV
         threads: max_threads()
         resources:
-            **model_resources("similarity_stream", rows_of("train")),
+            **model_resources("similarity_stream", rows_of("train"), queries=queries_held),
         params:
             **stage_params("similarity_stream", model=model_param(ATTRIBUTED_MODEL)),
         script:

@@ -808,7 +808,9 @@ class Streamer:
                     continue
                 nq, cand, ok, need = len(unit), candidates[unit], mine[unit], needed[u]
                 parts = [reps for _, reps in self.represent([queries[q] for q in unit])]
-                held = {n: concat([reps[n] for reps in parts]) for n in self.names}  # [nq, ...] each
+                held = {}  # [nq, ...] each; a component's batches let go as it is joined: not twice the unit
+                for n in self.names:
+                    held[n] = concat([reps.pop(n) for reps in parts])
                 del parts
                 q_sq = np.stack([held[n].self_dots().cpu().numpy() for n in self.names])  # [C, nq]
                 # Training examples by length (less padding); pair (query qi, slot ji) -> its example

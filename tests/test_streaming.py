@@ -249,6 +249,35 @@ def test_candidate_stream_equals_the_cached_store_and_sketches_are_recorded(tmp_
     assert "countsketch 100" in got.provenance()
 
 
+def test_candidate_batches_formed_one_component_at_a_time_equal_those_formed_in_the_pass(tmp_path, monkeypatch):
+    """On the host a candidate batch's materialised components come back as factors and are formed
+    one at a time: the store is bit for bit the one whose batches were formed in the pass."""
+    import tdabench.streaming as S
+
+    extraction, train, queries, gt = setup(cap=200)  # k and v exact, the rest sketched (never factors)
+    cand = candidates_of(gt)
+    asked = []  # the components each candidate batch was asked to return as factors
+    real = S.Streamer.represent
+
+    def recording(self, examples, reuse=False, factored=None):
+        asked.append(None if factored is None else set(factored))
+        return real(self, examples, reuse=reuse, factored=factored)
+
+    monkeypatch.setattr(S.Streamer, "represent", recording)
+    streamed_store(extraction, train, queries, gt, tmp_path / "later.h5", "candidates", cand, ways=MATERIALISED)
+    factorable = set(extraction.factorable())
+    assert factorable and set(extraction.sketch_info) and asked.count(factorable) == 1  # the one unit's batches
+
+    def in_the_pass(self, examples, reuse=False, factored=None):  # every batch formed in the pass
+        return real(self, examples, reuse=reuse)
+
+    monkeypatch.setattr(S.Streamer, "represent", in_the_pass)
+    streamed_store(extraction, train, queries, gt, tmp_path / "pass.h5", "candidates", cand, ways=MATERIALISED)
+    got, want = load_similarity(tmp_path / "later.h5"), load_similarity(tmp_path / "pass.h5")
+    for name in ("dot", "query_sqnorm", "train_sqnorm"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+
+
 @pytest.mark.parametrize("layout", ["dense", "candidates"])
 def test_shards_merge_to_the_unsharded_store(tmp_path, layout):
     extraction, train, queries, gt = setup()

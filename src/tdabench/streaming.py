@@ -248,18 +248,20 @@ class Streamer:
         self.on_device = self.device.type != "cpu"
 
     def represent(
-        self, examples: Sequence[Encoded], reuse: bool = False
+        self, examples: Sequence[Encoded], reuse: bool = False, factored: Sequence[str] | None = None
     ) -> Iterator[tuple[slice, dict[str, Representation]]]:
         """(rows, {component: representation}) per padded batch of `examples`. reuse: materialised
-        gradients go into buffers reused batch after batch (valid until the next batch)."""
+        gradients go into buffers reused batch after batch (valid until the next batch).
+        factored: the components that come back as `Factors` (default: those planned factored)."""
+        factored = self.factored if factored is None else list(factored)
         buffers = {}
         if reuse and not self.on_device:
-            formed = [n for n in self.names if n not in self.factored]
+            formed = [n for n in self.names if n not in factored]
             buffers = self.extraction.buffers(self.extraction.cfg.batch_size, formed)
         for rows, batch in self.extraction.batches(examples, self.pad_id):
             size = rows.stop - rows.start
             out = {n: b[:size] for n, b in buffers.items()}
-            yield rows, self.extraction.represent(batch, out=out, factored=self.factored, on_device=self.on_device)
+            yield rows, self.extraction.represent(batch, out=out, factored=factored, on_device=self.on_device)
 
     def run(
         self,
@@ -799,6 +801,14 @@ class Streamer:
         samples = n_q + sum(len(t) for t in needed)
         pairs = int(mine.sum()) + samples  # cross pairs plus every sample's norm
         report = StreamReport(ways=ways, tokens=tokens, pairs_per_sample=pairs / max(samples, 1), n_units=len(units))
+        # On the host a training batch's components planned materialised come back as factors too
+        # and are formed one at a time into one reused buffer, with the extractor's own product
+        # (the same gradients as formed in the pass): the batch's factors, which the pass holds
+        # anyway, and one formed component, rather than every component formed at once.
+        later = [] if self.on_device else [n for n in self.extraction.factorable() if n not in self.factored]
+        extractor = self.extraction.extractor()
+        dims = dict(zip(self.names, self.extraction.stored_dims))
+        formed = torch.empty(self.extraction.cfg.batch_size * max([0] + [dims[n] for n in later]))
         _start(progress, len(units))
         with self._writers(sinks, ways, len(units)) as (writers, done):
             report.units_resumed = int(np.logical_and.reduce(done).sum())
@@ -821,12 +831,16 @@ class Streamer:
                 at_pair = column[np.searchsorted(need, cand[qi, ji])]  # [P] the pair's example, in order
                 t_sq = np.zeros((len(self.names), len(need)))  # in `need`'s (increasing) order
                 dot = np.zeros((len(self.names), nq, b))  # [C, unit queries, b]
-                for rows, reps in self.represent([train[t] for t in need[order]], reuse=True):
+                batches = self.represent([train[t] for t in need[order]], reuse=True, factored=[*self.factored, *later])
+                for rows, reps in batches:
                     sel = (at_pair >= rows.start) & (at_pair < rows.stop)
                     ia = torch.as_tensor(qi[sel], device=self.device)
                     ib = torch.as_tensor(at_pair[sel] - rows.start, device=self.device)
                     for ci, n in enumerate(self.names):
-                        t = reps[n].ready()  # factors converted once, used for its norms and its pairs
+                        t = reps.pop(n)  # (let go once used: `formed` holds one component at a time)
+                        if n in later and isinstance(t, Factors):  # formed now, as the pass would have
+                            t = Dense(extractor.form(n, t, out=formed[: t.rows * dims[n]].view(t.rows, dims[n])))
+                        t = t.ready()  # factors converted once, used for its norms and its pairs
                         t_sq[ci, order[rows]] = t.self_dots().cpu().numpy()
                         if len(ia):
                             dot[ci, qi[sel], ji[sel]] = held[n].aligned(ia, t, ib).cpu().numpy()

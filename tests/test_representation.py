@@ -63,3 +63,19 @@ def test_dense_products_over_many_blocks_are_the_float64_products():
         Dense(a).aligned(ia, Dense(b), ib).numpy(), (a64[ia.numpy()] * b64[ib.numpy()]).sum(1), rtol=1e-13
     )
     assert Dense(a).ready().tensor is a  # formed gradients stay float32 until a product reads them
+
+
+def test_pairs_of_formed_gradients_convert_each_row_once_with_the_same_bits():
+    """A held row in several pairs is converted to float64 once per block, not once per pair (a
+    unit's queries against a training batch); the pairs' products keep the bits of converting
+    each pair's rows as they are gathered, with more pairs than rows on either side or fewer."""
+    from tdabench.representation import BLOCK, _blocks
+
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(4, BLOCK + 77, generator=g), torch.randn(6, BLOCK + 77, generator=g)
+    for ia, ib in (([0, 0, 3, 1, 3, 3, 2], [5, 1, 1, 0, 2, 4, 5]), ([2, 1], [4, 0])):
+        ia, ib = torch.tensor(ia), torch.tensor(ib)
+        want = torch.zeros(len(ia), dtype=torch.float64)
+        for blk in _blocks(a.shape[1]):
+            want += (a[ia, blk].double() * b[ib, blk].double()).sum(1)
+        assert torch.equal(Dense(a).aligned(ia, Dense(b), ib), want)

@@ -226,15 +226,24 @@ def test_candidate_stream_equals_the_cached_store_and_sketches_are_recorded(tmp_
     extraction, train, queries, gt = setup(cap=100)
     cand = candidates_of(gt)
     want = cached_store(extraction, train, queries, gt, tmp_path / "cached.h5", candidates=cand)
-    through_model = []  # rows of every batch the model computes gradients for
+    through_model, lengths = [], []  # rows of every batch the model computes gradients for; their lengths
     represent = extraction.represent
-    extraction.represent = lambda batch, **kw: through_model.append(len(batch["input_ids"])) or represent(batch, **kw)
+
+    def watched(batch, **kw):
+        through_model.append(len(batch["input_ids"]))
+        lengths.extend(batch["attention_mask"].sum(1).tolist())
+        return represent(batch, **kw)
+
+    extraction.represent = watched
     try:
         report = streamed_store(extraction, train, queries, gt, tmp_path / "s.h5", "candidates", cand)
     finally:
         extraction.represent = represent
     # One unit holds every query: each distinct candidate is computed once, however many hold it
     assert report.n_units == 1 and sum(through_model) == N_QUERY + len(np.unique(cand)) < N_QUERY * (1 + B)
+    # ... the queries, then the candidates, each shortest first (batches with little padding)
+    assert lengths[:N_QUERY] == sorted(len(q.input_ids) for q in queries) != [len(q.input_ids) for q in queries]
+    assert lengths[N_QUERY:] == sorted(len(train[t].input_ids) for t in np.unique(cand))
     assert report.samples_computed == sum(through_model)
     got = load_similarity(tmp_path / "s.h5")
     np.testing.assert_array_equal(got.candidates, cand)

@@ -97,6 +97,12 @@ def _blocks(dim: int) -> list[slice]:
     return [slice(s, min(s + BLOCK, dim)) for s in range(0, dim, BLOCK)]
 
 
+def _paired(t: torch.Tensor, rows: torch.Tensor, blk: slice) -> torch.Tensor:
+    """t[rows, blk] in float64 [P, block]: each row converted once where rows repeat (a held
+    query in several pairs), else only the rows taken. The same numbers either way."""
+    return t[:, blk].double()[rows] if t.shape[0] < len(rows) else t[rows, blk].double()
+
+
 @dataclass
 class Dense(Representation):
     """Formed per-sample gradients (or their count sketches). Products run in float64 over blocks
@@ -143,7 +149,7 @@ class Dense(Representation):
         a, b = self.tensor, other.tensor  # [n, dim], [m, dim]
         out = torch.zeros(len(ia), dtype=torch.float64, device=a.device)
         for blk in _blocks(a.shape[1]):  # the pairs' rows gathered block by block: no [P, dim] copy
-            out += (a[ia, blk].double() * b[ib, blk].double()).sum(1)
+            out += (_paired(a, ia, blk) * _paired(b, ib, blk)).sum(1)
         return out  # [P]
 
     def unit_dots(self, ia: torch.Tensor, ib: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -817,12 +817,17 @@ class Streamer:
                     _tick(progress)
                     continue
                 nq, cand, ok, need = len(unit), candidates[unit], mine[unit], needed[u]
-                parts = [reps for _, reps in self.represent([queries[q] for q in unit])]
+                # The unit's queries go through the model shortest first too (less padding);
+                # held_row[i]: the held row of the unit's i-th query
+                by_length = np.argsort([len(queries[q].input_ids) for q in unit], kind="stable")
+                held_row = np.empty(nq, dtype=np.int64)
+                held_row[by_length] = np.arange(nq)
+                parts = [reps for _, reps in self.represent([queries[q] for q in unit[by_length]])]
                 held = {}  # [nq, ...] each; a component's batches let go as it is joined: not twice the unit
                 for n in self.names:
                     held[n] = concat([reps.pop(n) for reps in parts])
                 del parts
-                q_sq = np.stack([held[n].self_dots().cpu().numpy() for n in self.names])  # [C, nq]
+                q_sq = np.stack([held[n].self_dots().cpu().numpy()[held_row] for n in self.names])  # [C, nq]
                 # Training examples by length (less padding); pair (query qi, slot ji) -> its example
                 order = np.argsort([len(train[t].input_ids) for t in need], kind="stable")
                 column = np.empty(len(need), dtype=np.int64)
@@ -834,7 +839,7 @@ class Streamer:
                 batches = self.represent([train[t] for t in need[order]], reuse=True, factored=[*self.factored, *later])
                 for rows, reps in batches:
                     sel = (at_pair >= rows.start) & (at_pair < rows.stop)
-                    ia = torch.as_tensor(qi[sel], device=self.device)
+                    ia = torch.as_tensor(held_row[qi[sel]], device=self.device)
                     ib = torch.as_tensor(at_pair[sel] - rows.start, device=self.device)
                     for ci, n in enumerate(self.names):
                         t = reps.pop(n)  # (let go once used: `formed` holds one component at a time)

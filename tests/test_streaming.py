@@ -21,7 +21,7 @@ from tdabench.plan import shard_rows
 from tdabench.producer import Target
 from tdabench.similarity import load_similarity, merge_similarity
 from tdabench.store import GradientStore, GradientStoreWriter
-from tdabench.streaming import StreamProducer, StreamSpec
+from tdabench.streaming import StreamProducer, StreamSpec, shortest_first
 
 from helpers import VOCAB, tiny_llama
 
@@ -565,3 +565,11 @@ def test_the_dense_pass_moves_its_bar_a_step_at_a_time_to_its_total(tmp_path, sp
     batches = -(-N_TRAIN // 4), -(-N_QUERY // 4)  # training and query batches of 4
     model = batches[0] * (1 if spill and report.spill_gb > 0 else report.n_units) + batches[1]
     assert bar.total >= model + report.n_units * len(extraction.names)
+
+
+def test_shortest_first_orders_by_length_keeping_ties_and_places_each_example():
+    lengths = [5, 2, 5, 3, 2]
+    order, place = shortest_first([Encoded([1] * n, [1] * n, 0, False) for n in lengths])
+    assert [lengths[i] for i in order] == sorted(lengths)
+    assert order.tolist() == [1, 4, 3, 0, 2]  # equal lengths keep their order
+    assert (order[place] == np.arange(len(lengths))).all()

@@ -187,6 +187,16 @@ def group_starts(sizes: Sequence[float], budget: float) -> set[int]:
     return starts
 
 
+def shortest_first(examples: Sequence[Encoded]) -> tuple[np.ndarray, np.ndarray]:
+    """The order that batches `examples` shortest first (less padding; ties keep their order),
+    and where each example lands in it -> (order, place): examples[order[j]] is j-th, and
+    examples[i] is place[i]-th."""
+    order = np.argsort([len(e.input_ids) for e in examples], kind="stable")
+    place = np.empty(len(order), dtype=np.int64)
+    place[order] = np.arange(len(order))
+    return order, place
+
+
 def _as_slice(rows: np.ndarray) -> slice | np.ndarray:
     """Consecutive rows as a slice (HDF5 writes a slice faster than a list of rows)."""
     if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
@@ -817,21 +827,17 @@ class Streamer:
                     _tick(progress)
                     continue
                 nq, cand, ok, need = len(unit), candidates[unit], mine[unit], needed[u]
-                # The unit's queries go through the model shortest first too (less padding);
-                # held_row[i]: the held row of the unit's i-th query
-                by_length = np.argsort([len(queries[q].input_ids) for q in unit], kind="stable")
-                held_row = np.empty(nq, dtype=np.int64)
-                held_row[by_length] = np.arange(nq)
+                # The unit's queries and then its training examples go through the model shortest
+                # first; held_row[i]: the held row of the unit's i-th query
+                by_length, held_row = shortest_first([queries[q] for q in unit])
                 parts = [reps for _, reps in self.represent([queries[q] for q in unit[by_length]])]
                 held = {}  # [nq, ...] each; a component's batches let go as it is joined: not twice the unit
                 for n in self.names:
                     held[n] = concat([reps.pop(n) for reps in parts])
                 del parts
                 q_sq = np.stack([held[n].self_dots().cpu().numpy()[held_row] for n in self.names])  # [C, nq]
-                # Training examples by length (less padding); pair (query qi, slot ji) -> its example
-                order = np.argsort([len(train[t].input_ids) for t in need], kind="stable")
-                column = np.empty(len(need), dtype=np.int64)
-                column[order] = np.arange(len(need))  # position of need[i] in the length order
+                # column[i]: place of need[i] in the length order; pair (query qi, slot ji) -> its example
+                order, column = shortest_first([train[t] for t in need])
                 qi, ji = np.nonzero(ok)
                 at_pair = column[np.searchsorted(need, cand[qi, ji])]  # [P] the pair's example, in order
                 t_sq = np.zeros((len(self.names), len(need)))  # in `need`'s (increasing) order

@@ -25,6 +25,8 @@ def test_dense_and_factors_agree_on_every_product():
     torch.testing.assert_close(a.self_dots(), da.self_dots())
     torch.testing.assert_close(a.gram(b), da.gram(db))
     torch.testing.assert_close(a.aligned(ia, b, ib), da.aligned(ia, db, ib))
+    for got, want in zip(a.aligned_and_norms(ia, b, ib), da.aligned_and_norms(ia, db, ib)):
+        torch.testing.assert_close(got, want)
     for got, want in zip(a.unit_dots(ia, ib), da.unit_dots(ia, ib)):
         np.testing.assert_allclose(got, want, rtol=1e-12)
     assert a.self_dots().dtype == da.gram(db).dtype == torch.float64
@@ -65,17 +67,22 @@ def test_dense_products_over_many_blocks_are_the_float64_products():
     assert Dense(a).ready().tensor is a  # formed gradients stay float32 until a product reads them
 
 
-def test_pairs_of_formed_gradients_convert_each_row_once_with_the_same_bits():
-    """A held row in several pairs is converted to float64 once per block, not once per pair (a
-    unit's queries against a training batch); the pairs' products keep the bits of converting
-    each pair's rows as they are gathered, with more pairs than rows on either side or fewer."""
-    from tdabench.representation import BLOCK, _blocks
+def test_pairs_of_formed_gradients_are_picked_from_the_gram_of_the_rows_they_use():
+    """Pairs that repeat rows (a unit's queries against a training batch) come from one Gram of
+    the rows they use: bit for bit the Gram's entries where they use every row, and the float64
+    products where they use some, with more pairs than rows on either side or fewer."""
+    from tdabench.representation import BLOCK
 
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(4, BLOCK + 77, generator=g), torch.randn(6, BLOCK + 77, generator=g)
-    for ia, ib in (([0, 0, 3, 1, 3, 3, 2], [5, 1, 1, 0, 2, 4, 5]), ([2, 1], [4, 0])):
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    every = ([0, 0, 3, 1, 3, 3, 2, 2], [5, 1, 1, 0, 2, 4, 5, 3])
+    for ia, ib in (every, ([2, 1], [4, 0]), ([3, 3, 3], [0, 5, 0])):
         ia, ib = torch.tensor(ia), torch.tensor(ib)
-        want = torch.zeros(len(ia), dtype=torch.float64)
-        for blk in _blocks(a.shape[1]):
-            want += (a[ia, blk].double() * b[ib, blk].double()).sum(1)
-        assert torch.equal(Dense(a).aligned(ia, Dense(b), ib), want)
+        got = Dense(a).aligned(ia, Dense(b), ib)
+        assert got.dtype == torch.float64 and got.shape == (len(ia),)
+        np.testing.assert_allclose(got.numpy(), (a64[ia.numpy()] * b64[ib.numpy()]).sum(1), rtol=1e-13)
+        pairs, norms = Dense(a).aligned_and_norms(ia, Dense(b), ib)  # the same sweep, with b's norms
+        assert torch.equal(pairs, got) and torch.equal(norms, Dense(b).self_dots())
+    ia, ib = (torch.tensor(v) for v in every)
+    assert torch.equal(Dense(a).aligned(ia, Dense(b), ib), Dense(a).gram(Dense(b))[ia, ib])

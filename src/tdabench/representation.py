@@ -63,6 +63,13 @@ class Representation(ABC):
     def aligned(self, ia: torch.Tensor, other: Representation, ib: torch.Tensor) -> torch.Tensor:
         """⟨self[ia[p]], other[ib[p]]⟩ for every p -> [P] float64."""
 
+    def aligned_and_norms(
+        self, ia: torch.Tensor, other: Representation, ib: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self.aligned(ia, other, ib), other.self_dots()) -> [P], [m] float64: a training batch's
+        pairs with a unit's queries and its norms, in one sweep over it where that reads it once."""
+        return self.aligned(ia, other, ib), other.self_dots()
+
     @abstractmethod
     def unit_dots(self, ia: torch.Tensor, ib: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Squared norms [n] and the dot products of pairs (ia[p], ib[p]) [P] among these samples,
@@ -97,10 +104,9 @@ def _blocks(dim: int) -> list[slice]:
     return [slice(s, min(s + BLOCK, dim)) for s in range(0, dim, BLOCK)]
 
 
-def _paired(t: torch.Tensor, rows: torch.Tensor, blk: slice) -> torch.Tensor:
-    """t[rows, blk] in float64 [P, block]: each row converted once where rows repeat (a held
-    query in several pairs), else only the rows taken. The same numbers either way."""
-    return t[:, blk].double()[rows] if t.shape[0] < len(rows) else t[rows, blk].double()
+def _rows64(t: torch.Tensor, rows: torch.Tensor, blk: slice) -> torch.Tensor:
+    """t[rows, blk] in float64 [len(rows), block]; rows: sorted distinct indices (all: no gather)."""
+    return t[:, blk].double() if len(rows) == t.shape[0] else t[rows, blk].double()
 
 
 @dataclass
@@ -146,11 +152,37 @@ class Dense(Representation):
         return out  # [n, m]
 
     def aligned(self, ia: torch.Tensor, other: Dense, ib: torch.Tensor) -> torch.Tensor:
+        return self._pairs(ia, other, ib, norms=False)[0]
+
+    def aligned_and_norms(
+        self, ia: torch.Tensor, other: Representation, ib: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(other, Dense):
+            return super().aligned_and_norms(ia, other, ib)
+        return self._pairs(ia, other, ib, norms=True)
+
+    def _pairs(
+        self, ia: torch.Tensor, other: Dense, ib: torch.Tensor, norms: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # The Gram of the rows the pairs use, each converted once per block, then the pairs picked
+        # from it: pairs repeat rows (a unit's queries against a training batch), and one small
+        # matrix product costs less than gathering, multiplying and summing each pair's rows.
+        # With norms, `other` is converted whole, block by block, once for both.
         a, b = self.tensor, other.tensor  # [n, dim], [m, dim]
-        out = torch.zeros(len(ia), dtype=torch.float64, device=a.device)
-        for blk in _blocks(a.shape[1]):  # the pairs' rows gathered block by block: no [P, dim] copy
-            out += (_paired(a, ia, blk) * _paired(b, ib, blk)).sum(1)
-        return out  # [P]
+        ua, pa = torch.unique(ia, return_inverse=True)  # [n'] rows used, [P] a pair's place among them
+        ub, pb = torch.unique(ib, return_inverse=True)  # [m'], [P]
+        out = torch.zeros(len(ua), len(ub), dtype=torch.float64, device=a.device)
+        sq = torch.zeros(b.shape[0], dtype=torch.float64, device=b.device) if norms else None
+        every = len(ub) == b.shape[0]
+        for blk in _blocks(a.shape[1]):
+            if norms:
+                r = b[:, blk].double()  # [m, block]
+                sq += (r * r).sum(1)  # as self_dots adds it
+                r = r if every else r[ub]
+            else:
+                r = _rows64(b, ub, blk)
+            out.addmm_(_rows64(a, ua, blk), r.T)
+        return out[pa, pb], sq  # [P], [m]
 
     def unit_dots(self, ia: torch.Tensor, ib: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         g = self.gram(self)  # [n, n]: one matrix product, no [P, dim] copies

@@ -852,9 +852,12 @@ class Streamer:
                         if n in later and isinstance(t, Factors):  # formed now, as the pass would have
                             t = Dense(extractor.form(n, t, out=formed[: t.rows * dims[n]].view(t.rows, dims[n])))
                         t = t.ready()  # factors converted once, used for its norms and its pairs
-                        t_sq[ci, order[rows]] = t.self_dots().cpu().numpy()
                         if len(ia):
-                            dot[ci, qi[sel], ji[sel]] = held[n].aligned(ia, t, ib).cpu().numpy()
+                            pairs, sq = held[n].aligned_and_norms(ia, t, ib)
+                            dot[ci, qi[sel], ji[sel]] = pairs.cpu().numpy()
+                        else:
+                            sq = t.self_dots()
+                        t_sq[ci, order[rows]] = sq.cpu().numpy()
                 del held
                 report.samples_computed += nq + len(need)
                 for writer, d, a in zip(writers, done, at):

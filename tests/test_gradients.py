@@ -164,6 +164,41 @@ def test_more_architectures_match_bs1_loop(build):
     assert max_rel_error(got, reference(model, ids, mask, labels, last)) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "build", [tiny_llama, lambda: tiny_llama(tie=True), tiny_gpt2, tiny_neox], ids=["llama", "llama-tied", "gpt2", "neox"]
+)
+def test_the_head_skips_positions_that_predict_no_label_and_every_gradient_keeps_its_bits(build, monkeypatch):
+    """Where the head's parameters are not extracted, its logits are computed only from the first
+    position that predicts a label: the gradients are the bs=1 loop's, and bit for bit those of
+    a pass with every logit; where they are extracted, every position goes through the head."""
+    model = build()
+    ids, mask, labels = padded_batch([9, 5, 12, 7], [4, 3, 6, 5])  # positions 0 and 1 predict no label
+    head = model.get_output_embeddings()
+    heads = {id(p) for p in head.parameters()}
+    names = [c.name for c in component_registry(model) if id(dict(model.named_parameters())[c.name]) not in heads]
+    seen = []
+    hook = head.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].shape[1]))
+    extractor = GradientExtractor(model, names)
+    got = extractor(ids, mask, labels)
+    losses = extractor.batch_losses
+    assert seen == [ids.shape[1] - 2]
+    assert max_rel_error(got, reference(model, ids, mask, labels, names)) < 1e-5
+    monkeypatch.setattr(extractor, "_head_trims", False)
+    every = extractor(ids, mask, labels)
+    assert seen[-1] == ids.shape[1]
+    assert all(torch.equal(got[n], every[n]) for n in names) and torch.equal(losses, extractor.batch_losses)
+    hook.remove()
+    assert GradientExtractor(model, [c.name for c in component_registry(model)])._head_kwargs(labels) == {}
+
+
+def test_the_loss_of_the_last_positions_is_the_loss_of_every_position():
+    torch.manual_seed(0)
+    ids, _, labels = padded_batch([9, 5, 12, 7], [4, 3, 6, 5])
+    logits = torch.randn(*ids.shape, 11)
+    labels = labels % 11 * (labels >= 0) + -100 * (labels < 0)
+    assert torch.equal(per_sample_loss(logits[:, 2:], labels), per_sample_loss(logits, labels))
+
+
 def test_blockwise_and_sketched_components_match_dense(monkeypatch):
     import tdabench.gradients as G
     from tdabench.projection import CountSketch, name_key

@@ -88,14 +88,35 @@ def register_verified(cls: type, like: type) -> None:
 
 
 def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy of each sample over its labelled tokens -> [batch]."""
-    batch, length, vocab = logits.shape
-    shift_logits = logits[:, :-1].reshape(-1, vocab).float()  # [batch*(length-1), vocab]
-    shift_labels = labels[:, 1:].reshape(-1)  # [batch*(length-1)]
+    """Mean token cross-entropy of each sample over its labelled tokens -> [batch].
+
+    logits: [batch, kept, vocab], the last `kept` positions of labels' [batch, length] (a model
+    called with `logits_to_keep`); the positions left out must predict no label."""
+    batch, kept, vocab = logits.shape
+    first = labels.shape[1] - kept  # positions without logits
+    shift_logits = logits[:, :-1].reshape(-1, vocab).float()  # [batch*(kept-1), vocab]
+    shift_labels = labels[:, first + 1 :].reshape(-1)  # [batch*(kept-1)]
     token_loss = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="none")
-    token_loss = token_loss.view(batch, length - 1)
+    # [batch, length-1]: the left-out positions' losses are the zeros they would be, so each sample's
+    # sum adds the same terms in the same order as over every position
+    token_loss = F.pad(token_loss.view(batch, kept - 1), (first, 0))
     counted = (labels[:, 1:] != -100).sum(1)  # [batch]
     return token_loss.sum(1) / counted.clamp(min=1)
+
+
+def first_predicting(labels: torch.Tensor) -> int:
+    """The first position whose logits a loss reads (position t predicts the label at t+1), for
+    a batch's labels [batch, length]; 0 where none is labelled."""
+    read = (labels[:, 1:] != -100).any(0).nonzero()  # [positions read, 1]
+    return int(read[0, 0]) if len(read) else 0
+
+
+def logits_kwargs(model: nn.Module) -> bool:
+    """Whether the model's forward takes `logits_to_keep` by name (transformers' causal LMs: the
+    head then runs on the last positions only)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def stock_layer(module: nn.Module) -> type | None:
@@ -361,6 +382,13 @@ class GradientExtractor:
         self.autocast_dtype = autocast_dtype
         self.owners = _owners(model)
         self._forward_kwargs = no_cache_kwargs(model)  # inspected once, not on every forward
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        extracted = {id(self.params[n]) for n in self.names}
+        self._head_trims = (
+            head is not None
+            and logits_kwargs(model)
+            and not any(id(p) in extracted for p in head.parameters())
+        )
         self.plan = {n: self._plan(n) for n in self.names}
         self.paths = dict(self.plan)  # as run: the plan, plus every fall-back to the loop seen so far
         self.batch_losses: torch.Tensor | None = None  # [batch] per-sample losses of the last batched pass
@@ -409,6 +437,14 @@ class GradientExtractor:
                 if p.path == path:
                     lines.append(f"  {path:<4} {n}: {p.reason}")
         return "\n".join(lines)
+
+    def _head_kwargs(self, labels: torch.Tensor) -> dict:
+        """{"logits_to_keep": n} where the head may skip the positions before the first that
+        predicts a label: their logits are unread and their output gradient is zero, so every
+        other gradient keeps its bits. Not where the head's own parameters are extracted (their
+        per-sample sums over tokens would add in another order), nor where the model cannot."""
+        first = first_predicting(labels)
+        return {"logits_to_keep": labels.shape[1] - first} if first and self._head_trims else {}
 
     def _forward_context(self, device_type: str):
         if self.autocast_dtype is None:
@@ -500,7 +536,10 @@ class GradientExtractor:
             with torch.enable_grad():
                 with tracer.watching(), self._forward_context(input_ids.device.type):
                     logits = self.model(
-                        input_ids=input_ids, attention_mask=attention_mask, **self._forward_kwargs
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        **self._forward_kwargs,
+                        **self._head_kwargs(labels),
                     ).logits
                 losses = per_sample_loss(logits, labels)  # [batch]
                 self.batch_losses = losses.detach()

@@ -165,7 +165,9 @@ def test_more_architectures_match_bs1_loop(build):
 
 
 @pytest.mark.parametrize(
-    "build", [tiny_llama, lambda: tiny_llama(tie=True), tiny_gpt2, tiny_neox], ids=["llama", "llama-tied", "gpt2", "neox"]
+    "build",
+    [tiny_llama, lambda: tiny_llama(tie=True), tiny_gpt2, tiny_neox],
+    ids=["llama", "llama-tied", "gpt2", "neox"],
 )
 def test_the_head_skips_positions_that_predict_no_label_and_every_gradient_keeps_its_bits(build, monkeypatch):
     """Where the head's parameters are not extracted, its logits are computed only from the first

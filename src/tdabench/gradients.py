@@ -385,9 +385,7 @@ class GradientExtractor:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         extracted = {id(self.params[n]) for n in self.names}
         self._head_trims = (
-            head is not None
-            and logits_kwargs(model)
-            and not any(id(p) in extracted for p in head.parameters())
+            head is not None and logits_kwargs(model) and not any(id(p) in extracted for p in head.parameters())
         )
         self.plan = {n: self._plan(n) for n in self.names}
         self.paths = dict(self.plan)  # as run: the plan, plus every fall-back to the loop seen so far

@@ -28,7 +28,9 @@ that is not one row per sample, the vmapped forward fails or does not reproduce 
 compares the result with a bs=1 loop.
 
 Only the selected parameters require grad, so autograd does no work below the lowest selected
-layer and never materialises a summed `.grad`. Large components can be count-sketched on the fly
+layer and never materialises a summed `.grad`. Where the head's parameters are not selected, the
+head runs only from the first position that predicts a label (`logits_to_keep`): the positions
+before feed no loss, so every gradient keeps its bits. Large components can be count-sketched on the fly
 (`sketches`): their per-sample gradient is produced in blocks and added into the sketch.
 
 Loss of a sample: mean cross-entropy over its labelled tokens (labels == -100 are ignored), with

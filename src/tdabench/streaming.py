@@ -151,7 +151,9 @@ def group_queries(candidates: np.ndarray, mine: np.ndarray, per_unit: int) -> li
     queries share candidates (each distinct candidate is computed once per unit; two settings'
     queries on one prompt share all b): a unit starts at the first query left and grows by the
     query left with most of its candidates in this shard (`mine` [Q, b]) already in the unit, the
-    earliest on ties. -> per unit, its query positions, increasing."""
+    earliest on ties. Then each query in turn moves to the unit with room where it adds fewest
+    candidates, while that lowers the count (`_move_queries`). -> per unit, its query positions,
+    increasing."""
     n_q = len(candidates)
     if per_unit >= n_q:
         return [np.arange(n_q)]
@@ -171,8 +173,36 @@ def group_queries(candidates: np.ndarray, mine: np.ndarray, per_unit: int) -> li
             if new.any():
                 shared += incidence[:, new].sum(1)
                 held |= new
-        units.append(np.sort(np.array(unit, dtype=np.int64)))
-    return units
+        units.append(unit)
+    return [np.sort(np.array(u, dtype=np.int64)) for u in _move_queries(units, incidence, per_unit)]
+
+
+def _move_queries(units: list[list[int]], incidence: np.ndarray, per_unit: int) -> list[list[int]]:
+    """Local search after the greedy grouping: query by query (unit by unit, in order), move it to
+    the unit with room where the distinct candidates summed over units drop most (the first such
+    unit on ties), until no move lowers them; a unit left empty is dropped. Each move lowers the
+    sum, so the search ends. The greedy fills a unit with queries that share nothing with it once
+    its own are in, and leaves them out of the unit that holds their candidates."""
+    counts = np.stack([incidence[u].sum(0) for u in units])  # [U, distinct] the unit's queries holding each
+    moved = True
+    while moved:
+        moved = False
+        for a in range(len(units)):
+            for q in list(units[a]):
+                holds = incidence[q].astype(bool)  # [distinct]
+                lose = int((counts[a, holds] == 1).sum())  # candidates only q needs in unit a
+                add = (counts[:, holds] == 0).sum(1)  # [U] candidates q would add to each unit
+                room = np.array([len(u) < per_unit for u in units])
+                room[a] = False
+                change = np.where(room, add - lose, 0)
+                to = int(np.argmin(change))
+                if change[to] < 0:
+                    units[a].remove(q)
+                    units[to].append(q)
+                    counts[a] -= incidence[q]
+                    counts[to] += incidence[q]
+                    moved = True
+    return [u for u in units if u]
 
 
 def group_starts(sizes: Sequence[float], budget: float) -> set[int]:

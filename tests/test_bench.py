@@ -118,3 +118,17 @@ def test_the_similarity_benchmark_runs_only_the_cases_asked_for(capsys):
     out = capsys.readouterr().out
     assert "### paper overlap" in out and "--cases overlap" in out
     assert "### candidate layout, b =" not in out and "### dense layout" not in out, out
+
+
+@pytest.mark.slow
+def test_the_shared_case_takes_every_projection_in_the_similarity_pass(capsys):
+    main(
+        ["similarity", "--model", "tiny", "--lengths", "16", "--train", "6", "--rounds", "1", "--threads", "1"]
+        + ["--cases", "shared", "--shared-train", "6", "--shared-queries", "4", "--projection-dims", "16", "64"]
+    )
+    out = capsys.readouterr().out
+    assert "--cases shared --shared-train 6 --shared-queries 4" in out
+    assert "(8 in all)" in out and "taken in the pass: True" in out, out
+    for name in ("shared_pass", "similarity_only", "fwd_bwd", "float64_products"):
+        assert f"\n{name} " in out
+    assert "### dense layout" not in out and "### paper overlap" not in out

@@ -81,10 +81,16 @@ def main(argv=None) -> None:
     sm.add_argument(
         "--cases",
         nargs="+",
-        choices=["candidates", "dense", "overlap"],
+        choices=["candidates", "dense", "overlap", "shared"],
         default=["candidates", "dense", "overlap"],
-        help="which cases to run (e.g. the paper-overlap case alone, in a process of its own)",
+        help="which cases to run (e.g. the paper-overlap case alone, in a process of its own; `shared`, "
+        "similarity plus projections in one pass against the floor, only when asked for)",
     )
+    sm.add_argument("--shared-train", type=positive, default=140, help="the shared case's training examples")
+    sm.add_argument("--shared-queries", type=positive, default=120, help="the shared case's queries (2 settings)")
+    sm.add_argument("--projection-methods", nargs="+", default=["sjlt", "blockwise"], help="the shared case's")
+    sm.add_argument("--projection-dims", type=positive, nargs="+", default=[256, 1024, 4096], help="the shared case's")
+    sm.add_argument("--projection-seeds", type=int, nargs="+", default=[0, 1], help="the shared case's")
     sm.add_argument("--threads", type=positive, default=torch.get_num_threads())
     nm = sub.add_parser("numerics")
     nm.add_argument("--model", default="tiny", help="tiny (the default study's shape), llama-135m, or a local path")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tdabench.dev.bench.kit import Contender, PeakRss, fmt, interleave, load, machine, peak_rss_mb
-from tdabench.dev.bench.workload import build, encoded
+from tdabench.dev.bench.workload import build, encoded, random_batch
 
 
 def reference_similarity(model, names, queries, train, query_rows, candidates=None) -> dict:
@@ -208,6 +208,13 @@ def run(args) -> None:
         f"{args.overlap_train} --overlap-b {args.overlap_b} --overlap-topics {args.overlap_topics} "
         f"--rounds {args.rounds} --memory-gb {args.memory_gb} --max-cache-gb {args.max_cache_gb} "
         f"--cases {' '.join(args.cases)}"
+        + (
+            f" --shared-train {args.shared_train} --shared-queries {args.shared_queries} --projection-methods "
+            f"{' '.join(args.projection_methods)} --projection-dims {' '.join(map(str, args.projection_dims))} "
+            f"--projection-seeds {' '.join(map(str, args.projection_seeds))}"
+            if "shared" in args.cases
+            else ""
+        )
     )
     print(f"# {machine()}; load average {load()} at start")
     for length in args.lengths:
@@ -357,6 +364,8 @@ def _similarity_at(args, length: int) -> None:
             _report(title, contenders, rounds, "reference_loop")
         if args.overlap_queries and "overlap" in args.cases:
             _overlap(args, length, model, extraction, Path(tmp))
+        if "shared" in args.cases:
+            _shared(args, length, model, extraction, Path(tmp))
 
 
 def _overlap(args, length: int, model, extraction, tmp: Path) -> None:
@@ -411,6 +420,126 @@ def _overlap(args, length: int, model, extraction, tmp: Path) -> None:
     peer = _dattri(model, extraction.names, queries, train, cand, lambda r: rows, lambda r: n_q, check, units)
     contenders += [peer] if peer else []
     _report(f"paper overlap, {n_q} queries a round", contenders, args.rounds, "reference_loop", warmup=0)
+
+
+def _shared(args, length: int, model, extraction, tmp: Path) -> None:
+    """Similarity plus projections as the study's shared job computes them (every setting's
+    store and every projection from one streamed pass: tdabench.pipeline.shared_stream), the
+    same pass without projections, and the floor the real-model targets are set against: one
+    plain batched forward and backward of each distinct sample (weight gradients of the same
+    components, the head's unread logits skipped as the pass skips them) plus the stores' dot
+    products as one float64 matrix product per component ([train, d_c] x [d_c, queries])."""
+    import numpy as np
+
+    from tdabench.gradients import first_predicting, per_sample_loss
+    from tdabench.producer import Target
+    from tdabench.projection import method_config
+    from tdabench.projection_stream import InPass, Plan, Projections
+    from tdabench.streaming import StreamProducer, StreamSpec
+
+    n_train, n_q = args.shared_train, args.shared_queries
+    examples = encoded(*random_batch(model.config.vocab_size, n_train + n_q, length, seed=1))
+    train, queries = examples[:n_train], examples[n_train:]
+    names, dims = list(extraction.names), dict(zip(extraction.names, extraction.stored_dims))
+    keys = [(m, k, s) for m in args.projection_methods for k in args.projection_dims for s in args.projection_seeds]
+    plans = [Plan(method_config(m, k, s), tuple(names)) for m, k, s in keys]
+    train_ids, query_ids = [f"t{i}" for i in range(n_train)], [f"q{i}" for i in range(n_q)]
+    truth = np.random.default_rng(1).integers(0, n_train, n_q)
+    settings = np.array_split(np.arange(n_q), 2)  # two settings' queries, as the study's
+    targets = [
+        Target([query_ids[i] for i in rows], train_ids, truth[rows], attrs={"setting": f"s{j}"})
+        for j, rows in enumerate(settings)
+    ]
+    outs = [tmp / f"shared-s{j}.h5" for j in range(len(targets))]
+    tokens = np.mean([len(e.input_ids) for e in examples])
+    print(
+        f"\n### similarity plus projections in one pass: {n_q} queries (2 settings) x {n_train} training "
+        f"examples, {tokens:.0f} tokens on average; projections {', '.join(args.projection_methods)} at k = "
+        f"{', '.join(map(str, args.projection_dims))}, seeds {', '.join(map(str, args.projection_seeds))} "
+        f"({len(plans)} in all)"
+    )
+    seen: dict[str, list] = {"projections": [], "tapped": [], "passes": []}
+
+    def stream(with_projections: bool):
+        def run(r):
+            for out in outs:
+                out.unlink(missing_ok=True)
+            spec = StreamSpec("dense", args.memory_gb)
+            producer = StreamProducer(extraction, 0, spec, queries, train, query_ids)
+            tap = None
+            if with_projections:
+                projections = Projections(plans, names, dims, n_train + n_q)
+                tap = InPass(projections, extraction, n_train, n_q)
+            report = producer.write_all(outs, targets, None, tap)
+            seen["passes"].append((report.n_units, report.spill_gb))
+            if tap is not None:
+                seen["tapped"].append(tap.complete)
+                seen["projections"].append(sum(projections.seconds))
+
+        return run
+
+    params = dict(model.named_parameters())
+
+    def fwd_bwd(r):
+        saved = {n: p.requires_grad for n, p in params.items()}
+        for n, p in params.items():
+            p.requires_grad_(n in dims)
+        try:
+            for part in (train, queries):
+                for _, batch in extraction.batches(part, 0):
+                    model.zero_grad(set_to_none=True)
+                    first = first_predicting(batch["labels"])
+                    keep = {"logits_to_keep": batch["labels"].shape[1] - first} if first else {}
+                    ids, mask = batch["input_ids"], batch["attention_mask"]
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **keep).logits
+                    per_sample_loss(logits, batch["labels"]).sum().backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+            for n, p in params.items():
+                p.requires_grad_(saved[n])
+
+    widest = max(dims.values())
+    gen = torch.Generator().manual_seed(2)
+    formed = [torch.randn(n, widest, generator=gen) for n in (n_train, n_q)]  # stand-ins, [n, widest]
+
+    def products(r):
+        for d in dims.values():
+            t, q = (f[:, :d].double() for f in formed)
+            torch.mm(t, q.T)  # [train, queries]
+
+    units = lambda r: n_train + n_q  # noqa: E731
+    contenders = [
+        Contender("shared_pass", stream(True), units, f"stores + {len(plans)} projections, memory_gb {args.memory_gb}"),
+        Contender("similarity_only", stream(False), units, "the same pass, no projections"),
+        Contender("fwd_bwd", fwd_bwd, units, f"plain batched forward + backward, batches of {args.batch_size}"),
+        Contender("float64_products", products, units, "one float64 [train, d_c] x [d_c, queries] per component"),
+    ]
+    peaks: dict[str, float] = {}
+
+    def watched(c: Contender) -> Contender:
+        def run(r):
+            with PeakRss() as rss:
+                c.run(r)
+            peaks[c.name] = max(peaks.get(c.name, 0.0), rss.peak_mb)
+
+        return Contender(c.name, run, c.units, c.note)
+
+    seconds = interleave([watched(c) for c in contenders], args.rounds, warmup=0)
+    floor = seconds["fwd_bwd"] + seconds["float64_products"]
+    print(f"### {args.rounds} rounds, no warm-up; seconds per round (all samples), median [interquartile range]")
+    print(f"{'contender':<22} {'seconds':>24}   {'x the floor':>20}  peak RSS  note")
+    for c in contenders:
+        print(
+            f"{c.name:<22} {fmt(seconds[c.name], 1):>24}   {fmt(seconds[c.name] / floor, 2):>20}  "
+            f"{peaks[c.name] / 1024:5.2f} GiB  {c.note}"
+        )
+    print(
+        f"# the floor (fwd_bwd + float64_products): {fmt(floor, 1)} s; shared_pass x fwd_bwd alone: "
+        f"{fmt(seconds['shared_pass'] / seconds['fwd_bwd'], 2)}; the projections' own time in the pass: "
+        f"{fmt(np.array(seen['projections']), 1)} s; taken in the pass: {all(seen['tapped'])}"
+    )
+    units, spilled = seen["passes"][-1]
+    print(f"# each pass: {units} unit(s) of queries, {spilled:.1f} GB of training examples kept on disk")
 
 
 def _dattri(model, names, queries, pool, cand, rows, units, check_rows, groups=None):

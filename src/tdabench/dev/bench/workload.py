@@ -50,8 +50,13 @@ def build(model_spec: str, samples: int, length: int, seed: int = 0):
     else:
         model = AutoModelForCausalLM.from_pretrained(model_spec, dtype=torch.float32, attn_implementation="eager")
     model.eval()
+    return (model, *random_batch(model.config.vocab_size, samples, length, seed))
+
+
+def random_batch(vocab: int, samples: int, length: int, seed: int = 0):
+    """(input_ids, attention_mask, labels) [samples, length]: seeded random tokens, right-padded,
+    of lengths drawn in [length // 2, length], labels on the second half of each row."""
     gen = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
     lengths = torch.randint(length // 2, length + 1, (samples,), generator=gen)
     ids = torch.zeros(samples, length, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -60,7 +65,7 @@ def build(model_spec: str, samples: int, length: int, seed: int = 0):
         ids[i, :n] = torch.randint(1, vocab, (n,), generator=gen)
         mask[i, :n] = 1
         labels[i, n // 2 : n] = ids[i, n // 2 : n]
-    return model, ids, mask, labels
+    return ids, mask, labels
 
 
 def encoded(ids, mask, labels) -> list:

@@ -107,6 +107,7 @@ def test_the_similarity_benchmark_agrees_with_the_loop_and_shares_candidates_at_
     stream, loop, floor = (int(x) for x in re.findall(r"(?:stream|loop|once\)) (\d+)", line))
     assert loop == 12 * (1 + 5) and stream == floor < loop  # one unit: each distinct candidate once
     assert "\nstream " in out and "\nreference_loop " in out
+    assert out.count("\nfwd_bwd ") == 3  # the floor of each case (candidates, dense, overlap)
 
 
 @pytest.mark.slow
@@ -128,7 +129,7 @@ def test_the_shared_case_takes_every_projection_in_the_similarity_pass(capsys):
     )
     out = capsys.readouterr().out
     assert "--cases shared --shared-train 6 --shared-queries 4" in out
-    assert "(8 in all)" in out and "taken in the pass: True" in out, out
+    assert "(8 in all)" in out and "taken in the similarity pass: True" in out, out
     for name in ("shared_pass", "similarity_only", "fwd_bwd", "float64_products"):
         assert f"\n{name} " in out
     assert "### dense layout" not in out and "### paper overlap" not in out

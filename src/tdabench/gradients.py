@@ -113,12 +113,13 @@ def first_predicting(labels: torch.Tensor) -> int:
     return int(read[0, 0]) if len(read) else 0
 
 
-def logits_kwargs(model: nn.Module) -> bool:
-    """Whether the model's forward takes `logits_to_keep` by name (transformers' causal LMs: the
-    head then runs on the last positions only)."""
+def forward_takes(model: nn.Module, name: str, through_kwargs: bool = False) -> bool:
+    """Whether the model's forward takes keyword `name`: by name, or (through_kwargs) also
+    through a **kwargs catch-all, which some models pass on to their inner model unread."""
     import inspect
 
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+    params = inspect.signature(model.forward).parameters
+    return name in params or (through_kwargs and any(p.kind is p.VAR_KEYWORD for p in params.values()))
 
 
 def stock_layer(module: nn.Module) -> type | None:
@@ -333,11 +334,7 @@ class _ParamUseMode(TorchFunctionMode):
 
 def no_cache_kwargs(model: nn.Module) -> dict:
     """use_cache=False where the model's forward takes it (no KV cache is needed for one pass)."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    takes = "use_cache" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    return {"use_cache": False} if takes else {}
+    return {"use_cache": False} if forward_takes(model, "use_cache", through_kwargs=True) else {}
 
 
 def _tensors(obj) -> Iterator[torch.Tensor]:
@@ -387,7 +384,10 @@ class GradientExtractor:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         extracted = {id(self.params[n]) for n in self.names}
         self._head_trims = (
-            head is not None and logits_kwargs(model) and not any(id(p) in extracted for p in head.parameters())
+            head is not None
+            # by name only: through a **kwargs catch-all it may reach a call that rejects it
+            and forward_takes(model, "logits_to_keep")
+            and not any(id(p) in extracted for p in head.parameters())
         )
         self.plan = {n: self._plan(n) for n in self.names}
         self.paths = dict(self.plan)  # as run: the plan, plus every fall-back to the loop seen so far

@@ -344,7 +344,13 @@ def _similarity_at(args, length: int) -> None:
                     "fwd_bwd",
                     lambda r: fwd_bwd(model, extraction, [queries[: args.dense_queries], pool]),
                     dense_units,
-                    FLOOR_NOTE + " (no dot products): no stream is faster",
+                    FLOOR_NOTE + " (no dot products)",
+                ),
+                Contender(
+                    "fwd_bwd_activations",
+                    lambda r: fwd_bwd(model, extraction, [queries[: args.dense_queries], pool], weights=False),
+                    dense_units,
+                    "the same with no weight gradient: no stream is faster",
                 ),
             ]
             check(None, pool, truth, np.arange(args.dense_queries))
@@ -444,17 +450,22 @@ def _overlap(args, length: int, model, extraction, tmp: Path) -> None:
 FLOOR_NOTE = "the floor: plain batched forward + backward"
 
 
-def fwd_bwd(model, extraction, parts) -> None:
+def fwd_bwd(model, extraction, parts, weights: bool = True) -> None:
     """A plain batched forward and backward of every sample of `parts`, in the extraction's
     batches: the weight gradients of its components only (no per-sample gradient, nothing
     kept), the head's unread logits skipped as the extraction skips them. The floor of any
-    streamed pass over these samples."""
+    streamed pass over these samples. weights=False: no weight gradient at all, only the
+    activations' gradients down to the input embeddings, which every per-sample method needs
+    (a factored one takes its layers' output gradients from them)."""
     from tdabench.gradients import first_predicting, per_sample_loss
 
     params = dict(model.named_parameters())
     saved = {n: p.requires_grad for n, p in params.items()}
     for n, p in params.items():
-        p.requires_grad_(n in extraction.names)
+        p.requires_grad_(weights and n in extraction.names)
+    hook = None
+    if not weights:  # the backward starts from the embeddings' output, a leaf
+        hook = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     try:
         for part in parts:
             for _, batch in extraction.batches(part, 0):
@@ -465,6 +476,8 @@ def fwd_bwd(model, extraction, parts) -> None:
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **keep).logits
                 per_sample_loss(logits, batch["labels"]).sum().backward()
     finally:
+        if hook is not None:
+            hook.remove()
         model.zero_grad(set_to_none=True)
         for n, p in params.items():
             p.requires_grad_(saved[n])

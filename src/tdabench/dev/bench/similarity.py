@@ -571,6 +571,7 @@ def _shared(args, length: int, model, extraction, tmp: Path) -> None:
 
     seconds = interleave([watched(c) for c in contenders], args.rounds, warmup=0)
     floor = seconds["fwd_bwd"] + seconds["float64_products"]
+    tapped = bool(seen["tapped"]) and all(seen["tapped"])
     print(f"### {args.rounds} rounds, no warm-up; seconds per round (all samples), median [interquartile range]")
     print(f"{'contender':<22} {'seconds':>24}   {'x the floor':>20}  peak RSS  note")
     for c in contenders:
@@ -581,7 +582,7 @@ def _shared(args, length: int, model, extraction, tmp: Path) -> None:
     print(
         f"# the floor (fwd_bwd + float64_products): {fmt(floor, 1)} s; shared_pass x fwd_bwd alone: "
         f"{fmt(seconds['shared_pass'] / seconds['fwd_bwd'], 2)}; the projections' own time: "
-        f"{fmt(np.array(seen['projections']), 1)} s; taken in the similarity pass: {all(seen['tapped'])} "
+        f"{fmt(np.array(seen['projections']), 1)} s; taken in the similarity pass: {tapped} "
         "(if not: in a pass of their own, as the job takes them)"
     )
     units, spilled = seen["passes"][-1]

@@ -585,8 +585,8 @@ def _shared(args, length: int, model, extraction, tmp: Path) -> None:
         f"{fmt(np.array(seen['projections']), 1)} s; taken in the similarity pass: {tapped} "
         "(if not: in a pass of their own, as the job takes them)"
     )
-    units, spilled = seen["passes"][-1]
-    print(f"# each pass: {units} unit(s) of queries, {spilled:.1f} GB of training examples kept on disk")
+    chunks, spilled = seen["passes"][-1]
+    print(f"# each pass: {chunks} unit(s) of queries, {spilled:.1f} GB of training examples kept on disk")
 
 
 def _dattri(model, names, queries, pool, cand, rows, units, check_rows, groups=None):

@@ -108,6 +108,7 @@ def test_the_similarity_benchmark_agrees_with_the_loop_and_shares_candidates_at_
     assert loop == 12 * (1 + 5) and stream == floor < loop  # one unit: each distinct candidate once
     assert "\nstream " in out and "\nreference_loop " in out
     assert out.count("\nfwd_bwd ") == 3  # the floor of each case (candidates, dense, overlap)
+    assert "\nfwd_bwd_activations " in out  # the dense case's floor with no weight gradient
 
 
 @pytest.mark.slow
@@ -133,3 +134,5 @@ def test_the_shared_case_takes_every_projection_in_the_similarity_pass(capsys):
     for name in ("shared_pass", "similarity_only", "fwd_bwd", "float64_products"):
         assert f"\n{name} " in out
     assert "### dense layout" not in out and "### paper overlap" not in out
+    with pytest.raises(SystemExit, match="--shared-queries must be >= 2"):
+        main(["similarity", "--model", "tiny", "--lengths", "16", "--cases", "shared", "--shared-queries", "1"])

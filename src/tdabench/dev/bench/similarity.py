@@ -498,6 +498,8 @@ def _shared(args, length: int, model, extraction, tmp: Path) -> None:
     from tdabench.streaming import StreamProducer, StreamSpec
 
     n_train, n_q = args.shared_train, args.shared_queries
+    if n_q < 2:
+        raise SystemExit(f"bench similarity: --shared-queries must be >= 2 (two settings' queries), not {n_q}")
     examples = encoded(*random_batch(model.config.vocab_size, n_train + n_q, length, seed=1))
     train, queries = examples[:n_train], examples[n_train:]
     names, dims = list(extraction.names), dict(zip(extraction.names, extraction.stored_dims))

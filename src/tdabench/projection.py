@@ -220,13 +220,18 @@ def project_many(
     x: torch.Tensor | Sequence[torch.Tensor], blocks: list[Block]
 ) -> tuple[list[torch.Tensor], list[float]]:
     """[project_component(x, b.index, b.cfg, b.k) for b in blocks] and the seconds spent on each,
-    from one sweep over the columns of x [n, d_c] (one per sketch repetition). x may also be row
+    from two sweeps over the columns of x [n, d_c]: one for the Gaussian and Rademacher blocks'
+    products, one for the count sketches (a pass per sketch repetition). x may also be row
     blocks [n_i, d_c] held apart (e.g. a pass' training examples and its queries): the outputs
     are then theirs stacked [sum n_i, k], every random block drawn once for all of them, and
     each row block multiplied on its own.
 
-    Each chunk of columns is read from memory once and used by every block while it is in cache,
-    and scratch memory is chunk-sized. Gaussian and Rademacher blocks narrower than
+    Within a sweep each chunk of columns is read from memory once and used by every block while
+    it is in cache, and scratch memory is chunk-sized. With more than one torch thread the two
+    sweeps run at once, the sketches in a worker thread: the products are bound by arithmetic,
+    the sketches by memory, and together they finish sooner than one after the other
+    (docs/benchmarks.md). Each output is written by one sweep only, in the same order either
+    way: the same bits. Gaussian and Rademacher blocks narrower than
     `FUSED_COLUMNS` (a block-wise projection's blocks: a few dozen columns at 135M parameters)
     share one product per chunk, their numbers drawn side by side by worker threads: skinny
     products run at a fraction of the machine's speed, and one generator draws on one core
@@ -234,79 +239,119 @@ def project_many(
     wider product rounds them (float32; MKL takes another path for a few columns), so it equals
     `project_component`'s to float32 rounding; every other block, and every count sketch, bit
     for bit. Every block adds its chunks in column order, and a sketch repetition its chunks
-    after the previous repetition's."""
+    after the previous repetition's. A block's seconds are those of its own sweep (with both
+    at once, they overlap)."""
     for b in blocks:
         _check_kind(b.cfg)
     parts = [p.to(torch.float32) for p in ([x] if isinstance(x, torch.Tensor) else x)]
-    d = parts[0].shape[1]
     starts = np.cumsum([0] + [p.shape[0] for p in parts]).tolist()  # each row block's first output row
-    n = starts[-1]
-    rows = min(CHUNK, d)  # of a full chunk
-    outs = [torch.zeros(n, b.k, dtype=torch.float32) for b in blocks]
+    outs: list[torch.Tensor] = [torch.empty(0)] * len(blocks)
     seconds = [0.0] * len(blocks)
     sketched = [i for i, b in enumerate(blocks) if b.cfg.kind == "sjlt"]
     products = _fused([(i, b.k) for i, b in enumerate(blocks) if b.cfg.kind != "sjlt"])
+    if sketched and products and torch.get_num_threads() > 1:
+        with ThreadPoolExecutor(1) as side:  # (products, and their MKL calls, stay in this thread)
+            sketching = side.submit(_sketch_sweep, parts, starts, blocks, sketched, outs, seconds)
+            _product_sweep(parts, starts, blocks, products, outs, seconds)
+            sketching.result()
+    else:
+        _product_sweep(parts, starts, blocks, products, outs, seconds)
+        _sketch_sweep(parts, starts, blocks, sketched, outs, seconds)
+    return outs, seconds
+
+
+def _product_sweep(
+    parts: list[torch.Tensor],
+    starts: list[int],
+    blocks: list[Block],
+    products: list[list[tuple[int, int]]],
+    outs: list[torch.Tensor],
+    seconds: list[float],
+) -> None:
+    """The Gaussian and Rademacher blocks of `products` (`_fused`) -> outs[i] [n, k], seconds[i]."""
+    if not products:
+        return
+    d, n = parts[0].shape[1], starts[-1]
+    rows = min(CHUNK, d)  # of a full chunk
+    for product in products:
+        for i, k in product:
+            outs[i] = torch.zeros(n, k, dtype=torch.float32)
     widths = [sum(k for _, k in p) for p in products]
-    numbers = torch.empty(rows * max([1] + widths))  # a product's numbers, side by side
+    numbers = torch.empty(rows * max(widths))  # a product's numbers, side by side
     drawn = torch.empty(rows * max([1] + [w for p, w in zip(products, widths) if len(p) > 1]))  # drawn whole
+    workers = min(MAX_DRAW_THREADS, torch.get_num_threads())
+    shares = [_shares(p, workers) for p in products]
+    with ThreadPoolExecutor(workers) as pool:
+        for j, start in enumerate(range(0, d, CHUNK)):
+            width_j = min(CHUNK, d - start)  # columns of this chunk
+            for product, width, share in zip(products, widths, shares):
+                tick = time.perf_counter()
+                fused = numbers[: width_j * width].view(-1, width)  # [chunk, width]
+                if len(product) == 1:  # drawn in place: the product project_component makes
+                    _draw(blocks[product[0][0]], j, fused)
+                else:
+                    members = [blocks[i] for i, _ in product]
+                    list(pool.map(partial(_place, members, j, fused, drawn), share))
+                for p, r0, r1 in zip(parts, starts, starts[1:]):
+                    y = p[:, start : start + CHUNK] @ fused  # [n_i, width]
+                    at = 0
+                    for i, k in product:
+                        outs[i][r0:r1] += y[:, at : at + k]
+                        at += k
+                spent = time.perf_counter() - tick
+                for i, k in product:
+                    seconds[i] += spent * k / width  # (a shared product's time, by width)
+
+
+def _sketch_sweep(
+    parts: list[torch.Tensor],
+    starts: list[int],
+    blocks: list[Block],
+    sketched: list[int],
+    outs: list[torch.Tensor],
+    seconds: list[float],
+) -> None:
+    """The count sketches among `blocks` (positions `sketched`) -> outs[i] [n, k], seconds[i]."""
+    if not sketched:
+        return
+    d, n = parts[0].shape[1], starts[-1]
+    rows = min(CHUNK, d)  # of a full chunk
     # Count sketches sum into transposed outputs [k, n] from a transposed copy of each chunk
     # [chunk, n]: index_add_ along dim 0 adds contiguous rows of n, where along dim 1 it adds
     # strided columns (about 1.8x slower), and sketches with equal signs (the same seed and key, at
     # any k) sign a chunk once. Each output coordinate still adds the same terms one after another
     # in column order: the same sums, bit for bit.
     sketch_outs = {i: torch.zeros(blocks[i].k, n, dtype=torch.float32) for i in sketched}  # [k, n]
-    columns = torch.empty(rows * n if sketched else 0)  # a chunk, transposed [chunk, n]
-    signed = torch.empty(rows * n if sketched else 0)  # the chunk signed, for each group of sketches in turn
-    workers = min(MAX_DRAW_THREADS, torch.get_num_threads())
-    shares = [_shares(p, workers) for p in products]
-    with ThreadPoolExecutor(workers) as pool:
-        for rep in range(max([1] + [blocks[i].cfg.nonzeros for i in sketched])):
-            sketches = {
-                i: CountSketch(d, blocks[i].k, blocks[i].cfg.seed, (blocks[i].index, rep))
-                for i in sketched
-                if blocks[i].cfg.nonzeros > rep
-            }
-            groups = _sign_groups(sketches, blocks)
-            for j, start in enumerate(range(0, d, CHUNK)):
-                width_j = min(CHUNK, d - start)  # columns of this chunk
-                for product, width, share in zip(products, widths, shares) if rep == 0 else ():
+    columns = torch.empty(rows * n)  # a chunk, transposed [chunk, n]
+    signed = torch.empty(rows * n)  # the chunk signed, for each group of sketches in turn
+    for rep in range(max(blocks[i].cfg.nonzeros for i in sketched)):
+        sketches = {
+            i: CountSketch(d, blocks[i].k, blocks[i].cfg.seed, (blocks[i].index, rep))
+            for i in sketched
+            if blocks[i].cfg.nonzeros > rep
+        }
+        groups = _sign_groups(sketches, blocks)
+        for start in range(0, d, CHUNK):
+            width_j = min(CHUNK, d - start)  # columns of this chunk
+            tick = time.perf_counter()
+            chunk = columns[: width_j * n].view(width_j, n)
+            for p, r0, r1 in zip(parts, starts, starts[1:]):
+                chunk[:, r0:r1].copy_(p[:, start : start + width_j].T)
+            transposing = (time.perf_counter() - tick) / len(sketches)
+            for group in groups:
+                tick = time.perf_counter()
+                first = group[0]
+                scale = _scale(blocks[first].cfg, blocks[first].k)
+                signs = sketches[first].signs[start : start + width_j].to(torch.float32) * scale
+                chunk_signed = torch.mul(chunk, signs[:, None], out=signed[: width_j * n].view(width_j, n))
+                signing = (time.perf_counter() - tick) / len(group)
+                for i in group:
                     tick = time.perf_counter()
-                    fused = numbers[: width_j * width].view(-1, width)  # [chunk, width]
-                    if len(product) == 1:  # drawn in place: the product project_component makes
-                        _draw(blocks[product[0][0]], j, fused)
-                    else:
-                        members = [blocks[i] for i, _ in product]
-                        list(pool.map(partial(_place, members, j, fused, drawn), share))
-                    for p, r0, r1 in zip(parts, starts, starts[1:]):
-                        y = p[:, start : start + CHUNK] @ fused  # [n_i, width]
-                        at = 0
-                        for i, k in product:
-                            outs[i][r0:r1] += y[:, at : at + k]
-                            at += k
-                    spent = time.perf_counter() - tick
-                    for i, k in product:
-                        seconds[i] += spent * k / width  # (a shared product's time, by width)
-                if sketches:
-                    tick = time.perf_counter()
-                    chunk = columns[: width_j * n].view(width_j, n)
-                    for p, r0, r1 in zip(parts, starts, starts[1:]):
-                        chunk[:, r0:r1].copy_(p[:, start : start + width_j].T)
-                    transposing = (time.perf_counter() - tick) / len(sketches)
-                for group in groups:
-                    tick = time.perf_counter()
-                    first = group[0]
-                    scale = _scale(blocks[first].cfg, blocks[first].k)
-                    signs = sketches[first].signs[start : start + width_j].to(torch.float32) * scale
-                    chunk_signed = torch.mul(chunk, signs[:, None], out=signed[: width_j * n].view(width_j, n))
-                    signing = (time.perf_counter() - tick) / len(group)
-                    for i in group:
-                        tick = time.perf_counter()
-                        # int64 indices: index_add_ is ~15x slower with int32 ones
-                        sketch_outs[i].index_add_(0, sketches[i].rows[start : start + width_j].long(), chunk_signed)
-                        seconds[i] += transposing + signing + time.perf_counter() - tick
+                    # int64 indices: index_add_ is ~15x slower with int32 ones
+                    sketch_outs[i].index_add_(0, sketches[i].rows[start : start + width_j].long(), chunk_signed)
+                    seconds[i] += transposing + signing + time.perf_counter() - tick
     for i, out_t in sketch_outs.items():
         outs[i] = out_t.T.contiguous()  # [n, k]
-    return outs, seconds
 
 
 def _sign_groups(sketches: dict[int, CountSketch], blocks: list[Block]) -> list[list[int]]:

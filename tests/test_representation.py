@@ -86,3 +86,27 @@ def test_pairs_of_formed_gradients_are_picked_from_the_gram_of_the_rows_they_use
         assert torch.equal(pairs, got) and torch.equal(norms, Dense(b).self_dots())
     ia, ib = (torch.tensor(v) for v in every)
     assert torch.equal(Dense(a).aligned(ia, Dense(b), ib), Dense(a).gram(Dense(b))[ia, ib])
+
+
+def test_a_gram_with_the_norms_a_pass_needs_is_the_gram_and_the_norms():
+    """One sweep for a held chunk's product with a training piece and the norms still needed:
+    bit for bit the separate products (formed, over several blocks), the float64 products of the
+    float32 values, and None for a norm not asked for; factors give the formed numbers."""
+    from tdabench.representation import BLOCK
+
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(3, 2 * BLOCK + 5, generator=g), torch.randn(4, 2 * BLOCK + 5, generator=g)
+    a64, b64 = a.double().numpy(), b.double().numpy()
+    gram, sq_a, sq_b = Dense(a).gram_and_norms(Dense(b), own=True, theirs=True)
+    assert torch.equal(gram, Dense(a).gram(Dense(b)))
+    assert torch.equal(sq_a, Dense(a).self_dots()) and torch.equal(sq_b, Dense(b).self_dots())
+    scale = np.linalg.norm(a64, axis=1)[:, None] * np.linalg.norm(b64, axis=1)[None]  # (entries may cancel)
+    assert (np.abs(gram.numpy() - a64 @ b64.T) <= 1e-14 * scale).all()
+    np.testing.assert_allclose(sq_b.numpy(), (b64 * b64).sum(1), rtol=1e-13)
+    for own, theirs in ((False, True), (True, False), (False, False)):
+        got = Dense(a).gram_and_norms(Dense(b), own, theirs)
+        assert torch.equal(got[0], gram)
+        assert (got[1] is None) != own and (got[2] is None) != theirs
+    fa, fb = factors(3, 6, 0), factors(2, 4, 1)
+    for got, want in zip(fa.gram_and_norms(fb, True, True), formed(fa).gram_and_norms(formed(fb), True, True)):
+        torch.testing.assert_close(got, want)

@@ -59,6 +59,18 @@ class Representation(ABC):
     def gram(self, other: Representation) -> torch.Tensor:
         """Every pair's dot product with `other` (held the same way) -> [n, m] float64."""
 
+    def gram_and_norms(
+        self, other: Representation, own: bool, theirs: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(self.gram(other), self.self_dots() if own, other.self_dots() if theirs) -> [n, m],
+        [n], [m] float64 (None where not asked for): a held chunk against a training piece, with
+        the norms a pass still needs, in one sweep where that reads each once."""
+        return (
+            self.gram(other),
+            self.self_dots() if own else None,
+            other.self_dots() if theirs else None,
+        )
+
     @abstractmethod
     def aligned(self, ia: torch.Tensor, other: Representation, ib: torch.Tensor) -> torch.Tensor:
         """⟨self[ia[p]], other[ib[p]]⟩ for every p -> [P] float64."""
@@ -150,6 +162,26 @@ class Dense(Representation):
         for blk in _blocks(a.shape[1]):
             out.addmm_(a[:, blk].double(), b[:, blk].double().T)
         return out  # [n, m]
+
+    def gram_and_norms(
+        self, other: Representation, own: bool, theirs: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        if not isinstance(other, Dense):
+            return super().gram_and_norms(other, own, theirs)
+        # Each block converted once for the product and the norms: the sums gram and self_dots
+        # make, in their order.
+        a, b = self.tensor, other.tensor  # [n, dim], [m, dim]
+        out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+        sq_a = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device) if own else None
+        sq_b = torch.zeros(b.shape[0], dtype=torch.float64, device=b.device) if theirs else None
+        for blk in _blocks(a.shape[1]):
+            ra, rb = a[:, blk].double(), b[:, blk].double()  # [n, block], [m, block]
+            if sq_a is not None:
+                sq_a += (ra * ra).sum(1)
+            if sq_b is not None:
+                sq_b += (rb * rb).sum(1)
+            out.addmm_(ra, rb.T)
+        return out, sq_a, sq_b
 
     def aligned(self, ia: torch.Tensor, other: Dense, ib: torch.Tensor) -> torch.Tensor:
         return self._pairs(ia, other, ib, norms=False)[0]

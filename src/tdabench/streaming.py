@@ -550,17 +550,22 @@ class Streamer:
         for g, parts in enumerate(source):
             for ci, n in enumerate(self.names):
                 q = self._query(held, n)  # (a component held as factors: formed now, once a group)
-                if g == 0:
-                    q_sq[ci] = q.self_dots().cpu().numpy()
+                own = g == 0  # the held queries' norms: with their first product
                 taking = tap is not None and tap.wants(n)
                 for rows, rep in parts(n):
                     if taking:
                         tap.train(n, rows, rep)
                     t = rep.ready()  # factors converted once, used for norms and every query
-                    if fresh:
-                        t_sq[ci, rows] = t.self_dots().cpu().numpy()
-                    dot[ci, :, rows] = q.gram(t).cpu().numpy()
-                    del rep, t
+                    gram, sq_q, sq_t = q.gram_and_norms(t, own, fresh)
+                    dot[ci, :, rows] = gram.cpu().numpy()
+                    if sq_q is not None:
+                        q_sq[ci] = sq_q.cpu().numpy()
+                        own = False
+                    if sq_t is not None:
+                        t_sq[ci, rows] = sq_t.cpu().numpy()
+                    del rep, t, gram
+                if own:  # (no training piece came)
+                    q_sq[ci] = q.self_dots().cpu().numpy()
                 if taking:
                     tap.queries(n, q)
                 del q

@@ -147,7 +147,7 @@ def test_chunks_drawn_in_threads_give_the_projection_drawn_in_order(monkeypatch,
 
 
 @pytest.mark.parametrize("threads", [1, 4])
-def test_many_projections_in_one_sweep_are_each_projection(monkeypatch, threads):
+def test_many_projections_at_once_are_each_projection(monkeypatch, threads):
     """Bit for bit, except blocks that share a product: those to float32 rounding."""
     import tdabench.projection as P
 
